@@ -1,0 +1,186 @@
+"""The `crowdtrain` command: argument parsing and one-line errors; the work lives in modules.
+
+Every subcommand has `--help`. A CrowdtrainError (bad input, broken run) or an OS error (missing
+file, full disk) prints `error: ...` on one line and exits 2; Ctrl-C exits 130; anything else is
+a bug and prints a one-line summary (the traceback with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from crowdtrain import __version__
+from crowdtrain.errors import CrowdtrainError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(fn: Callable[[argparse.Namespace], int | None]):
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@command
+def cmd_init(a: argparse.Namespace) -> None:
+    from crowdtrain.data import default_corpus
+    from crowdtrain.rundir import init_run
+
+    overrides = {k: v for k, v in (("total_steps", a.steps), ("batch_size", a.batch_size),
+                                   ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
+    run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
+                   vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
+                   progress=not a.quiet, train_overrides=overrides)
+    idx = run.index
+    print(f"created run {run.dir}: preset {run.config.preset}, vocab {idx.vocab_size}, "
+          f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
+          f"{len(idx.train) + len(idx.val)} shards")
+    print(f"next: crowdtrain train {run.dir}   (one machine)")
+
+
+@command
+def cmd_train(a: argparse.Namespace) -> None:
+    from crowdtrain.local import set_threads, train_local
+    from crowdtrain.rundir import Run
+
+    set_threads(a.threads)
+    run = Run(a.run_dir)
+    r = train_local(run, steps=a.steps, minutes=a.minutes, device=a.device,
+                    eval_every=a.eval_every, progress=not a.quiet)
+    print(f"{'stopped early' if r.interrupted else 'done'}: {r.steps} steps, {r.tokens:,} tokens "
+          f"in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s); train loss {r.train_loss:.3f}, "
+          f"held-out loss {r.val_loss:.3f} (unigram baseline {r.unigram_loss:.3f}, "
+          f"{1 - r.val_loss / r.unigram_loss:.0%} below)")
+    print(f"saved checkpoint round {r.round}; next: crowdtrain export {run.dir} OUT_DIR")
+
+
+@command
+def cmd_export(a: argparse.Namespace) -> None:
+    from crowdtrain.export import export_model
+    from crowdtrain.rundir import Run
+
+    out = export_model(Run(a.run_dir), a.out_dir, rnd=a.round, force=a.force)
+    print(f"exported to {out}; try: crowdtrain generate {out} \"ROMEO:\"")
+
+
+@command
+def cmd_generate(a: argparse.Namespace) -> None:
+    from crowdtrain.generate import generate_text
+
+    print(generate_text(a.model_dir, a.prompt, max_new_tokens=a.max_tokens,
+                        temperature=a.temperature, top_k=a.top_k, seed=a.seed))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crowdtrain",
+        description="Train open language models together on volunteer hardware.",
+        epilog="Start with `crowdtrain init RUN_DIR` then `crowdtrain train RUN_DIR`; "
+               "`crowdtrain COMMAND --help` explains each command.",
+    )
+    p.add_argument("--version", action="version", version=f"crowdtrain {__version__}")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="logging verbosity")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a run: tokenizer, shards, model, initial checkpoint",
+                       description="Create a run directory from a corpus: train a byte-level BPE "
+                       "tokenizer, write token shards (train + held-out validation), and the "
+                       "initial model checkpoint.")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="folder to create")
+    s.add_argument("--data", nargs="+", metavar="FILE",
+                   help="text (.txt, .md) or .jsonl ('text' field) files; default: the bundled "
+                        "Tiny Shakespeare corpus")
+    s.add_argument("--preset", default="small", help="model size: tiny, small (default), base")
+    s.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: the preset's)")
+    s.add_argument("--tokenizer", metavar="PATH",
+                   help="use this tokenizer.json (or folder) instead of training one")
+    s.add_argument("--steps", type=int, help="total inner steps of the schedule")
+    s.add_argument("--batch-size", type=int, help="sequences per step")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence")
+    s.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches")
+    s.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("train", help="train a run on this machine (the one-machine baseline)",
+                       description="Train the run on this machine from its latest checkpoint "
+                       "and save the next checkpoint. Ctrl-C stops after the current step and "
+                       "still saves.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--steps", type=int, help="inner steps (default: the rest of the schedule)")
+    s.add_argument("--minutes", type=float, help="stop after this much wall time")
+    s.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    s.add_argument("--eval-every", type=int, default=100, help="steps between held-out evals")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder",
+                       description="Write a run's checkpoint as a Hugging Face folder "
+                       "(config, safetensors weights, tokenizer, generation config, model card).")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("out_dir", metavar="OUT_DIR")
+    s.add_argument("--round", type=int, help="checkpoint round to export (default: latest)")
+    s.add_argument("--force", action="store_true", help="replace an existing export in OUT_DIR")
+
+    s = sub.add_parser("generate", help="sample text from an exported model",
+                       description="Sample a continuation of PROMPT from an exported model.")
+    s.add_argument("model_dir", metavar="MODEL_DIR")
+    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("--max-tokens", type=int, default=200, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    s.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (0: all)")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+def quiet_libraries() -> None:
+    """transformers' own progress bars and advice are noise in our output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    quiet_libraries()
+    try:
+        return COMMANDS[a.command](a) or 0
+    except CrowdtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: say so in one line unless asked for the traceback
+        if a.debug or os.environ.get("CROWDTRAIN_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

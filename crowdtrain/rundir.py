@@ -1,0 +1,175 @@
+"""A run directory: its layout, its validated config, and `init` that creates one.
+
+    RUN_DIR/
+      run.json          RunConfig (written last: its presence marks a complete init)
+      tokenizer.json    HF tokenizers file
+      model/config.json the HF model config
+      data/             token shards + index.json (see data.py)
+      checkpoints/      ckpt-NNNNNN.safetensors + .json (see checkpoint.py); round 0 = init
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from crowdtrain import __version__
+from crowdtrain.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from crowdtrain.data import (
+    DataConfig,
+    ShardIndex,
+    build_shards,
+    check_sources,
+    eval_windows,
+    load_split,
+    load_tokenizer,
+    train_tokenizer,
+)
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.model import (
+    build_model,
+    count_params,
+    get_preset,
+    load_config,
+    load_into,
+    preset_config,
+    state_dict_for_save,
+)
+from crowdtrain.train import PRESET_TRAINING, TrainConfig, evaluate
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; every machine taking part reads the same copy."""
+
+    name: str
+    preset: str
+    seed: int = 0
+    eval_tokens: int = 32768
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    created_at: float = 0.0
+    crowdtrain_version: str = __version__
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        if self.eval_tokens < 256:
+            raise CrowdtrainError(f"eval_tokens must be >= 256, got {self.eval_tokens}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+class Run:
+    """An opened run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        p = self.dir / RUN_FILE
+        if not p.is_file():
+            raise CrowdtrainError(
+                f"{self.dir} is not a crowdtrain run (no {RUN_FILE}); "
+                f"create one with `crowdtrain init {self.dir}`"
+            )
+        try:
+            self.config = RunConfig.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CrowdtrainError(f"{p} is not a valid run config ({e})") from None
+
+    data_dir = property(lambda self: self.dir / "data")
+    ckpt_dir = property(lambda self: self.dir / "checkpoints")
+    model_dir = property(lambda self: self.dir / "model")
+    tokenizer_path = property(lambda self: self.dir / "tokenizer.json")
+
+    @cached_property
+    def index(self) -> ShardIndex:
+        return ShardIndex.load(self.data_dir)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_path)
+
+    def model_config(self):
+        return load_config(self.model_dir)
+
+    def load_model(self, rnd: int | None = None) -> tuple[torch.nn.Module, Checkpoint]:
+        """The model with the weights of checkpoint `rnd` (default: latest)."""
+        model = build_model(self.model_config(), seed=self.config.seed)
+        ckpt = load_checkpoint(self.ckpt_dir, rnd, expected=state_dict_for_save(model))
+        load_into(model, ckpt.tensors)
+        return model, ckpt
+
+    def val_windows(self):
+        return eval_windows(load_split(self.data_dir, self.index, "val"),
+                            self.config.train.seq_len, self.config.eval_tokens)
+
+
+def init_run(
+    run_dir: str | os.PathLike,
+    data: list[str | os.PathLike],
+    preset: str = "small",
+    vocab_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    train_overrides: dict | None = None,
+) -> Run:
+    """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0)."""
+    run_dir = Path(run_dir)
+    p = get_preset(preset)
+    sources = check_sources(data)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            what = "a run" if (run_dir / RUN_FILE).exists() else "files"
+            raise CrowdtrainError(
+                f"{run_dir} already holds {what}; choose a new folder or pass --force to replace it"
+            )
+        if not (run_dir / RUN_FILE).exists():
+            raise CrowdtrainError(f"refusing to --force over {run_dir}: it is not a crowdtrain run")
+        shutil.rmtree(run_dir)
+    train_cfg = PRESET_TRAINING[preset]
+    if train_overrides:
+        train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
+    cfg = RunConfig(
+        name=run_dir.name,
+        preset=preset,
+        seed=seed,
+        data=DataConfig(vocab_size=vocab_size or p.vocab_size),
+        train=train_cfg,
+        created_at=time.time(),
+    )
+    if cfg.train.seq_len > p.context:
+        raise CrowdtrainError(
+            f"seq_len {cfg.train.seq_len} exceeds the {preset} context {p.context}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
+    tok.save(str(run_dir / "tokenizer.json"))
+    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
+    model_cfg = preset_config(preset, tok.get_vocab_size(), index.eot_id)
+    model_cfg.save_pretrained(str(run_dir / "model"))
+    model = build_model(model_cfg, seed=seed)
+    val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
+                       cfg.eval_tokens)
+    meta = {"tokens_trained": 0, "steps": 0, "params": count_params(model), "source": "init",
+            "val_loss": evaluate(model, val, torch.device("cpu"))}
+    save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
+    (run_dir / RUN_FILE).write_text(cfg.to_json())
+    return Run(run_dir)

@@ -1,0 +1,210 @@
+"""The inner training loop: parameters + batches -> N AdamW steps -> loss and throughput.
+
+Pure torch, no I/O: the same `InnerLoop` runs as `crowdtrain train` (one machine) and inside a
+volunteer worker (DiLoCo inner steps), where its AdamW state persists across rounds. The learning
+rate follows a warmup + cosine schedule indexed by a global step, so a worker resuming at any
+point of the run uses the same schedule as a single machine would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from crowdtrain.errors import CrowdtrainError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Inner-optimizer settings; stored in the run's config so every machine uses the same."""
+
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    total_steps: int = 3000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": self.batch_size >= 1,
+            "seq_len": self.seq_len >= 8,
+            "lr": 0 < self.lr < 1,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "total_steps": self.total_steps >= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "grad_clip": self.grad_clip >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise CrowdtrainError(f"invalid training setting(s): {', '.join(bad)} ({self})")
+
+
+PRESET_TRAINING: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(batch_size=8, seq_len=64, lr=3e-3, warmup_steps=20, total_steps=400),
+    "small": TrainConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, total_steps=500),
+    "base": TrainConfig(batch_size=32, seq_len=512, lr=6e-4, warmup_steps=1000, total_steps=50000),
+}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * frac))
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """cuda > mps > cpu for "auto"; an explicit choice that is not available is an error."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(preference)
+    except RuntimeError:
+        raise CrowdtrainError(
+            f"unknown device {preference!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CrowdtrainError("--device cuda was asked for but torch sees no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CrowdtrainError("--device mps was asked for but this machine has no MPS")
+    return dev
+
+
+@dataclass
+class StepStats:
+    steps: int
+    tokens: int
+    mean_loss: float
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class InnerLoop:
+    """AdamW on a model, with schedule, clipping and bf16 autocast on CUDA."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        decay, no_decay = [], []
+        for p in model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=device.type == "cuda",
+        )
+        self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(input_ids=x).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    def run(
+        self,
+        batches: Callable[[int], Batch],
+        start_step: int,
+        n_steps: int,
+        deadline: float | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        report_every: int = 10,
+        stop: Callable[[], bool] | None = None,
+    ) -> StepStats:
+        """Train up to `n_steps`, stopping early at `deadline` (a time.monotonic() value) or
+        when `stop()` turns true (checked between steps).
+
+        `batches(step)` gives the batch of global step `step`; `on_step(step, loss)` is called
+        every `report_every` steps with the latest loss (a sync point on GPU, so not every step).
+        """
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = done = 0
+        for i in range(n_steps):
+            if deadline is not None and time.monotonic() >= deadline and done > 0:
+                break
+            if stop is not None and stop():
+                break
+            step = start_step + i
+            x, y = batches(step)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr_at(step, self.cfg)
+            loss = self.loss(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            loss_sum += loss.detach()
+            tokens += y.numel()
+            done += 1
+            if on_step is not None and (done % report_every == 0 or i == n_steps - 1):
+                on_step(step, float(loss.detach()))
+        mean = float(loss_sum) / max(done, 1)
+        if not math.isfinite(mean):
+            raise CrowdtrainError(
+                "training diverged (loss is not finite): lower the learning rate in run.json"
+            )
+        return StepStats(done, tokens, mean, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, windows: Iterable[torch.Tensor], device: torch.device,
+    batch_size: int = 16,
+) -> float:
+    """Mean next-token cross-entropy (nats/token) over the given (seq_len + 1)-token windows."""
+    was_training = model.training
+    model.eval()
+    total, count, chunk = 0.0, 0, []
+
+    def flush() -> None:
+        nonlocal total, count
+        w = torch.stack(chunk).to(device)
+        logits = model(input_ids=w[:, :-1]).logits.float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
+                                       reduction="sum"))
+        count += w[:, 1:].numel()
+        chunk.clear()
+
+    for w in windows:
+        chunk.append(w)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    model.train(was_training)
+    if count == 0:
+        raise CrowdtrainError("no validation windows: the validation split is shorter than seq_len")
+    return total / count

@@ -1,0 +1,78 @@
+"""The `crowdtrain` command as a user runs it: real subprocesses, help, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["init", "train", "export", "generate"]
+
+
+def crowdtrain(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "crowdtrain.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(r, pattern):
+    import re
+
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_help_for_every_command():
+    r = crowdtrain("--help")
+    assert r.returncode == 0
+    for c in COMMANDS:
+        assert c in r.stdout
+        h = crowdtrain(c, "--help")
+        assert h.returncode == 0 and "usage: crowdtrain " + c in h.stdout
+
+
+def run_main(capsys, *args):
+    """The CLI's `main()` in this process (same code path, no interpreter start-up)."""
+    from crowdtrain.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_bad_inputs_print_one_line(tmp_path, corpus, capsys):
+    # one real process, to see exactly what a user sees
+    assert_one_line_error(crowdtrain("init", tmp_path / "r", "--data", tmp_path / "nope.txt"),
+                          "data file not found")
+    (tmp_path / "empty.txt").write_text("")
+    empty = tmp_path / "empty.txt"
+    assert_one_line_error(run_main(capsys, "init", tmp_path / "r", "--data", empty),
+                          "corpus is empty")
+    assert_one_line_error(run_main(capsys, "init", tmp_path / "r", "--data", corpus,
+                                   "--preset", "xl"), "unknown preset 'xl'")
+    assert_one_line_error(run_main(capsys, "train", tmp_path), "not a crowdtrain run")
+    assert_one_line_error(run_main(capsys, "export", tmp_path, tmp_path / "o"),
+                          "not a crowdtrain run")
+    assert_one_line_error(run_main(capsys, "generate", tmp_path, "hi"), "no config.json")
+    assert_one_line_error(run_main(capsys, "init", tmp_path / "r", "--data", corpus,
+                                   "--preset", "tiny", "--lr", "5"), "invalid training setting.*lr")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+@pytest.mark.slow
+def test_init_train_export_generate(tmp_path, corpus):
+    run = tmp_path / "run"
+    r = crowdtrain("init", run, "--data", corpus, "--preset", "tiny", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "created run" in r.stdout
+    assert_one_line_error(crowdtrain("init", run, "--data", corpus), "already holds a run")
+    r = crowdtrain("train", run, "--steps", "60", "--threads", "1", "-q", "--eval-every", "30")
+    assert r.returncode == 0, r.stderr
+    assert "60 steps" in r.stdout and "saved checkpoint round 1" in r.stdout
+    r = crowdtrain("export", run, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    r = crowdtrain("generate", tmp_path / "out", "ROMEO:", "--max-tokens", "10")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr

@@ -1,0 +1,70 @@
+"""The inner loop: schedule, device choice, early stop, and that it actually learns."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from crowdtrain.data import get_batch, load_split
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.train import InnerLoop, TrainConfig, evaluate, lr_at, pick_device
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(130)]
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=False))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[129] == pytest.approx(1e-4)
+
+
+def test_invalid_config_names_the_setting():
+    with pytest.raises(CrowdtrainError, match="lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(CrowdtrainError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(CrowdtrainError, match="unknown device"):
+        pick_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(CrowdtrainError, match="no CUDA"):
+            pick_device("cuda")
+
+
+def test_training_lowers_held_out_loss(tiny_run):
+    model, _ = tiny_run.load_model(0)
+    cfg = tiny_run.config.train
+    dev = torch.device("cpu")
+    before = evaluate(model, tiny_run.val_windows(), dev)
+    train = load_split(tiny_run.data_dir, tiny_run.index, "train")
+    loop = InnerLoop(model, cfg, dev)
+    seen = []
+    stats = loop.run(lambda s: get_batch(train, cfg.batch_size, cfg.seq_len, 0, s), 0, 200,
+                     on_step=lambda s, loss: seen.append((s, loss)))
+    after = evaluate(model, tiny_run.val_windows(), dev)
+    assert stats.steps == 200 and stats.tokens == 200 * cfg.batch_size * cfg.seq_len
+    assert stats.tokens_per_s > 0 and math.isfinite(stats.mean_loss)
+    assert [s for s, _ in seen][:2] == [9, 19]
+    assert after < 0.8 * before, (before, after)
+
+
+def test_stop_and_deadline_end_the_loop_early(tiny_run):
+    model, _ = tiny_run.load_model(0)
+    cfg = tiny_run.config.train
+    train = load_split(tiny_run.data_dir, tiny_run.index, "train")
+    loop = InnerLoop(model, cfg, torch.device("cpu"))
+    batches = lambda s: get_batch(train, cfg.batch_size, cfg.seq_len, 0, s)  # noqa: E731
+    calls = []
+    st = loop.run(batches, 0, 100, stop=lambda: calls.append(1) or len(calls) > 5)
+    assert st.steps == 5
+    st = loop.run(batches, 0, 10_000, deadline=time.monotonic() + 0.3)
+    assert 1 <= st.steps < 10_000
