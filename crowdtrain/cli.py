@@ -77,6 +77,59 @@ def cmd_generate(a: argparse.Namespace) -> None:
                         temperature=a.temperature, top_k=a.top_k, seed=a.seed))
 
 
+@command
+def cmd_serve(a: argparse.Namespace) -> None:
+    import torch
+
+    from crowdtrain.coordinator import Coordinator
+    from crowdtrain.rundir import Run
+    from crowdtrain.server import serve
+
+    torch.set_num_threads(a.threads)
+    coord = Coordinator(Run(a.run_dir))
+    scheme = "https" if a.tls_cert else "http"
+    print(f"serving run {coord.run.config.name} (round {coord.round}) at "
+          f"{scheme}://{a.host}:{a.port}  status: {protocol_path('STATUS')}  docs: /docs",
+          flush=True)
+    serve(coord, a.host, a.port, ssl_certfile=a.tls_cert, ssl_keyfile=a.tls_key)
+
+
+def protocol_path(name: str) -> str:
+    from crowdtrain import protocol
+
+    return getattr(protocol, name)
+
+
+@command
+def cmd_join(a: argparse.Namespace) -> int:
+    from crowdtrain.worker import WorkerConfig, run_worker
+
+    cfg = WorkerConfig(url=a.url, name=a.name, device=a.device, threads=a.threads,
+                       max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
+                       progress=not a.quiet)
+    s = run_worker(cfg)
+    print(f"{s.reason or 'stopped'}: {s.rounds} rounds, {s.accepted} accepted, {s.refused} "
+          f"refused, {s.tokens:,} tokens trained, sent {s.bytes_sent / 1e6:.1f} MB, received "
+          f"{s.bytes_received / 1e6:.1f} MB")
+    return 0
+
+
+@command
+def cmd_demo(a: argparse.Namespace) -> None:
+    from crowdtrain.demo import run_demo
+
+    r = run_demo(a.out, workers=a.workers, rounds=a.rounds, inner_steps=a.inner_steps,
+                 preset=a.preset)
+    st = r.status
+    first, last = st.initial_val_loss, st.rounds[-1].val_loss
+    print(f"\ndone in {r.seconds:.0f}s: {len(st.volunteers)} volunteers, "
+          f"{sum(v.tokens for v in st.volunteers):,} tokens; held-out loss "
+          f"{first or float('nan'):.3f} -> {last or float('nan'):.3f}; "
+          f"{st.payload_bytes / st.params:.2f} bytes/parameter per upload")
+    print(f"model exported to {r.model_dir}\n\n--- sample ---\n{r.sample}\n--------------")
+    print(f"try: crowdtrain generate {r.model_dir} \"ROMEO:\"")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -141,6 +194,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     s.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (0: all)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
+
+    s = sub.add_parser("serve", help="host a run: the coordinator volunteers join",
+                       description="Serve a run created by `crowdtrain init` over HTTP: "
+                       "volunteers join, lease rounds, and send compressed pseudo-gradients; "
+                       "the coordinator merges them (DiLoCo) and checkpoints every round. "
+                       "Restarting resumes from the last complete round.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8470, help="TCP port (default 8470)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads for evaluating each round's model (default 1)")
+    s.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (serve HTTPS)")
+    s.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+
+    s = sub.add_parser("join", help="volunteer this machine to a run",
+                       description="Join the run at URL and train until it ends. Your identity "
+                       "is saved in your config folder (or $CROWDTRAIN_HOME) so credits survive "
+                       "restarts. Ctrl-C finishes the current round early and sends its work; "
+                       "Ctrl-C twice abandons it.")
+    s.add_argument("url", metavar="URL", help="coordinator address, e.g. http://host:8470")
+    s.add_argument("--name", help="display name on the leaderboard (default: volunteer-HOST)")
+    s.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    s.add_argument("--max-rounds", type=int, help="leave after this many rounds")
+    s.add_argument("--max-hours", type=float, help="leave after this many hours")
+    s.add_argument("--max-memory", type=float, metavar="FRACTION",
+                   help="cap on the GPU memory fraction this worker may use")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("demo", help="a whole swarm on this machine (coordinator + workers)",
+                       description="Create a run on the bundled corpus, start a coordinator and "
+                       "several worker processes on loopback, train a few DiLoCo rounds, export "
+                       "the model and print generated text.")
+    s.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    s.add_argument("--rounds", type=int, default=5, help="DiLoCo rounds (default 5)")
+    s.add_argument("--inner-steps", type=int, default=30, help="inner steps per round (H)")
+    s.add_argument("--preset", default="small", help="model size (default small)")
+    s.add_argument("--out", metavar="DIR", help="keep everything here (default: a temp folder)")
     return p
 
 
@@ -151,6 +243,8 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    for name in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,3 +114,15 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if name not in tensors:
             raise CrowdtrainError(f"weights lack tensor {name}")
         p.copy_(tensors[name])
+
+
+def config_from_dict(d: dict):
+    """Rebuild a HF config from its `to_dict()` form (as sent in the run info)."""
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise CrowdtrainError("model config has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError) as e:
+        raise CrowdtrainError(f"cannot build a {model_type!r} model config: {e}") from None

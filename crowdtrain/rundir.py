@@ -49,6 +49,38 @@ RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
+class SwarmConfig:
+    """DiLoCo round schedule and outer optimizer of a run hosted by a coordinator."""
+
+    inner_steps: int = 50
+    round_seconds: float = 120.0
+    rounds: int = 10
+    min_contributions: int = 1
+    codec: str = "int8"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    keep_last: int = 3
+    keep_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = {
+            "inner_steps": self.inner_steps >= 1,
+            "round_seconds": self.round_seconds >= 1,
+            "rounds": self.rounds >= 0,
+            "min_contributions": self.min_contributions >= 1,
+            "codec": self.codec in ("int8", "fp16", "fp32"),
+            "outer_lr": 0 < self.outer_lr <= 10,
+            "outer_momentum": 0 <= self.outer_momentum < 1,
+            "keep_last": self.keep_last >= 1,
+            "keep_every": self.keep_every >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise CrowdtrainError(f"invalid swarm setting(s): {', '.join(bad)} ({self})")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run; every machine taking part reads the same copy."""
 
@@ -58,6 +90,7 @@ class RunConfig:
     eval_tokens: int = 32768
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
     created_at: float = 0.0
     crowdtrain_version: str = __version__
 
@@ -74,6 +107,7 @@ class RunConfig:
         d = dict(d)
         d["data"] = DataConfig(**d.get("data", {}))
         d["train"] = TrainConfig(**d.get("train", {}))
+        d["swarm"] = SwarmConfig(**d.get("swarm", {}))
         return cls(**d)
 
 
@@ -131,6 +165,7 @@ def init_run(
     force: bool = False,
     progress: bool = True,
     train_overrides: dict | None = None,
+    swarm: SwarmConfig | None = None,
 ) -> Run:
     """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0)."""
     run_dir = Path(run_dir)
@@ -154,6 +189,7 @@ def init_run(
         seed=seed,
         data=DataConfig(vocab_size=vocab_size or p.vocab_size),
         train=train_cfg,
+        swarm=swarm or SwarmConfig(),
         created_at=time.time(),
     )
     if cfg.train.seq_len > p.context:

@@ -124,6 +124,32 @@ class InnerLoop:
         )
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW state as named CPU tensors (saved with safetensors, never pickled)."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            for key, v in self.optimizer.state.get(p, {}).items():
+                t = v if torch.is_tensor(v) else torch.tensor(float(v))
+                out[f"{name}:{key}"] = t.detach().to("cpu").contiguous()
+        return out
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `optimizer_tensors` saved; a mismatch is a CrowdtrainError."""
+        params = dict(self.model.named_parameters())
+        state: dict = {}
+        for key, t in tensors.items():
+            name, _, field = key.rpartition(":")
+            if name not in params:
+                raise CrowdtrainError(f"optimizer state names unknown parameter {name}")
+            p = params[name]
+            if field != "step" and t.shape != p.shape:
+                raise CrowdtrainError(f"optimizer state {key} has shape {list(t.shape)}, "
+                                      f"expected {list(p.shape)}")
+            dev = p.device if field != "step" or self.device.type == "cuda" else "cpu"
+            state.setdefault(p, {})[field] = t.to(dev, torch.float32)
+        for p, st in state.items():
+            self.optimizer.state[p] = st
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):

@@ -1,0 +1,351 @@
+"""Tensor <-> bytes codecs for pseudo-gradients on the wire.
+
+This module owns the wire format of a worker's contribution: how a dict of float tensors is
+encoded (blockwise absmax int8, fp16 or fp32), packed into safetensors bytes with a small
+str->str metadata header, and parsed back with every field checked. It also owns worker-side
+error feedback for the lossy codecs. It is pure (torch, safetensors and the standard library
+only) and imports nothing else from crowdtrain, so both the coordinator and workers can use it.
+
+int8 wire layout: each parameter `name` becomes two tensors, `name:q` (int8, flat, one byte
+per element) and `name:scale` (float32, one per block of `block` elements). A value is
+recovered as `q * scale` of its block; dequantization is a single float32 multiply so that
+every machine decodes the same payload to the same bits.
+
+Any malformed or mismatching payload raises `CodecError` (a `ValueError`) naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+CODECS = ("int8", "fp16", "fp32")
+BLOCK = 256
+
+_MIN_BLOCK = 16
+_MAX_BLOCK = 65536
+_MAX_HEADER = 100 * 1024 * 1024
+_Q_SUFFIX = ":q"
+_SCALE_SUFFIX = ":scale"
+_INT_RE = re.compile(r"[0-9]{1,6}")
+
+
+class CodecError(ValueError):
+    """A payload could not be encoded or decoded: malformed bytes, wrong names, shapes, dtypes
+    or non-finite values. The message names the offending tensor where there is one."""
+
+
+def _check_codec(codec: str) -> None:
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise CodecError(f"block must be an int, got {type(block).__name__}")
+    if not _MIN_BLOCK <= block <= _MAX_BLOCK:
+        raise CodecError(f"block must be in [{_MIN_BLOCK}, {_MAX_BLOCK}], got {block}")
+
+
+def _nblocks(numel: int, block: int) -> int:
+    return (numel + block - 1) // block
+
+
+def _copy_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh contiguous CPU tensor of `dtype` holding `t` (never aliases the input)."""
+    out = torch.empty(tuple(t.shape), dtype=dtype)
+    out.copy_(t.detach())
+    return out
+
+
+def quantize_int8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax int8 quantization of `x` (any shape, flattened as float32).
+
+    Pads to a multiple of `block` with zeros; per block scale = absmax / 127 (float32, 0 for an
+    all-zero block); q = round(x / scale) clamped to [-127, 127] (0 where scale == 0).
+    Returns (q: int8 of length numel, scale: float32 of length ceil(numel / block)).
+    """
+    if block < 1:
+        raise CodecError(f"block must be positive, got {block}")
+    flat = _copy_as(x, torch.float32).reshape(-1)
+    numel = flat.numel()
+    nb = _nblocks(numel, block)
+    padded = torch.zeros(nb * block, dtype=torch.float32)
+    padded[:numel] = flat
+    blocks = padded.view(nb, block)
+    scale = blocks.abs().amax(dim=1) / 127.0 if nb else torch.zeros(0, dtype=torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).to(torch.int8)
+    q = q.reshape(-1)[:numel].clone()
+    return q, scale.contiguous()
+
+
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], block: int = BLOCK
+) -> torch.Tensor:
+    """float32 tensor of `shape` from int8 `q` and per-block float32 `scale`.
+
+    Computed as one float32 multiply per element (`q.to(float32) * scale[block]`, no fused ops),
+    so the result is bit-for-bit reproducible across calls and machines.
+    """
+    if block < 1:
+        raise CodecError(f"block must be positive, got {block}")
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    nb = _nblocks(numel, block)
+    if q.dtype != torch.int8:
+        raise CodecError(f"quantized values must be int8, got {q.dtype}")
+    if scale.dtype != torch.float32:
+        raise CodecError(f"scales must be float32, got {scale.dtype}")
+    if q.numel() != numel:
+        raise CodecError(f"expected {numel} quantized values for shape {shape}, got {q.numel()}")
+    if scale.numel() != nb:
+        raise CodecError(f"expected {nb} scales for {numel} values (block {block}), "
+                         f"got {scale.numel()}")
+    padded = torch.zeros(nb * block, dtype=torch.int8)
+    padded[:numel] = q.reshape(-1)
+    out = padded.view(nb, block).to(torch.float32) * scale.reshape(-1)[:, None]
+    return out.reshape(-1)[:numel].reshape(shape)
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor], codec: str, block: int = BLOCK
+) -> dict[str, torch.Tensor]:
+    """Wire tensors for `tensors` (name -> float tensor of any shape).
+
+    int8: name -> `name:q` (int8, flat) and `name:scale` (float32); fp16: name -> float16;
+    fp32: name -> float32. Outputs are fresh contiguous CPU tensors. Non-finite inputs, and
+    fp16 values that overflow, raise CodecError.
+    """
+    _check_codec(codec)
+    _check_block(block)
+    wire: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value: torch.Tensor) -> None:
+        if key in wire:
+            raise CodecError(f"wire name {key!r} is produced twice; rename the parameter")
+        wire[key] = value
+
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise CodecError(f"tensor {name} must be a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise CodecError(f"tensor {name} has non-finite values")
+        if codec == "int8":
+            q, scale = quantize_int8(t, block)
+            put(name + _Q_SUFFIX, q)
+            put(name + _SCALE_SUFFIX, scale)
+        elif codec == "fp16":
+            h = _copy_as(t, torch.float16)
+            if not bool(torch.isfinite(h).all()):
+                raise CodecError(f"tensor {name} overflows float16; use codec fp32")
+            put(name, h)
+        else:
+            put(name, _copy_as(t, torch.float32))
+    return wire
+
+
+def _keys_message(missing: list[str], extra: list[str]) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", extra)):
+        if keys:
+            shown = ", ".join(keys[:3])
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {label} tensor(s): {shown}{more}")
+    return "payload tensors do not match the model: " + "; ".join(parts)
+
+
+def decode(
+    wire: Mapping[str, torch.Tensor],
+    codec: str,
+    shapes: Mapping[str, Sequence[int]],
+    block: int = BLOCK,
+) -> dict[str, torch.Tensor]:
+    """Inverse of `encode`: float32 tensors of `shapes` (name -> shape) from wire tensors.
+
+    Checks the codec, that the wire keys are exactly those expected, dtypes, lengths and
+    shapes, that scales are finite and >= 0, and that every decoded value is finite.
+    """
+    _check_codec(codec)
+    _check_block(block)
+    if codec == "int8":
+        expected = {n + sfx for n in shapes for sfx in (_Q_SUFFIX, _SCALE_SUFFIX)}
+    else:
+        expected = set(shapes)
+    got = set(wire)
+    if got != expected:
+        raise CodecError(_keys_message(sorted(expected - got), sorted(got - expected)))
+
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        if codec == "int8":
+            q = wire[name + _Q_SUFFIX]
+            scale = wire[name + _SCALE_SUFFIX]
+            if q.dtype != torch.int8:
+                raise CodecError(f"tensor {name}{_Q_SUFFIX} must be int8, got {q.dtype}")
+            if scale.dtype != torch.float32:
+                raise CodecError(
+                    f"tensor {name}{_SCALE_SUFFIX} must be float32, got {scale.dtype}")
+            numel = math.prod(shape)
+            nb = _nblocks(numel, block)
+            if q.dim() != 1 or q.numel() != numel:
+                raise CodecError(f"tensor {name}{_Q_SUFFIX} has shape {tuple(q.shape)}, "
+                                 f"expected ({numel},) for parameter shape {shape}")
+            if scale.dim() != 1 or scale.numel() != nb:
+                raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has shape "
+                                 f"{tuple(scale.shape)}, expected ({nb},)")
+            if not bool(torch.isfinite(scale).all()):
+                raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has non-finite values")
+            if bool((scale < 0).any()):
+                raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has negative values")
+            value = dequantize_int8(q, scale, shape, block)
+        else:
+            t = wire[name]
+            want = torch.float16 if codec == "fp16" else torch.float32
+            if t.dtype != want:
+                raise CodecError(f"tensor {name} must be {want} for codec {codec}, got {t.dtype}")
+            if tuple(t.shape) != shape:
+                raise CodecError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+            value = _copy_as(t, torch.float32)
+        if not bool(torch.isfinite(value).all()):
+            raise CodecError(f"tensor {name} has non-finite values")
+        out[name] = value
+    return out
+
+
+def to_bytes(
+    tensors: Mapping[str, torch.Tensor],
+    codec: str,
+    meta: Mapping[str, str] | None = None,
+    block: int = BLOCK,
+) -> bytes:
+    """safetensors bytes of `encode(tensors, codec, block)`, with metadata
+    {"codec": codec, "block": str(block), **meta}. `meta` must be str -> str and may not set
+    "codec" or "block"."""
+    wire = encode(tensors, codec, block)
+    extra = dict(meta or {})
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise CodecError(f"metadata must be str -> str, got {k!r}: {type(v).__name__}")
+        if k in ("codec", "block"):
+            raise CodecError(f"metadata key {k!r} is reserved")
+    return _st_save(wire, metadata={"codec": codec, "block": str(block), **extra})
+
+
+def _read_header(blob: bytes) -> dict:
+    if len(blob) < 8:
+        raise CodecError(f"payload truncated: {len(blob)} bytes, need at least 8")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise CodecError(f"payload truncated: header length {n} exceeds the "
+                         f"{len(blob) - 8} bytes after it")
+    if n > _MAX_HEADER:
+        raise CodecError(f"payload header too large: {n} bytes (max {_MAX_HEADER})")
+    try:
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError(f"payload header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise CodecError("payload header is not a JSON object")
+    return header
+
+
+def from_bytes(
+    blob: bytes,
+    shapes: Mapping[str, Sequence[int]],
+    max_bytes: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse and validate safetensors bytes made by `to_bytes`.
+
+    Returns (float32 tensors of `shapes`, metadata). Any problem (too large, truncated, bad
+    header or metadata, unparsable tensors, mismatching names/shapes/dtypes, non-finite
+    values) raises CodecError.
+    """
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise CodecError(f"payload must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise CodecError(f"payload too large: {len(blob)} bytes (max {max_bytes})")
+    header = _read_header(blob)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        raise CodecError("payload has no metadata (need codec and block)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CodecError("payload metadata must be str -> str")
+    codec = meta.get("codec")
+    if codec not in CODECS:
+        raise CodecError(f"payload metadata has unknown codec {codec!r}; "
+                         f"expected one of {', '.join(CODECS)}")
+    raw_block = meta.get("block")
+    if raw_block is None or not _INT_RE.fullmatch(raw_block):
+        raise CodecError(f"payload metadata has invalid block {raw_block!r}")
+    block = int(raw_block)
+    if not _MIN_BLOCK <= block <= _MAX_BLOCK:
+        raise CodecError(f"payload metadata block {block} outside [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    try:
+        wire = _st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+        raise CodecError(f"payload tensors could not be parsed: {e}") from None
+    return decode(wire, codec, shapes, block), dict(meta)
+
+
+def payload_bytes(numel: int, codec: str, block: int = BLOCK) -> int:
+    """Approximate tensor bytes on the wire for `numel` parameters, excluding the header."""
+    _check_codec(codec)
+    if codec == "int8":
+        return numel + 4 * _nblocks(numel, block)
+    return (2 if codec == "fp16" else 4) * numel
+
+
+class ErrorFeedback:
+    """Worker-side error feedback for a lossy codec.
+
+    Keeps, per name, the residual `x - decode(encode(x))` of the last compression and adds it
+    to the next tensor of that name before compressing, so quantization error is carried
+    forward instead of lost: over many steps the sum of what was decoded tracks the sum of
+    what was given, off by at most the latest residual.
+    """
+
+    def __init__(self, codec: str, block: int = BLOCK) -> None:
+        _check_codec(codec)
+        _check_block(block)
+        self.codec = codec
+        self.block = block
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def compress(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Wire tensors (as `encode`) of `tensors` + residual; updates the residual. On error
+        the residual is left unchanged."""
+        wire: dict[str, torch.Tensor] = {}
+        new_residual: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise CodecError(f"tensor {name} must be a floating-point tensor")
+            x = _copy_as(t, torch.float32)
+            r = self.residual.get(name)
+            if r is not None:
+                if r.shape != x.shape:
+                    raise CodecError(f"tensor {name} has shape {tuple(x.shape)}, but its "
+                                     f"residual has shape {tuple(r.shape)}; call reset()")
+                x = x + r
+            part = encode({name: x}, self.codec, self.block)
+            shapes = {name: tuple(x.shape)}
+            decoded = decode(part, self.codec, shapes, self.block)[name]
+            new_residual[name] = x - decoded
+            wire.update(part)
+        self.residual.update(new_residual)
+        return wire
+
+    def reset(self) -> None:
+        """Forget all residuals (e.g. after the worker resyncs to a new global model)."""
+        self.residual.clear()

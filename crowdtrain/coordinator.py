@@ -1,0 +1,395 @@
+"""The coordinator's logic: rounds, leases, contributions, the DiLoCo outer step. No HTTP here
+(server.py is the transport), so every rule is testable by calling methods.
+
+A round r, top to bottom:
+1. `lease()` hands each volunteer a lease on round r: shards to sample, a batch seed, the global
+   schedule position, a budget of inner steps and seconds (whichever first) ending before the
+   round's deadline. A volunteer joining mid-round gets the rest of the open round.
+2. `submit()` validates the compressed pseudo-gradient (shapes, finiteness, lease, round,
+   replay), writes it to disk, records it in the ledger, and only then says OK.
+3. `tick()` closes the round at its deadline, or as soon as every leased volunteer has reported,
+   provided at least `min_contributions` were accepted (otherwise the deadline is extended).
+4. `close_round()`: token-weighted mean of the deltas -> outer Nesterov SGD -> the update,
+   quantised to int8 with coordinator-side error feedback, published as `updates/update-r`;
+   theta_{r+1} = theta_r + dequant(update_r) exactly as every worker computes it; checkpoint
+   r+1 written atomically; round r+1 opened; the new model evaluated in the background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from crowdtrain import compress
+from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean
+from crowdtrain.checkpoint import (
+    atomic_write,
+    list_checkpoints,
+    meta_path,
+    save_checkpoint,
+    tensor_path,
+)
+from crowdtrain.ledger import Ledger
+from crowdtrain.model import count_params, load_into
+from crowdtrain.protocol import (
+    API_VERSION,
+    JoinRequest,
+    JoinResponse,
+    Lease,
+    LeaseRequest,
+    LeaseResponse,
+    RoundSummary,
+    RunInfo,
+    ShardInfo,
+    Status,
+    SubmitResponse,
+    SubmitStats,
+    SwarmSchedule,
+    VolunteerSummary,
+)
+from crowdtrain.rundir import Run
+from crowdtrain.train import evaluate
+
+log = logging.getLogger(__name__)
+
+MIN_LEASE_SECONDS = 2.0
+
+
+class Refused(Exception):
+    """A request the coordinator turns down; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Volunteer:
+    id: int
+    name: str
+    banned: bool = False
+
+
+class Coordinator:
+    def __init__(self, run: Run, evaluate_rounds: bool = True):
+        self.run = run
+        self.cfg = run.config.swarm
+        self.tcfg = run.config.train
+        self.lock = threading.RLock()
+        self.ledger = Ledger(run.dir / "ledger.sqlite")
+        self.updates_dir = run.dir / "updates"
+        self.contrib_dir = run.dir / "contributions"
+        self.updates_dir.mkdir(exist_ok=True)
+        self.contrib_dir.mkdir(exist_ok=True)
+        model, ckpt = run.load_model()
+        self.model = model.eval()
+        self.round = ckpt.round
+        self.ckpt_meta = ckpt.meta
+        self.theta = {k: v.clone() for k, v in ckpt.tensors.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
+        self.params = count_params(model)
+        # largest accepted upload: the whole model in fp32 plus header room
+        self.upload_limit = compress.payload_bytes(self.params, "fp32") + (1 << 20)
+        self.momentum, self.residual = self._load_outer_state(self.round)
+        self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
+        self._recover_ledger()
+        self._eval_queue: queue.Queue[int | None] = queue.Queue()
+        self._eval_thread = None
+        if evaluate_rounds:
+            self._eval_thread = threading.Thread(target=self._eval_loop, daemon=True,
+                                                 name="crowdtrain-eval")
+            self._eval_thread.start()
+            if self.ledger.round_row(self.round)["val_loss"] is None:
+                self._eval_queue.put(self.round)
+
+    # ------------------------------------------------------------------ state on disk
+
+    def _outer_path(self, rnd: int) -> Path:
+        return self.run.ckpt_dir / f"outer-{rnd:06d}.safetensors"
+
+    def _load_outer_state(self, rnd: int):
+        p = self._outer_path(rnd)
+        residual = {k: torch.zeros_like(v) for k, v in self.theta.items()}
+        if not p.is_file():
+            return None, residual
+        t = st_load(p.read_bytes())  # our own file, written atomically by close_round
+        momentum = {k: t[f"momentum:{k}"] for k in self.theta}
+        residual = {k: t[f"residual:{k}"] for k in self.theta}
+        return momentum, residual
+
+    def _recover_ledger(self) -> None:
+        """Make the ledger agree with the checkpoints after a restart or a crash mid-close."""
+        for row in self.ledger.rounds():
+            if row["state"] == "open" and row["round"] < self.round:
+                upd = self.updates_dir / f"update-{row['round']:06d}.safetensors"
+                sha = hashlib.sha256(upd.read_bytes()).hexdigest() if upd.exists() else ""
+                self.ledger.close_round(row["round"], sha)
+        if self.ledger.round_row(self.round) is None:
+            self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.cfg.rounds) and self.round >= self.cfg.rounds
+
+    # ------------------------------------------------------------------ join and info
+
+    def join(self, req: JoinRequest) -> JoinResponse:
+        vid, token = self.ledger.add_volunteer(req.name, req.device)
+        log.info("volunteer %d (%s, %s) joined", vid, req.name, req.device)
+        return JoinResponse(volunteer_id=vid, name=req.name, token=token)
+
+    def authenticate(self, token: str) -> Volunteer:
+        row = self.ledger.volunteer_by_token(token)
+        if row is None:
+            raise Refused(401, "unknown volunteer token: join again with `crowdtrain join URL`")
+        if row["banned"]:
+            raise Refused(403, "this volunteer is banned from the run")
+        return Volunteer(row["id"], row["name"], bool(row["banned"]))
+
+    def info(self) -> RunInfo:
+        rc = self.run.config
+        return RunInfo(
+            api_version=API_VERSION, run_name=rc.name, preset=rc.preset,
+            model_config_json=self.run.model_config().to_dict(),
+            train=rc.train.__dict__,
+            schedule=SwarmSchedule(inner_steps=self.cfg.inner_steps,
+                                   round_seconds=self.cfg.round_seconds, rounds=self.cfg.rounds,
+                                   min_contributions=self.cfg.min_contributions,
+                                   codec=self.cfg.codec, block=compress.BLOCK),
+            dtype=self.run.index.dtype,
+            train_shards=[ShardInfo(name=e.name, sha256=e.sha256, tokens=e.tokens)
+                          for e in self.run.index.train],
+            round=self.round, finished=self.finished, params=self.params)
+
+    # ------------------------------------------------------------------ model downloads
+
+    def model_file(self) -> tuple[int, Path]:
+        with self.lock:
+            return self.round, tensor_path(self.run.ckpt_dir, self.round)
+
+    def update_file(self, rnd: int) -> Path:
+        p = self.updates_dir / f"update-{rnd:06d}.safetensors"
+        if not p.is_file():
+            if rnd >= self.round:
+                raise Refused(404, f"round {rnd} is not closed yet (the open round is "
+                                   f"{self.round}); its update does not exist")
+            raise Refused(404, f"the update of round {rnd} is not kept; download the model")
+        return p
+
+    def count_bytes_out(self, n: int) -> None:
+        self.ledger.add_bytes_out(self.round, n)
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, vol: Volunteer, req: LeaseRequest) -> LeaseResponse:
+        self.ledger.touch(vol.id, req.device, req.tokens_per_s)
+        with self.lock:
+            if self.finished:
+                return LeaseResponse(status="done", message=f"the run finished at round "
+                                     f"{self.round}; thank you for contributing")
+            rnd = self.round
+            row = self.ledger.round_row(rnd)
+            now = time.time()
+            mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
+            if any(r["state"] == "submitted" for r in mine):
+                return LeaseResponse(status="wait", retry_after=0.5, message=(
+                    f"your contribution to round {rnd} is in; waiting for the round to close"))
+            if mine:  # a restarted worker: its earlier lease is void, the new one replaces it
+                self.ledger.expire_leases(rnd, vol.id)
+            remaining = row["deadline"] - now
+            if remaining < MIN_LEASE_SECONDS + 1:
+                return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
+                                     message=f"round {rnd} is closing; the next opens soon")
+            seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
+            shards = self.run.index.train
+            n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
+            shard = shards[n_leases % len(shards)]
+            start = int(self.ckpt_meta.get("steps", 0))
+            max_steps = self.cfg.inner_steps
+            max_tokens = max_steps * self.tcfg.batch_size * self.tcfg.seq_len
+            seed = self.run.config.seed * 1_000_003 + n_leases
+            lease_id = self.ledger.add_lease(vol.id, rnd, row["deadline"], start, max_steps,
+                                             max_tokens, seed, [shard.name])
+        return LeaseResponse(status="lease", lease=Lease(
+            lease_id=lease_id, round=rnd, shards=[shard.name], seed=seed, start_step=start,
+            max_steps=max_steps, seconds=seconds, deadline_in=remaining))
+
+    # ------------------------------------------------------------------ contributions
+
+    def submit(self, vol: Volunteer, lease_id: int, blob: bytes) -> SubmitResponse:
+        sha = hashlib.sha256(blob).hexdigest()
+        lease = self.ledger.lease(lease_id)
+        rnd = lease["round"] if lease is not None else self.round
+
+        def refuse(status: int, reason: str) -> Refused:
+            self.ledger.refuse(lease_id if lease is not None else None, vol.id, rnd, sha,
+                               len(blob), reason)
+            log.info("refused contribution from %s: %s", vol.name, reason)
+            return Refused(status, reason)
+
+        if lease is None:
+            raise refuse(404, f"unknown lease {lease_id}")
+        if lease["volunteer_id"] != vol.id:
+            raise refuse(403, f"lease {lease_id} belongs to another volunteer")
+        if lease["state"] == "submitted":
+            raise refuse(409, f"lease {lease_id} already has an accepted contribution")
+        if self.ledger.query("SELECT 1 FROM contributions WHERE sha256 = ? AND status = "
+                             "'accepted'", (sha,)):
+            raise refuse(409, "replayed payload: this exact contribution was already accepted")
+        try:
+            _, meta = compress.from_bytes(blob, self.shapes)
+            stats = SubmitStats.model_validate_json(meta.get("stats", ""))
+        except compress.CodecError as e:
+            raise refuse(422, f"invalid payload: {e}") from None
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise refuse(422, f"invalid stats in payload metadata: {e}") from None
+        if stats.lease_id != lease_id or stats.round != lease["round"]:
+            raise refuse(422, f"payload is for lease {stats.lease_id} round {stats.round}, "
+                              f"not lease {lease_id} round {lease['round']}")
+        weight = min(stats.tokens, lease["max_tokens"])
+        if weight <= 0:
+            raise refuse(422, "contribution reports no tokens trained")
+        with self.lock:  # the round must not close between this check and the ledger write
+            if lease["round"] != self.round or lease["state"] == "expired":
+                raise refuse(409, f"stale: round {lease['round']} closed before this "
+                                  f"contribution arrived (the open round is {self.round}); "
+                                  "it was not applied")
+            d = self.contrib_dir / f"r{rnd:06d}"
+            d.mkdir(exist_ok=True)
+            path = d / f"lease-{lease_id}.safetensors"
+            atomic_write(path, blob)
+            cid = self.ledger.accept(lease_id, vol.id, rnd, sha, len(blob), stats.steps,
+                                     stats.tokens, float(weight), stats.mean_loss,
+                                     stats.seconds, str(path.relative_to(self.run.dir)))
+        log.info("round %d: accepted contribution %d from %s (%d tokens, loss %.3f)",
+                 rnd, cid, vol.name, weight, stats.mean_loss)
+        return SubmitResponse(accepted=True, contribution_id=cid, round=rnd,
+                              message=f"accepted for round {rnd}")
+
+    # ------------------------------------------------------------------ closing rounds
+
+    def tick(self) -> bool:
+        """Close the open round if it is due; returns whether a round closed."""
+        with self.lock:
+            if self.finished:
+                return False
+            rnd = self.round
+            row = self.ledger.round_row(rnd)
+            n = len(self.ledger.accepted(rnd))
+            open_leases = self.ledger.leases_of_round(rnd, "open")
+            now = time.time()
+            if n >= self.cfg.min_contributions and (now >= row["deadline"] or not open_leases):
+                self.close_round()
+                return True
+            if now >= row["deadline"]:
+                self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
+                self.ledger.expire_leases(rnd)
+                log.info("round %d reached its deadline with %d of %d contributions needed; "
+                         "extended", rnd, n, self.cfg.min_contributions)
+            return False
+
+    def close_round(self) -> None:
+        with self.lock:
+            rnd = self.round
+            rows = self.ledger.accepted(rnd)
+            deltas = [compress.from_bytes((self.run.dir / r["path"]).read_bytes(),
+                                          self.shapes)[0] for r in rows]
+            mean = weighted_mean(deltas, [r["weight"] for r in rows])
+            ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
+            update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
+            target = {k: update[k] + self.residual[k] for k in update}
+            blob = compress.to_bytes(target, "int8", meta={"round": str(rnd)})
+            applied, _ = compress.from_bytes(blob, self.shapes)
+            residual = {k: target[k] - applied[k] for k in target}
+            theta = apply_update(self.theta, applied)
+            atomic_write(self.updates_dir / f"update-{rnd:06d}.safetensors", blob)
+            outer = {f"momentum:{k}": v for k, v in momentum.items()}
+            outer.update({f"residual:{k}": v for k, v in residual.items()})
+            atomic_write(self._outer_path(rnd + 1), st_save(outer))
+            tokens = int(sum(r["weight"] for r in rows))
+            meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
+                "source": "swarm",
+                "steps": int(self.ckpt_meta.get("steps", 0)) + self.cfg.inner_steps,
+                "tokens_trained": int(self.ckpt_meta.get("tokens_trained", 0)) + tokens,
+                "params": self.params,
+                "contributions": len(rows),
+                "update_sha256": hashlib.sha256(blob).hexdigest(),
+            })
+            self.ledger.close_round(rnd, meta["update_sha256"])
+            self.theta, self.momentum, self.residual = theta, momentum, residual
+            self.round, self.ckpt_meta = rnd + 1, meta
+            self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
+            self._prune()
+        log.info("round %d closed: %d contributions, %d tokens; round %d open",
+                 rnd, len(rows), tokens, rnd + 1)
+        self._eval_queue.put(rnd + 1)
+
+    def _prune(self) -> None:
+        """Keep round 0, the last `keep_last` checkpoints and every `keep_every`-th."""
+        rounds = list_checkpoints(self.run.ckpt_dir)
+        keep = set(rounds[-self.cfg.keep_last:]) | {0}
+        for r in rounds:
+            if r in keep or r % self.cfg.keep_every == 0:
+                continue
+            for p in (meta_path(self.run.ckpt_dir, r), tensor_path(self.run.ckpt_dir, r),
+                      self._outer_path(r)):
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_loop(self) -> None:
+        model = self.model
+        while (rnd := self._eval_queue.get()) is not None:
+            if not self._eval_queue.empty():
+                continue  # a newer round is waiting: evaluate that one instead
+            try:
+                from crowdtrain.checkpoint import load_checkpoint
+
+                ck = load_checkpoint(self.run.ckpt_dir, rnd)
+                load_into(model, ck.tensors)
+                loss = evaluate(model, self.run.val_windows(), torch.device("cpu"))
+                self.ledger.set_val_loss(rnd, loss)
+                log.info("round %d: held-out loss %.4f", rnd, loss)
+            except Exception as e:  # evaluation must never take the coordinator down
+                log.warning("evaluation of round %d failed: %s", rnd, e)
+
+    def wait_for_eval(self, timeout: float = 60.0) -> None:
+        """Block until queued evaluations are done (for tests and the demo's summary)."""
+        end = time.time() + timeout
+        while not self._eval_queue.empty() and time.time() < end:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._eval_thread is not None:
+            self._eval_queue.put(None)
+            self._eval_thread.join(timeout=30)
+        self.ledger.close()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> Status:
+        rounds = [RoundSummary(
+            round=r["round"], state=r["state"], opened_at=r["opened_at"],
+            closed_at=r["closed_at"], contributions=r["contributions"], refused=r["refused"],
+            tokens=r["tokens"], train_loss=r["train_loss"], val_loss=r["val_loss"],
+            bytes_in=r["bytes_in"], bytes_out=r["bytes_out"]) for r in self.ledger.rounds()]
+        vols = [VolunteerSummary(
+            name=v["name"], device=v["device"], last_seen=v["last_seen"], rounds=v["rounds"],
+            tokens=int(v["credit_tokens"]), accepted=v["accepted"], refused=v["refused"],
+            tokens_per_s=v["tokens_per_s"]) for v in self.ledger.volunteers()]
+        first = self.ledger.round_row(0)
+        return Status(
+            api_version=API_VERSION, run_name=self.run.config.name, round=self.round,
+            finished=self.finished, params=self.params,
+            payload_bytes=compress.payload_bytes(self.params, self.cfg.codec),
+            full_model_bytes=4 * self.params, rounds=rounds, volunteers=vols,
+            initial_val_loss=first["val_loss"] if first else None)

@@ -1,0 +1,263 @@
+"""Durable run state in SQLite (WAL): volunteers, rounds, leases, contributions, credits.
+
+The ledger is the coordinator's memory: every accepted contribution is committed here (after
+its payload is on disk) before the worker hears OK, so nothing acknowledged is ever lost.
+Volunteer tokens are stored only as SHA-256 hashes. One connection guarded by a lock: the
+coordinator's threads share it; SQLite serialises writers anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volunteers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    last_seen REAL,
+    device TEXT,
+    tokens_per_s REAL,
+    banned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    contributions INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    train_loss REAL,
+    val_loss REAL,
+    update_sha256 TEXT,
+    bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY,
+    volunteer_id INTEGER NOT NULL REFERENCES volunteers(id),
+    round INTEGER NOT NULL,
+    issued_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    start_step INTEGER NOT NULL,
+    max_steps INTEGER NOT NULL,
+    max_tokens INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    shards TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'submitted', 'expired'))
+);
+CREATE INDEX IF NOT EXISTS leases_round ON leases(round, state);
+CREATE TABLE IF NOT EXISTS contributions (
+    id INTEGER PRIMARY KEY,
+    lease_id INTEGER,
+    volunteer_id INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    steps INTEGER,
+    tokens INTEGER,
+    weight REAL,
+    mean_loss REAL,
+    seconds REAL,
+    status TEXT NOT NULL CHECK (status IN ('accepted', 'refused')),
+    reason TEXT,
+    path TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_per_lease
+    ON contributions(lease_id) WHERE status = 'accepted';
+CREATE INDEX IF NOT EXISTS contributions_round ON contributions(round, status);
+CREATE VIEW IF NOT EXISTS credits AS
+    SELECT volunteer_id, SUM(weight) AS tokens, COUNT(*) AS accepted
+    FROM contributions WHERE status = 'accepted' GROUP BY volunteer_id;
+"""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Ledger:
+    """The SQLite ledger of one run (`RUN_DIR/ledger.sqlite`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; commits on success, rolls back on error."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # ----------------------------------------------------------------- volunteers
+
+    def add_volunteer(self, name: str, device: str) -> tuple[int, str]:
+        """Register a volunteer; returns (id, token). The token is not stored, only its hash."""
+        token = secrets.token_urlsafe(32)
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO volunteers (name, token_hash, created_at, last_seen, device) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (name, hash_token(token), time.time(), time.time(), device))
+        return int(cur.lastrowid), token
+
+    def volunteer_by_token(self, token: str) -> sqlite3.Row | None:
+        """Look the token up by its hash, then compare in constant time."""
+        h = hash_token(token)
+        rows = self.query("SELECT * FROM volunteers WHERE token_hash = ?", (h,))
+        if rows and hmac.compare_digest(rows[0]["token_hash"], h):
+            return rows[0]
+        return None
+
+    def touch(self, volunteer_id: int, device: str | None = None,
+              tokens_per_s: float | None = None) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE volunteers SET last_seen = ?, device = COALESCE(?, device), "
+                       "tokens_per_s = COALESCE(?, tokens_per_s) WHERE id = ?",
+                       (time.time(), device, tokens_per_s, volunteer_id))
+
+    # ----------------------------------------------------------------- rounds
+
+    def open_round(self, rnd: int, deadline: float) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO rounds (round, state, opened_at, deadline) "
+                       "VALUES (?, 'open', ?, ?)", (rnd, time.time(), deadline))
+
+    def round_row(self, rnd: int) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM rounds WHERE round = ?", (rnd,))
+        return rows[0] if rows else None
+
+    def extend_round(self, rnd: int, deadline: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, rnd))
+
+    def close_round(self, rnd: int, update_sha256: str) -> None:
+        """Mark `rnd` closed with its aggregate figures; expire its unreported leases."""
+        with self.tx() as db:
+            agg = db.execute(
+                "SELECT COUNT(*) n, COALESCE(SUM(weight), 0) t, SUM(mean_loss * weight) l, "
+                "COALESCE(SUM(bytes), 0) b FROM contributions "
+                "WHERE round = ? AND status = 'accepted'", (rnd,)).fetchone()
+            loss = agg["l"] / agg["t"] if agg["t"] else None
+            db.execute("UPDATE rounds SET state = 'closed', closed_at = ?, contributions = ?, "
+                       "tokens = ?, train_loss = ?, update_sha256 = ?, bytes_in = ? "
+                       "WHERE round = ?",
+                       (time.time(), agg["n"], int(agg["t"]), loss, update_sha256, agg["b"], rnd))
+            db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open'",
+                       (rnd,))
+
+    def set_val_loss(self, rnd: int, val_loss: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, rnd))
+
+    def add_bytes_out(self, rnd: int, n: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET bytes_out = bytes_out + ? WHERE round = ?", (n, rnd))
+
+    # ----------------------------------------------------------------- leases
+
+    def add_lease(self, volunteer_id: int, rnd: int, deadline: float, start_step: int,
+                  max_steps: int, max_tokens: int, seed: int, shards: list[str]) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO leases (volunteer_id, round, issued_at, deadline, start_step, "
+                "max_steps, max_tokens, seed, shards, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+                (volunteer_id, rnd, time.time(), deadline, start_step, max_steps, max_tokens,
+                 seed, json.dumps(shards)))
+        return int(cur.lastrowid)
+
+    def expire_leases(self, rnd: int, volunteer_id: int | None = None) -> None:
+        """Void the open leases of a round (all, or one volunteer's)."""
+        with self.tx() as db:
+            db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open' "
+                       "AND (? IS NULL OR volunteer_id = ?)", (rnd, volunteer_id, volunteer_id))
+
+    def lease(self, lease_id: int) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))
+        return rows[0] if rows else None
+
+    def leases_of_round(self, rnd: int, state: str | None = None) -> list[sqlite3.Row]:
+        if state:
+            return self.query("SELECT * FROM leases WHERE round = ? AND state = ?", (rnd, state))
+        return self.query("SELECT * FROM leases WHERE round = ?", (rnd,))
+
+    # ----------------------------------------------------------------- contributions
+
+    def accept(self, lease_id: int, volunteer_id: int, rnd: int, sha256: str, nbytes: int,
+               steps: int, tokens: int, weight: float, mean_loss: float, seconds: float,
+               path: str) -> int:
+        """Record an accepted contribution and close its lease, in one transaction."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO contributions (lease_id, volunteer_id, round, received_at, sha256, "
+                "bytes, steps, tokens, weight, mean_loss, seconds, status, path) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted', ?)",
+                (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, steps, tokens, weight,
+                 mean_loss, seconds, path))
+            db.execute("UPDATE leases SET state = 'submitted' WHERE id = ?", (lease_id,))
+        return int(cur.lastrowid)
+
+    def refuse(self, lease_id: int | None, volunteer_id: int, rnd: int, sha256: str,
+               nbytes: int, reason: str) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO contributions (lease_id, volunteer_id, round, received_at, sha256, "
+                "bytes, status, reason) VALUES (?, ?, ?, ?, ?, ?, 'refused', ?)",
+                (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, reason))
+        return int(cur.lastrowid)
+
+    def accepted(self, rnd: int) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "
+                          "ORDER BY id", (rnd,))
+
+    def contributions(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM contributions ORDER BY id")
+
+    # ----------------------------------------------------------------- reports
+
+    def rounds(self) -> list[sqlite3.Row]:
+        return self.query(
+            "SELECT r.*, (SELECT COUNT(*) FROM contributions c WHERE c.round = r.round "
+            "AND c.status = 'refused') AS refused FROM rounds r ORDER BY round")
+
+    def volunteers(self) -> list[sqlite3.Row]:
+        return self.query(
+            "SELECT v.*, COALESCE(c.tokens, 0) AS credit_tokens, COALESCE(c.accepted, 0) AS "
+            "accepted, (SELECT COUNT(*) FROM contributions x WHERE x.volunteer_id = v.id AND "
+            "x.status = 'refused') AS refused, (SELECT COUNT(DISTINCT round) FROM contributions y "
+            "WHERE y.volunteer_id = v.id AND y.status = 'accepted') AS rounds "
+            "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id ORDER BY v.id")

@@ -1,0 +1,166 @@
+"""THE wire format between coordinator and workers: API version, paths, JSON messages.
+
+JSON messages are pydantic models defined here and nowhere else. Tensors travel as safetensors
+bodies (see compress.py for the codecs):
+- GET  MODEL                full parameters of the current round, fp32 (for newcomers)
+- GET  UPDATE.format(r)     int8 outer update u_r: theta_{r+1} = theta_r + dequant(u_r), bit-exact
+- POST SUBMIT.format(id)    the compressed pseudo-gradient theta_r - theta_local of a lease; its
+                            safetensors metadata holds `stats` (SubmitStats as JSON) and `codec`.
+Every request carries API_HEADER; a coordinator that no longer speaks the worker's version
+answers 426 with words telling the volunteer to upgrade. Errors are `{"detail": "..."}` with a
+4xx status that says what was wrong.
+
+This module imports nothing from the crowdtrain package.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+API_VERSION = 1
+MIN_API_VERSION = 1
+API_HEADER = "X-Crowdtrain-Api"
+ROUND_HEADER = "X-Crowdtrain-Round"
+
+INFO = "/v1/info"
+JOIN = "/v1/join"
+TOKENIZER = "/v1/tokenizer"
+MODEL = "/v1/model"
+UPDATE = "/v1/updates/{round}"
+SHARD = "/v1/shards/{sha256}"
+LEASE = "/v1/lease"
+SUBMIT = "/v1/submit/{lease_id}"
+STATUS = "/v1/status"
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
+
+
+def upgrade_message(client_version: int | None) -> str:
+    """What a worker whose API version is not accepted is told."""
+    return (f"this coordinator speaks crowdtrain API v{MIN_API_VERSION}..v{API_VERSION}, your "
+            f"worker speaks v{client_version if client_version is not None else '?'}: upgrade "
+            "with `pip install -U crowdtrain` and join again")
+
+
+class ShardInfo(BaseModel):
+    name: str
+    sha256: str
+    tokens: int
+
+
+class SwarmSchedule(BaseModel):
+    inner_steps: int = Field(description="H: inner steps per round (budget in steps)")
+    round_seconds: float = Field(description="budget in seconds; the round deadline")
+    rounds: int = Field(description="rounds in the run (0: until stopped)")
+    min_contributions: int
+    codec: str
+    block: int
+
+
+class RunInfo(BaseModel):
+    api_version: int
+    run_name: str
+    preset: str
+    model_config_json: dict = Field(description="Hugging Face config.json of the model")
+    train: dict = Field(description="inner-loop settings (TrainConfig)")
+    schedule: SwarmSchedule
+    dtype: str = Field(description="token dtype of the shards")
+    train_shards: list[ShardInfo]
+    round: int = Field(description="the round now open")
+    finished: bool
+    params: int
+
+
+class JoinRequest(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN, description="display name on the leaderboard")
+    device: str = Field(max_length=64)
+    api_version: int
+
+
+class JoinResponse(BaseModel):
+    volunteer_id: int
+    name: str
+    token: str = Field(description="bearer token; shown once, stored hashed by the coordinator")
+
+
+class LeaseRequest(BaseModel):
+    have_round: int | None = Field(None, description="round of the parameters the worker holds")
+    device: str = Field("cpu", max_length=64)
+    tokens_per_s: float | None = Field(None, ge=0)
+
+
+class Lease(BaseModel):
+    lease_id: int
+    round: int
+    shards: list[str] = Field(description="names of the train shards to sample from")
+    seed: int = Field(description="batch seed: batch of step s = get_batch(shards, seed, s)")
+    start_step: int = Field(description="global schedule position of the first inner step")
+    max_steps: int
+    seconds: float = Field(description="time budget for training, from now")
+    deadline_in: float = Field(description="seconds until the round closes without this lease")
+
+
+class LeaseResponse(BaseModel):
+    status: Literal["lease", "wait", "done"]
+    lease: Lease | None = None
+    retry_after: float = 0.0
+    message: str = ""
+
+
+class SubmitStats(BaseModel):
+    """Self-reported figures of a contribution (never trusted beyond what the lease allowed)."""
+
+    lease_id: int
+    round: int
+    steps: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    mean_loss: float
+    seconds: float = Field(ge=0)
+    device: str = Field("cpu", max_length=64)
+
+
+class SubmitResponse(BaseModel):
+    accepted: bool
+    contribution_id: int
+    round: int
+    message: str
+
+
+class RoundSummary(BaseModel):
+    round: int
+    state: str
+    opened_at: float
+    closed_at: float | None
+    contributions: int
+    refused: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    bytes_in: int
+    bytes_out: int
+
+
+class VolunteerSummary(BaseModel):
+    name: str
+    device: str | None
+    last_seen: float | None
+    rounds: int
+    tokens: int
+    accepted: int
+    refused: int
+    tokens_per_s: float | None
+
+
+class Status(BaseModel):
+    api_version: int
+    run_name: str
+    round: int
+    finished: bool
+    params: int
+    payload_bytes: int = Field(description="bytes of one int8 delta or update payload")
+    full_model_bytes: int
+    rounds: list[RoundSummary]
+    volunteers: list[VolunteerSummary]
+    initial_val_loss: float | None

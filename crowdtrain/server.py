@@ -1,0 +1,152 @@
+"""HTTP transport of the coordinator: FastAPI routes over `Coordinator`, run by uvicorn.
+
+Decode -> authenticate -> size-check -> hand to the coordinator -> encode. Routes and messages
+come from protocol.py; refusals become 4xx with `{"detail": reason}`. Uploads are streamed
+and cut off at the payload limit before they are read into memory. A background thread ticks
+the coordinator so rounds close on time even when nobody is calling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+
+from crowdtrain import __version__, protocol
+from crowdtrain.coordinator import Coordinator, Refused, Volunteer
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "application/octet-stream"
+
+
+def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.wait(tick_seconds):
+            try:
+                coord.tick()
+            except Exception:  # keep serving; the next tick retries
+                log.exception("closing the round failed; will retry")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t = threading.Thread(target=ticker, daemon=True, name="crowdtrain-ticker")
+        t.start()
+        yield
+        stop.set()
+        t.join(timeout=30)
+        coord.close()
+
+    app = FastAPI(title="crowdtrain coordinator", version=__version__, lifespan=lifespan,
+                  description="Volunteer DiLoCo training over HTTP. Tensors travel as "
+                  "safetensors bodies; see crowdtrain/protocol.py.")
+    limit = coord.upload_limit
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def api_version(request: Request, call_next):
+        v = request.headers.get(protocol.API_HEADER)
+        if v is not None and request.url.path.startswith("/v1/"):
+            try:
+                ok = protocol.MIN_API_VERSION <= int(v) <= protocol.API_VERSION
+            except ValueError:
+                ok, v = False, None
+            if not ok:
+                return JSONResponse({"detail": protocol.upgrade_message(v and int(v))},
+                                    status_code=426)
+        return await call_next(request)
+
+    def volunteer(authorization: str | None = Header(None)) -> Volunteer:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Refused(401, "missing bearer token: join first (`crowdtrain join URL`)")
+        return coord.authenticate(authorization.removeprefix("Bearer ").strip())
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse(protocol.STATUS)
+
+    @app.get(protocol.INFO, response_model=protocol.RunInfo)
+    def info() -> protocol.RunInfo:
+        return coord.info()
+
+    @app.get(protocol.STATUS, response_model=protocol.Status)
+    def status() -> protocol.Status:
+        return coord.status()
+
+    @app.post(protocol.JOIN, response_model=protocol.JoinResponse)
+    def join(req: protocol.JoinRequest) -> protocol.JoinResponse:
+        if not protocol.MIN_API_VERSION <= req.api_version <= protocol.API_VERSION:
+            raise Refused(426, protocol.upgrade_message(req.api_version))
+        return coord.join(req)
+
+    @app.get(protocol.TOKENIZER)
+    def tokenizer() -> FileResponse:
+        return FileResponse(coord.run.tokenizer_path, media_type="application/json")
+
+    @app.get(protocol.SHARD, responses={200: {"content": {SAFETENSORS: {}}}})
+    def shard(sha256: str, vol: Volunteer = Depends(volunteer)) -> FileResponse:
+        path = coord.shard_paths.get(sha256)
+        if path is None:
+            raise Refused(404, f"no train shard with sha256 {sha256[:16]}...")
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type=SAFETENSORS)
+
+    @app.get(protocol.MODEL, responses={200: {"content": {SAFETENSORS: {}}}})
+    def model(vol: Volunteer = Depends(volunteer)) -> Response:
+        rnd, path = coord.model_file()
+        data = path.read_bytes()
+        coord.count_bytes_out(len(data))
+        return Response(data, media_type=SAFETENSORS, headers={protocol.ROUND_HEADER: str(rnd)})
+
+    @app.get(protocol.UPDATE, responses={200: {"content": {SAFETENSORS: {}}}})
+    def update(round: int, vol: Volunteer = Depends(volunteer)) -> Response:
+        data = coord.update_file(round).read_bytes()
+        coord.count_bytes_out(len(data))
+        return Response(data, media_type=SAFETENSORS,
+                        headers={protocol.ROUND_HEADER: str(round)})
+
+    @app.post(protocol.LEASE, response_model=protocol.LeaseResponse)
+    def lease(req: protocol.LeaseRequest,
+              vol: Volunteer = Depends(volunteer)) -> protocol.LeaseResponse:
+        return coord.lease(vol, req)
+
+    @app.post(protocol.SUBMIT, response_model=protocol.SubmitResponse,
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {SAFETENSORS: {"schema": {
+                                                 "type": "string", "format": "binary"}}}}})
+    async def submit(lease_id: int, request: Request,
+                     vol: Volunteer = Depends(volunteer)) -> protocol.SubmitResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
+                               "bytes for this model")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"payload exceeds the limit of {limit} bytes for this model")
+            chunks.append(chunk)
+        if declared is not None and size != int(declared):
+            raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
+        return await run_in_threadpool(coord.submit, vol, lease_id, b"".join(chunks))
+
+    return app
+
+
+def serve(coord: Coordinator, host: str = "127.0.0.1", port: int = 8470,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Run the coordinator until Ctrl-C (uvicorn handles the signal and shuts down cleanly)."""
+    import uvicorn
+
+    uvicorn.run(create_app(coord), host=host, port=port, log_level="warning",
+                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5)

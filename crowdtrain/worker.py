@@ -1,0 +1,458 @@
+"""A volunteer worker (`crowdtrain join URL`): join -> lease -> sync -> train -> upload, repeat.
+
+Top to bottom, one round:
+1. ask for a lease (round r, shards, seed, schedule position, budget of steps and seconds);
+2. bring the parameters to theta_r: apply the published int8 updates to the copy held from the
+   previous round (bit-exact, about 1 byte per parameter) or, for a newcomer, download the full
+   checkpoint; download the lease's shards once (content-addressed, sha256-checked);
+3. run the inner loop from theta_r (AdamW state carries over from round to round and across
+   restarts, saved on local disk) until the step or time budget is spent;
+4. send delta = theta_r - theta_local, int8-compressed with error feedback, with the stats.
+
+Network failures are retried with exponential backoff; refusals (4xx) come back in words.
+The first Ctrl-C finishes the round early and sends the work done; a second abandons it.
+Outbound HTTP(S) only: works behind any NAT, on any OS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from crowdtrain import compress, protocol
+from crowdtrain.aggregate import apply_update
+from crowdtrain.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.data import get_batch, verify_sha256
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.interrupt import GracefulInterrupt
+from crowdtrain.model import build_model, config_from_dict, load_into, state_dict_for_save
+from crowdtrain.train import InnerLoop, TrainConfig, pick_device
+
+log = logging.getLogger(__name__)
+
+MAX_UPDATES_TO_REPLAY = 20
+
+
+def user_home() -> Path:
+    """Where a volunteer's identity, caches and optimizer state live (per OS conventions)."""
+    if env := os.environ.get("CROWDTRAIN_HOME"):
+        return Path(env)
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA", Path.home())) / "crowdtrain"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "crowdtrain"
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "crowdtrain"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    url: str
+    name: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    max_rounds: int | None = None
+    max_hours: float | None = None
+    max_memory: float | None = None  # fraction of GPU memory this process may use
+    home: Path = field(default_factory=user_home)
+    error_feedback: bool = True
+    retry_for: float = 600.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise CrowdtrainError(f"coordinator URL must start with http:// or https://, "
+                                  f"got {self.url!r}")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise CrowdtrainError("--max-rounds must be at least 1")
+        if self.max_hours is not None and self.max_hours <= 0:
+            raise CrowdtrainError("--max-hours must be positive")
+        if self.max_memory is not None and not 0 < self.max_memory <= 1:
+            raise CrowdtrainError("--max-memory is a fraction of GPU memory in (0, 1]")
+        if self.threads is not None and self.threads < 1:
+            raise CrowdtrainError("--threads must be at least 1")
+
+
+class CoordinatorRefused(CrowdtrainError):
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"coordinator refused ({status}): {detail}")
+        self.status, self.detail = status, detail
+
+
+class Client:
+    """httpx with the API header, the bearer token, retry with backoff, and byte counters."""
+
+    def __init__(self, url: str, retry_for: float = 600.0):
+        self.url = url.rstrip("/")
+        self.retry_for = retry_for
+        self.token: str | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=300.0),
+                                 headers={protocol.API_HEADER: str(protocol.API_VERSION)})
+
+    def call(self, method: str, path: str, *, json_body: dict | None = None,
+             content: bytes | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if content is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        delay, start = 0.5, time.monotonic()
+        while True:
+            try:
+                r = self.http.request(method, path, json=json_body, content=content,
+                                      headers=headers)
+            except httpx.TransportError as e:
+                problem = f"cannot reach the coordinator at {self.url} ({type(e).__name__})"
+            else:
+                if r.status_code < 400:
+                    self.bytes_in += len(r.content)
+                    self.bytes_out += len(content or b"")
+                    return r
+                if r.status_code < 500:
+                    try:
+                        detail = r.json().get("detail", r.text)
+                    except ValueError:
+                        detail = r.text
+                    if r.status_code == 426:
+                        raise CrowdtrainError(str(detail))
+                    raise CoordinatorRefused(r.status_code, str(detail))
+                problem = f"coordinator error {r.status_code}"
+            if time.monotonic() - start > self.retry_for:
+                raise CrowdtrainError(f"{problem}; gave up after {self.retry_for:.0f}s of "
+                                      "retrying. Check the URL and your connection, then join "
+                                      "again")
+            log.warning("%s; retrying in %.1fs", problem, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0) * random.uniform(0.8, 1.2)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# ---------------------------------------------------------------------- local state
+
+
+class LocalState:
+    """A volunteer's files: identity per coordinator, shard cache, parameters and optimizer."""
+
+    def __init__(self, home: Path, url: str):
+        self.home = home
+        self.url = url.rstrip("/")
+        self.shards = home / "shards"
+        self.identities = home / "identities.json"
+
+    def run_dir(self, run_name: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{run_name}")
+        d = self.home / "runs" / safe
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def identity(self) -> dict | None:
+        if not self.identities.is_file():
+            return None
+        try:
+            return json.loads(self.identities.read_text()).get(self.url)
+        except json.JSONDecodeError:
+            return None
+
+    def save_identity(self, ident: dict) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        all_ids = {}
+        if self.identities.is_file():
+            try:
+                all_ids = json.loads(self.identities.read_text())
+            except json.JSONDecodeError:
+                all_ids = {}
+        all_ids[self.url] = ident
+        atomic_write(self.identities, json.dumps(all_ids, indent=1).encode())
+        try:
+            os.chmod(self.identities, 0o600)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerSummary:
+    rounds: int = 0
+    accepted: int = 0
+    refused: int = 0
+    tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_round: int | None = None
+    reason: str = ""
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.client = Client(cfg.url, cfg.retry_for)
+        self.local = LocalState(cfg.home, cfg.url)
+        self.info = protocol.RunInfo.model_validate(self.client.call("GET", protocol.INFO).json())
+        self.device = pick_device(cfg.device)
+        if cfg.max_memory and self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(cfg.max_memory, self.device)
+        self.run_dir = self.local.run_dir(self.info.run_name)
+        self._join()
+        self.tcfg = TrainConfig(**self.info.train)
+        self.model = build_model(config_from_dict(self.info.model_config_json))
+        self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
+        self.loop = InnerLoop(self.model, self.tcfg, self.device)
+        self.theta, self.theta_round = self._load_params()
+        self._load_optimizer()
+        self.residual: dict[str, torch.Tensor] | None = None
+        self.shard_data: dict[str, np.ndarray] = {}
+        self.tokens_per_s: float | None = None
+        self.summary = WorkerSummary()
+
+    # -- identity
+    def _join(self, force: bool = False) -> None:
+        ident = None if force else self.local.identity()
+        if ident is None:
+            name = self.cfg.name or f"volunteer-{platform.node()[:20] or 'anon'}"
+            req = protocol.JoinRequest(name=name, device=self.device.type,
+                                       api_version=protocol.API_VERSION)
+            r = self.client.call("POST", protocol.JOIN, json_body=req.model_dump())
+            resp = protocol.JoinResponse.model_validate(r.json())
+            ident = {"volunteer_id": resp.volunteer_id, "token": resp.token, "name": resp.name}
+            self.local.save_identity(ident)
+            log.info("joined %s as %s (volunteer %d)", self.cfg.url, resp.name, resp.volunteer_id)
+        self.client.token = ident["token"]
+        self.name = ident["name"]
+
+    # -- local persistence
+    def _params_file(self) -> Path:
+        return self.run_dir / "params.safetensors"
+
+    def _load_params(self) -> tuple[dict | None, int | None]:
+        p = self._params_file()
+        if not p.is_file():
+            return None, None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                rnd = int((f.metadata() or {})["round"])
+            tensors = decode_tensors(p.read_bytes(), "local parameters")
+            check_tensors_match(tensors, state_dict_for_save(self.model), "local parameters")
+            return tensors, rnd
+        except (CrowdtrainError, KeyError, ValueError, OSError) as e:
+            log.warning("ignoring local parameters (%s); will download the model", e)
+            return None, None
+
+    def _save_params(self) -> None:
+        from safetensors.torch import save as st_save
+
+        atomic_write(self._params_file(), st_save(self.theta,
+                                                  metadata={"round": str(self.theta_round)}))
+
+    def _load_optimizer(self) -> None:
+        p = self.run_dir / "optimizer.safetensors"
+        if p.is_file():
+            try:
+                self.loop.load_optimizer_tensors(decode_tensors(p.read_bytes(), "optimizer"))
+                log.info("resumed AdamW state from %s", p)
+            except CrowdtrainError as e:
+                log.warning("ignoring saved optimizer state (%s)", e)
+
+    def _save_optimizer(self) -> None:
+        from safetensors.torch import save as st_save
+
+        atomic_write(self.run_dir / "optimizer.safetensors",
+                     st_save(self.loop.optimizer_tensors()))
+
+    # -- parameters and data
+    def _sync(self, target: int) -> None:
+        """Bring self.theta to round `target`: replay updates, or download the checkpoint."""
+        behind = None if self.theta_round is None else target - self.theta_round
+        if behind is not None and 0 <= behind <= MAX_UPDATES_TO_REPLAY:
+            try:
+                for rnd in range(self.theta_round, target):
+                    r = self.client.call("GET", protocol.UPDATE.format(round=rnd))
+                    upd, _ = compress.from_bytes(r.content, self.shapes)
+                    self.theta = apply_update(self.theta, upd)
+                    self.theta_round = rnd + 1
+                return
+            except CoordinatorRefused as e:
+                log.info("cannot replay updates (%s); downloading the model", e.detail)
+        r = self.client.call("GET", protocol.MODEL)
+        tensors = decode_tensors(r.content, "downloaded model")
+        check_tensors_match(tensors, state_dict_for_save(self.model), "downloaded model")
+        self.theta = tensors
+        self.theta_round = int(r.headers[protocol.ROUND_HEADER])
+        log.info("downloaded the model of round %d (%.1f MB)", self.theta_round,
+                 len(r.content) / 1e6)
+
+    def _shards(self, names: list[str]) -> list[np.ndarray]:
+        by_name = {s.name: s for s in self.info.train_shards}
+        out = []
+        for name in names:
+            if name not in self.shard_data:
+                s = by_name[name]
+                p = self.local.shards / f"{s.sha256}.bin"
+                if p.is_file():
+                    data = p.read_bytes()
+                else:
+                    data = self.client.call("GET", protocol.SHARD.format(sha256=s.sha256)).content
+                verify_sha256(data, s.sha256, f"shard {name}")
+                if not p.is_file():
+                    self.local.shards.mkdir(parents=True, exist_ok=True)
+                    atomic_write(p, data)
+                self.shard_data[name] = np.frombuffer(data, dtype=self.info.dtype)
+            out.append(self.shard_data[name])
+        return out
+
+    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
+        codec = self.info.schedule.codec
+        if self.cfg.error_feedback and codec != "fp32":
+            if self.residual is not None:
+                delta = {k: delta[k] + self.residual[k] for k in delta}
+            blob = compress.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+            sent, _ = compress.from_bytes(blob, self.shapes)
+            self.residual = {k: delta[k] - sent[k] for k in delta}
+            return blob
+        return compress.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+
+    # -- one round
+    def round(self, lease: protocol.Lease, stop, bar=None) -> None:
+        self._sync(lease.round)
+        if self.theta_round != lease.round:
+            log.info("round %d closed while syncing; asking for a new lease", lease.round)
+            return
+        shards = self._shards(lease.shards)
+        load_into(self.model, self.theta)
+        self._save_params()
+
+        def batches(step: int):
+            return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed, step)
+
+        def on_step(step: int, loss: float) -> None:
+            if bar is not None:
+                bar(lease, step - lease.start_step + 1, loss)
+
+        st = self.loop.run(batches, lease.start_step, lease.max_steps,
+                           deadline=time.monotonic() + lease.seconds, on_step=on_step,
+                           stop=lambda: bool(stop))
+        if st.steps == 0:
+            return
+        self.tokens_per_s = st.tokens_per_s
+        params = state_dict_for_save(self.model)
+        delta = {k: self.theta[k] - params[k].float() for k in self.theta}
+        stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
+                                     tokens=st.tokens, mean_loss=st.mean_loss,
+                                     seconds=st.seconds, device=self.device.type)
+        blob = self._payload(delta, stats)
+        self.summary.rounds += 1
+        try:
+            r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
+                                 content=blob)
+            self.summary.accepted += 1
+            self.summary.tokens += st.tokens
+            verdict = protocol.SubmitResponse.model_validate(r.json()).message
+        except CoordinatorRefused as e:
+            self.summary.refused += 1
+            verdict = f"refused: {e.detail}"
+            log.warning("round %d: %s", lease.round, verdict)
+        self._save_optimizer()
+        self.summary.last_round = lease.round
+        log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB, %s", lease.round,
+                 st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6, verdict)
+        if bar is not None:
+            bar.done(lease, st, len(blob), verdict)
+
+    # -- the loop
+    def run(self) -> WorkerSummary:
+        started = time.monotonic()
+        with GracefulInterrupt("Ctrl-C: finishing this round early and sending the work done "
+                               "(Ctrl-C again to abandon it)") as stop, RoundProgress(
+                                   self.cfg.progress, self.name) as bar:
+            while not stop:
+                if self.cfg.max_rounds and self.summary.rounds >= self.cfg.max_rounds:
+                    self.summary.reason = f"did the {self.cfg.max_rounds} rounds asked for"
+                    break
+                if self.cfg.max_hours and time.monotonic() - started > self.cfg.max_hours * 3600:
+                    self.summary.reason = f"reached --max-hours {self.cfg.max_hours}"
+                    break
+                req = protocol.LeaseRequest(have_round=self.theta_round, device=self.device.type,
+                                            tokens_per_s=self.tokens_per_s)
+                try:
+                    r = self.client.call("POST", protocol.LEASE, json_body=req.model_dump())
+                except CoordinatorRefused as e:
+                    if e.status != 401:
+                        raise
+                    log.warning("the coordinator does not know our token; joining again")
+                    self._join(force=True)
+                    continue
+                resp = protocol.LeaseResponse.model_validate(r.json())
+                if resp.status == "done":
+                    self.summary.reason = resp.message
+                    break
+                if resp.status == "wait":
+                    end = time.monotonic() + resp.retry_after
+                    while time.monotonic() < end and not stop:
+                        time.sleep(0.05)
+                    continue
+                self.round(resp.lease, stop, bar)
+            if stop and not self.summary.reason:
+                self.summary.reason = "stopped by Ctrl-C after sending the round's work"
+        self.summary.bytes_sent = self.client.bytes_out
+        self.summary.bytes_received = self.client.bytes_in
+        self.client.close()
+        return self.summary
+
+
+class RoundProgress:
+    """A rich progress bar per round: round, inner step, loss, tokens/s, bytes sent."""
+
+    def __init__(self, enabled: bool, name: str):
+        self.enabled, self.name = enabled, name
+        self.progress = None
+        self.task = None
+        self.sent = 0
+
+    def __enter__(self) -> RoundProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, lease: protocol.Lease, step: int, loss: float) -> None:
+        if self.progress is None:
+            return
+        desc = f"{self.name} round {lease.round}"
+        if self.task is None or self.progress.tasks[-1].description != desc:
+            self.task = self.progress.add_task(desc, total=lease.max_steps, info="")
+        self.progress.update(self.task, completed=step,
+                             info=f"loss {loss:.3f}  sent {self.sent / 1e6:.1f} MB")
+
+    def done(self, lease, st, nbytes: int, verdict: str) -> None:
+        self.sent += nbytes
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=st.steps, info=(
+                f"loss {st.mean_loss:.3f}  {st.tokens_per_s:,.0f} tok/s  "
+                f"sent {self.sent / 1e6:.1f} MB  {verdict}"))
+
+
+def run_worker(cfg: WorkerConfig) -> WorkerSummary:
+    return Worker(cfg).run()
