@@ -292,7 +292,6 @@ class Coordinator:
                 return True
             if now >= row["deadline"]:
                 self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
-                self.ledger.expire_leases(rnd)
                 log.info("round %d reached its deadline with %d of %d contributions needed; "
                          "extended", rnd, n, self.cfg.min_contributions)
             return False

@@ -406,7 +406,12 @@ class Worker:
                     while time.monotonic() < end and not stop:
                         time.sleep(0.05)
                     continue
-                self.round(resp.lease, stop, bar)
+                try:
+                    self.round(resp.lease, stop, bar)
+                except KeyboardInterrupt:
+                    print(f"abandoned round {resp.lease.round}: its work was not sent",
+                          file=sys.stderr)
+                    raise
             if stop and not self.summary.reason:
                 self.summary.reason = "stopped by Ctrl-C after sending the round's work"
         self.summary.bytes_sent = self.client.bytes_out

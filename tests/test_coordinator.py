@@ -1,0 +1,172 @@
+"""Coordinator rules, called directly (no HTTP): leases, validation, rounds, restarts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
+
+from crowdtrain import compress
+from crowdtrain.aggregate import apply_update
+from crowdtrain.checkpoint import list_checkpoints, load_checkpoint
+from crowdtrain.coordinator import Coordinator, Refused
+from crowdtrain.protocol import JoinRequest, LeaseRequest
+
+
+@pytest.fixture
+def coord(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=3, round_seconds=60)
+    c = Coordinator(run, evaluate_rounds=False)
+    yield c
+    c.close()
+
+
+def volunteer(coord, name="alice"):
+    resp = coord.join(JoinRequest(name=name, device="cpu", api_version=1))
+    return coord.authenticate(resp.token)
+
+
+def lease(coord, vol):
+    r = coord.lease(vol, LeaseRequest())
+    assert r.status == "lease", r
+    return r.lease
+
+
+def test_join_stores_only_a_hash_of_the_token(coord):
+    resp = coord.join(JoinRequest(name="alice", device="cpu", api_version=1))
+    row = coord.ledger.query("SELECT * FROM volunteers")[0]
+    assert resp.token not in str(dict(row)) and len(row["token_hash"]) == 64
+    assert coord.authenticate(resp.token).name == "alice"
+    with pytest.raises(Refused) as e:
+        coord.authenticate("not-a-token")
+    assert e.value.status == 401
+
+
+def test_leases_spread_shards_and_follow_the_schedule(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    assert la.round == lb.round == 0 and la.start_step == 0 and la.max_steps == 5
+    assert la.shards != lb.shards and la.seed != lb.seed
+    assert 0 < la.seconds < la.deadline_in <= 60
+
+
+def test_round_closes_when_every_leased_worker_reported_and_is_bit_exact(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    theta0 = {k: v.clone() for k, v in coord.theta.items()}
+    coord.submit(a, la.lease_id, payload(la, coord.shapes, tokens=1000, seed=1))
+    assert not coord.tick(), "b still holds an open lease"
+    coord.submit(b, lb.lease_id, payload(lb, coord.shapes, tokens=2000, seed=2))
+    assert coord.tick() and coord.round == 1
+    # theta_1 is exactly theta_0 + dequant(published update 0), as a worker computes it
+    blob = (coord.run.dir / "updates" / "update-000000.safetensors").read_bytes()
+    upd, _ = compress.from_bytes(blob, coord.shapes)
+    replay = apply_update(theta0, upd)
+    ck = load_checkpoint(coord.run.ckpt_dir, 1)
+    assert all(torch.equal(replay[k], ck.tensors[k]) for k in replay)
+    assert all(torch.equal(replay[k], coord.theta[k]) for k in replay)
+    # the first outer step with Nesterov is -lr * (1 + momentum) * token-weighted mean
+    mean = {k: (make_delta(coord.shapes, seed=1)[k] * 1 + make_delta(coord.shapes, seed=2)[k]
+                * 2) / 3 for k in coord.shapes}
+    k = "model.embed_tokens.weight"
+    expect = theta0[k] - 0.7 * 1.9 * mean[k]
+    assert torch.allclose(ck.tensors[k], expect, atol=2e-4)
+    row = coord.ledger.round_row(0)
+    assert row["state"] == "closed" and row["contributions"] == 2 and row["tokens"] == 3000
+
+
+def test_refusals_are_precise_recorded_and_change_nothing(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    good = payload(la, coord.shapes)
+    cases = [
+        (a, 999, good, 404, "unknown lease 999"),
+        (b, la.lease_id, good, 403, "belongs to another volunteer"),
+        (a, la.lease_id, b"garbage", 422, "invalid payload"),
+        (a, la.lease_id, poisoned_payload(la, coord.shapes, "model.norm.weight"), 422,
+         "model.norm.weight"),
+        (a, la.lease_id, payload(la, coord.shapes, delta={
+            k: v for k, v in make_delta(coord.shapes).items() if k != "model.norm.weight"}),
+         422, "missing"),
+        (a, la.lease_id, payload(la, coord.shapes, round=5), 422, "not lease"),
+        (a, la.lease_id, payload(la, coord.shapes, tokens=0), 422, "no tokens"),
+    ]
+    for vol, lid, blob, status, reason in cases:
+        with pytest.raises(Refused) as e:
+            coord.submit(vol, lid, blob)
+        assert e.value.status == status and reason in e.value.reason, (reason, e.value.reason)
+    assert coord.round == 0 and coord.ledger.accepted(0) == []
+    coord.submit(a, la.lease_id, good)
+    with pytest.raises(Refused, match="already has an accepted") as e:
+        coord.submit(a, la.lease_id, good)
+    with pytest.raises(Refused, match="replayed payload"):
+        coord.submit(b, lb.lease_id, good)
+    refused = coord.ledger.query("SELECT reason FROM contributions WHERE status = 'refused'")
+    assert len(refused) == len(cases) + 2 and all(r["reason"] for r in refused)
+
+
+def test_late_contribution_is_refused_as_stale(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    coord.ledger.extend_round(0, time.time() - 1)  # the deadline passes; b never reported
+    assert coord.tick() and coord.round == 1
+    with pytest.raises(Refused, match="stale: round 0 closed") as e:
+        coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=3))
+    assert e.value.status == 409
+
+
+def test_deadline_without_enough_contributions_extends_the_round(coord):
+    a = volunteer(coord)
+    lease(coord, a)
+    coord.ledger.extend_round(0, time.time() - 1)
+    assert not coord.tick() and coord.round == 0
+    assert coord.ledger.round_row(0)["deadline"] > time.time() + 30
+
+
+def test_weight_is_capped_by_the_lease(coord):
+    a = volunteer(coord)
+    la = lease(coord, a)
+    coord.submit(a, la.lease_id, payload(la, coord.shapes, tokens=10**9))
+    cfg = coord.run.config.train
+    assert coord.ledger.accepted(0)[0]["weight"] == 5 * cfg.batch_size * cfg.seq_len
+
+
+def test_restart_resumes_round_theta_and_momentum(coord, tiny_run):
+    a = volunteer(coord)
+    for _ in range(2):
+        la = lease(coord, a)
+        coord.submit(a, la.lease_id, payload(la, coord.shapes, seed=la.round))
+        assert coord.tick()
+    la = lease(coord, a)
+    coord.submit(a, la.lease_id, payload(la, coord.shapes, seed=9))  # pending in round 2
+    theta, mom = coord.theta, coord.momentum
+    coord.close()
+    again = Coordinator(coord.run, evaluate_rounds=False)
+    try:
+        assert again.round == 2 and len(again.ledger.accepted(2)) == 1
+        assert all(torch.equal(theta[k], again.theta[k]) for k in theta)
+        assert all(torch.equal(mom[k], again.momentum[k]) for k in mom)
+        assert again.tick() and again.round == 3 and again.finished
+        assert again.lease(a, LeaseRequest()).status == "done"
+    finally:
+        again.close()
+
+
+def test_old_checkpoints_are_pruned_by_retention(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "r", inner_steps=1, rounds=12, keep_last=2,
+                   keep_every=5)
+    c = Coordinator(run, evaluate_rounds=False)
+    try:
+        a = volunteer(c)
+        for _ in range(12):
+            la = lease(c, a)
+            c.submit(a, la.lease_id, payload(la, c.shapes, seed=la.round))
+            assert c.tick()
+        assert list_checkpoints(run.ckpt_dir) == [0, 5, 10, 11, 12]
+        assert len(list((run.dir / "updates").iterdir())) == 12
+        assert c.lease(a, LeaseRequest()).status == "done"
+    finally:
+        c.close()

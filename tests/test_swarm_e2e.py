@@ -1,0 +1,164 @@
+"""End to end with real processes: a coordinator (`crowdtrain serve`) and workers
+(`crowdtrain join`) on loopback HTTP, a SIGKILLed worker, a newcomer joining mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from swarm_helpers import copy_run
+from transformers import AutoModelForCausalLM
+
+from crowdtrain.checkpoint import load_checkpoint
+from crowdtrain.demo import free_port, get_status, wait_until_up
+from crowdtrain.export import export_model
+from crowdtrain.ledger import Ledger
+from crowdtrain.train import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+class Swarm:
+    def __init__(self, run, tmp_path):
+        self.run, self.tmp = run, tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def cli(self, name, *args, env=None):
+        log = (self.tmp / f"{name}.log").open("w")
+        p = subprocess.Popen([sys.executable, "-m", "crowdtrain.cli", "--log-level", "info",
+                              *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})})
+        self.procs[name] = p
+        return p
+
+    def serve(self):
+        p = self.cli("coordinator", "serve", self.run.dir, "--port", self.port)
+        wait_until_up(self.url, p, self.tmp / "coordinator.log")
+
+    def join(self, name):
+        return self.cli(name, "join", self.url, "--name", name, "--threads", "1", "--quiet",
+                        env={"CROWDTRAIN_HOME": str(self.tmp / "home" / name)})
+
+    def log(self, name):
+        return (self.tmp / f"{name}.log").read_text()
+
+    def wait(self, name, timeout=240):
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish: {self.log(name)[-2000:]}")
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def swarm(tiny_run, tmp_path):
+    s = None
+
+    def make(**schedule):
+        nonlocal s
+        s = Swarm(copy_run(tiny_run, tmp_path / "run", **schedule), tmp_path)
+        return s
+
+    yield make
+    if s is not None:
+        s.stop()
+
+
+def val_loss(run, rnd):
+    model, _ = run.load_model(rnd)
+    return evaluate(model, run.val_windows(), torch.device("cpu"))
+
+
+def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
+    s = swarm(inner_steps=20, rounds=5, round_seconds=60)
+    s.serve()
+    for name in ("alice", "bob", "carol"):
+        s.join(name)
+    for name in ("alice", "bob", "carol"):
+        assert s.wait(name) == 0, s.log(name)
+        assert "the run finished at round 5" in s.log(name)
+    st = get_status(s.url)
+    assert st.finished and st.round == 5
+    # the global model learned: >= 10% below the initial held-out loss
+    first, last = val_loss(s.run, 0), val_loss(s.run, 5)
+    assert last < 0.9 * first, (first, last)
+    # the ledger lists every contribution, each accepted, each from a worker that sent it
+    ledger = Ledger(s.run.dir / "ledger.sqlite")
+    rows = ledger.contributions()
+    sent = sum(int(s.log(n).split(" accepted,")[0].rsplit(", ", 1)[1]) for n in
+               ("alice", "bob", "carol"))
+    assert len(rows) == sent and all(r["status"] == "accepted" for r in rows)
+    names = {v["name"] for v in ledger.volunteers() if v["accepted"] > 0}
+    assert names == {"alice", "bob", "carol"}
+    assert sum(r["contributions"] for r in ledger.rounds()) == len(rows)
+    # about one byte per parameter each way per round with int8
+    per_param = [r.bytes_in / r.contributions / st.params for r in st.rounds if r.contributions]
+    assert all(1.0 < x < 1.1 for x in per_param), per_param
+    update = (s.run.dir / "updates" / "update-000004.safetensors").stat().st_size
+    assert 1.0 < update / st.params < 1.1
+    # every worker's parameters equal the coordinator's checkpoint bit for bit
+    for name in ("alice", "bob", "carol"):
+        p = tmp_path / "home" / name / "runs" / "run" / "params.safetensors"
+        with safe_open(str(p), "pt") as f:
+            rnd = int(f.metadata()["round"])
+        mine, ck = load_file(str(p)), load_checkpoint(s.run.ckpt_dir, rnd)
+        assert all(torch.equal(mine[k], ck.tensors[k]) for k in ck.tensors), name
+    s.stop()
+    out = export_model(s.run, tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert hf.num_parameters() > 0
+
+
+def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
+    s = swarm(inner_steps=100_000, rounds=6, round_seconds=6)  # rounds bounded by time
+    s.serve()
+    s.join("steady")
+    victim = s.join("victim")
+    ledger_path = s.run.dir / "ledger.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the victim holds a lease in round >= 1
+        held = Ledger(ledger_path).query(
+            "SELECT l.round FROM leases l JOIN volunteers v ON v.id = l.volunteer_id "
+            "WHERE v.name = 'victim' AND l.state = 'open' AND l.round >= 1")
+        if held:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("victim never got a lease: " + s.log("victim")[-2000:])
+    killed_round = held[0]["round"]
+    victim.send_signal(signal.SIGKILL)
+    s.join("newcomer")
+    assert s.wait("steady") == 0 and s.wait("newcomer") == 0, s.log("newcomer")
+    ledger = Ledger(ledger_path)
+    rounds = {r["round"]: r for r in ledger.rounds()}
+    # the round the victim died in closed at its deadline with the others' work
+    r = rounds[killed_round]
+    assert r["state"] == "closed" and r["contributions"] >= 1
+    assert r["closed_at"] - r["opened_at"] < 6 + 3
+    # no round after the kill took longer than its deadline (plus scheduling slack)
+    assert all(rounds[k]["closed_at"] - rounds[k]["opened_at"] < 9
+               for k in rounds if killed_round <= k < 6)
+    newcomer = ledger.query(
+        "SELECT c.round FROM contributions c JOIN volunteers v ON v.id = c.volunteer_id "
+        "WHERE v.name = 'newcomer' AND c.status = 'accepted'")
+    assert newcomer and min(x["round"] for x in newcomer) > killed_round - 1
+    assert "downloaded the model of round" in s.log("newcomer")
+    assert get_status(s.url).finished
