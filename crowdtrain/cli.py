@@ -30,18 +30,24 @@ def command(fn: Callable[[argparse.Namespace], int | None]):
 @command
 def cmd_init(a: argparse.Namespace) -> None:
     from crowdtrain.data import default_corpus
-    from crowdtrain.rundir import init_run
+    from crowdtrain.rundir import SwarmConfig, init_run
 
-    overrides = {k: v for k, v in (("total_steps", a.steps), ("batch_size", a.batch_size),
+    swarm = SwarmConfig(**{k: v for k, v in (
+        ("rounds", a.rounds), ("inner_steps", a.inner_steps), ("round_seconds", a.round_seconds),
+        ("min_contributions", a.min_contributions)) if v is not None})
+    steps = a.steps if a.steps is not None else (
+        swarm.rounds * swarm.inner_steps if a.rounds or a.inner_steps else None)
+    overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
                                    ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
     run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
                    vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
-                   progress=not a.quiet, train_overrides=overrides)
+                   progress=not a.quiet, train_overrides=overrides, swarm=swarm)
     idx = run.index
     print(f"created run {run.dir}: preset {run.config.preset}, vocab {idx.vocab_size}, "
           f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
           f"{len(idx.train) + len(idx.val)} shards")
-    print(f"next: crowdtrain train {run.dir}   (one machine)")
+    print(f"next: crowdtrain serve {run.dir}   (host it)   or   crowdtrain train {run.dir}   "
+          "(one machine)")
 
 
 @command
@@ -106,7 +112,7 @@ def cmd_join(a: argparse.Namespace) -> int:
 
     cfg = WorkerConfig(url=a.url, name=a.name, device=a.device, threads=a.threads,
                        max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
-                       progress=not a.quiet)
+                       error_feedback=not a.no_error_feedback, progress=not a.quiet)
     s = run_worker(cfg)
     print(f"{s.reason or 'stopped'}: {s.rounds} rounds, {s.accepted} accepted, {s.refused} "
           f"refused, {s.tokens:,} tokens trained, sent {s.bytes_sent / 1e6:.1f} MB, received "
@@ -162,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help="sequences per step")
     s.add_argument("--seq-len", type=int, help="tokens per sequence")
     s.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    s.add_argument("--rounds", type=int,
+                   help="DiLoCo rounds when served (default 10; 0: until stopped)")
+    s.add_argument("--inner-steps", type=int, help="H: inner steps per round (default 50)")
+    s.add_argument("--round-seconds", type=float,
+                   help="time budget and deadline of a round (default 120)")
+    s.add_argument("--min-contributions", type=int,
+                   help="contributions a round needs before it closes (default 1)")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches")
     s.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-hours", type=float, help="leave after this many hours")
     s.add_argument("--max-memory", type=float, metavar="FRACTION",
                    help="cap on the GPU memory fraction this worker may use")
+    s.add_argument("--no-error-feedback", action="store_true",
+                   help="do not carry int8 rounding errors over to the next round")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("demo", help="a whole swarm on this machine (coordinator + workers)",

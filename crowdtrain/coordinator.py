@@ -47,6 +47,7 @@ from crowdtrain.protocol import (
     Lease,
     LeaseRequest,
     LeaseResponse,
+    Refusal,
     RoundSummary,
     RunInfo,
     ShardInfo,
@@ -386,9 +387,16 @@ class Coordinator:
             tokens=int(v["credit_tokens"]), accepted=v["accepted"], refused=v["refused"],
             tokens_per_s=v["tokens_per_s"]) for v in self.ledger.volunteers()]
         first = self.ledger.round_row(0)
+        refusals = [Refusal(round=r["round"], volunteer=r["name"], reason=r["reason"],
+                            at=r["received_at"]) for r in self.ledger.query(
+            "SELECT c.round, c.reason, c.received_at, v.name FROM contributions c JOIN "
+            "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
+            "ORDER BY c.id DESC LIMIT 50")]
+        current = self.ledger.round_row(self.round)
         return Status(
             api_version=API_VERSION, run_name=self.run.config.name, round=self.round,
             finished=self.finished, params=self.params,
             payload_bytes=compress.payload_bytes(self.params, self.cfg.codec),
             full_model_bytes=4 * self.params, rounds=rounds, volunteers=vols,
-            initial_val_loss=first["val_loss"] if first else None)
+            initial_val_loss=first["val_loss"] if first else None, refusals=refusals,
+            round_deadline=None if self.finished or current is None else current["deadline"])

@@ -153,6 +153,13 @@ class VolunteerSummary(BaseModel):
     tokens_per_s: float | None
 
 
+class Refusal(BaseModel):
+    round: int
+    volunteer: str
+    reason: str
+    at: float
+
+
 class Status(BaseModel):
     api_version: int
     run_name: str
@@ -164,3 +171,6 @@ class Status(BaseModel):
     rounds: list[RoundSummary]
     volunteers: list[VolunteerSummary]
     initial_val_loss: float | None
+    refusals: list[Refusal] = Field(default_factory=list,
+                                    description="the most recent refused contributions")
+    round_deadline: float | None = Field(None, description="unix time the open round closes")

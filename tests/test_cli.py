@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["init", "train", "export", "generate"]
+COMMANDS = ["init", "train", "export", "generate", "serve", "join", "demo"]
 
 
 def crowdtrain(*args, cwd=None):
@@ -76,3 +76,13 @@ def test_init_train_export_generate(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     r = crowdtrain("generate", tmp_path / "out", "ROMEO:", "--max-tokens", "10")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_a_swarm_and_prints_text(tmp_path):
+    r = crowdtrain("demo", "--preset", "tiny", "--workers", "2", "--rounds", "2",
+                   "--inner-steps", "10", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "round 2/2 closed: 2 contributions" in r.stdout
+    assert "--- sample ---\nROMEO:" in r.stdout
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -3,69 +3,23 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from swarm_helpers import copy_run
+from swarm_helpers import Swarm, copy_run
 from transformers import AutoModelForCausalLM
 
 from crowdtrain.checkpoint import load_checkpoint
-from crowdtrain.demo import free_port, get_status, wait_until_up
+from crowdtrain.demo import get_status
 from crowdtrain.export import export_model
 from crowdtrain.ledger import Ledger
 from crowdtrain.train import evaluate
 
 pytestmark = pytest.mark.slow
-
-
-class Swarm:
-    def __init__(self, run, tmp_path):
-        self.run, self.tmp = run, tmp_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def cli(self, name, *args, env=None):
-        log = (self.tmp / f"{name}.log").open("w")
-        p = subprocess.Popen([sys.executable, "-m", "crowdtrain.cli", "--log-level", "info",
-                              *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, **(env or {})})
-        self.procs[name] = p
-        return p
-
-    def serve(self):
-        p = self.cli("coordinator", "serve", self.run.dir, "--port", self.port)
-        wait_until_up(self.url, p, self.tmp / "coordinator.log")
-
-    def join(self, name):
-        return self.cli(name, "join", self.url, "--name", name, "--threads", "1", "--quiet",
-                        env={"CROWDTRAIN_HOME": str(self.tmp / "home" / name)})
-
-    def log(self, name):
-        return (self.tmp / f"{name}.log").read_text()
-
-    def wait(self, name, timeout=240):
-        try:
-            return self.procs[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not finish: {self.log(name)[-2000:]}")
-
-    def stop(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture
@@ -89,12 +43,15 @@ def val_loss(run, rnd):
 
 def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
     s = swarm(inner_steps=20, rounds=5, round_seconds=60)
+    s.join("alice")  # before the coordinator is up: it must retry with backoff, then join
+    time.sleep(8)
     s.serve()
-    for name in ("alice", "bob", "carol"):
+    for name in ("bob", "carol"):
         s.join(name)
     for name in ("alice", "bob", "carol"):
         assert s.wait(name) == 0, s.log(name)
         assert "the run finished at round 5" in s.log(name)
+    assert "cannot reach the coordinator" in s.log("alice") and "retrying in" in s.log("alice")
     st = get_status(s.url)
     assert st.finished and st.round == 5
     # the global model learned: >= 10% below the initial held-out loss
@@ -145,8 +102,16 @@ def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
         pytest.fail("victim never got a lease: " + s.log("victim")[-2000:])
     killed_round = held[0]["round"]
     victim.send_signal(signal.SIGKILL)
-    s.join("newcomer")
-    assert s.wait("steady") == 0 and s.wait("newcomer") == 0, s.log("newcomer")
+    polite = s.join("newcomer")
+    while "downloaded the model" not in s.log("newcomer"):  # it is training a lease now
+        time.sleep(0.2)
+    time.sleep(1.0)
+    polite.send_signal(signal.SIGINT)  # Ctrl-C: finish the round early, send the work, leave
+    assert s.wait("newcomer", timeout=60) == 0, s.log("newcomer")
+    assert "finishing this round early" in s.log("newcomer")
+    assert "stopped by Ctrl-C after sending the round's work: 1 rounds, 1 accepted" \
+        in s.log("newcomer")
+    assert s.wait("steady") == 0
     ledger = Ledger(ledger_path)
     rounds = {r["round"]: r for r in ledger.rounds()}
     # the round the victim died in closed at its deadline with the others' work
