@@ -34,7 +34,8 @@ def cmd_init(a: argparse.Namespace) -> None:
 
     swarm = SwarmConfig(**{k: v for k, v in (
         ("rounds", a.rounds), ("inner_steps", a.inner_steps), ("round_seconds", a.round_seconds),
-        ("min_contributions", a.min_contributions)) if v is not None})
+        ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
+        ("outer_momentum", a.outer_momentum)) if v is not None})
     steps = a.steps if a.steps is not None else (
         swarm.rounds * swarm.inner_steps if a.rounds or a.inner_steps else None)
     overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time budget and deadline of a round (default 120)")
     s.add_argument("--min-contributions", type=int,
                    help="contributions a round needs before it closes (default 1)")
+    s.add_argument("--outer-lr", type=float, help="outer SGD learning rate (default 0.7)")
+    s.add_argument("--outer-momentum", type=float,
+                   help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches")
     s.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

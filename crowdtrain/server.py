@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from crowdtrain import __version__, protocol
 from crowdtrain.coordinator import Coordinator, Refused, Volunteer
+from crowdtrain.web import mount_web
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         if not authorization or not authorization.startswith("Bearer "):
             raise Refused(401, "missing bearer token: join first (`crowdtrain join URL`)")
         return coord.authenticate(authorization.removeprefix("Bearer ").strip())
-
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse(protocol.STATUS)
 
     @app.get(protocol.INFO, response_model=protocol.RunInfo)
     def info() -> protocol.RunInfo:
@@ -140,6 +137,7 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
             raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
         return await run_in_threadpool(coord.submit, vol, lease_id, b"".join(chunks))
 
+    mount_web(app, coord)
     return app
 
 

@@ -117,9 +117,9 @@ def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
     # the round the victim died in closed at its deadline with the others' work
     r = rounds[killed_round]
     assert r["state"] == "closed" and r["contributions"] >= 1
-    assert r["closed_at"] - r["opened_at"] < 6 + 3
+    assert r["closed_at"] - r["opened_at"] < 6 + 4
     # no round after the kill took longer than its deadline (plus scheduling slack)
-    assert all(rounds[k]["closed_at"] - rounds[k]["opened_at"] < 9
+    assert all(rounds[k]["closed_at"] - rounds[k]["opened_at"] < 10
                for k in rounds if killed_round <= k < 6)
     newcomer = ledger.query(
         "SELECT c.round FROM contributions c JOIN volunteers v ON v.id = c.volunteer_id "
