@@ -137,6 +137,19 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"try: crowdtrain generate {r.model_dir} \"ROMEO:\"")
 
 
+@command
+def cmd_status(a: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from crowdtrain.statusview import fetch_status, render_status
+
+    st = fetch_status(a.url)
+    if a.json:
+        print(st.model_dump_json(indent=1))
+    else:
+        Console().print(render_status(st))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -242,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-error-feedback", action="store_true",
                    help="do not carry int8 rounding errors over to the next round")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("status", help="show a run's progress: rounds, volunteers, refusals",
+                       description="Print the state of the run at URL: recent rounds (loss, "
+                       "contributions, bytes), the volunteer leaderboard and refused "
+                       "contributions. The same picture is on the dashboard at URL/.")
+    s.add_argument("url", metavar="URL", help="coordinator address, e.g. http://host:8470")
+    s.add_argument("--json", action="store_true", help="machine-readable JSON (protocol.Status)")
 
     s = sub.add_parser("demo", help="a whole swarm on this machine (coordinator + workers)",
                        description="Create a run on the bundled corpus, start a coordinator and "

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["init", "train", "export", "generate", "serve", "join", "demo"]
+COMMANDS = ["init", "train", "export", "generate", "serve", "join", "demo", "status"]
 
 
 def crowdtrain(*args, cwd=None):
