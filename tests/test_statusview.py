@@ -135,3 +135,19 @@ def test_fetch_status_from_a_live_coordinator(live):
     with pytest.raises(CrowdtrainError, match="HTTP 404") as e:
         fetch_status(url + "/not-a-coordinator")
     assert "\n" not in str(e.value)
+
+
+def test_status_command_prints_json_that_round_trips(live, capsys):
+    from crowdtrain.cli import main
+
+    url, _ = live
+    assert main(["status", url, "--json"]) == 0
+    out = capsys.readouterr().out
+    st = Status.model_validate_json(out)
+    assert st.model_dump_json(indent=1) == out.strip()
+    assert st.run_name and st.round == 0
+    assert main(["status", url]) == 0
+    assert f"round {st.round}" in capsys.readouterr().out.lower()
+    assert main(["status", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
