@@ -7,3 +7,10 @@ class CrowdtrainError(Exception):
 
 class CorruptDataError(CrowdtrainError):
     """A shard, checkpoint or payload failed its integrity check (hash, size, header)."""
+
+
+def check_settings(what: str, checks: dict[str, bool], config: object) -> None:
+    """Raise one CrowdtrainError naming every setting of `config` whose check failed."""
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise CrowdtrainError(f"invalid {what} setting(s): {', '.join(bad)} ({config})")

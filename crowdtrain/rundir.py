@@ -33,7 +33,7 @@ from crowdtrain.data import (
     load_tokenizer,
     train_tokenizer,
 )
-from crowdtrain.errors import CrowdtrainError
+from crowdtrain.errors import CrowdtrainError, check_settings
 from crowdtrain.model import (
     build_model,
     count_params,
@@ -75,9 +75,7 @@ class SwarmConfig:
             "keep_last": self.keep_last >= 1,
             "keep_every": self.keep_every >= 1,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise CrowdtrainError(f"invalid swarm setting(s): {', '.join(bad)} ({self})")
+        check_settings("swarm", checks, self)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from crowdtrain.errors import CrowdtrainError
+from crowdtrain.errors import CrowdtrainError, check_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,9 +50,7 @@ class TrainConfig:
             "beta2": 0 <= self.beta2 < 1,
             "grad_clip": self.grad_clip >= 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise CrowdtrainError(f"invalid training setting(s): {', '.join(bad)} ({self})")
+        check_settings("training", checks, self)
 
 
 PRESET_TRAINING: dict[str, TrainConfig] = {

@@ -61,6 +61,15 @@ def swarm(tiny_run, tmp_path):
     s.stop()
 
 
+def new_page(browser, errors: list[str]):
+    """A 1440 px page that records JS errors and console errors into `errors`."""
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    page.on("console", lambda m: errors.append(f"console: {m.text}")
+            if m.type == "error" else None)
+    return page
+
+
 def test_dashboard_follows_a_live_swarm(swarm):
     playwright = sync_playwright_or_fail()
     s = swarm
@@ -70,10 +79,7 @@ def test_dashboard_follows_a_live_swarm(swarm):
     with playwright as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("console", lambda m: errors.append(f"console: {m.text}")
-                    if m.type == "error" else None)
+            page = new_page(browser, errors)
             page.goto(s.url + "/")
             # before anyone joins: the run's name, round 0, empty states that say how to join
             page.wait_for_function("n => document.getElementById('run-name').textContent === n",
@@ -199,10 +205,7 @@ def test_dashboard_renders_a_busy_run():
     with playwright as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("console", lambda m: errors.append(f"console: {m.text}")
-                    if m.type == "error" else None)
+            page = new_page(browser, errors)
             page.route("http://dashboard.test/**", serve)
             page.goto("http://dashboard.test/")
             page.wait_for_function("document.querySelectorAll('.val-point').length > 0")
