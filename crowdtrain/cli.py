@@ -35,7 +35,7 @@ def cmd_init(a: argparse.Namespace) -> None:
     swarm = SwarmConfig(**{k: v for k, v in (
         ("rounds", a.rounds), ("inner_steps", a.inner_steps), ("round_seconds", a.round_seconds),
         ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
-        ("outer_momentum", a.outer_momentum)) if v is not None})
+        ("outer_momentum", a.outer_momentum), ("access", a.access)) if v is not None})
     steps = a.steps if a.steps is not None else (
         swarm.rounds * swarm.inner_steps if a.rounds or a.inner_steps else None)
     overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
@@ -93,7 +93,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from crowdtrain.server import serve
 
     torch.set_num_threads(a.threads)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise CrowdtrainError("--tls-cert and --tls-key go together")
     coord = Coordinator(Run(a.run_dir))
+    token = coord.new_admin_token(rotate=a.new_admin_token)
+    if token:
+        print(f"admin token (shown once, stored only as a hash; keep it to manage the run "
+              f"with `crowdtrain admin URL --token ...`): {token}", flush=True)
     scheme = "https" if a.tls_cert else "http"
     print(f"serving run {coord.run.config.name} (round {coord.round}) at "
           f"{scheme}://{a.host}:{a.port}  status: {protocol_path('STATUS')}  docs: /docs",
@@ -111,7 +117,8 @@ def protocol_path(name: str) -> str:
 def cmd_join(a: argparse.Namespace) -> int:
     from crowdtrain.worker import WorkerConfig, run_worker
 
-    cfg = WorkerConfig(url=a.url, name=a.name, device=a.device, threads=a.threads,
+    cfg = WorkerConfig(url=a.url, name=a.name, invite=a.invite, device=a.device,
+                       threads=a.threads,
                        max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
                        error_feedback=not a.no_error_feedback, progress=not a.quiet)
     s = run_worker(cfg)
@@ -119,6 +126,29 @@ def cmd_join(a: argparse.Namespace) -> int:
           f"refused, {s.tokens:,} tokens trained, sent {s.bytes_sent / 1e6:.1f} MB, received "
           f"{s.bytes_received / 1e6:.1f} MB")
     return 0
+
+
+@command
+def cmd_invite(a: argparse.Namespace) -> None:
+    from crowdtrain.ledger import Ledger
+    from crowdtrain.rundir import Run
+
+    run = Run(a.run_dir)
+    if a.uses < 1:
+        raise CrowdtrainError("--uses must be at least 1")
+    key = Ledger(run.dir / "ledger.sqlite").add_invite(a.uses)
+    note = "" if run.config.swarm.access == "invite" else (
+        " (note: this run is open to anyone; invite keys matter for runs made with "
+        "`crowdtrain init --access invite`)")
+    print(f"invite key for {a.uses} volunteer(s): {key}{note}")
+    print(f"they join with: crowdtrain join URL --invite {key}")
+
+
+@command
+def cmd_admin(a: argparse.Namespace) -> None:
+    from crowdtrain.admin import run_admin
+
+    print(run_admin(a.target, a.action, a.who, token=a.token))
 
 
 @command
@@ -192,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outer-lr", type=float, help="outer SGD learning rate (default 0.7)")
     s.add_argument("--outer-momentum", type=float,
                    help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")
+    s.add_argument("--access", choices=["open", "invite"],
+                   help="open: anyone may join (default); invite: joining needs a key from "
+                        "`crowdtrain invite`")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches")
     s.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -238,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads for evaluating each round's model (default 1)")
     s.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (serve HTTPS)")
     s.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    s.add_argument("--new-admin-token", action="store_true",
+                   help="replace the owner's admin token with a new one (printed once)")
 
     s = sub.add_parser("join", help="volunteer this machine to a run",
                        description="Join the run at URL and train until it ends. Your identity "
@@ -246,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ctrl-C twice abandons it.")
     s.add_argument("url", metavar="URL", help="coordinator address, e.g. http://host:8470")
     s.add_argument("--name", help="display name on the leaderboard (default: volunteer-HOST)")
+    s.add_argument("--invite", metavar="KEY", help="invite key, for an invite-only run")
     s.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.add_argument("--max-rounds", type=int, help="leave after this many rounds")
@@ -262,6 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "contributions. The same picture is on the dashboard at URL/.")
     s.add_argument("url", metavar="URL", help="coordinator address, e.g. http://host:8470")
     s.add_argument("--json", action="store_true", help="machine-readable JSON (protocol.Status)")
+
+    s = sub.add_parser("invite", help="create an invite key for an invite-only run",
+                       description="Create an invite key (stored only as a hash) that lets "
+                       "volunteers join a run made with `--access invite`. Run it on the "
+                       "coordinator's machine.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--uses", type=int, default=1, help="how many volunteers may use it")
+
+    s = sub.add_parser("admin", help="owner commands: list, ban, unban volunteers; end the run",
+                       description="Manage a run as its owner. TARGET is the run directory "
+                       "(on the coordinator's machine) or the coordinator's URL together with "
+                       "--token (the admin token `crowdtrain serve` printed on first start). "
+                       "`end` stops handing out work: workers are told the run is over and "
+                       "exit.")
+    s.add_argument("target", metavar="TARGET", help="RUN_DIR or URL")
+    s.add_argument("action", choices=["list", "ban", "unban", "end"])
+    s.add_argument("who", nargs="?", metavar="VOLUNTEER", help="id or name (ban, unban)")
+    s.add_argument("--token", help="admin token (with a URL target)")
 
     s = sub.add_parser("demo", help="a whole swarm on this machine (coordinator + workers)",
                        description="Create a run on the bundled corpus, start a coordinator and "

@@ -42,6 +42,8 @@ from crowdtrain.ledger import Ledger
 from crowdtrain.model import count_params, load_into
 from crowdtrain.protocol import (
     API_VERSION,
+    AdminAck,
+    AdminVolunteer,
     JoinRequest,
     JoinResponse,
     Lease,
@@ -139,11 +141,56 @@ class Coordinator:
 
     @property
     def finished(self) -> bool:
-        return bool(self.cfg.rounds) and self.round >= self.cfg.rounds
+        return (bool(self.cfg.rounds) and self.round >= self.cfg.rounds) or self.ended is not None
+
+    @property
+    def ended(self) -> str | None:
+        """Why the owner ended the run, or None."""
+        return self.ledger.get_meta("ended")
+
+    # ------------------------------------------------------------------ owner
+
+    def new_admin_token(self, rotate: bool = False) -> str | None:
+        """Create the owner's admin token (returned once; only its hash is kept), or None if
+        one exists and `rotate` is False."""
+        if self.ledger.get_meta("admin_token") is not None and not rotate:
+            return None
+        return self.ledger.new_secret("admin_token")
+
+    def check_admin(self, token: str) -> None:
+        if not self.ledger.check_secret("admin_token", token):
+            raise Refused(403, "not the run owner's admin token")
+
+    def admin_volunteers(self) -> list[AdminVolunteer]:
+        return [AdminVolunteer(id=v["id"], name=v["name"], banned=bool(v["banned"]),
+                               device=v["device"], last_seen=v["last_seen"],
+                               tokens=int(v["credit_tokens"]), accepted=v["accepted"],
+                               refused=v["refused"]) for v in self.ledger.volunteers()]
+
+    def set_banned(self, who: str, banned: bool) -> AdminAck:
+        row = self.ledger.find_volunteer(who)
+        if row is None:
+            raise Refused(404, f"no volunteer with id or name {who!r}")
+        self.ledger.set_banned(row["id"], banned)
+        what = "banned" if banned else "unbanned"
+        log.info("owner %s volunteer %d (%s)", what, row["id"], row["name"])
+        return AdminAck(ok=True, message=f"volunteer {row['id']} ({row['name']}) {what}")
+
+    def end_run(self, reason: str = "the owner ended the run") -> AdminAck:
+        """Stop handing out work; workers asking for a lease are told the run is over."""
+        with self.lock:
+            self.ledger.set_meta("ended", reason)
+        log.info("run ended at round %d: %s", self.round, reason)
+        return AdminAck(ok=True, message=f"run ended at round {self.round}; workers will exit")
 
     # ------------------------------------------------------------------ join and info
 
     def join(self, req: JoinRequest) -> JoinResponse:
+        if self.cfg.access == "invite":
+            if not req.invite or not self.ledger.use_invite(req.invite):
+                raise Refused(403, "this run is invite-only and the key is missing, unknown or "
+                                   "used up: ask the owner for one (`crowdtrain invite RUN_DIR`) "
+                                   "and join with --invite KEY")
         vid, token = self.ledger.add_volunteer(req.name, req.device)
         log.info("volunteer %d (%s, %s) joined", vid, req.name, req.device)
         return JoinResponse(volunteer_id=vid, name=req.name, token=token)
@@ -173,9 +220,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ model downloads
 
-    def model_file(self) -> tuple[int, Path]:
+    def model_file(self) -> tuple[int, Path, str]:
+        """The current round, its checkpoint's tensor file and that file's sha256."""
         with self.lock:
-            return self.round, tensor_path(self.run.ckpt_dir, self.round)
+            return self.round, tensor_path(self.run.ckpt_dir, self.round), self.ckpt_meta["sha256"]
 
     def update_file(self, rnd: int) -> Path:
         p = self.updates_dir / f"update-{rnd:06d}.safetensors"
@@ -195,8 +243,8 @@ class Coordinator:
         self.ledger.touch(vol.id, req.device, req.tokens_per_s)
         with self.lock:
             if self.finished:
-                return LeaseResponse(status="done", message=f"the run finished at round "
-                                     f"{self.round}; thank you for contributing")
+                why = self.ended or f"the run finished at round {self.round}"
+                return LeaseResponse(status="done", message=f"{why}; thank you for contributing")
             rnd = self.round
             row = self.ledger.round_row(rnd)
             now = time.time()
@@ -270,11 +318,27 @@ class Coordinator:
             atomic_write(path, blob)
             cid = self.ledger.accept(lease_id, vol.id, rnd, sha, len(blob), stats.steps,
                                      stats.tokens, float(weight), stats.mean_loss,
-                                     stats.seconds, str(path.relative_to(self.run.dir)))
+                                     stats.seconds, str(path.relative_to(self.run.dir)),
+                                     note=self._throughput_flag(vol, stats))
         log.info("round %d: accepted contribution %d from %s (%d tokens, loss %.3f)",
                  rnd, cid, vol.name, weight, stats.mean_loss)
         return SubmitResponse(accepted=True, contribution_id=cid, round=rnd,
                               message=f"accepted for round {rnd}")
+
+    def _throughput_flag(self, vol: Volunteer, stats: SubmitStats) -> str | None:
+        """A note when the reported throughput is far beyond this volunteer's history."""
+        if stats.seconds <= 0:
+            return "flagged: reports zero seconds of training"
+        rate = stats.tokens / stats.seconds
+        past = self.ledger.query(
+            "SELECT MAX(tokens / seconds) best, COUNT(*) n FROM contributions WHERE "
+            "volunteer_id = ? AND status = 'accepted' AND seconds > 0", (vol.id,))[0]
+        if past["n"] >= 3 and rate > 10 * past["best"]:
+            log.warning("volunteer %s reports %.0f tok/s, %.0fx its best", vol.name, rate,
+                        rate / past["best"])
+            return (f"flagged: throughput {rate:,.0f} tok/s is {rate / past['best']:.0f}x this "
+                    "volunteer's best")
+        return None
 
     # ------------------------------------------------------------------ closing rounds
 

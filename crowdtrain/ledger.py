@@ -79,6 +79,15 @@ CREATE TABLE IF NOT EXISTS contributions (
 CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_per_lease
     ON contributions(lease_id) WHERE status = 'accepted';
 CREATE INDEX IF NOT EXISTS contributions_round ON contributions(round, status);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS invites (
+    key_hash TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    uses_left INTEGER NOT NULL
+);
 CREATE VIEW IF NOT EXISTS credits AS
     SELECT volunteer_id, SUM(weight) AS tokens, COUNT(*) AS accepted
     FROM contributions WHERE status = 'accepted' GROUP BY volunteer_id;
@@ -141,6 +150,57 @@ class Ledger:
         if rows and hmac.compare_digest(rows[0]["token_hash"], h):
             return rows[0]
         return None
+
+    def find_volunteer(self, who: str) -> sqlite3.Row | None:
+        """A volunteer by numeric id or by display name (the most recent with that name)."""
+        if who.isdigit():
+            rows = self.query("SELECT * FROM volunteers WHERE id = ?", (int(who),))
+        else:
+            rows = self.query("SELECT * FROM volunteers WHERE name = ? ORDER BY id DESC", (who,))
+        return rows[0] if rows else None
+
+    def set_banned(self, volunteer_id: int, banned: bool) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE volunteers SET banned = ? WHERE id = ?", (int(banned), volunteer_id))
+
+    # ----------------------------------------------------------------- secrets and settings
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                       "SET value = excluded.value", (key, value))
+
+    def new_secret(self, key: str) -> str:
+        """A fresh random secret whose hash is stored under `key`; the secret is returned once."""
+        secret = secrets.token_urlsafe(32)
+        self.set_meta(key, hash_token(secret))
+        return secret
+
+    def check_secret(self, key: str, secret: str) -> bool:
+        stored = self.get_meta(key)
+        return stored is not None and hmac.compare_digest(stored, hash_token(secret))
+
+    def add_invite(self, uses: int = 1) -> str:
+        key = secrets.token_urlsafe(24)
+        with self.tx() as db:
+            db.execute("INSERT INTO invites (key_hash, created_at, uses_left) VALUES (?, ?, ?)",
+                       (hash_token(key), time.time(), uses))
+        return key
+
+    def use_invite(self, key: str) -> bool:
+        """Spend one use of an invite key; False if unknown or used up."""
+        h = hash_token(key)
+        with self.tx() as db:
+            row = db.execute("SELECT key_hash, uses_left FROM invites WHERE key_hash = ?",
+                             (h,)).fetchone()
+            if row is None or not hmac.compare_digest(row["key_hash"], h) or row["uses_left"] < 1:
+                return False
+            db.execute("UPDATE invites SET uses_left = uses_left - 1 WHERE key_hash = ?", (h,))
+        return True
 
     def touch(self, volunteer_id: int, device: str | None = None,
               tokens_per_s: float | None = None) -> None:
@@ -219,15 +279,15 @@ class Ledger:
 
     def accept(self, lease_id: int, volunteer_id: int, rnd: int, sha256: str, nbytes: int,
                steps: int, tokens: int, weight: float, mean_loss: float, seconds: float,
-               path: str) -> int:
+               path: str, note: str | None = None) -> int:
         """Record an accepted contribution and close its lease, in one transaction."""
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO contributions (lease_id, volunteer_id, round, received_at, sha256, "
-                "bytes, steps, tokens, weight, mean_loss, seconds, status, path) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted', ?)",
+                "bytes, steps, tokens, weight, mean_loss, seconds, status, path, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted', ?, ?)",
                 (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, steps, tokens, weight,
-                 mean_loss, seconds, path))
+                 mean_loss, seconds, path, note))
             db.execute("UPDATE leases SET state = 'submitted' WHERE id = ?", (lease_id,))
         return int(cur.lastrowid)
 

@@ -23,6 +23,7 @@ API_VERSION = 1
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
+SHA256_HEADER = "X-Crowdtrain-Sha256"
 
 INFO = "/v1/info"
 JOIN = "/v1/join"
@@ -33,6 +34,10 @@ SHARD = "/v1/shards/{sha256}"
 LEASE = "/v1/lease"
 SUBMIT = "/v1/submit/{lease_id}"
 STATUS = "/v1/status"
+ADMIN_VOLUNTEERS = "/v1/admin/volunteers"
+ADMIN_BAN = "/v1/admin/volunteers/{who}/ban"
+ADMIN_UNBAN = "/v1/admin/volunteers/{who}/unban"
+ADMIN_END = "/v1/admin/end"
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
@@ -77,6 +82,7 @@ class JoinRequest(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="display name on the leaderboard")
     device: str = Field(max_length=64)
     api_version: int
+    invite: str | None = Field(None, max_length=128, description="key for an invite-only run")
 
 
 class JoinResponse(BaseModel):
@@ -158,6 +164,22 @@ class Refusal(BaseModel):
     volunteer: str
     reason: str
     at: float
+
+
+class AdminVolunteer(BaseModel):
+    id: int
+    name: str
+    banned: bool
+    device: str | None
+    last_seen: float | None
+    tokens: int
+    accepted: int
+    refused: int
+
+
+class AdminAck(BaseModel):
+    ok: bool
+    message: str
 
 
 class Status(BaseModel):

@@ -62,6 +62,7 @@ class SwarmConfig:
     nesterov: bool = True
     keep_last: int = 3
     keep_every: int = 10
+    access: str = "open"
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,6 +75,7 @@ class SwarmConfig:
             "outer_momentum": 0 <= self.outer_momentum < 1,
             "keep_last": self.keep_last >= 1,
             "keep_every": self.keep_every >= 1,
+            "access": self.access in ("open", "invite"),
         }
         check_settings("swarm", checks, self)
 

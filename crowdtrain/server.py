@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from crowdtrain import __version__, protocol
 from crowdtrain.coordinator import Coordinator, Refused, Volunteer
+from crowdtrain.ratelimit import RateLimiter
 from crowdtrain.web import mount_web
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                   description="Volunteer DiLoCo training over HTTP. Tensors travel as "
                   "safetensors bodies; see crowdtrain/protocol.py.")
     limit = coord.upload_limit
+    join_limit = RateLimiter(rate=1 / 30, burst=10)  # per client address, open runs only
+    submit_limit = RateLimiter(rate=1.0, burst=20)  # per volunteer
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -67,10 +70,21 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                                     status_code=426)
         return await call_next(request)
 
-    def volunteer(authorization: str | None = Header(None)) -> Volunteer:
+    def bearer(authorization: str | None, what: str) -> str:
         if not authorization or not authorization.startswith("Bearer "):
-            raise Refused(401, "missing bearer token: join first (`crowdtrain join URL`)")
-        return coord.authenticate(authorization.removeprefix("Bearer ").strip())
+            raise Refused(401, f"missing bearer token: {what}")
+        return authorization.removeprefix("Bearer ").strip()
+
+    def volunteer(authorization: str | None = Header(None)) -> Volunteer:
+        return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))
+
+    def owner(authorization: str | None = Header(None)) -> None:
+        coord.check_admin(bearer(authorization, "admin endpoints need the owner's admin token"))
+
+    def limited(limiter: RateLimiter, key: str, what: str) -> None:
+        wait = limiter.allow(key)
+        if wait > 0:
+            raise Refused(429, f"too many {what}; retry in {wait:.0f}s")
 
     @app.get(protocol.INFO, response_model=protocol.RunInfo)
     def info() -> protocol.RunInfo:
@@ -81,9 +95,12 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         return coord.status()
 
     @app.post(protocol.JOIN, response_model=protocol.JoinResponse)
-    def join(req: protocol.JoinRequest) -> protocol.JoinResponse:
+    def join(req: protocol.JoinRequest, request: Request) -> protocol.JoinResponse:
         if not protocol.MIN_API_VERSION <= req.api_version <= protocol.API_VERSION:
             raise Refused(426, protocol.upgrade_message(req.api_version))
+        if coord.cfg.access == "open":
+            limited(join_limit, request.client.host if request.client else "?", "joins from "
+                    "this address")
         return coord.join(req)
 
     @app.get(protocol.TOKENIZER)
@@ -100,10 +117,11 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
 
     @app.get(protocol.MODEL, responses={200: {"content": {SAFETENSORS: {}}}})
     def model(vol: Volunteer = Depends(volunteer)) -> Response:
-        rnd, path = coord.model_file()
+        rnd, path, sha = coord.model_file()
         data = path.read_bytes()
         coord.count_bytes_out(len(data))
-        return Response(data, media_type=SAFETENSORS, headers={protocol.ROUND_HEADER: str(rnd)})
+        return Response(data, media_type=SAFETENSORS,
+                        headers={protocol.ROUND_HEADER: str(rnd), protocol.SHA256_HEADER: sha})
 
     @app.get(protocol.UPDATE, responses={200: {"content": {SAFETENSORS: {}}}})
     def update(round: int, vol: Volunteer = Depends(volunteer)) -> Response:
@@ -123,6 +141,7 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                                                  "type": "string", "format": "binary"}}}}})
     async def submit(lease_id: int, request: Request,
                      vol: Volunteer = Depends(volunteer)) -> protocol.SubmitResponse:
+        limited(submit_limit, str(vol.id), "submissions from this volunteer")
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
@@ -136,6 +155,25 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         if declared is not None and size != int(declared):
             raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
         return await run_in_threadpool(coord.submit, vol, lease_id, b"".join(chunks))
+
+    @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
+             dependencies=[Depends(owner)])
+    def admin_volunteers() -> list[protocol.AdminVolunteer]:
+        return coord.admin_volunteers()
+
+    @app.post(protocol.ADMIN_BAN, response_model=protocol.AdminAck,
+              dependencies=[Depends(owner)])
+    def admin_ban(who: str) -> protocol.AdminAck:
+        return coord.set_banned(who, True)
+
+    @app.post(protocol.ADMIN_UNBAN, response_model=protocol.AdminAck,
+              dependencies=[Depends(owner)])
+    def admin_unban(who: str) -> protocol.AdminAck:
+        return coord.set_banned(who, False)
+
+    @app.post(protocol.ADMIN_END, response_model=protocol.AdminAck, dependencies=[Depends(owner)])
+    def admin_end() -> protocol.AdminAck:
+        return coord.end_run()
 
     mount_web(app, coord)
     return app

@@ -59,6 +59,7 @@ def user_home() -> Path:
 class WorkerConfig:
     url: str
     name: str | None = None
+    invite: str | None = None
     device: str = "auto"
     threads: int | None = None
     max_rounds: int | None = None
@@ -225,7 +226,8 @@ class Worker:
         if ident is None:
             name = self.cfg.name or f"volunteer-{platform.node()[:20] or 'anon'}"
             req = protocol.JoinRequest(name=name, device=self.device.type,
-                                       api_version=protocol.API_VERSION)
+                                       api_version=protocol.API_VERSION,
+                                       invite=self.cfg.invite)
             r = self.client.call("POST", protocol.JOIN, json_body=req.model_dump())
             resp = protocol.JoinResponse.model_validate(r.json())
             ident = {"volunteer_id": resp.volunteer_id, "token": resp.token, "name": resp.name}
@@ -283,13 +285,19 @@ class Worker:
             try:
                 for rnd in range(self.theta_round, target):
                     r = self.client.call("GET", protocol.UPDATE.format(round=rnd))
-                    upd, _ = compress.from_bytes(r.content, self.shapes)
+                    try:
+                        upd, _ = compress.from_bytes(r.content, self.shapes)
+                    except compress.CodecError as e:
+                        raise CrowdtrainError(f"the coordinator sent a corrupt update for round "
+                                              f"{rnd} ({e}); try again later or tell the "
+                                              "run's owner") from None
                     self.theta = apply_update(self.theta, upd)
                     self.theta_round = rnd + 1
                 return
             except CoordinatorRefused as e:
                 log.info("cannot replay updates (%s); downloading the model", e.detail)
         r = self.client.call("GET", protocol.MODEL)
+        verify_sha256(r.content, r.headers.get(protocol.SHA256_HEADER, ""), "downloaded model")
         tensors = decode_tensors(r.content, "downloaded model")
         check_tensors_match(tensors, state_dict_for_save(self.model), "downloaded model")
         self.theta = tensors

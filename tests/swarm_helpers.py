@@ -36,7 +36,7 @@ def payload(lease: Lease, shapes: dict, tokens: int = 1000, seed: int = 0,
             delta: dict | None = None, codec: str = "int8", **stats) -> bytes:
     st = SubmitStats(lease_id=stats.pop("lease_id", lease.lease_id),
                      round=stats.pop("round", lease.round), steps=5, tokens=tokens,
-                     mean_loss=stats.pop("mean_loss", 5.0), seconds=1.0)
+                     mean_loss=stats.pop("mean_loss", 5.0), seconds=stats.pop("seconds", 1.0))
     return compress.to_bytes(delta or make_delta(shapes, seed=seed), codec,
                              meta={"stats": st.model_dump_json()})
 
