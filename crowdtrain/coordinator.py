@@ -315,7 +315,12 @@ class Coordinator:
             d = self.contrib_dir / f"r{rnd:06d}"
             d.mkdir(exist_ok=True)
             path = d / f"lease-{lease_id}.safetensors"
-            atomic_write(path, blob)
+            try:
+                atomic_write(path, blob)
+            except OSError as e:  # not the volunteer's fault: 503, so the worker retries
+                log.error("cannot store a contribution: %s", e)
+                raise Refused(503, f"the coordinator cannot store contributions right now "
+                                   f"({e.strerror or e}); your worker will retry") from None
             cid = self.ledger.accept(lease_id, vol.id, rnd, sha, len(blob), stats.steps,
                                      stats.tokens, float(weight), stats.mean_loss,
                                      stats.seconds, str(path.relative_to(self.run.dir)),

@@ -31,11 +31,19 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     stop = threading.Event()
 
     def ticker() -> None:
-        while not stop.wait(tick_seconds):
+        wait = tick_seconds
+        while not stop.wait(wait):
             try:
                 coord.tick()
-            except Exception:  # keep serving; the next tick retries
-                log.exception("closing the round failed; will retry")
+                wait = tick_seconds
+            except OSError as e:  # disk full, read-only disk: pause until it is fixed
+                log.error("cannot close round %d: %s. The previous checkpoint is intact and "
+                          "the run is paused; free disk space and it resumes (retrying every "
+                          "10 s)", coord.round, e)
+                wait = 10.0
+            except Exception:  # a bug: keep serving, say so, retry slowly
+                log.exception("closing round %d failed; retrying in 10 s", coord.round)
+                wait = 10.0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -69,9 +69,10 @@ class Swarm:
         self.procs[name] = p
         return p
 
-    def serve(self):
-        p = self.cli("coordinator", "serve", self.run.dir, "--port", self.port)
-        wait_until_up(self.url, p, self.tmp / "coordinator.log")
+    def serve(self, name: str = "coordinator"):
+        p = self.cli(name, "serve", self.run.dir, "--port", self.port)
+        wait_until_up(self.url, p, self.tmp / f"{name}.log")
+        return p
 
     def join(self, name):
         return self.cli(name, "join", self.url, "--name", name, "--threads", "1", "--quiet",

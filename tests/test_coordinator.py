@@ -170,3 +170,46 @@ def test_old_checkpoints_are_pruned_by_retention(tiny_run, tmp_path):
         assert c.lease(a, LeaseRequest()).status == "done"
     finally:
         c.close()
+
+
+def test_disk_full_while_checkpointing_keeps_state_and_resumes(coord, monkeypatch):
+    import builtins
+    import errno
+
+    from crowdtrain import checkpoint
+
+    class FullDisk:
+        """A real file whose writes fail as on a full disk."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode="r", *args, **kw):
+        f = builtins.open(path, mode, *args, **kw)
+        return FullDisk(f) if "ckpt-" in str(path) and "w" in mode else f
+
+    a = volunteer(coord)
+    la = lease(coord, a)
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    theta = {k: v.clone() for k, v in coord.theta.items()}
+    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        coord.tick()
+    assert coord.round == 0 and list_checkpoints(coord.run.ckpt_dir) == [0]
+    assert all(torch.equal(theta[k], coord.theta[k]) for k in theta)
+    assert coord.ledger.round_row(0)["state"] == "open" and len(coord.ledger.accepted(0)) == 1
+    assert not [p for p in coord.run.ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space is back: the same round closes with the same contribution
+    assert coord.tick() and coord.round == 1 and list_checkpoints(coord.run.ckpt_dir) == [0, 1]

@@ -127,3 +127,46 @@ def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
     assert newcomer and min(x["round"] for x in newcomer) > killed_round - 1
     assert "downloaded the model of round" in s.log("newcomer")
     assert get_status(s.url).finished
+
+
+def test_coordinator_killed_mid_run_loses_no_acknowledged_work(swarm):
+    import re
+
+    s = swarm(inner_steps=100_000, rounds=6, round_seconds=5, keep_last=10)
+    coordinator = s.serve()
+    workers = ("w1", "w2")
+    for name in workers:
+        s.join(name)
+    ledger_path = s.run.dir / "ledger.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = Ledger(ledger_path).query("SELECT MAX(round) r FROM rounds")
+        if rows[0]["r"] is not None and rows[0]["r"] >= 2:
+            break
+        time.sleep(0.2)
+    time.sleep(2.5)  # mid-round: workers are training or uploading
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.wait()
+    time.sleep(2)  # workers now fail to reach it and back off
+    s.serve("coordinator2")
+    for name in workers:
+        assert s.wait(name) == 0, s.log(name)
+    ledger = Ledger(ledger_path)
+    rounds = {r["round"]: r for r in ledger.rounds()}
+    assert rounds[6]["state"] == "open" and all(rounds[r]["state"] == "closed" for r in range(6))
+    # every OK a worker heard is an accepted contribution of that round...
+    for name in workers:
+        ok = re.findall(r"round (\d+): .* accepted for round", s.log(name))
+        heard = sorted(int(r) for r in ok)
+        got = sorted(x["round"] for x in ledger.query(
+            "SELECT c.round FROM contributions c JOIN volunteers v ON v.id = c.volunteer_id "
+            "WHERE v.name = ? AND c.status = 'accepted'", (name,)))
+        assert heard == got, (name, heard, got)
+    # ...and every accepted contribution is in its round's aggregate (checkpoint r + 1)
+    for r in range(6):
+        accepted = ledger.accepted(r)
+        assert accepted and rounds[r]["contributions"] == len(accepted)
+        assert load_checkpoint(s.run.ckpt_dir, r + 1).meta["contributions"] == len(accepted)
+        assert all(a["received_at"] <= rounds[r]["closed_at"] for a in accepted)
+    assert "cannot reach the coordinator" in s.log("w1") + s.log("w2")
+    assert val_loss(s.run, 6) < 0.9 * val_loss(s.run, 0)
