@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from crowdtrain import compress
-from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean
+from crowdtrain.aggregate import OuterConfig, apply_update, outer_step
 from crowdtrain.checkpoint import (
     atomic_write,
     list_checkpoints,
@@ -59,6 +59,7 @@ from crowdtrain.protocol import (
     SwarmSchedule,
     VolunteerSummary,
 )
+from crowdtrain.robust import RobustConfig, SafetensorsInt8Source, TensorSource, robust_aggregate
 from crowdtrain.rundir import Run
 from crowdtrain.train import evaluate
 
@@ -370,9 +371,7 @@ class Coordinator:
         with self.lock:
             rnd = self.round
             rows = self.ledger.accepted(rnd)
-            deltas = [compress.from_bytes((self.run.dir / r["path"]).read_bytes(),
-                                          self.shapes)[0] for r in rows]
-            mean = weighted_mean(deltas, [r["weight"] for r in rows])
+            mean = self._aggregate(rnd, rows)
             ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
             update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
             target = {k: update[k] + self.residual[k] for k in update}
@@ -384,6 +383,7 @@ class Coordinator:
             outer = {f"momentum:{k}": v for k, v in momentum.items()}
             outer.update({f"residual:{k}": v for k, v in residual.items()})
             atomic_write(self._outer_path(rnd + 1), st_save(outer))
+            rows = [r for r in self.ledger.accepted(rnd) if not r["excluded"]]
             tokens = int(sum(r["weight"] for r in rows))
             meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
                 "source": "swarm",
@@ -401,6 +401,27 @@ class Coordinator:
         log.info("round %d closed: %d contributions, %d tokens; round %d open",
                  rnd, len(rows), tokens, rnd + 1)
         self._eval_queue.put(rnd + 1)
+
+    def _aggregate(self, rnd: int, rows) -> dict[str, torch.Tensor]:
+        """Robust token-weighted mean of the round's deltas, read block by block from disk;
+        clipped or refused contributions get the reason in the ledger (refused: weight 0)."""
+        if self.cfg.codec == "int8":
+            sources = [SafetensorsInt8Source(self.run.dir / r["path"], self.shapes)
+                       for r in rows]
+        else:
+            sources = [TensorSource(compress.from_bytes((self.run.dir / r["path"]).read_bytes(),
+                                                        self.shapes)[0]) for r in rows]
+        try:
+            mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
+                                               self.shapes, RobustConfig(self.cfg.aggregation))
+        finally:
+            for src in sources:
+                getattr(src, "close", lambda: None)()
+        for r, (mult, reason) in zip(rows, screening, strict=True):
+            if reason:
+                self.ledger.annotate(r["id"], reason, excluded=mult == 0.0)
+                log.warning("round %d: contribution %d: %s", rnd, r["id"], reason)
+        return mean
 
     def _prune(self) -> None:
         """Keep round 0, the last `keep_last` checkpoints and every `keep_every`-th."""

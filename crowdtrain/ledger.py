@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     seconds REAL,
     status TEXT NOT NULL CHECK (status IN ('accepted', 'refused')),
     reason TEXT,
-    path TEXT
+    path TEXT,
+    excluded INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_per_lease
     ON contributions(lease_id) WHERE status = 'accepted';
@@ -90,7 +91,7 @@ CREATE TABLE IF NOT EXISTS invites (
 );
 CREATE VIEW IF NOT EXISTS credits AS
     SELECT volunteer_id, SUM(weight) AS tokens, COUNT(*) AS accepted
-    FROM contributions WHERE status = 'accepted' GROUP BY volunteer_id;
+    FROM contributions WHERE status = 'accepted' AND excluded = 0 GROUP BY volunteer_id;
 """
 
 
@@ -229,8 +230,9 @@ class Ledger:
         with self.tx() as db:
             agg = db.execute(
                 "SELECT COUNT(*) n, COALESCE(SUM(weight), 0) t, SUM(mean_loss * weight) l, "
-                "COALESCE(SUM(bytes), 0) b FROM contributions "
-                "WHERE round = ? AND status = 'accepted'", (rnd,)).fetchone()
+                "(SELECT COALESCE(SUM(bytes), 0) FROM contributions WHERE round = ?1 AND "
+                "status = 'accepted') b FROM contributions "
+                "WHERE round = ?1 AND status = 'accepted' AND excluded = 0", (rnd,)).fetchone()
             loss = agg["l"] / agg["t"] if agg["t"] else None
             db.execute("UPDATE rounds SET state = 'closed', closed_at = ?, contributions = ?, "
                        "tokens = ?, train_loss = ?, update_sha256 = ?, bytes_in = ? "
@@ -299,6 +301,13 @@ class Ledger:
                 "bytes, status, reason) VALUES (?, ?, ?, ?, ?, ?, 'refused', ?)",
                 (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, reason))
         return int(cur.lastrowid)
+
+    def annotate(self, contribution_id: int, note: str, excluded: bool = False) -> None:
+        """Record why aggregation clipped a contribution, or left it out (no credit then).
+        The weight stays as it was, so a round closed again after a crash screens the same."""
+        with self.tx() as db:
+            db.execute("UPDATE contributions SET reason = ?, excluded = ? WHERE id = ?",
+                       (note, int(excluded), contribution_id))
 
     def accepted(self, rnd: int) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "

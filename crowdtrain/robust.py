@@ -9,7 +9,7 @@ clipping large ones to a multiple of the round's median norm) and then aggregate
 - "clip_mean": screening, then the token-weighted mean of the screened deltas.
 - "trimmed_mean": screening, then a coordinate-wise weighted trimmed mean.
 - "centered_clip": screening, then centered clipping (Karimireddy et al. 2021) started from
-  the clipped mean, with the clipping radius set to the median distance to the centre.
+  the trimmed mean, with the clipping radius set to the median distance to the centre.
 
 Deltas are never loaded whole: a `DeltaSource` yields a flat float32 slice of one parameter,
 and `robust_aggregate` makes passes over the model in blocks of `block_elems` elements, so
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -57,7 +57,8 @@ class RobustConfig:
     refuse_factor: a delta whose norm exceeds refuse_factor x the median is refused outright
     (>= clip_factor, may be inf: never refuse). trim_fraction: for "trimmed_mean", the fraction
     of contributions dropped at each end per coordinate, floor(trim_fraction * n) of them
-    (in [0, 0.5)). cc_iters: centered-clipping iterations for "centered_clip" (1..100).
+    (in [0, 0.5)); "centered_clip" starts from that trimmed mean. cc_iters: centered-clipping
+    iterations for "centered_clip" (1..100).
     """
 
     method: str = "clip_mean"
@@ -289,12 +290,12 @@ def robust_aggregate(
 
     Passes over the model block by block (`block_elems` elements at most, never spanning two
     parameters): for every method but "mean", one pass computes each source's global L2 norm
-    (float64) for `screen`; then one pass aggregates (mean / trimmed mean), or 1 + cc_iters
-    passes for "centered_clip". Refused contributions are dropped and the weights of the rest
-    renormalised; clipped ones keep their weight. With method "mean" this equals
-    `aggregate.weighted_mean` of the fully decoded deltas. Peak memory besides the output:
-    about n x block_elems x 16 bytes for "trimmed_mean" (values, sort, indices), less for the
-    others.
+    (float64) for `screen`; then one pass aggregates (mean / trimmed mean), or 2 + cc_iters
+    passes for "centered_clip" (trimmed mean, distances, iterations). Refused contributions
+    are dropped and the weights of the rest renormalised; clipped ones keep their weight. With
+    method "mean" this equals `aggregate.weighted_mean` of the fully decoded deltas. Peak
+    memory besides the output: about n x block_elems x 16 bytes for "trimmed_mean" and
+    "centered_clip" (values, sorted values, int64 indices), one or two slices for the means.
     """
     n = len(sources)
     if n == 0:
@@ -314,11 +315,11 @@ def robust_aggregate(
     if cfg.method == "mean":
         screening: Screening = [(1.0, None)] * n
     else:
-        sq = [0.0] * n
+        parts: list[list[float]] = [[] for _ in range(n)]
         for name, a, b in blocks:
             for i, src in enumerate(sources):
-                sq[i] += float(_read(src, name, a, b).to(torch.float64).pow(2).sum())
-        screening = screen([math.sqrt(s) for s in sq], cfg)
+                parts[i].append(float(_read(src, name, a, b).to(torch.float64).pow(2).sum()))
+        screening = screen([math.sqrt(math.fsum(p)) for p in parts], cfg)
 
     keep = [i for i in range(n) if screening[i][0] > 0]
     mult = [screening[i][0] for i in keep]
@@ -331,7 +332,7 @@ def robust_aggregate(
         t = _read(sources[keep[j]], name, a, b)
         return t if mult[j] == 1.0 else t * mult[j]
 
-    if cfg.method == "trimmed_mean":
+    if cfg.method in ("trimmed_mean", "centered_clip"):
         k = _trim_count(len(keep), cfg.trim_fraction)
         wt = torch.tensor([ws[i] for i in keep], dtype=torch.float64)
         for name, a, b in blocks:
@@ -343,6 +344,8 @@ def robust_aggregate(
             else:
                 x = torch.stack([scaled(j, name, a, b) for j in range(len(keep))])
                 out[name][a:b] = weighted_trimmed_mean(x, wt, k)
+        if cfg.method == "centered_clip" and len(keep) >= 3:
+            _centered_clip(out, blocks, scaled, [ws[i] / total for i in keep], cfg.cc_iters)
     else:
         # weighted mean of the screened deltas, same order and arithmetic as weighted_mean
         for name, a, b in blocks:
@@ -350,36 +353,35 @@ def robust_aggregate(
             for j in range(1, len(keep)):
                 acc = acc + _read(sources[keep[j]], name, a, b) * coef[j]
             out[name][a:b] = acc
-        if cfg.method == "centered_clip" and len(keep) >= 3:
-            _centered_clip(out, blocks, scaled, [ws[i] / total for i in keep], cfg.cc_iters)
     result = {name: out[name].reshape(tuple(int(s) for s in shape))
               for name, shape in names_shapes.items()}
     return result, screening
 
 
 def _centered_clip(out: dict[str, torch.Tensor], blocks: list[tuple[str, int, int]],
-                   scaled, p: list[float], iters: int) -> None:
+                   scaled: Callable[[int, str, int, int], torch.Tensor], p: list[float],
+                   iters: int) -> None:
     """In place: v <- v + sum_i p_i min(1, tau / |x_i - v|) (x_i - v), `iters` times, with
     tau the median distance |x_i - v| at that iteration. Distances for the next iteration are
     accumulated while each block is updated, so each iteration is a single pass."""
     n = len(p)
 
-    def distances() -> list[float]:
-        sq = [0.0] * n
-        for name, a, b in blocks:
-            v = out[name][a:b]
-            for j in range(n):
-                sq[j] += float((scaled(j, name, a, b) - v).to(torch.float64).pow(2).sum())
-        return [math.sqrt(s) for s in sq]
+    def sqdist(x: torch.Tensor, v: torch.Tensor) -> float:
+        return float((x - v).to(torch.float64).pow(2).sum())
 
-    dist = distances()
+    parts: list[list[float]] = [[] for _ in range(n)]
+    for name, a, b in blocks:
+        v = out[name][a:b]
+        for j in range(n):
+            parts[j].append(sqdist(scaled(j, name, a, b), v))
+    dist = [math.sqrt(math.fsum(q)) for q in parts]
     for it in range(iters):
         tau = _median(dist)
         if tau <= 0:
             return
         c = [pj * min(1.0, tau / d) if d > 0 else pj for pj, d in zip(p, dist, strict=True)]
         last = it == iters - 1
-        sq = [0.0] * n
+        parts = [[] for _ in range(n)]
         for name, a, b in blocks:
             v = out[name][a:b]
             xs = [scaled(j, name, a, b) for j in range(n)]
@@ -390,5 +392,5 @@ def _centered_clip(out: dict[str, torch.Tensor], blocks: list[tuple[str, int, in
             out[name][a:b] = v_new
             if not last:
                 for j in range(n):
-                    sq[j] += float((xs[j] - v_new).to(torch.float64).pow(2).sum())
-        dist = [math.sqrt(s) for s in sq]
+                    parts[j].append(sqdist(xs[j], v_new))
+        dist = [math.sqrt(math.fsum(q)) for q in parts]

@@ -63,6 +63,7 @@ class SwarmConfig:
     keep_last: int = 3
     keep_every: int = 10
     access: str = "open"
+    aggregation: str = "clip_mean"
 
     def __post_init__(self) -> None:
         checks = {
@@ -76,6 +77,8 @@ class SwarmConfig:
             "keep_last": self.keep_last >= 1,
             "keep_every": self.keep_every >= 1,
             "access": self.access in ("open", "invite"),
+            "aggregation": self.aggregation in ("mean", "clip_mean", "trimmed_mean",
+                                                "centered_clip"),
         }
         check_settings("swarm", checks, self)
 

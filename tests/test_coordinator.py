@@ -213,3 +213,24 @@ def test_disk_full_while_checkpointing_keeps_state_and_resumes(coord, monkeypatc
     assert not [p for p in coord.run.ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()  # space is back: the same round closes with the same contribution
     assert coord.tick() and coord.round == 1 and list_checkpoints(coord.run.ckpt_dir) == [0, 1]
+
+
+def test_a_poisoned_contribution_is_left_out_with_its_reason(coord):
+    vols = [volunteer(coord, f"v{i}") for i in range(4)]
+    leases = [lease(coord, v) for v in vols]
+    honest = [make_delta(coord.shapes, seed=i) for i in range(3)]
+    evil = {k: v * 100 for k, v in make_delta(coord.shapes, seed=9).items()}
+    theta0 = {k: v.clone() for k, v in coord.theta.items()}
+    for v, ls, d in zip(vols, leases, [*honest, evil], strict=True):
+        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, delta=d))
+    assert coord.tick()
+    rows = coord.ledger.accepted(0)
+    assert [r["excluded"] for r in rows] == [0, 0, 0, 1]
+    assert "refused" in rows[3]["reason"] and "round median" in rows[3]["reason"]
+    credits = {v["name"]: v["credit_tokens"] for v in coord.ledger.volunteers()}
+    assert credits == {"v0": 1000, "v1": 1000, "v2": 1000, "v3": 0}
+    assert coord.ledger.round_row(0)["contributions"] == 3
+    # the update is the honest mean's (first Nesterov step: -0.7 * 1.9 * mean)
+    k = "model.embed_tokens.weight"
+    mean = sum(d[k] for d in honest) / 3
+    assert torch.allclose(coord.theta[k], theta0[k] - 0.7 * 1.9 * mean, atol=2e-4)
