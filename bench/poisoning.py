@@ -21,7 +21,7 @@ the aggregation only. Prints held-out loss and its ratio to the honest-only mean
 (attack, method), each method's worst ratio, and the cheapest method within 3% of honest-only.
 
     python bench/poisoning.py [RUN_DIR] --rounds 10 --inner-steps 30
-    python bench/poisoning.py --quick        # ~1-2 minutes: 3 rounds of 8 steps
+    python bench/poisoning.py --quick        # ~1-2 minutes: 3 rounds of 8 steps, a smoke test
 
 Without RUN_DIR a `tiny` run is made from the bundled corpus in a temporary folder.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import sys
 import tempfile
@@ -76,7 +77,7 @@ def _attack(kind: str, own: dict[str, torch.Tensor] | None, honest: list[dict],
         return {k: -v for k, v in own.items()}
     if kind == "noise":
         g = torch.Generator().manual_seed(seed)
-        noise = {k: torch.randn(v.shape, generator=g) for k, v in own.items()}
+        noise = {k: torch.randn(own[k].shape, generator=g) for k in sorted(own)}  # fixed order
         target = math.sqrt(sum(float(v.double().pow(2).sum()) for v in own.values()))
         have = math.sqrt(sum(float(v.double().pow(2).sum()) for v in noise.values()))
         return {k: v * (target / have) for k, v in noise.items()}
@@ -92,10 +93,13 @@ def _attack(kind: str, own: dict[str, torch.Tensor] | None, honest: list[dict],
 
 
 def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int, rounds: int,
-             outer: OuterConfig, work: Path, z: float = 1.0) -> Result:
+             outer: OuterConfig, work: Path, z: float = 1.0,
+             robust: RobustConfig | None = None, eval_tokens: int | None = None) -> Result:
     """Held-out loss after `rounds` rounds with `workers - 1` honest workers and one
-    attacker (none for attack "none"), aggregated by `method`."""
-    rcfg = RobustConfig(method=method)
+    attacker (none for attack "none"), aggregated by `method` (other settings from
+    `robust`, default RobustConfig()), on the first `eval_tokens` validation tokens (default:
+    the run's eval_tokens)."""
+    rcfg = dataclasses.replace(robust or RobustConfig(), method=method)
     cfg = dataclasses.replace(run.config.train, total_steps=rounds * inner_steps,
                               warmup_steps=max(1, min(50, rounds * inner_steps // 10)))
     max_tokens = inner_steps * cfg.batch_size * cfg.seq_len
@@ -168,7 +172,10 @@ def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int,
         residual = {k: target[k] - applied[k] for k in target}
         theta = apply_update(theta, applied)
     load_into(global_model, theta)
-    loss = evaluate(global_model, run.val_windows(), torch.device("cpu"))
+    windows = run.val_windows()
+    if eval_tokens is not None:
+        windows = itertools.islice(windows, max(1, eval_tokens // cfg.seq_len))
+    loss = evaluate(global_model, windows, torch.device("cpu"))
     res.loss = loss if math.isfinite(loss) else float("inf")
     res.seconds = time.perf_counter() - t0
     return res
@@ -196,12 +203,16 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 rounds of 8 steps (~1-2 minutes)")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="held-out tokens evaluated (default: the run's; quick 8192)")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 rounds of 8 steps, 8192 held-out tokens (~1-2 minutes)")
     a = ap.parse_args()
     if a.workers < 3:
         ap.error("--workers must be >= 3 (2 honest + the attacker)")
     inner = a.inner_steps or (8 if a.quick else 30)
     rounds = a.rounds or (3 if a.quick else 10)
+    eval_tokens = a.eval_tokens or (8192 if a.quick else None)
     methods = [m for m in a.methods.split(",") if m]
     attacks = [x for x in a.attacks.split(",") if x]
     for m in methods:
@@ -225,13 +236,14 @@ def main() -> None:
         else:
             run = init_run(tmp / "run", [default_corpus()], preset="tiny", progress=False)
         print(f"preset {run.config.preset}, K={a.workers} (1 attacker), H={inner}, "
-              f"rounds={rounds}, outer lr {lr} momentum {mom}, ALIE z={a.z}", flush=True)
+              f"rounds={rounds}, outer lr {lr} momentum {mom}, ALIE z={a.z}, held-out tokens "
+              f"{eval_tokens or run.config.eval_tokens}", flush=True)
         results: dict[str, dict[str, Result]] = {}
         t0 = time.perf_counter()
         for attack in attacks:
             for method in methods:
                 r = simulate(run, attack, method, a.workers, inner, rounds, outer, tmp / "w",
-                             a.z)
+                             a.z, eval_tokens=eval_tokens)
                 results.setdefault(attack, {})[method] = r
                 print(f"  {attack:12s} {method:14s} held-out {r.loss:.4f}  attacker refused "
                       f"{r.attacker_refused}/{rounds} clipped {r.attacker_clipped}/{rounds}, "
