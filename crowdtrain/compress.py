@@ -260,6 +260,12 @@ def _read_header(blob: bytes) -> dict:
     return header
 
 
+_WIRE_DTYPES = frozenset({"I8", "F16", "F32"})
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
+
+
 def from_bytes(
     blob: bytes,
     shapes: Mapping[str, Sequence[int]],
@@ -292,9 +298,16 @@ def from_bytes(
     block = int(raw_block)
     if not _MIN_BLOCK <= block <= _MAX_BLOCK:
         raise CodecError(f"payload metadata block {block} outside [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    for name, info in header.items():  # only the dtypes our codecs produce; before parsing
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if name != "__metadata__" and (not isinstance(dtype, str) or dtype not in _WIRE_DTYPES):
+            torch_name = _DTYPE_NAMES.get(dtype, "unsupported") if isinstance(dtype, str) \
+                else "missing"
+            raise CodecError(f"tensor {name!r} has dtype {dtype!r} ({torch_name}); payloads "
+                             "carry only int8, float16 and float32")
     try:
         wire = _st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, KeyError) as e:
         raise CodecError(f"payload tensors could not be parsed: {e}") from None
     return decode(wire, codec, shapes, block), dict(meta)
 

@@ -42,6 +42,7 @@ from crowdtrain.ledger import Ledger
 from crowdtrain.model import count_params, load_into
 from crowdtrain.protocol import (
     API_VERSION,
+    INT64_MAX,
     AdminAck,
     AdminVolunteer,
     JoinRequest,
@@ -277,7 +278,7 @@ class Coordinator:
 
     def submit(self, vol: Volunteer, lease_id: int, blob: bytes) -> SubmitResponse:
         sha = hashlib.sha256(blob).hexdigest()
-        lease = self.ledger.lease(lease_id)
+        lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
         rnd = lease["round"] if lease is not None else self.round
 
         def refuse(status: int, reason: str) -> Refused:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -154,7 +155,7 @@ class Ledger:
 
     def find_volunteer(self, who: str) -> sqlite3.Row | None:
         """A volunteer by numeric id or by display name (the most recent with that name)."""
-        if who.isdigit():
+        if re.fullmatch(r"[0-9]{1,18}", who):
             rows = self.query("SELECT * FROM volunteers WHERE id = ?", (int(who),))
         else:
             rows = self.query("SELECT * FROM volunteers WHERE name = ? ORDER BY id DESC", (who,))

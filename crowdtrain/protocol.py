@@ -39,6 +39,7 @@ ADMIN_BAN = "/v1/admin/volunteers/{who}/ban"
 ADMIN_UNBAN = "/v1/admin/volunteers/{who}/unban"
 ADMIN_END = "/v1/admin/end"
 
+INT64_MAX = 2**63 - 1  # what SQLite stores; larger numbers are refused at the boundary
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
@@ -118,12 +119,12 @@ class LeaseResponse(BaseModel):
 class SubmitStats(BaseModel):
     """Self-reported figures of a contribution (never trusted beyond what the lease allowed)."""
 
-    lease_id: int
-    round: int
-    steps: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    mean_loss: float
-    seconds: float = Field(ge=0)
+    lease_id: int = Field(ge=0, le=INT64_MAX)
+    round: int = Field(ge=0, le=INT64_MAX)
+    steps: int = Field(ge=0, le=INT64_MAX)
+    tokens: int = Field(ge=0, le=INT64_MAX)
+    mean_loss: float = Field(allow_inf_nan=False)
+    seconds: float = Field(ge=0, allow_inf_nan=False)
     device: str = Field("cpu", max_length=64)
 
 

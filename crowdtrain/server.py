@@ -8,14 +8,18 @@ the coordinator so rounds close on time even when nobody is calling.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from crowdtrain import __version__, protocol
 from crowdtrain.coordinator import Coordinator, Refused, Volunteer
@@ -64,6 +68,12 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input, which fails on lone surrogates: ASCII-escape
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
 
     @app.middleware("http")
     async def api_version(request: Request, call_next):
@@ -147,7 +157,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
               openapi_extra={"requestBody": {"required": True,
                                              "content": {SAFETENSORS: {"schema": {
                                                  "type": "string", "format": "binary"}}}}})
-    async def submit(lease_id: int, request: Request,
+    async def submit(request: Request,
+                     lease_id: int = Path(ge=1, le=protocol.INT64_MAX),
                      vol: Volunteer = Depends(volunteer)) -> protocol.SubmitResponse:
         limited(submit_limit, str(vol.id), "submissions from this volunteer")
         declared = request.headers.get("content-length")
@@ -155,13 +166,21 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
             raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
                                "bytes for this model")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, f"payload exceeds the limit of {limit} bytes for this model")
-            chunks.append(chunk)
-        if declared is not None and size != int(declared):
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Refused(413, f"payload exceeds the limit of {limit} bytes for this "
+                                       "model")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Refused(400, f"truncated upload: the client went away after {size} of "
+                               f"{declared} bytes") from None
+        if declared is not None and size < int(declared):
             raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
+        if declared is not None and size > int(declared):
+            raise Refused(400, f"body of {size} bytes is longer than its Content-Length "
+                               f"{declared}")
         return await run_in_threadpool(coord.submit, vol, lease_id, b"".join(chunks))
 
     @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
