@@ -303,8 +303,8 @@ def from_bytes(
         if name != "__metadata__" and (not isinstance(dtype, str) or dtype not in _WIRE_DTYPES):
             torch_name = _DTYPE_NAMES.get(dtype, "unsupported") if isinstance(dtype, str) \
                 else "missing"
-            raise CodecError(f"tensor {name!r} has dtype {dtype!r} ({torch_name}); payloads "
-                             "carry only int8, float16 and float32")
+            raise CodecError(f"tensor {name!r} has dtype {dtype!r} ({torch_name}); payload "
+                             "tensors must be int8, float16 or float32")
     try:
         wire = _st_load(blob)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, KeyError) as e:
