@@ -19,8 +19,10 @@ from crowdtrain.robust import (
     METHODS,
     DeltaSource,
     RobustConfig,
+    SafetensorsFloatSource,
     SafetensorsInt8Source,
     TensorSource,
+    open_payload,
     robust_aggregate,
     screen,
 )
@@ -152,6 +154,29 @@ def test_int8_source_rejects_mismatching_files(tmp_path):
     junk.write_bytes(b"not a payload")
     with pytest.raises(ValueError, match="cannot open"):
         SafetensorsInt8Source(junk, SHAPES)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "fp32", "int8"])
+def test_open_payload_streams_any_codec_exactly(tmp_path, codec):
+    blob = compress.to_bytes(_delta(4), codec)
+    full = compress.from_bytes(blob, SHAPES)[0]
+    path = tmp_path / f"{codec}.safetensors"
+    path.write_bytes(blob)
+    want = SafetensorsInt8Source if codec == "int8" else SafetensorsFloatSource
+    with open_payload(path, SHAPES) as src:
+        assert isinstance(src, want)
+        for name, t in full.items():
+            flat = t.reshape(-1)
+            n = flat.numel()
+            for a, b in [(0, n), (0, 1), (n - 1, n), (n // 3, n // 2 + 1), (1, n), (n, n)]:
+                a, b = min(a, b), b
+                got = src.read(name, a, b)
+                assert got.dtype == torch.float32 and got.shape == (b - a,), (name, a, b)
+                assert torch.equal(got, flat[a:b]), (name, a, b)
+    with pytest.raises(ValueError, match="do not match"):
+        open_payload(path, {"w": (300,)})
+    with pytest.raises(ValueError, match="cannot open"):
+        open_payload(tmp_path / "missing.safetensors", SHAPES)
 
 
 # ---- robust_aggregate ----------------------------------------------------------------------
@@ -301,4 +326,4 @@ def test_poisoning_benchmark_quick(tiny_run):
         assert f"| {attack} |" in table, attack
     for method in METHODS:
         assert method in table.splitlines()[0]
-    assert "default: " in proc.stdout
+    assert "pick: " in proc.stdout
