@@ -303,6 +303,9 @@ class Coordinator:
             raise refuse(422, f"invalid payload: {e}") from None
         except ValueError as e:  # pydantic's ValidationError is a ValueError
             raise refuse(422, f"invalid stats in payload metadata: {e}") from None
+        if meta.get("codec") != self.cfg.codec:
+            raise refuse(422, f"payload codec {meta.get('codec')!r} is not this run's "
+                              f"{self.cfg.codec!r}")
         if stats.lease_id != lease_id or stats.round != lease["round"]:
             raise refuse(422, f"payload is for lease {stats.lease_id} round {stats.round}, "
                               f"not lease {lease_id} round {lease['round']}")

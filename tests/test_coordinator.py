@@ -91,6 +91,7 @@ def test_refusals_are_precise_recorded_and_change_nothing(coord):
             k: v for k, v in make_delta(coord.shapes).items() if k != "model.norm.weight"}),
          422, "missing"),
         (a, la.lease_id, payload(la, coord.shapes, round=5), 422, "not lease"),
+        (a, la.lease_id, payload(la, coord.shapes, codec="fp16"), 422, "not this run's 'int8'"),
         (a, la.lease_id, payload(la, coord.shapes, tokens=0), 422, "no tokens"),
     ]
     for vol, lid, blob, status, reason in cases:
