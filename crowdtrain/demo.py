@@ -9,19 +9,17 @@ cores (two 2-thread processes on 2 cores run ~10x slower than two 1-thread ones)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from crowdtrain import protocol
 from crowdtrain.data import default_corpus
 from crowdtrain.errors import CrowdtrainError
+from crowdtrain.localswarm import cli_command, free_port, get_status, wait_until_up
+from crowdtrain.localswarm import tail as _tail
 from crowdtrain.rundir import SwarmConfig, init_run
 
 
@@ -35,42 +33,6 @@ class DemoResult:
     sample: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "crowdtrain.cli", *args]
-
-
-def _tail(path: Path, n: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise CrowdtrainError(f"the coordinator exited with code {proc.returncode}: "
-                                  f"{_tail(log)}")
-        try:
-            if httpx.get(url + protocol.INFO, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise CrowdtrainError(f"the coordinator did not answer within {timeout:.0f}s: {_tail(log)}")
-
-
-def get_status(url: str) -> protocol.Status:
-    return protocol.Status.model_validate(httpx.get(url + protocol.STATUS, timeout=10).json())
-
-
 def run_demo(
     out_dir: str | os.PathLike | None = None,
     workers: int = 3,
@@ -79,6 +41,7 @@ def run_demo(
     preset: str = "small",
     round_seconds: float = 90.0,
     port: int | None = None,
+    aggregation: str | None = None,
     say=print,
 ) -> DemoResult:
     if workers < 1 or rounds < 1 or inner_steps < 1:
@@ -96,7 +59,8 @@ def run_demo(
              # the lone-worker floor (4.55); momentum pays off over many rounds.
              swarm=SwarmConfig(inner_steps=inner_steps, rounds=rounds,
                                round_seconds=round_seconds, min_contributions=1,
-                               outer_lr=1.0, outer_momentum=0.0))
+                               outer_lr=1.0, outer_momentum=0.0,
+                               **({"aggregation": aggregation} if aggregation else {})))
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     threads = max(1, (os.cpu_count() or 1) // workers)

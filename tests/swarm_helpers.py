@@ -4,17 +4,13 @@ and well-formed (or deliberately broken) contributions."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from crowdtrain import compress
-from crowdtrain.demo import free_port, wait_until_up
+from crowdtrain.localswarm import LocalSwarm
 from crowdtrain.protocol import Lease, SubmitStats
 from crowdtrain.rundir import Run
 
@@ -54,45 +50,9 @@ def poisoned_payload(lease: Lease, shapes: dict, key: str) -> bytes:
                                 "stats": st.model_dump_json()})
 
 
-class Swarm:
-    def __init__(self, run, tmp_path):
+class Swarm(LocalSwarm):
+    """The run's processes, logging to the test's tmp_path (see crowdtrain.localswarm)."""
+
+    def __init__(self, run: Run, tmp_path: Path):
+        super().__init__(run.dir, tmp_path)
         self.run, self.tmp = run, tmp_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def cli(self, name, *args, env=None):
-        log = (self.tmp / f"{name}.log").open("w")
-        p = subprocess.Popen([sys.executable, "-m", "crowdtrain.cli", "--log-level", "info",
-                              *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, **(env or {})})
-        self.procs[name] = p
-        return p
-
-    def serve(self, name: str = "coordinator"):
-        p = self.cli(name, "serve", self.run.dir, "--port", self.port)
-        wait_until_up(self.url, p, self.tmp / f"{name}.log")
-        return p
-
-    def join(self, name):
-        return self.cli(name, "join", self.url, "--name", name, "--threads", "1", "--quiet",
-                        env={"CROWDTRAIN_HOME": str(self.tmp / "home" / name)})
-
-    def log(self, name):
-        return (self.tmp / f"{name}.log").read_text()
-
-    def wait(self, name, timeout=240):
-        try:
-            return self.procs[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not finish: {self.log(name)[-2000:]}")
-
-    def stop(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()

@@ -30,7 +30,7 @@ from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
 
 from crowdtrain import compress, protocol
 from crowdtrain.coordinator import Coordinator, Refused
-from crowdtrain.demo import free_port
+from crowdtrain.localswarm import free_port
 from crowdtrain.protocol import LeaseRequest, SubmitStats
 from crowdtrain.server import create_app
 

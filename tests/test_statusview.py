@@ -12,8 +12,8 @@ from rich.console import Console
 from swarm_helpers import copy_run
 
 from crowdtrain.coordinator import Coordinator
-from crowdtrain.demo import free_port
 from crowdtrain.errors import CrowdtrainError
+from crowdtrain.localswarm import free_port
 from crowdtrain.protocol import Refusal, RoundSummary, Status, VolunteerSummary
 from crowdtrain.server import create_app
 from crowdtrain.statusview import fetch_status, render_status

@@ -14,9 +14,9 @@ from swarm_helpers import Swarm, copy_run
 from transformers import AutoModelForCausalLM
 
 from crowdtrain.checkpoint import load_checkpoint
-from crowdtrain.demo import get_status
 from crowdtrain.export import export_model
 from crowdtrain.ledger import Ledger
+from crowdtrain.localswarm import get_status
 from crowdtrain.train import evaluate
 
 pytestmark = pytest.mark.slow
