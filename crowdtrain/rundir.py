@@ -63,7 +63,7 @@ class SwarmConfig:
     keep_last: int = 3
     keep_every: int = 10
     access: str = "open"
-    aggregation: str = "clip_mean"
+    aggregation: str = "centered_clip"
 
     def __post_init__(self) -> None:
         checks = {
