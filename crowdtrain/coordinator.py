@@ -193,7 +193,7 @@ class Coordinator:
                 raise Refused(403, "this run is invite-only and the key is missing, unknown or "
                                    "used up: ask the owner for one (`crowdtrain invite RUN_DIR`) "
                                    "and join with --invite KEY")
-        vid, token = self.ledger.add_volunteer(req.name, req.device)
+        vid, token = self.ledger.add_volunteer(req.name, req.device, anonymous=req.anonymous)
         log.info("volunteer %d (%s, %s) joined", vid, req.name, req.device)
         return JoinResponse(volunteer_id=vid, name=req.name, token=token)
 
@@ -397,7 +397,8 @@ class Coordinator:
                 "contributions": len(rows),
                 "update_sha256": hashlib.sha256(blob).hexdigest(),
             })
-            self.ledger.close_round(rnd, meta["update_sha256"])
+            self.ledger.close_round(rnd, meta["update_sha256"], checkpoint_sha256=meta["sha256"],
+                                    base_sha256=self.ckpt_meta.get("sha256"))
             self.theta, self.momentum, self.residual = theta, momentum, residual
             self.round, self.ckpt_meta = rnd + 1, meta
             self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)

@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS volunteers (
     last_seen REAL,
     device TEXT,
     tokens_per_s REAL,
-    banned INTEGER NOT NULL DEFAULT 0
+    banned INTEGER NOT NULL DEFAULT 0,
+    anonymous INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -44,7 +45,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     val_loss REAL,
     update_sha256 TEXT,
     bytes_in INTEGER NOT NULL DEFAULT 0,
-    bytes_out INTEGER NOT NULL DEFAULT 0
+    bytes_out INTEGER NOT NULL DEFAULT 0,
+    checkpoint_sha256 TEXT,
+    chain_link TEXT
 );
 CREATE TABLE IF NOT EXISTS leases (
     id INTEGER PRIMARY KEY,
@@ -96,8 +99,31 @@ CREATE VIEW IF NOT EXISTS credits AS
 """
 
 
+# columns added after the first release: a ledger written by an older crowdtrain gets them on open
+ADDED_COLUMNS = (
+    ("volunteers", "anonymous", "INTEGER NOT NULL DEFAULT 0"),
+    ("rounds", "checkpoint_sha256", "TEXT"),
+    ("rounds", "chain_link", "TEXT"),
+)
+
+CHAIN_VERSION = "crowdtrain-chain-v1"
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def chain_genesis(checkpoint_sha256: str) -> str:
+    """The link before a run's first chained round: a hash of the checkpoint it started from."""
+    return hashlib.sha256(f"{CHAIN_VERSION}\ngenesis\n{checkpoint_sha256}".encode()).hexdigest()
+
+
+def chain_link(prev: str, update_sha256: str, contributions: Iterable[str],
+               checkpoint_sha256: str) -> str:
+    """link_r = sha256(link_{r-1}, sha256 of the published update u_r, the sorted sha256s of the
+    contributions aggregated in round r, sha256 of checkpoint r+1), newline-separated."""
+    parts = [CHAIN_VERSION, prev, update_sha256, *sorted(contributions), checkpoint_sha256]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class Ledger:
@@ -112,6 +138,15 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a ledger from an older crowdtrain lacks (defaults fill old rows)."""
+        with self._lock:
+            for table, column, decl in ADDED_COLUMNS:
+                have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -135,14 +170,15 @@ class Ledger:
 
     # ----------------------------------------------------------------- volunteers
 
-    def add_volunteer(self, name: str, device: str) -> tuple[int, str]:
-        """Register a volunteer; returns (id, token). The token is not stored, only its hash."""
+    def add_volunteer(self, name: str, device: str, anonymous: bool = False) -> tuple[int, str]:
+        """Register a volunteer; returns (id, token). The token is not stored, only its hash.
+        `anonymous`: the volunteer opted out of being named in published provenance."""
         token = secrets.token_urlsafe(32)
         with self.tx() as db:
             cur = db.execute(
-                "INSERT INTO volunteers (name, token_hash, created_at, last_seen, device) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, hash_token(token), time.time(), time.time(), device))
+                "INSERT INTO volunteers (name, token_hash, created_at, last_seen, device, "
+                "anonymous) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, hash_token(token), time.time(), time.time(), device, int(anonymous)))
         return int(cur.lastrowid), token
 
     def volunteer_by_token(self, token: str) -> sqlite3.Row | None:
@@ -226,8 +262,14 @@ class Ledger:
         with self.tx() as db:
             db.execute("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, rnd))
 
-    def close_round(self, rnd: int, update_sha256: str) -> None:
-        """Mark `rnd` closed with its aggregate figures; expire its unreported leases."""
+    def close_round(self, rnd: int, update_sha256: str, checkpoint_sha256: str | None = None,
+                    base_sha256: str | None = None) -> None:
+        """Mark `rnd` closed with its aggregate figures; expire its unreported leases.
+
+        With `checkpoint_sha256` (checkpoint rnd+1) and `base_sha256` (checkpoint rnd, the
+        parameters the round started from) the round's chain link is recorded in the same
+        transaction; a previous round that crash recovery closed without its link gets it too
+        (`base_sha256` is its resulting checkpoint)."""
         with self.tx() as db:
             agg = db.execute(
                 "SELECT COUNT(*) n, COALESCE(SUM(weight), 0) t, SUM(mean_loss * weight) l, "
@@ -241,6 +283,49 @@ class Ledger:
                        (time.time(), agg["n"], int(agg["t"]), loss, update_sha256, agg["b"], rnd))
             db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open'",
                        (rnd,))
+            if checkpoint_sha256 is not None:
+                before = db.execute("SELECT state, chain_link, update_sha256 FROM rounds "
+                                    "WHERE round = ?", (rnd - 1,)).fetchone()
+                if (before is not None and base_sha256 and before["state"] == "closed"
+                        and before["chain_link"] is None and before["update_sha256"]):
+                    self._record_link(db, rnd - 1, base_sha256, None)
+                self._record_link(db, rnd, checkpoint_sha256, base_sha256)
+
+    def aggregated_sha256s(self, rnd: int, db: sqlite3.Connection | None = None) -> list[str]:
+        """sha256 of every contribution aggregated in round `rnd` (accepted, not left out)."""
+        sql = ("SELECT sha256 FROM contributions WHERE round = ? AND status = 'accepted' "
+               "AND excluded = 0 ORDER BY sha256")
+        if db is not None:
+            return [r["sha256"] for r in db.execute(sql, (rnd,))]
+        return [r["sha256"] for r in self.query(sql, (rnd,))]
+
+    def _record_link(self, db: sqlite3.Connection, rnd: int, checkpoint_sha256: str,
+                     base_sha256: str | None) -> None:
+        """Chain round `rnd` to the round before it (or, for the ledger's first round, to
+        the checkpoint it started from); no link when the round before has none."""
+        before = db.execute("SELECT chain_link FROM rounds WHERE round = ?",
+                            (rnd - 1,)).fetchone()
+        if before is None:
+            if not base_sha256:
+                return
+            prev = chain_genesis(base_sha256)
+            db.execute("INSERT INTO meta (key, value) VALUES ('chain_genesis', ?) ON CONFLICT"
+                       "(key) DO UPDATE SET value = excluded.value",
+                       (json.dumps({"round": rnd, "checkpoint_sha256": base_sha256}),))
+        elif before["chain_link"] is None:
+            return
+        else:
+            prev = before["chain_link"]
+        row = db.execute("SELECT update_sha256 FROM rounds WHERE round = ?", (rnd,)).fetchone()
+        link = chain_link(prev, row["update_sha256"], self.aggregated_sha256s(rnd, db),
+                          checkpoint_sha256)
+        db.execute("UPDATE rounds SET checkpoint_sha256 = ?, chain_link = ? WHERE round = ?",
+                   (checkpoint_sha256, link, rnd))
+
+    def chain_genesis(self) -> dict | None:
+        """{"round", "checkpoint_sha256"}: where the chain starts, or None (no chained round)."""
+        raw = self.get_meta("chain_genesis")
+        return json.loads(raw) if raw else None
 
     def set_val_loss(self, rnd: int, val_loss: float) -> None:
         with self.tx() as db:

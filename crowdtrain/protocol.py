@@ -84,6 +84,8 @@ class JoinRequest(BaseModel):
     device: str = Field(max_length=64)
     api_version: int
     invite: str | None = Field(None, max_length=128, description="key for an invite-only run")
+    anonymous: bool = Field(False, description="credit this volunteer as 'anonymous' in the "
+                                               "published model card and provenance")
 
 
 class JoinResponse(BaseModel):

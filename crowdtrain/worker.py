@@ -69,6 +69,7 @@ class WorkerConfig:
     error_feedback: bool = True
     retry_for: float = 600.0
     progress: bool = True
+    anonymous: bool = False  # published provenance names this volunteer "anonymous"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -227,7 +228,7 @@ class Worker:
             name = self.cfg.name or f"volunteer-{platform.node()[:20] or 'anon'}"
             req = protocol.JoinRequest(name=name, device=self.device.type,
                                        api_version=protocol.API_VERSION,
-                                       invite=self.cfg.invite)
+                                       invite=self.cfg.invite, anonymous=self.cfg.anonymous)
             r = self.client.call("POST", protocol.JOIN, json_body=req.model_dump())
             resp = protocol.JoinResponse.model_validate(r.json())
             ident = {"volunteer_id": resp.volunteer_id, "token": resp.token, "name": resp.name}
