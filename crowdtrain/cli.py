@@ -69,11 +69,83 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 @command
 def cmd_export(a: argparse.Namespace) -> None:
-    from crowdtrain.export import export_model
-    from crowdtrain.rundir import Run
+    import json
 
-    out = export_model(Run(a.run_dir), a.out_dir, rnd=a.round, force=a.force)
-    print(f"exported to {out}; try: crowdtrain generate {out} \"ROMEO:\"")
+    from crowdtrain.export import export_model
+
+    out = export_model(a.run_dir, a.out_dir, rnd=a.round, force=a.force, fmt=a.format,
+                       quant=a.quant, eval_data=a.eval_data, evaluate=not a.no_eval)
+    prov = json.loads((out / "provenance.json").read_text())
+    ev = prov.get("evaluation")
+    if ev and ev.get("bits_per_byte") is not None:
+        print(f"held-out: loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
+              f"{ev['bits_per_byte']:.4f} bits/byte ({ev['bytes']:,} bytes of {ev['data']})")
+    if a.format == "gguf":
+        g = prov["gguf"]
+        gev = g.get("evaluation")
+        bpb = f", {gev['bits_per_byte']:.4f} bits/byte" if gev else ""
+        print(f"wrote {out / g['file']}: {g['quant']}, {g['bytes']:,} bytes (float32 weights "
+              f"{g['original_fp32_bytes']:,}){bpb}")
+        print(f"try: llama-cli -m {out / g['file']} -p \"ROMEO:\"")
+    else:
+        chain = prov.get("chain") or {}
+        if chain.get("head"):
+            print(f"provenance chain head {chain['head'][:16]}...; check it with: "
+                  f"crowdtrain verify {out} {a.run_dir}")
+        print(f"exported to {out}; try: crowdtrain generate {out} \"ROMEO:\"")
+
+
+@command
+def cmd_verify(a: argparse.Namespace) -> int:
+    from crowdtrain.verify import verify_model
+
+    rep = verify_model(a.model_dir, a.run_dir, on_line=None if a.quiet else print)
+    if rep.ok:
+        print(f"verified: {a.model_dir} is exactly the replay of {rep.rounds} round(s) of "
+              f"{a.run_dir}")
+        return 0
+    print(f"FAILED: {rep.failure}")
+    return 1
+
+
+@command
+def cmd_eval(a: argparse.Namespace) -> None:
+    import json
+
+    from crowdtrain.evaluate import evaluate_model
+
+    if a.max_bytes is not None and a.max_bytes < 1:
+        raise CrowdtrainError("--max-bytes must be at least 1")
+    r = evaluate_model(a.model, a.data, max_bytes=a.max_bytes)
+    if a.json:
+        print(json.dumps(r.to_dict(), indent=1))
+        return
+    print(f"{a.model}: {r.tokens:,} tokens, {r.bytes:,} bytes; loss {r.loss:.4f} nats/token, "
+          f"perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits per byte")
+
+
+@command
+def cmd_distill(a: argparse.Namespace) -> None:
+    from crowdtrain.distill import DistillConfig, distill
+    from crowdtrain.local import set_threads
+
+    set_threads(a.threads)
+    cfg = DistillConfig(preset=a.preset, steps=a.steps, alpha=0.0 if a.no_teacher else a.alpha,
+                        temperature=a.temperature, lr=a.lr, batch_size=a.batch_size,
+                        seq_len=a.seq_len, seed=a.seed)
+    def on_step(step: int, loss: float) -> None:
+        if not a.quiet and (step + 1) % max(a.steps // 10, 1) == 0:
+            print(f"step {step + 1}/{a.steps}: loss {loss:.4f}", flush=True)
+
+    r = distill(a.teacher_dir, a.data, cfg, out_dir=a.out, device=a.device, force=a.force,
+                on_step=on_step)
+    print(f"trained {r.steps} steps ({r.tokens:,} tokens) in {r.seconds:.0f}s")
+    print(f"teacher: {r.teacher_params:,} parameters, {r.teacher_bytes:,} bytes, "
+          f"{r.teacher.bits_per_byte:.4f} bits/byte held-out")
+    print(f"student: {r.student_params:,} parameters, {r.student_bytes:,} bytes, "
+          f"{r.student.bits_per_byte:.4f} bits/byte held-out "
+          f"({r.student_bytes / r.teacher_bytes:.1%} of the teacher's size)")
+    print(f"exported to {r.out_dir}; try: crowdtrain generate {r.out_dir} \"ROMEO:\"")
 
 
 @command
@@ -118,7 +190,7 @@ def cmd_join(a: argparse.Namespace) -> int:
     from crowdtrain.worker import WorkerConfig, run_worker
 
     cfg = WorkerConfig(url=a.url, name=a.name, invite=a.invite, device=a.device,
-                       threads=a.threads,
+                       threads=a.threads, anonymous=a.anonymous,
                        max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
                        error_feedback=not a.no_error_feedback, progress=not a.quiet)
     s = run_worker(cfg)
@@ -241,13 +313,84 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=100, help="steps between held-out evals")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder",
-                       description="Write a run's checkpoint as a Hugging Face folder "
-                       "(config, safetensors weights, tokenizer, generation config, model card).")
-    s.add_argument("run_dir", metavar="RUN_DIR")
+    s = sub.add_parser("export", help="write a checkpoint as a model folder (Hugging Face or "
+                       "GGUF) with model card and provenance",
+                       description="Write a run's checkpoint as a Hugging Face folder (config, "
+                       "safetensors weights, tokenizer, generation config) or a GGUF file, with "
+                       "provenance.json (data and shard hashes, contributors and their share of "
+                       "tokens, rounds and their hash chain, hyperparameters, held-out loss "
+                       "curve, refused contributions by reason, total compute) and a README.md "
+                       "model card (Hugging Face metadata header) that includes the held-out "
+                       "loss, perplexity and bits per byte.")
+    s.add_argument("run_dir", metavar="RUN_DIR",
+                   help="the run (or, with --format gguf, an exported model folder)")
     s.add_argument("out_dir", metavar="OUT_DIR")
     s.add_argument("--round", type=int, help="checkpoint round to export (default: latest)")
     s.add_argument("--force", action="store_true", help="replace an existing export in OUT_DIR")
+    s.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: Hugging Face folder (default); gguf: one GGUF file for llama.cpp "
+                        "and ollama (RUN_DIR may then also be an exported model folder, e.g. a "
+                        "distilled student)")
+    s.add_argument("--quant", choices=["q8_0", "f16"], default="q8_0",
+                   help="GGUF weight type: q8_0 (8-bit blocks, default) or f16")
+    s.add_argument("--eval-data", nargs="+", metavar="FILE",
+                   help="evaluate on these text files instead of the run's held-out split")
+    s.add_argument("--no-eval", action="store_true",
+                   help="skip the held-out evaluation (the model card then has none)")
+
+    s = sub.add_parser("verify", help="replay a swarm run and check an exported model",
+                       description="Replay the run in RUN_DIR from its initial checkpoint: "
+                       "re-apply every published int8 update with the same function the "
+                       "workers use, check each round's update, contributions and resulting "
+                       "checkpoint against the ledger's hash chain and the model's "
+                       "provenance.json, and check that MODEL_DIR/model.safetensors is exactly "
+                       "what the replay gives. Names the first bad link; exits 0 when "
+                       "verified, 1 when a check fails, 2 when the inputs cannot be used.")
+    s.add_argument("model_dir", metavar="MODEL_DIR", help="a folder from `crowdtrain export`")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="the swarm run it was exported from")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+
+    s = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte on text",
+                       description="Evaluate a model on text files: loss (nats/token), "
+                       "perplexity, and bits per byte (total nats / (ln 2 x UTF-8 bytes)), "
+                       "which compares models with different tokenizers.")
+    s.add_argument("model", metavar="MODEL",
+                   help="an exported model folder, or a .gguf file (or a folder holding one)")
+    s.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="text (.txt, .md) or .jsonl ('text' field) files")
+    s.add_argument("--max-bytes", type=int, help="evaluate only the first N bytes of text")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser("distill", help="train a smaller student on a teacher's logits",
+                       description="Distil an exported model (the teacher) into a fresh student "
+                       "of a preset size, on this machine: each step mixes the KL divergence to "
+                       "the teacher's softened next-token distribution (weight --alpha, "
+                       "temperature --temperature) with cross-entropy on the text. The student "
+                       "uses the teacher's tokenizer; the last 10% of the text is held out to "
+                       "report student and teacher bits per byte. The student is exported like "
+                       "any model (Hugging Face folder, model card, provenance.json).")
+    s.add_argument("teacher_dir", metavar="TEACHER_DIR", help="a folder from `crowdtrain export`")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"],
+                   help="student size (default tiny)")
+    s.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="text (.txt, .md) or .jsonl ('text' field) files to distil on")
+    s.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the student")
+    s.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    s.add_argument("--alpha", type=float, default=0.9,
+                   help="weight of the teacher (KL) term; 1 - alpha weighs the text's "
+                        "cross-entropy (default 0.9)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature of the KL term (default 1)")
+    s.add_argument("--no-teacher", action="store_true",
+                   help="train the same student on the text alone (alpha 0): the baseline")
+    s.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the preset's)")
+    s.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's)")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the student and the batches")
+    s.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, mps")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    s.add_argument("--force", action="store_true", help="replace an existing student in OUT_DIR")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     s = sub.add_parser("generate", help="sample text from an exported model",
                        description="Sample a continuation of PROMPT from an exported model.")
@@ -290,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the GPU memory fraction this worker may use")
     s.add_argument("--no-error-feedback", action="store_true",
                    help="do not carry int8 rounding errors over to the next round")
+    s.add_argument("--anonymous", action="store_true",
+                   help="appear as 'anonymous' in the published model card and provenance "
+                        "(decided when this machine first joins the run)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("status", help="show a run's progress: rounds, volunteers, refusals",

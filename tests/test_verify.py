@@ -1,0 +1,194 @@
+"""`crowdtrain verify`: an honest export replays exactly; an altered weight, ledger row, update
+file or initial checkpoint fails, naming the first bad link."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+import torch
+from publish_helpers import run_swarm, train_briefly
+from safetensors.torch import load_file, save_file
+
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.export import export_model
+from crowdtrain.verify import verify_model
+
+
+@pytest.fixture(scope="module")
+def published(tiny_run, tmp_path_factory):
+    """(run dir, model dir) of a 3-round swarm run exported at its latest checkpoint."""
+    base = tmp_path_factory.mktemp("verify")
+    run = run_swarm(tiny_run, base / "run", rounds=3)
+    return run.dir, export_model(run, base / "model", evaluate=False)
+
+
+@pytest.fixture
+def copies(published, tmp_path):
+    """Private copies to tamper with."""
+    run_dir, model_dir = published
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copytree(model_dir, tmp_path / "model")
+    return tmp_path / "run", tmp_path / "model"
+
+
+def run_cli(capsys, *args):
+    from crowdtrain.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_an_honest_export_is_exactly_the_replay(published, capsys):
+    run_dir, model_dir = published
+    rep = verify_model(model_dir, run_dir)
+    assert rep.ok and rep.failure is None and rep.rounds == 3
+    assert rep.lines[0].startswith("ok  genesis") and "round 2" in rep.lines[3]
+    r = run_cli(capsys, "verify", model_dir, run_dir)
+    assert r.returncode == 0, r.out
+    assert r.stdout.strip().splitlines()[-1].startswith("verified: ")
+
+
+def test_an_altered_weight_fails(copies, capsys):
+    run_dir, model_dir = copies
+    w = load_file(model_dir / "model.safetensors")
+    k = "model.layers.1.mlp.up_proj.weight"
+    w[k][3, 5] += 1e-6  # one float, barely
+    save_file(w, model_dir / "model.safetensors", metadata={"format": "pt"})
+    rep = verify_model(model_dir, run_dir)
+    assert not rep.ok
+    assert rep.failure.startswith("published weights (checkpoint 3, after link 2)")
+    assert f"tensor {k} differs in 1 of" in rep.failure
+    r = run_cli(capsys, "verify", model_dir, run_dir, "--quiet")
+    assert r.returncode == 1 and r.stdout.startswith("FAILED: published weights")
+
+
+def test_an_altered_contribution_row_names_its_round(copies):
+    run_dir, model_dir = copies
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE contributions SET sha256 = ? WHERE id = (SELECT MIN(id) FROM "
+                   "contributions WHERE round = 1 AND status = 'accepted')", ("0" * 64,))
+    db.close()
+    rep = verify_model(model_dir, run_dir)
+    assert not rep.ok and rep.failure.startswith("round 1 (link 1): the ledger's rows do not")
+    assert rep.rounds == 1  # round 0 still checked out
+
+
+def test_an_altered_round_row_or_update_file_names_its_round(copies):
+    run_dir, model_dir = copies
+    up = run_dir / "updates" / "update-000002.safetensors"
+    blob = bytearray(up.read_bytes())
+    blob[-1] ^= 1  # one bit of one int8 value
+    up.write_bytes(bytes(blob))
+    rep = verify_model(model_dir, run_dir)
+    assert rep.failure.startswith("round 2 (link 2): update-000002.safetensors has sha256")
+    # and if the ledger row is "fixed" to the altered file's hash, the chain link breaks
+    import hashlib
+
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE rounds SET update_sha256 = ? WHERE round = 2",
+                   (hashlib.sha256(bytes(blob)).hexdigest(),))
+    db.close()
+    rep = verify_model(model_dir, run_dir)
+    assert rep.failure.startswith("round 2 (link 2): the ledger's rows do not hash")
+
+
+def test_a_consistently_forged_chain_still_fails_the_replay(copies):
+    """Rewrite round 1's update AND every hash and link after it, as a forger with write
+    access to the run would: the links agree, but the replay gives other weights."""
+    import hashlib
+
+    from crowdtrain import compress
+    from crowdtrain.ledger import Ledger, chain_genesis, chain_link
+
+    run_dir, model_dir = copies
+    up = run_dir / "updates" / "update-000001.safetensors"
+    shapes = {k: tuple(v.shape) for k, v in load_file(model_dir / "model.safetensors").items()}
+    forged, _ = compress.from_bytes(up.read_bytes(), shapes)
+    forged = {k: v * 1.01 for k, v in forged.items()}
+    up.write_bytes(compress.to_bytes(forged, "int8"))
+    led = Ledger(run_dir / "ledger.sqlite")
+    prev = chain_genesis(led.chain_genesis()["checkpoint_sha256"])
+    for row in led.rounds()[:3]:
+        sha = hashlib.sha256((run_dir / "updates" /
+                              f"update-{row['round']:06d}.safetensors").read_bytes()).hexdigest()
+        link = chain_link(prev, sha, led.aggregated_sha256s(row["round"]),
+                          row["checkpoint_sha256"])
+        with led.tx() as db:
+            db.execute("UPDATE rounds SET update_sha256 = ?, chain_link = ? WHERE round = ?",
+                       (sha, link, row["round"]))
+        prev = link
+    led.close()
+    rep = verify_model(model_dir, run_dir)
+    assert not rep.ok
+    # the forged links disagree with the ones published in the model's provenance ...
+    assert rep.failure.startswith("round 1 (link 1): the model's provenance records link")
+    # ... and with the provenance rewritten too, the replay itself exposes the forgery
+    import json
+
+    prov = json.loads((model_dir / "provenance.json").read_text())
+    led = Ledger(run_dir / "ledger.sqlite")
+    for r in prov["rounds"]:
+        r["chain_link"] = led.round_row(r["round"])["chain_link"]
+    prov["chain"]["head"] = prov["rounds"][-1]["chain_link"]
+    led.close()
+    (model_dir / "provenance.json").write_text(json.dumps(prov))
+    rep = verify_model(model_dir, run_dir)
+    assert rep.failure.startswith("round 1 (link 1): replaying update 1 gives checkpoint 2 "
+                                  "with sha256")
+
+
+def test_an_altered_initial_checkpoint_fails_at_the_genesis(copies):
+    run_dir, model_dir = copies
+    from crowdtrain.checkpoint import save_checkpoint
+
+    ck = load_file(run_dir / "checkpoints" / "ckpt-000000.safetensors")
+    ck["model.norm.weight"] = ck["model.norm.weight"] * 1.001
+    save_checkpoint(run_dir / "checkpoints", 0, ck, {"source": "init"})  # self-consistent
+    rep = verify_model(model_dir, run_dir)
+    assert rep.failure.startswith("genesis (link before round 0): checkpoint 0 on disk has")
+
+
+def test_missing_pieces_are_named(copies):
+    run_dir, model_dir = copies
+    (run_dir / "updates" / "update-000001.safetensors").unlink()
+    rep = verify_model(model_dir, run_dir)
+    assert rep.failure == (f"round 1 (link 1): the update file update-000001.safetensors is "
+                           f"missing from {run_dir / 'updates'}; the replay needs every update")
+    (run_dir / "checkpoints" / "ckpt-000000.safetensors").unlink()
+    assert "checkpoint 0, where the chain starts, is missing" in \
+        verify_model(model_dir, run_dir).failure
+
+
+def test_replay_is_bit_exact_with_the_coordinators_checkpoints(published):
+    """The replay reproduces every checkpoint the coordinator kept, bit for bit."""
+    from crowdtrain.checkpoint import list_checkpoints, load_checkpoint
+    from crowdtrain.rundir import Run
+
+    run_dir, model_dir = published
+    run = Run(run_dir)
+    last = list_checkpoints(run.ckpt_dir)[-1]
+    pub = load_file(model_dir / "model.safetensors")
+    ck = load_checkpoint(run.ckpt_dir, last).tensors
+    assert set(pub) == set(ck) and all(torch.equal(pub[k], ck[k]) for k in ck)
+
+
+def test_local_runs_and_wrong_inputs_are_refused_in_one_line(tiny_run, published, tmp_path,
+                                                              capsys):
+    run = train_briefly(tiny_run, tmp_path / "local", steps=2)
+    local = export_model(run, tmp_path / "local-model", evaluate=False)
+    with pytest.raises(CrowdtrainError, match="trained on one machine"):
+        verify_model(local, run.dir)
+    r = run_cli(capsys, "verify", local, run.dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: ") and "only swarm runs" in r.stderr
+    run_dir, model_dir = published
+    with pytest.raises(CrowdtrainError, match="never served a swarm run"):
+        verify_model(model_dir, run.dir)
+    with pytest.raises(CrowdtrainError, match="has no provenance.json"):
+        verify_model(run_dir, run_dir)
