@@ -60,7 +60,7 @@ from crowdtrain.protocol import (
     SwarmSchedule,
     VolunteerSummary,
 )
-from crowdtrain.robust import RobustConfig, SafetensorsInt8Source, TensorSource, robust_aggregate
+from crowdtrain.robust import RobustConfig, open_payload, robust_aggregate
 from crowdtrain.rundir import Run
 from crowdtrain.train import evaluate
 
@@ -410,18 +410,15 @@ class Coordinator:
     def _aggregate(self, rnd: int, rows) -> dict[str, torch.Tensor]:
         """Robust token-weighted mean of the round's deltas, read block by block from disk;
         clipped or refused contributions get the reason in the ledger (refused: weight 0)."""
-        if self.cfg.codec == "int8":
-            sources = [SafetensorsInt8Source(self.run.dir / r["path"], self.shapes)
-                       for r in rows]
-        else:
-            sources = [TensorSource(compress.from_bytes((self.run.dir / r["path"]).read_bytes(),
-                                                        self.shapes)[0]) for r in rows]
+        sources = []
         try:
+            for r in rows:  # memory-mapped, read block by block: peak memory ~ workers x block
+                sources.append(open_payload(self.run.dir / r["path"], self.shapes))
             mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
                                                self.shapes, RobustConfig(self.cfg.aggregation))
         finally:
             for src in sources:
-                getattr(src, "close", lambda: None)()
+                src.close()
         for r, (mult, reason) in zip(rows, screening, strict=True):
             if reason:
                 self.ledger.annotate(r["id"], reason, excluded=mult == 0.0)
