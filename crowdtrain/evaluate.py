@@ -204,5 +204,6 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
 def evaluate_model(model_path: str | os.PathLike, data: Sequence[str | os.PathLike],
                    max_bytes: int | None = None) -> EvalResult:
     """`crowdtrain eval`: a model folder or .gguf file on text files."""
+    texts = read_texts(data, max_bytes)  # bad data fails before a model is loaded
     model, tok, bos = load_for_eval(model_path)
-    return evaluate_texts(model, tok, read_texts(data, max_bytes), bos)
+    return evaluate_texts(model, tok, texts, bos)

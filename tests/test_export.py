@@ -63,3 +63,21 @@ def test_generate_is_seeded_and_continues_the_prompt(exported):
     assert a != c
     with pytest.raises(CrowdtrainError, match="temperature"):
         generate_text(exported, "x", temperature=0)
+
+
+def test_export_cli_reports_the_evaluation_and_can_skip_it(tiny_run, tmp_path, capsys):
+    import json
+
+    from crowdtrain.cli import main
+
+    assert main(["export", str(tiny_run.dir), str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "held-out" in out
+    assert main(["export", str(tiny_run.dir), str(tmp_path / "a"), "--force", "--no-eval"]) == 0
+    prov = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert prov["evaluation"] is None and "Not evaluated" in (tmp_path / "a" / "README.md"
+                                                                 ).read_text()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny_run.dir), str(tmp_path / "b"), "--force"]) == 2
+    assert "not a model folder" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""`crowdtrain distill`: a student trained on the teacher's logits ends closer to the teacher in
+bits per byte than the same student trained on the same tokens without the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from publish_helpers import train_briefly
+
+from crowdtrain.distill import DistillConfig, distill, split_texts
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.export import export_model
+from crowdtrain.provenance import load_provenance
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("distill")
+    run = train_briefly(tiny_run, base / "run", steps=200)
+    return export_model(run, base / "teacher", evaluate=False)
+
+
+def test_distillation_brings_the_student_closer_to_the_teacher(teacher, corpus, tmp_path):
+    cfg = DistillConfig(preset="tiny", steps=100, alpha=0.9, temperature=1.0, seed=0)
+    kd = distill(teacher, [corpus], cfg, out_dir=tmp_path / "student")
+    alone = distill(teacher, [corpus], DistillConfig(preset="tiny", steps=100, alpha=0.0,
+                                                     seed=0))
+    assert kd.tokens == alone.tokens == 100 * 8 * 64  # same batches, same tokens
+    assert kd.teacher.bits_per_byte == alone.teacher.bits_per_byte
+    t = kd.teacher.bits_per_byte
+    gap_kd, gap_alone = kd.student.bits_per_byte - t, alone.student.bits_per_byte - t
+    assert 0 < gap_kd < gap_alone - 0.05, (t, kd.student.bits_per_byte,
+                                           alone.student.bits_per_byte)
+    # exported like any model
+    from transformers import AutoModelForCausalLM
+
+    out = kd.out_dir
+    m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert sum(p.numel() for p in m.parameters()) == kd.student_params
+    prov = load_provenance(out)
+    d = prov["distillation"]
+    assert d["student"]["bits_per_byte"] == kd.student.bits_per_byte
+    assert d["teacher"]["bits_per_byte"] == t and d["alpha"] == 0.9 and d["steps"] == 100
+    assert d["student"]["bytes"] == (out / "model.safetensors").stat().st_size
+    card = (out / "README.md").read_text()
+    assert "## Distillation" in card and "- distillation" in card
+
+
+def test_distill_cli_reports_student_and_teacher(teacher, corpus, tmp_path, capsys):
+    from crowdtrain.cli import main
+
+    code = main(["distill", str(teacher), "--preset", "tiny", "--data", str(corpus), "--out",
+                 str(tmp_path / "s"), "--steps", "3", "-q", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "teacher: " in out and "student: " in out and "bits/byte" in out
+    code = main(["distill", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "s"),
+                 "--steps", "3"])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(CrowdtrainError, match="alpha"):
+        DistillConfig(alpha=1.5)
+    with pytest.raises(CrowdtrainError, match="unknown preset"):
+        DistillConfig(preset="huge")
+    with pytest.raises(CrowdtrainError, match="too small"):
+        split_texts(["x"], 0.1)
+    train, val = split_texts(["a\n" * 50], 0.1)
+    assert "".join(train + val) == "a\n" * 50 and val == ["a\n" * 4]  # cut after a newline
