@@ -192,3 +192,45 @@ def test_local_runs_and_wrong_inputs_are_refused_in_one_line(tiny_run, published
         verify_model(model_dir, run.dir)
     with pytest.raises(CrowdtrainError, match="has no provenance.json"):
         verify_model(run_dir, run_dir)
+
+
+def test_pruned_checkpoints_restarts_and_crash_recovery_still_verify(tiny_run, tmp_path):
+    """Checkpoints pruned to the last one, a coordinator restart, and a round whose ledger close
+    was lost in a crash (recovered without its link, completed at the next close)."""
+    from publish_helpers import contribution, copy_run
+
+    from crowdtrain.checkpoint import list_checkpoints
+    from crowdtrain.coordinator import Coordinator
+    from crowdtrain.ledger import Ledger
+    from crowdtrain.protocol import JoinRequest, LeaseRequest
+
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=10, round_seconds=60,
+                   keep_last=1, keep_every=100)
+    for session in range(2):
+        c = Coordinator(run, evaluate_rounds=False)
+        vol = c.authenticate(c.join(JoinRequest(name=f"v{session}", device="cpu",
+                                                api_version=1)).token)
+        for _ in range(2):
+            lease = c.lease(vol, LeaseRequest()).lease
+            c.submit(vol, lease.lease_id, contribution(lease, c.shapes, 1000, lease.round))
+            assert c.tick()
+        c.close()
+        if session == 0:  # as if the coordinator died after checkpoint 2, before the ledger
+            led = Ledger(run.dir / "ledger.sqlite")
+            with led.tx() as db:
+                db.execute("UPDATE rounds SET state = 'open', chain_link = NULL, "
+                           "checkpoint_sha256 = NULL WHERE round = 1")
+                db.execute("DELETE FROM rounds WHERE round = 2")
+            led.close()
+    assert list_checkpoints(run.ckpt_dir) == [0, 4]
+    rep = verify_model(export_model(run, tmp_path / "m4", evaluate=False), run.dir)
+    assert rep.ok and rep.rounds == 4, rep.failure
+
+
+def test_an_earlier_checkpoint_verifies_up_to_its_round(published, tmp_path):
+    run_dir, _ = published
+    from crowdtrain.rundir import Run
+
+    out = export_model(Run(run_dir), tmp_path / "m2", rnd=2, evaluate=False)
+    rep = verify_model(out, run_dir)
+    assert rep.ok and rep.rounds == 2
