@@ -8,6 +8,8 @@ point of the run uses the same schedule as a single machine would.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from crowdtrain.errors import CrowdtrainError, check_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,27 @@ class StepStats:
 class InnerLoop:
     """AdamW on a model, with schedule, clipping and bf16 autocast on CUDA."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                 micro_batch: int | None = None, ranks: int = 1, rank: int = 0):
+        """`micro_batch`: rows per forward/backward (gradient accumulation up to the batch;
+        default: the whole batch; halved automatically on out-of-memory). `ranks > 1`: this
+        process is rank `rank` of a torch.distributed group (already initialised): each rank
+        takes its contiguous 1/ranks of every batch and DDP averages the gradients, so the
+        update equals one process on the whole batch."""
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
+        if cfg.batch_size % ranks:
+            raise CrowdtrainError(f"the run's batch size {cfg.batch_size} does not split "
+                                  f"across {ranks} processes: use a divisor of it")
+        self.ranks, self.rank = ranks, rank
+        self.local_batch = cfg.batch_size // ranks
+        self.micro_batch = min(micro_batch or self.local_batch, self.local_batch)
+        self.net: torch.nn.Module = self.model
+        if ranks > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         decay, no_decay = [], []
         for p in model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -151,8 +171,43 @@ class InnerLoop:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=x).logits
+            logits = self.net(input_ids=x).logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    def _gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradients of the mean loss over the rows of (x, y), accumulated `micro_batch` rows
+        at a time; on out-of-memory the micro-batch halves and the step restarts (one process
+        only: ranks would disagree). Returns the detached mean loss."""
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                total = torch.zeros((), device=self.device)
+                n = x.size(0)
+                starts = range(0, n, self.micro_batch)
+                for j, a in enumerate(starts):
+                    xa, ya = x[a: a + self.micro_batch], y[a: a + self.micro_batch]
+                    last = j == len(starts) - 1
+                    sync = contextlib.nullcontext() if last or self.ranks == 1 else \
+                        self.net.no_sync()
+                    with sync:
+                        loss = self.loss(xa, ya) * (xa.size(0) / n)
+                        loss.backward()
+                    total += loss.detach()
+                return total
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+                    raise  # MPS reports OOM as a plain RuntimeError
+                if self.ranks > 1 or self.micro_batch == 1:
+                    raise CrowdtrainError(
+                        f"out of {self.device.type} memory even at micro-batch "
+                        f"{self.micro_batch}: use a smaller preset or --device cpu") from None
+                self.optimizer.zero_grad(set_to_none=True)
+                self.micro_batch //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of memory: micro-batch halved to %d rows (gradient "
+                            "accumulation keeps the batch at %d)", self.micro_batch,
+                            self.cfg.batch_size)
 
     def run(
         self,
@@ -175,26 +230,36 @@ class InnerLoop:
         loss_sum = torch.zeros((), device=self.device)
         tokens = done = 0
         for i in range(n_steps):
-            if deadline is not None and time.monotonic() >= deadline and done > 0:
-                break
-            if stop is not None and stop():
+            halt = (deadline is not None and time.monotonic() >= deadline and done > 0) or (
+                stop is not None and stop())
+            if self.ranks > 1:  # every rank must take the same number of steps
+                import torch.distributed as dist
+                flag = torch.tensor([float(halt)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                halt = bool(flag.item())
+            if halt:
                 break
             step = start_step + i
             x, y = batches(step)
+            if self.ranks > 1:
+                lo = self.rank * self.local_batch
+                x, y = x[lo: lo + self.local_batch], y[lo: lo + self.local_batch]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.cfg)
-            loss = self.loss(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._gradients(x, y)
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
-            loss_sum += loss.detach()
-            tokens += y.numel()
+            loss_sum += loss
+            tokens += y.numel() * self.ranks
             done += 1
             if on_step is not None and (done % report_every == 0 or i == n_steps - 1):
-                on_step(step, float(loss.detach()))
+                on_step(step, float(loss))
+        if self.ranks > 1:  # the whole batch's mean loss, the same on every rank
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.ranks
         mean = float(loss_sum) / max(done, 1)
         if not math.isfinite(mean):
             raise CrowdtrainError(

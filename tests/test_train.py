@@ -68,3 +68,54 @@ def test_stop_and_deadline_end_the_loop_early(tiny_run):
     assert st.steps == 5
     st = loop.run(batches, 0, 10_000, deadline=time.monotonic() + 0.3)
     assert 1 <= st.steps < 10_000
+
+
+def _two_loops(tiny_run, **second):
+    cfg = tiny_run.config.train
+    shards = load_split(tiny_run.data_dir, tiny_run.index, "train")
+    loops = []
+    for kw in ({}, second):
+        model, _ = tiny_run.load_model(0)
+        loops.append(InnerLoop(model, cfg, torch.device("cpu"), **kw))
+    return loops, (lambda step: get_batch(shards, cfg.batch_size, cfg.seq_len, 7, step))
+
+
+def _assert_same_params(a: InnerLoop, b: InnerLoop) -> None:
+    pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
+    worst = max(float((pa[k] - pb[k]).detach().abs().max()) for k in pa)
+    assert worst < 1e-5, worst
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(tiny_run, monkeypatch):
+    (whole, small), batches = _two_loops(tiny_run)
+    real_loss = small.loss
+
+    def loss_that_fits_two_rows(x, y):  # an injected device: more than 2 rows -> OOM
+        if x.size(0) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(x, y)
+
+    monkeypatch.setattr(small, "loss", loss_that_fits_two_rows)
+    a = whole.run(batches, 0, 3)
+    b = small.run(batches, 0, 3)
+    assert small.micro_batch == 2 and whole.micro_batch == tiny_run.config.train.batch_size
+    assert b.steps == a.steps == 3 and b.tokens == a.tokens
+    assert b.mean_loss == pytest.approx(a.mean_loss, abs=1e-5)
+    _assert_same_params(whole, small)
+
+
+def test_out_of_memory_at_one_row_is_a_clear_error(tiny_run, monkeypatch):
+    (_, loop), batches = _two_loops(tiny_run, micro_batch=1)
+
+    def no_memory(x, y):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loop, "loss", no_memory)
+    with pytest.raises(CrowdtrainError, match="out of cpu memory even at micro-batch 1"):
+        loop.run(batches, 0, 1)
+
+
+def test_a_run_batch_that_does_not_split_across_processes_is_refused(tiny_run):
+    model, _ = tiny_run.load_model(0)
+    with pytest.raises(CrowdtrainError, match="does not split across 3 processes"):
+        InnerLoop(model, tiny_run.config.train, torch.device("cpu"), ranks=3)
