@@ -100,17 +100,15 @@ def score_documents(model: torch.nn.Module, docs: Iterable[Sequence[int]], bos_i
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
-    stream, mask = [], []
+    streams, masks = [], []
     for d in docs:
-        stream.append(bos_id)
-        mask.append(False)
-        stream.extend(int(t) for t in d)
-        mask.extend([True] * len(d))
-    if len(stream) < 2:
+        streams.append(np.concatenate([[bos_id], np.asarray(d, dtype=np.int64)]))
+        masks.append(np.arange(len(d) + 1) > 0)  # the leading EOT is context, not a target
+    if not streams or sum(len(x) for x in streams) < 2:
         model.train(was_training)
         return 0.0, 0
-    s = torch.tensor(stream, dtype=torch.long)
-    m = torch.tensor(mask, dtype=torch.bool)
+    s = torch.from_numpy(np.concatenate(streams).astype(np.int64))
+    m = torch.from_numpy(np.concatenate(masks))
     total, count = 0.0, 0
     windows = [(i, min(i + context, len(s) - 1)) for i in range(0, len(s) - 1, context)]
     # full windows in batches, then the shorter last one on its own
