@@ -192,8 +192,11 @@ def cmd_join(a: argparse.Namespace) -> int:
     cfg = WorkerConfig(url=a.url, name=a.name, invite=a.invite, device=a.device,
                        threads=a.threads, anonymous=a.anonymous,
                        max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
-                       error_feedback=not a.no_error_feedback, progress=not a.quiet)
+                       error_feedback=not a.no_error_feedback, progress=not a.quiet,
+                       nproc=a.nproc)
     s = run_worker(cfg)
+    if s.reason.startswith("rank "):  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"{s.reason or 'stopped'}: {s.rounds} rounds, {s.accepted} accepted, {s.refused} "
           f"refused, {s.tokens:,} tokens trained, sent {s.bytes_sent / 1e6:.1f} MB, received "
           f"{s.bytes_received / 1e6:.1f} MB")
@@ -436,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--anonymous", action="store_true",
                    help="appear as 'anonymous' in the published model card and provenance "
                         "(decided when this machine first joins the run)")
+    s.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train as N processes of one volunteer (one per GPU, or CPU cores): "
+                        "DDP inside the worker, rank 0 talks to the coordinator; the same as "
+                        "`torchrun --nproc-per-node N -m crowdtrain.worker URL`")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("status", help="show a run's progress: rounds, volunteers, refusals",

@@ -16,6 +16,7 @@ Outbound HTTP(S) only: works behind any NAT, on any OS.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from crowdtrain.data import get_batch, verify_sha256
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.interrupt import GracefulInterrupt
 from crowdtrain.model import build_model, config_from_dict, load_into, state_dict_for_save
+from crowdtrain.ranks import Ranks
 from crowdtrain.train import InnerLoop, TrainConfig, pick_device
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class WorkerConfig:
     error_feedback: bool = True
     retry_for: float = 600.0
     progress: bool = True
+    nproc: int = 1  # processes (ranks) of this one volunteer: see crowdtrain.ranks
     anonymous: bool = False  # published provenance names this volunteer "anonymous"
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class WorkerConfig:
             raise CrowdtrainError("--max-memory is a fraction of GPU memory in (0, 1]")
         if self.threads is not None and self.threads < 1:
             raise CrowdtrainError("--threads must be at least 1")
+        if self.nproc < 1:
+            raise CrowdtrainError("--nproc must be at least 1")
 
 
 class CoordinatorRefused(CrowdtrainError):
@@ -198,14 +203,19 @@ class WorkerSummary:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig):
+    """The volunteer (or rank 0 of a multi-process volunteer: `ranks`)."""
+
+    def __init__(self, cfg: WorkerConfig, ranks: Ranks | None = None):
         self.cfg = cfg
+        self.ranks = ranks
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.client = Client(cfg.url, cfg.retry_for)
         self.local = LocalState(cfg.home, cfg.url)
         self.info = protocol.RunInfo.model_validate(self.client.call("GET", protocol.INFO).json())
-        self.device = pick_device(cfg.device)
+        if ranks is not None:
+            ranks.bcast_json(self.info.model_dump(mode="json"))
+        self.device = ranks.device if ranks is not None else pick_device(cfg.device)
         if cfg.max_memory and self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(cfg.max_memory, self.device)
         self.run_dir = self.local.run_dir(self.info.run_name)
@@ -213,9 +223,11 @@ class Worker:
         self.tcfg = TrainConfig(**self.info.train)
         self.model = build_model(config_from_dict(self.info.model_config_json))
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
-        self.loop = InnerLoop(self.model, self.tcfg, self.device)
+        self.loop = InnerLoop(self.model, self.tcfg, self.device,
+                              ranks=ranks.world if ranks else 1)
         self.theta, self.theta_round = self._load_params()
         self._load_optimizer()
+        self._ranks_have_optimizer = False
         self.residual: dict[str, torch.Tensor] | None = None
         self.shard_data: dict[str, np.ndarray] = {}
         self.tokens_per_s: float | None = None
@@ -345,6 +357,8 @@ class Worker:
         shards = self._shards(lease.shards)
         load_into(self.model, self.theta)
         self._save_params()
+        if self.ranks is not None:
+            self._brief_ranks(lease)
 
         def batches(step: int):
             return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed, step)
@@ -383,8 +397,29 @@ class Worker:
         if bar is not None:
             bar.done(lease, st, len(blob), verdict)
 
+    def _brief_ranks(self, lease: protocol.Lease) -> None:
+        """Hand the other ranks this round: the lease, where its shards are on this machine,
+        theta_r, and (once) the AdamW state this process resumed from."""
+        by_name = {s.name: s for s in self.info.train_shards}
+        opt = None if self._ranks_have_optimizer else self.loop.optimizer_tensors()
+        self.ranks.bcast_json({
+            "cmd": "round", "lease": lease.model_dump(mode="json"),
+            "shards": [str(self.local.shards / f"{by_name[n].sha256}.bin") for n in lease.shards],
+            "optimizer": {k: list(v.shape) for k, v in opt.items()} if opt else None})
+        self.ranks.bcast_tensors(self.theta, self.shapes)
+        if opt:
+            self.ranks.bcast_tensors(opt, {k: v.shape for k, v in opt.items()})
+        self._ranks_have_optimizer = True
+
     # -- the loop
     def run(self) -> WorkerSummary:
+        try:
+            return self._run()
+        finally:
+            if self.ranks is not None:  # release the other ranks
+                self.ranks.bcast_json({"cmd": "exit"})
+
+    def _run(self) -> WorkerSummary:
         started = time.monotonic()
         with GracefulInterrupt("Ctrl-C: finishing this round early and sending the work done "
                                "(Ctrl-C again to abandon it)") as stop, RoundProgress(
@@ -468,5 +503,51 @@ class RoundProgress:
                 f"sent {self.sent / 1e6:.1f} MB  {verdict}"))
 
 
+def _batch(shards: list[np.ndarray], tcfg: TrainConfig, seed: int, step: int):
+    return get_batch(shards, tcfg.batch_size, tcfg.seq_len, seed, step)
+
+
+def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
+    """Ranks 1..N-1 of a volunteer: train what rank 0 hands over, until it says exit."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = protocol.RunInfo.model_validate(ranks.bcast_json())
+    tcfg = TrainConfig(**info.train)
+    model = build_model(config_from_dict(info.model_config_json))
+    shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
+    loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank)
+    rounds = 0
+    while True:
+        msg = ranks.bcast_json()
+        if msg["cmd"] == "exit":
+            return WorkerSummary(rounds=rounds, reason=f"rank {ranks.rank} of {ranks.world}")
+        lease = protocol.Lease.model_validate(msg["lease"])
+        load_into(model, ranks.bcast_tensors(None, shapes))
+        if msg["optimizer"]:
+            loop.load_optimizer_tensors(ranks.bcast_tensors(None, msg["optimizer"]))
+        shards = [np.fromfile(p, dtype=info.dtype) for p in msg["shards"]]
+        loop.run(functools.partial(_batch, shards, tcfg, lease.seed), lease.start_step,
+                 lease.max_steps)
+        rounds += 1
+
+
 def run_worker(cfg: WorkerConfig) -> WorkerSummary:
-    return Worker(cfg).run()
+    """One volunteer: a single process, `cfg.nproc` processes, or this rank under torchrun."""
+    from crowdtrain import ranks as rk
+
+    group = rk.from_env(cfg.device)
+    if group is None and cfg.nproc > 1:
+        return rk.launch(cfg)
+    try:
+        if group is None:
+            return Worker(cfg).run()
+        return Worker(cfg, group).run() if group.leader else follow(cfg, group)
+    finally:
+        if group is not None:
+            rk.shutdown()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m crowdtrain.worker URL [options]
+    from crowdtrain.cli import main
+
+    sys.exit(main(["join", *sys.argv[1:]]))
