@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
           f"x {a.inner_steps} inner steps; defence {a.defence!r} vs plain mean; work in {work}")
     ref = swarm_run(base, work, None, a.defence, **kw)
     print(f"honest only ({a.defence}): held-out {ref.loss:.4f} (initial {ref.initial:.4f}, "
-          f"{ref.seconds:.0f}s)")
+          f"{ref.seconds:.0f}s): the reference of every ratio below")
+    if not a.quick:  # what the defence costs when nobody attacks
+        plain = swarm_run(base, work, None, "mean", **kw)
+        print(f"honest only (mean): held-out {plain.loss:.4f} (ratio {plain.loss / ref.loss:.3f})")
     print(f"{'attack':<12} {'aggregation':<14} {'held-out':>9} {'ratio':>7}  attacker's "
           "contributions")
     worst = {a.defence: 1.0, "mean": 1.0}
