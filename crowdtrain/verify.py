@@ -101,6 +101,12 @@ def verify_model(model_dir: str | os.PathLike, run_dir: str | os.PathLike,
     if prov.get("run", {}).get("trained_by") != "swarm" or not prov.get("chain"):
         raise CrowdtrainError(f"{model_dir} was trained on one machine (`crowdtrain train`): "
                               "only swarm runs record the updates that verify replays")
+    source = prov.get("model", {}).get("checkpoint_source")
+    if source not in (None, "swarm"):
+        raise CrowdtrainError(f"{model_dir} is checkpoint {prov['model'].get('checkpoint_round')}"
+                              f", made by `crowdtrain {'train' if source == 'local' else source}`"
+                              " rather than by a swarm round: there is no update to replay for "
+                              "it; export a checkpoint the swarm produced (--round)")
     run = Run(run_dir)
     if not (run.dir / LEDGER_FILE).is_file():
         raise CrowdtrainError(f"{run.dir} has no {LEDGER_FILE}: it never served a swarm run, "

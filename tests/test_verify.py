@@ -234,3 +234,16 @@ def test_an_earlier_checkpoint_verifies_up_to_its_round(published, tmp_path):
     out = export_model(Run(run_dir), tmp_path / "m2", rnd=2, evaluate=False)
     rep = verify_model(out, run_dir)
     assert rep.ok and rep.rounds == 2
+
+
+def test_a_checkpoint_trained_locally_after_the_swarm_is_refused(published, tmp_path):
+    from crowdtrain.local import train_local
+    from crowdtrain.rundir import Run
+
+    run_dir, _ = published
+    shutil.copytree(run_dir, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    train_local(run, steps=1, eval_every=1, progress=False)
+    out = export_model(run, tmp_path / "m", evaluate=False)
+    with pytest.raises(CrowdtrainError, match="checkpoint 4, made by `crowdtrain train`"):
+        verify_model(out, run.dir)
