@@ -37,3 +37,8 @@ def test_efficiency_quick(work):
     out = quick("efficiency.py", work)
     assert re.search(r"over wall time, steady state\s+\d+\.\d+", out), out
     assert "time from the worker's start to its first inner step" in out, out
+
+
+def test_coordinator_load_quick(work):
+    out = quick("coordinator_load.py", work)
+    assert re.search(r"N=8 .* accepted 8/8\s+refused 0", out), out
