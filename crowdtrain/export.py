@@ -100,6 +100,16 @@ def export_model(run: Run | str | os.PathLike, out_dir: str | os.PathLike,
     model.eval()
     evaluation = _evaluation(model, run.tokenizer, eval_data, run) if evaluate else None
     record = build_provenance(run, ckpt.meta, count_params(model), evaluation)
+    curve = record["loss_curve"]
+    if evaluate and (not curve or curve[-1]["round"] != ckpt.round):
+        # the loss curve's last point: the exported checkpoint on the run's validation windows
+        import torch
+
+        from crowdtrain.train import evaluate as val_loss
+
+        curve.append({"round": ckpt.round,
+                      "tokens_trained": int(ckpt.meta.get("tokens_trained", 0)),
+                      "val_loss": val_loss(model, run.val_windows(), torch.device("cpu"))})
     if fmt == "hf":
         model.generation_config = GenerationConfig(
             do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
@@ -345,10 +355,11 @@ def _training_section(record: dict) -> str:
     ]
     if record.get("run", {}).get("trained_by") == "swarm":
         s = h["swarm"]
+        nesterov = " (Nesterov)" if s["nesterov"] and s["outer_momentum"] else ""
         rows += [
             ["DiLoCo rounds", f"{t.get('rounds', 0)} of {s['inner_steps']} inner steps"],
-            ["outer optimizer", f"SGD lr {s['outer_lr']}, momentum {s['outer_momentum']}"
-                                f"{' (Nesterov)' if s['nesterov'] else ''}"],
+            ["outer optimizer",
+             f"SGD lr {s['outer_lr']}, momentum {s['outer_momentum']}{nesterov}"],
             ["aggregation", f"{s['aggregation']}, updates published as int8"],
         ]
     rows += [

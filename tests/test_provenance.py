@@ -111,7 +111,10 @@ def test_provenance_records_data_rounds_contributors_refusals_and_compute(swarm)
     assert people["carol"]["refused"] == 2 and people["carol"]["rounds"] == 1
     assert prov["refused"] == {"total": 2, "by_reason": {
         "unknown lease N": 1, "payload is for lease N round N, not lease N round N": 1}}
-    assert [p["val_loss"] for p in prov["loss_curve"]] == [6.0, 5.5, 5.0]
+    curve = prov["loss_curve"]
+    assert [p["val_loss"] for p in curve[:3]] == [6.0, 5.5, 5.0]  # the coordinator's evals
+    assert curve[3]["round"] == 3 and 0 < curve[3]["val_loss"] < 10  # measured at export
+    assert [p["tokens_trained"] for p in curve] == [0, 3000, 8560, 11560]
     c = prov["compute"]
     assert c["contributions"] == 7 and c["volunteer_seconds"] == 14.0
     assert c["training_flops_estimate"] == 6.0 * prov["model"]["params"] * total
