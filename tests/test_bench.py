@@ -42,3 +42,9 @@ def test_efficiency_quick(work):
 def test_coordinator_load_quick(work):
     out = quick("coordinator_load.py", work)
     assert re.search(r"N=8 .* accepted 8/8\s+refused 0", out), out
+
+
+def test_scaling_quick(work):
+    out = quick("scaling.py", work)
+    assert re.search(r"1M .*coordinator: submit .* worker: round", out), out
+    assert "coordinator close" in out, out
