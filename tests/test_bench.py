@@ -48,3 +48,10 @@ def test_scaling_quick(work):
     out = quick("scaling.py", work)
     assert re.search(r"1M .*coordinator: submit .* worker: round", out), out
     assert "coordinator close" in out, out
+
+
+def test_communication_quick(work):
+    out = quick("communication.py", work)
+    assert re.search(r"DDP \(gloo, 2 processes.*held-out \d", out), out
+    assert re.search(r"int8/int8 +\d", out) and re.search(r"fp32/fp32 +\d", out), out
+    assert "compute utilisation" in out, out
