@@ -30,6 +30,7 @@ def command(fn: Callable[[argparse.Namespace], int | None]):
 @command
 def cmd_init(a: argparse.Namespace) -> None:
     from crowdtrain.data import default_corpus
+    from crowdtrain.lora import LoraSettings
     from crowdtrain.rundir import SwarmConfig, init_run
 
     swarm = SwarmConfig(**{k: v for k, v in (
@@ -40,13 +41,30 @@ def cmd_init(a: argparse.Namespace) -> None:
         swarm.rounds * swarm.inner_steps if a.rounds or a.inner_steps else None)
     overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
                                    ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
+    lora = None
+    opts = {k: v for k, v in (("rank", a.lora_rank), ("alpha", a.lora_alpha),
+                              ("dropout", a.lora_dropout)) if v is not None}
+    if a.lora_targets is not None:
+        opts["targets"] = LoraSettings.parse_targets(a.lora_targets)
+    if a.lora or opts:
+        lora = LoraSettings(**opts)
     run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
                    vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
-                   progress=not a.quiet, train_overrides=overrides, swarm=swarm)
+                   progress=not a.quiet, train_overrides=overrides, swarm=swarm,
+                   from_pretrained=a.from_pretrained, lora=lora)
     idx = run.index
-    print(f"created run {run.dir}: preset {run.config.preset}, vocab {idx.vocab_size}, "
+    what = (f"from {run.config.base_model}" if run.config.base_model else
+            f"preset {run.config.preset}")
+    print(f"created run {run.dir}: {what}, vocab {idx.vocab_size}, "
           f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
           f"{len(idx.train) + len(idx.val)} shards")
+    if lora is not None:
+        from crowdtrain.checkpoint import read_meta
+
+        ck = read_meta(run.ckpt_dir, 0)
+        print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: "
+              f"{ck['bytes']:,} bytes of adapters travel instead of the "
+              f"{run.base_path.stat().st_size:,}-byte model")
     print(f"next: crowdtrain serve {run.dir}   (host it)   or   crowdtrain train {run.dir}   "
           "(one machine)")
 
@@ -303,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches")
     s.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f = s.add_argument_group("fine-tuning a pretrained model")
+    f.add_argument("--from-pretrained", metavar="DIR",
+                   help="start from this local Hugging Face Llama folder (config.json, weights, "
+                        "tokenizer.json): its tokenizer, config and weights; --preset then only "
+                        "picks the training defaults")
+    f.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters (peft) on the frozen model: only adapter deltas "
+                        "travel (implied by the --lora-* options)")
+    f.add_argument("--lora-rank", type=int, help="adapter rank r (default 8)")
+    f.add_argument("--lora-alpha", type=float, help="adapter scale alpha; scaling alpha/r "
+                                                    "(default 16)")
+    f.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    f.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma-separated layers to adapt, from q_proj,k_proj,v_proj,o_proj,"
+                        "gate_proj,up_proj,down_proj, or 'all' (default q_proj,v_proj)")
 
     s = sub.add_parser("train", help="train a run on this machine (the one-machine baseline)",
                        description="Train the run on this machine from its latest checkpoint "

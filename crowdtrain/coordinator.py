@@ -101,9 +101,12 @@ class Coordinator:
         self.ckpt_meta = ckpt.meta
         self.theta = {k: v.clone() for k, v in ckpt.tensors.items()}
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
-        self.params = count_params(model)
-        # largest accepted upload: the whole model in fp32 plus header room
-        self.upload_limit = compress.payload_bytes(self.params, "fp32") + (1 << 20)
+        # the model's parameters (a LoRA run: the frozen base's) and those that travel
+        self.wire_params = sum(v.numel() for v in self.theta.values())
+        self.params = count_params(model) - (self.wire_params if run.config.lora else 0)
+        # largest accepted upload: everything that travels in fp32 plus header room
+        self.upload_limit = compress.payload_bytes(self.wire_params, "fp32") + (1 << 20)
+        self.base_path = run.base_path if run.config.lora is not None else None
         self.momentum, self.residual = self._load_outer_state(self.round)
         self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
         self._recover_ledger()
@@ -218,7 +221,10 @@ class Coordinator:
             dtype=self.run.index.dtype,
             train_shards=[ShardInfo(name=e.name, sha256=e.sha256, tokens=e.tokens)
                           for e in self.run.index.train],
-            round=self.round, finished=self.finished, params=self.params)
+            round=self.round, finished=self.finished, params=self.params,
+            lora=rc.lora.to_dict() if rc.lora is not None else None,
+            base_sha256=rc.base_sha256 if rc.lora is not None else None,
+            base_bytes=self.base_path.stat().st_size if self.base_path is not None else None)
 
     # ------------------------------------------------------------------ model downloads
 
@@ -226,6 +232,12 @@ class Coordinator:
         """The current round, its checkpoint's tensor file and that file's sha256."""
         with self.lock:
             return self.round, tensor_path(self.run.ckpt_dir, self.round), self.ckpt_meta["sha256"]
+
+    def base_file(self) -> tuple[Path, str]:
+        """A LoRA run's frozen base weights and their sha256 (checked when the run loaded)."""
+        if self.base_path is None:
+            raise Refused(404, "this run trains every parameter: it has no separate base weights")
+        return self.base_path, self.run.config.base_sha256
 
     def update_file(self, rnd: int) -> Path:
         p = self.updates_dir / f"update-{rnd:06d}.safetensors"
@@ -488,7 +500,7 @@ class Coordinator:
         return Status(
             api_version=API_VERSION, run_name=self.run.config.name, round=self.round,
             finished=self.finished, params=self.params,
-            payload_bytes=compress.payload_bytes(self.params, self.cfg.codec),
+            payload_bytes=compress.payload_bytes(self.wire_params, self.cfg.codec),
             full_model_bytes=4 * self.params, rounds=rounds, volunteers=vols,
             initial_val_loss=first["val_loss"] if first else None, refusals=refusals,
             round_deadline=None if self.finished or current is None else current["deadline"])

@@ -94,12 +94,21 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def traveling_parameters(model: torch.nn.Module):
+    """(name, parameter) of what checkpoints and the wire carry: every parameter, or for a peft
+    (LoRA) model only the trainable adapters (its frozen base is stored once, see lora.py)."""
+    peft = getattr(model, "peft_config", None) is not None
+    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
+        if not peft or p.requires_grad:
+            yield name, p
+
+
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors without tied duplicates, contiguous, on CPU: what checkpoints and the
-    wire carry."""
+    wire carry (a LoRA model's adapters only)."""
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
+    for name, p in traveling_parameters(model):
         if id(p) in seen:
             continue
         seen[id(p)] = name
@@ -110,7 +119,7 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` (as from `state_dict_for_save`) into the model's parameters in place."""
-    for name, p in model.named_parameters():
+    for name, p in traveling_parameters(model):
         if name not in tensors:
             raise CrowdtrainError(f"weights lack tensor {name}")
         p.copy_(tensors[name])

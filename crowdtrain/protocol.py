@@ -2,7 +2,10 @@
 
 JSON messages are pydantic models defined here and nowhere else. Tensors travel as safetensors
 bodies (see compress.py for the codecs):
-- GET  MODEL                full parameters of the current round, fp32 (for newcomers)
+- GET  MODEL                full parameters of the current round, fp32 (for newcomers); in a
+                            LoRA run "parameters" are the adapters only, everywhere below too
+- GET  BASE                 a LoRA run's frozen base weights (safetensors, SHA256_HEADER; equal
+                            to RunInfo.base_sha256), downloaded once and cached by workers
 - GET  UPDATE.format(r)     int8 outer update u_r: theta_{r+1} = theta_r + dequant(u_r), bit-exact
 - POST SUBMIT.format(id)    the compressed pseudo-gradient theta_r - theta_local of a lease; its
                             safetensors metadata holds `stats` (SubmitStats as JSON) and `codec`.
@@ -29,6 +32,7 @@ INFO = "/v1/info"
 JOIN = "/v1/join"
 TOKENIZER = "/v1/tokenizer"
 MODEL = "/v1/model"
+BASE = "/v1/base"
 UPDATE = "/v1/updates/{round}"
 SHARD = "/v1/shards/{sha256}"
 LEASE = "/v1/lease"
@@ -77,6 +81,11 @@ class RunInfo(BaseModel):
     round: int = Field(description="the round now open")
     finished: bool
     params: int
+    lora: dict | None = Field(None, description="LoRA settings (rank, alpha, dropout, "
+                              "targets) when the run trains adapters on a frozen base")
+    base_sha256: str | None = Field(None, description="sha256 of the base weights (GET BASE) "
+                                    "of a LoRA run")
+    base_bytes: int | None = Field(None, description="size of the base weights file")
 
 
 class JoinRequest(BaseModel):

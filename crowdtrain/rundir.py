@@ -4,6 +4,7 @@
       run.json          RunConfig (written last: its presence marks a complete init)
       tokenizer.json    HF tokenizers file
       model/config.json the HF model config
+      model/base.safetensors  LoRA runs only: the frozen pretrained weights (see lora.py)
       data/             token shards + index.json (see data.py)
       checkpoints/      ckpt-NNNNNN.safetensors + .json (see checkpoint.py); round 0 = init
 """
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -34,12 +35,14 @@ from crowdtrain.data import (
     train_tokenizer,
 )
 from crowdtrain.errors import CrowdtrainError, check_settings
+from crowdtrain.lora import BASE_FILE, LoraSettings
 from crowdtrain.model import (
     build_model,
     count_params,
     get_preset,
     load_config,
     load_into,
+    load_pretrained,
     preset_config,
     state_dict_for_save,
 )
@@ -83,9 +86,16 @@ class SwarmConfig:
         check_settings("swarm", checks, self)
 
 
+PRETRAINED = "pretrained"  # the `preset` of a run started from a pretrained folder
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a run; every machine taking part reads the same copy."""
+    """Everything that defines a run; every machine taking part reads the same copy.
+
+    A run made with `--from-pretrained DIR` has preset "pretrained", `base_model` = DIR's name
+    and checkpoint 0 = DIR's weights; with LoRA (`lora`), the frozen weights are in
+    model/base.safetensors (`base_sha256`) and the checkpoints hold the adapters only."""
 
     name: str
     preset: str
@@ -96,11 +106,17 @@ class RunConfig:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     created_at: float = 0.0
     crowdtrain_version: str = __version__
+    base_model: str | None = None
+    base_sha256: str | None = None
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)
+        if self.preset != PRETRAINED or self.base_model is None:
+            get_preset(self.preset)
         if self.eval_tokens < 256:
             raise CrowdtrainError(f"eval_tokens must be >= 256, got {self.eval_tokens}")
+        if self.lora is not None and (self.base_model is None or not self.base_sha256):
+            raise CrowdtrainError("a LoRA run needs a pretrained base model and its sha256")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -111,6 +127,8 @@ class RunConfig:
         d["data"] = DataConfig(**d.get("data", {}))
         d["train"] = TrainConfig(**d.get("train", {}))
         d["swarm"] = SwarmConfig(**d.get("swarm", {}))
+        if d.get("lora") is not None:
+            d["lora"] = LoraSettings(**d["lora"])
         return cls(**d)
 
 
@@ -146,9 +164,25 @@ class Run:
     def model_config(self):
         return load_config(self.model_dir)
 
+    @property
+    def base_path(self) -> Path:
+        """The frozen base weights of a LoRA run."""
+        return self.model_dir / BASE_FILE
+
+    def build_model(self) -> torch.nn.Module:
+        """The run's model before any checkpoint: a fresh init, or for a LoRA run the frozen
+        base (sha256-checked) wrapped with adapters."""
+        if self.config.lora is None:
+            return build_model(self.model_config(), seed=self.config.seed)
+        from crowdtrain.lora import build_lora_model, load_base
+
+        return build_lora_model(self.model_config(), self.config.lora,
+                                load_base(self.base_path, self.config.base_sha256),
+                                seed=self.config.seed)
+
     def load_model(self, rnd: int | None = None) -> tuple[torch.nn.Module, Checkpoint]:
         """The model with the weights of checkpoint `rnd` (default: latest)."""
-        model = build_model(self.model_config(), seed=self.config.seed)
+        model = self.build_model()
         ckpt = load_checkpoint(self.ckpt_dir, rnd, expected=state_dict_for_save(model))
         load_into(model, ckpt.tensors)
         return model, ckpt
@@ -169,11 +203,19 @@ def init_run(
     progress: bool = True,
     train_overrides: dict | None = None,
     swarm: SwarmConfig | None = None,
+    from_pretrained: str | os.PathLike | None = None,
+    lora: LoraSettings | None = None,
 ) -> Run:
-    """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0)."""
+    """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0).
+
+    With `from_pretrained` (a local Hugging Face Llama folder with a tokenizer.json) the run
+    uses that folder's tokenizer, config and weights (checkpoint 0), and `preset` only picks
+    the training defaults; with `lora` too, the weights are frozen in model/base.safetensors
+    and the run trains (and the swarm moves) LoRA adapters only."""
     run_dir = Path(run_dir)
     p = get_preset(preset)
     sources = check_sources(data)
+    pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             what = "a run" if (run_dir / RUN_FILE).exists() else "files"
@@ -186,29 +228,75 @@ def init_run(
     train_cfg = PRESET_TRAINING[preset]
     if train_overrides:
         train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
+    if pretrained is not None:
+        model_cfg, tok = pretrained
+        context, what = model_cfg.max_position_embeddings, f"{Path(from_pretrained).name} model"
+    else:
+        model_cfg, tok, context, what = None, None, p.context, preset
     cfg = RunConfig(
         name=run_dir.name,
-        preset=preset,
+        preset=PRETRAINED if pretrained else preset,
         seed=seed,
-        data=DataConfig(vocab_size=vocab_size or p.vocab_size),
+        data=DataConfig(vocab_size=tok.get_vocab_size() if tok else vocab_size or p.vocab_size),
         train=train_cfg,
         swarm=swarm or SwarmConfig(),
         created_at=time.time(),
+        base_model=Path(from_pretrained).name if pretrained else None,
     )
-    if cfg.train.seq_len > p.context:
+    if cfg.train.seq_len > context:
         raise CrowdtrainError(
-            f"seq_len {cfg.train.seq_len} exceeds the {preset} context {p.context}")
+            f"seq_len {cfg.train.seq_len} exceeds the {what} context {context}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
+    if tok is None:
+        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
     tok.save(str(run_dir / "tokenizer.json"))
     index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
-    model_cfg = preset_config(preset, tok.get_vocab_size(), index.eot_id)
+    if model_cfg is None:
+        model_cfg = preset_config(preset, tok.get_vocab_size(), index.eot_id)
     model_cfg.save_pretrained(str(run_dir / "model"))
-    model = build_model(model_cfg, seed=seed)
+    if pretrained is None:
+        model = build_model(model_cfg, seed=seed)
+    else:
+        model = load_pretrained(from_pretrained)
+    params, source = count_params(model), "init" if pretrained is None else "pretrained"
+    if lora is not None:
+        from safetensors.torch import save_file
+
+        from crowdtrain.lora import base_sha256, wrap
+
+        save_file(state_dict_for_save(model), str(run_dir / "model" / BASE_FILE),
+                  metadata={"base_model": cfg.base_model})
+        cfg = replace(cfg, lora=lora, base_sha256=base_sha256(run_dir / "model" / BASE_FILE))
+        model = wrap(model, lora, seed=seed)
     val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
                        cfg.eval_tokens)
-    meta = {"tokens_trained": 0, "steps": 0, "params": count_params(model), "source": "init",
+    meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source,
             "val_loss": evaluate(model, val, torch.device("cpu"))}
     save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
     (run_dir / RUN_FILE).write_text(cfg.to_json())
     return Run(run_dir)
+
+
+def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size):
+    """(config, tokenizer) of a pretrained folder to start from, each checked; None without."""
+    if src is None:
+        if lora is not None:
+            raise CrowdtrainError("LoRA adapts a pretrained model: pass --from-pretrained DIR")
+        return None
+    if tokenizer is not None or vocab_size is not None:
+        raise CrowdtrainError("--from-pretrained uses the model's own tokenizer: drop "
+                              "--tokenizer and --vocab-size")
+    src = Path(src)
+    if not src.is_dir():
+        raise CrowdtrainError(f"--from-pretrained {src}: not a folder")
+    config = load_config(src)
+    if config.model_type != "llama":
+        raise CrowdtrainError(f"{src} holds a {config.model_type!r} model; crowdtrain fine-tunes "
+                              "Llama-architecture models (model_type 'llama')")
+    if not (src / "tokenizer.json").is_file():
+        raise CrowdtrainError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer)")
+    tok = load_tokenizer(src / "tokenizer.json")
+    if tok.get_vocab_size() > config.vocab_size:
+        raise CrowdtrainError(f"the tokenizer of {src} has {tok.get_vocab_size()} tokens, more "
+                              f"than the model's vocab_size {config.vocab_size}")
+    return config, tok

@@ -141,6 +141,12 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         return Response(data, media_type=SAFETENSORS,
                         headers={protocol.ROUND_HEADER: str(rnd), protocol.SHA256_HEADER: sha})
 
+    @app.get(protocol.BASE, responses={200: {"content": {SAFETENSORS: {}}}})
+    def base(vol: Volunteer = Depends(volunteer)) -> FileResponse:
+        path, sha = coord.base_file()
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type=SAFETENSORS, headers={protocol.SHA256_HEADER: sha})
+
     @app.get(protocol.UPDATE, responses={200: {"content": {SAFETENSORS: {}}}})
     def update(round: int, vol: Volunteer = Depends(volunteer)) -> Response:
         data = coord.update_file(round).read_bytes()

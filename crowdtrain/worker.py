@@ -4,7 +4,9 @@ Top to bottom, one round:
 1. ask for a lease (round r, shards, seed, schedule position, budget of steps and seconds);
 2. bring the parameters to theta_r: apply the published int8 updates to the copy held from the
    previous round (bit-exact, about 1 byte per parameter) or, for a newcomer, download the full
-   checkpoint; download the lease's shards once (content-addressed, sha256-checked);
+   checkpoint; download the lease's shards once (content-addressed, sha256-checked). In a
+   LoRA run the parameters are the adapters, on frozen base weights downloaded once
+   (`GET /v1/base`, sha256-checked, cached by hash);
 3. run the inner loop from theta_r (AdamW state carries over from round to round and across
    restarts, saved on local disk) until the step or time budget is spent;
 4. send delta = theta_r - theta_local, int8-compressed with error feedback, with the stats.
@@ -221,7 +223,7 @@ class Worker:
         self.run_dir = self.local.run_dir(self.info.run_name)
         self._join()
         self.tcfg = TrainConfig(**self.info.train)
-        self.model = build_model(config_from_dict(self.info.model_config_json))
+        self.model = self._build_model()
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
                               ranks=ranks.world if ranks else 1)
@@ -248,6 +250,38 @@ class Worker:
             log.info("joined %s as %s (volunteer %d)", self.cfg.url, resp.name, resp.volunteer_id)
         self.client.token = ident["token"]
         self.name = ident["name"]
+
+    # -- the model
+    def _build_model(self) -> torch.nn.Module:
+        """The run's model; for a LoRA run, the cached base weights wrapped with adapters (the
+        other ranks of this volunteer read the same cached file)."""
+        config = config_from_dict(self.info.model_config_json)
+        if self.info.lora is None:
+            return build_model(config)
+        from safetensors.torch import load_file
+
+        from crowdtrain.lora import LoraSettings, build_lora_model
+
+        path = self._base_file()
+        if self.ranks is not None:
+            self.ranks.bcast_json({"base": str(path)})
+        return build_lora_model(config, LoraSettings(**self.info.lora), load_file(str(path)))
+
+    def _base_file(self) -> Path:
+        """The LoRA run's frozen base weights: cached by sha256, else downloaded once and
+        checked against the sha256 the run info names (safetensors only, never pickle)."""
+        from crowdtrain.lora import base_sha256
+
+        sha = self.info.base_sha256 or ""
+        p = self.local.home / "bases" / f"{sha}.safetensors"
+        if p.is_file() and base_sha256(p) == sha:
+            return p
+        r = self.client.call("GET", protocol.BASE)
+        verify_sha256(r.content, sha, "downloaded base weights")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(p, r.content)
+        log.info("downloaded the base weights (%.1f MB)", len(r.content) / 1e6)
+        return p
 
     # -- local persistence
     def _params_file(self) -> Path:
@@ -513,7 +547,14 @@ def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
         torch.set_num_threads(cfg.threads)
     info = protocol.RunInfo.model_validate(ranks.bcast_json())
     tcfg = TrainConfig(**info.train)
-    model = build_model(config_from_dict(info.model_config_json))
+    if info.lora is None:
+        model = build_model(config_from_dict(info.model_config_json))
+    else:  # rank 0 names the base weights it cached (and checked)
+        from crowdtrain.lora import LoraSettings, build_lora_model, load_base
+
+        base = load_base(ranks.bcast_json()["base"], info.base_sha256 or "")
+        model = build_lora_model(config_from_dict(info.model_config_json),
+                                 LoraSettings(**info.lora), base)
     shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
     loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank)
     rounds = 0
