@@ -97,6 +97,9 @@ def export_model(run: Run | str | os.PathLike, out_dir: str | os.PathLike,
     _check_out(out, force)
     model, ckpt = run.load_model(rnd)  # fails before touching `out` when rnd is unknown
     _prepare_out(out, force)
+    from crowdtrain.lora import export_adapter  # LoRA run: out/adapter/ (peft), then merged
+
+    model = export_adapter(run, model, out)
     model.eval()
     evaluation = _evaluation(model, run.tokenizer, eval_data, run) if evaluate else None
     record = build_provenance(run, ckpt.meta, count_params(model), evaluation)
