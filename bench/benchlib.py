@@ -164,6 +164,16 @@ def make_run(base: Run, dst: Path, shape: str | None = None, *, train: dict | No
     return Run(dst)
 
 
+def serve(swarm, *args: object, timeout: float = 900.0):
+    """Start the coordinator of a LocalSwarm like `swarm.serve()`, with a start-up allowance
+    for a loaded machine (a large model is built, loaded and evaluated before it answers)."""
+    from crowdtrain.localswarm import wait_until_up
+
+    p = swarm.cli("coordinator", "serve", swarm.run_dir, "--port", swarm.port, *args)
+    wait_until_up(swarm.url, p, swarm.logfile("coordinator"), timeout)
+    return p
+
+
 def params_of(run: Run) -> int:
     return int(json.loads((run.ckpt_dir / "ckpt-000000.json").read_text())["params"])
 

@@ -56,6 +56,7 @@ from benchlib import (  # noqa: E402
     make_run,
     params_of,
     run_instrumented_worker,
+    serve,
 )
 
 from crowdtrain import compress  # noqa: E402
@@ -324,7 +325,7 @@ def uplink_one(label: str, run: Run, h: int, rounds: int, work: Path, a: argpars
                ) -> None:
     out = work / f"uplink-{label}.json"
     with LocalSwarm(run.dir, work / f"uplink-{label}-logs") as swarm:
-        swarm.serve()
+        serve(swarm)
         proxy = Proxy(swarm.port, a.up_mbit, a.down_mbit, a.rtt_ms / 1000)
         proxy.start()
         proxy.ready.wait(10)

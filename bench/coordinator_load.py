@@ -21,7 +21,7 @@ Targets: 100 concurrent workers on a 10M model with no refusal but the intended 
 memory growing with N x block size, not N x model size.
 
     python bench/coordinator_load.py                  # full: 1M x {10,100}, 10M x {1,10,100},
-                                                      #       100M x {1,4}; 2 rounds each
+                                                      #       100M x {1,4}; 1 round each
     python bench/coordinator_load.py --quick          # 0.13M model, 8 workers, 1 round
     python bench/coordinator_load.py --sizes 10M --workers 100 --rounds 3
 """
@@ -53,6 +53,7 @@ from benchlib import (  # noqa: E402
     peak_rss_mb,
     percentile,
     rss_mb,
+    serve,
 )
 
 from crowdtrain import protocol  # noqa: E402
@@ -84,6 +85,7 @@ class Result:
     peak_close_mb: float = 0.0
     payload_mb: float = 0.0
     block_elems: int = BLOCK_ELEMS  # the largest block robust_aggregate reads for this model
+    lease_timeouts: int = 0  # lease requests that outlived the client's timeout (retried)
 
 
 class MemorySampler(threading.Thread):
@@ -109,7 +111,7 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
     transport = httpx.AsyncHTTPTransport(local_address=addr)
     api = {protocol.API_HEADER: str(protocol.API_VERSION)}
     async with httpx.AsyncClient(base_url=url, transport=transport, headers=api,
-                                 timeout=httpx.Timeout(900.0)) as c:
+                                 timeout=httpx.Timeout(300.0)) as c:
         req = protocol.JoinRequest(name=f"sim-{i}", device="cpu",
                                    api_version=protocol.API_VERSION)
         r = await c.post(protocol.JOIN, json=req.model_dump())
@@ -120,8 +122,12 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
         have: int | None = None
         done = 0
         while done < rounds:
-            r = await c.post(protocol.LEASE, headers=auth,
-                             json=protocol.LeaseRequest(have_round=have).model_dump())
+            try:  # a lease asked for while the round closes waits for the close to finish
+                r = await c.post(protocol.LEASE, headers=auth,
+                                 json=protocol.LeaseRequest(have_round=have).model_dump())
+            except httpx.TimeoutException:
+                res.lease_timeouts += 1
+                continue
             if r.status_code != 200:
                 res.refusals[f"lease {r.status_code}: {r.json().get('detail')}"] += 1
                 await asyncio.sleep(1.0)
@@ -174,7 +180,7 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         lease_id=1, round=0, steps=1, tokens=1, mean_loss=1.0, seconds=1.0))) / 1e6
     train = run.config.train.__dict__
     with LocalSwarm(run.dir, work / f"{name}-logs") as swarm:
-        swarm.serve("coordinator", "--threads", 1)
+        serve(swarm, "--threads", 1)
         pid = swarm.procs["coordinator"].pid
         time.sleep(1.0)
         res.rest_mb = rss_mb(pid)
@@ -189,9 +195,14 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
 
         asyncio.run(all_volunteers())
         # wait for the last round to close (the run then reports finished)
-        end = time.monotonic() + 1800
-        while not swarm.status().finished and time.monotonic() < end:
-            time.sleep(0.2)
+        end = time.monotonic() + 3600
+        while time.monotonic() < end:
+            try:
+                if swarm.status().finished:
+                    break
+            except httpx.HTTPError:  # busy closing the round
+                pass
+            time.sleep(0.5)
         res.seconds = time.perf_counter() - t0
         mem.stop.set()
         mem.join()
@@ -223,7 +234,8 @@ def report(r: Result) -> None:
           f"{r.workers * r.payload_mb:6.0f} MB, N x block "
           f"{r.workers * r.block_elems * 16 / 1e6:6.0f} MB, N x model fp32 "
           f"{r.workers * r.params * 4 / 1e6:6.0f} MB  accepted {r.accepted}/"
-          f"{r.workers * r.rounds}  refused {sum(r.refusals.values())}  [{load()}]",
+          f"{r.workers * r.rounds}  refused {sum(r.refusals.values())}  lease requests "
+          f"timed out (300 s, retried) {r.lease_timeouts}  [{load()}]",
           flush=True)
     for why, n in r.refusals.items():
         print(f"      refused x{n}: {why}")
@@ -236,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="comma-separated model sizes among 1M, 10M, 100M (default: "
                    "all, with the worker counts of the full run)")
     p.add_argument("--workers", help="comma-separated worker counts for --sizes")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per configuration")
+    p.add_argument("--rounds", type=int, default=1, help="rounds per configuration")
     p.add_argument("--spread", type=float, default=0.0,
                    help="each volunteer 'trains' a random 0..SPREAD seconds before uploading "
                         "(default 0: every upload at once, the worst case)")

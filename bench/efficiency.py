@@ -52,6 +52,7 @@ from benchlib import (  # noqa: E402
     median,
     params_of,
     run_instrumented_worker,
+    serve,
 )
 
 from crowdtrain.localswarm import LocalSwarm, cli_command  # noqa: E402
@@ -80,7 +81,7 @@ def swarm_trial(base: Run, work: Path, rounds: int, inner_steps: int, threads: i
         "rounds": rounds, "inner_steps": inner_steps, "round_seconds": 3600.0,
         "min_contributions": 1})
     with LocalSwarm(run.dir, work / f"{name}-logs") as swarm:
-        swarm.serve()
+        serve(swarm)
         return run_instrumented_worker(swarm.url, work / f"{name}-home", name, rounds,
                                        threads=threads)
 

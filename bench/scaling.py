@@ -43,6 +43,7 @@ from benchlib import (  # noqa: E402
     median,
     params_of,
     run_instrumented_worker,
+    serve,
 )
 
 from crowdtrain import protocol  # noqa: E402
@@ -100,7 +101,7 @@ def worker_side(template: Run, work: Path, pt: Point) -> None:
     run = make_run(template, work / f"worker-{pt.size}", swarm={
         "rounds": 2, "inner_steps": pt.h, "round_seconds": 3600.0, "min_contributions": 1})
     with LocalSwarm(run.dir, work / f"worker-{pt.size}-logs") as swarm:
-        swarm.serve()
+        serve(swarm)
         t = run_instrumented_worker(swarm.url, work / f"home-{pt.size}", "w", 2)
     r2 = t.rounds[1]
     pt.round_s = t.submitted_at[1] - t.submitted_at[0]
