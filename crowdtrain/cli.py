@@ -59,12 +59,15 @@ def cmd_init(a: argparse.Namespace) -> None:
           f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
           f"{len(idx.train) + len(idx.val)} shards")
     if lora is not None:
-        from crowdtrain.checkpoint import read_meta
+        from crowdtrain.checkpoint import load_checkpoint
+        from crowdtrain.compress import payload_bytes
 
-        ck = read_meta(run.ckpt_dir, 0)
+        ck = load_checkpoint(run.ckpt_dir, 0)
+        n, codec = sum(t.numel() for t in ck.tensors.values()), run.config.swarm.codec
         print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: "
-              f"{ck['bytes']:,} bytes of adapters travel instead of the "
-              f"{run.base_path.stat().st_size:,}-byte model")
+              f"{n:,} adapter parameters travel (~{payload_bytes(n, codec):,} bytes per {codec} "
+              f"upload) instead of {ck.meta['params']:,} "
+              f"(~{payload_bytes(ck.meta['params'], codec):,} bytes)")
     print(f"next: crowdtrain serve {run.dir}   (host it)   or   crowdtrain train {run.dir}   "
           "(one machine)")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def wrap(model: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> torch
 
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question (is_gradient_checkpointing)
+        warnings.simplefilter("ignore", FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
 

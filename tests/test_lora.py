@@ -73,7 +73,7 @@ def test_full_fine_tune_starts_from_the_pretrained_weights_and_tokenizer(pretrai
     assert run.model_config().hidden_size == hf.config.hidden_size
 
 
-def test_fine_tune_settings_are_checked(pretrained, new_text, tmp_path):
+def test_fine_tune_settings_are_checked(pretrained, new_text, tmp_path, capsys):
     with pytest.raises(CrowdtrainError, match="--from-pretrained"):
         init_run(tmp_path / "a", [new_text], lora=LoraSettings(), progress=False)
     with pytest.raises(CrowdtrainError, match="own tokenizer"):
@@ -84,6 +84,11 @@ def test_fine_tune_settings_are_checked(pretrained, new_text, tmp_path):
     with pytest.raises(CrowdtrainError, match="unknown LoRA target"):
         LoraSettings.parse_targets("q_proj,attn")
     assert LoraSettings.parse_targets("all")[-1] == "down_proj"
+    from crowdtrain.cli import main
+
+    assert main(["init", str(tmp_path / "d"), "--data", str(new_text), "--from-pretrained",
+                 str(pretrained), "--lora-targets", "q_proj,attn"]) == 2
+    assert "error: unknown LoRA target(s) attn" in capsys.readouterr().err
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
