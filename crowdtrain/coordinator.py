@@ -268,6 +268,14 @@ class Coordinator:
                     f"your contribution to round {rnd} is in; waiting for the round to close"))
             if mine:  # a restarted worker: its earlier lease is void, the new one replaces it
                 self.ledger.expire_leases(rnd, vol.id)
+            if self.ledger.query("SELECT 1 FROM contributions WHERE volunteer_id = ? AND "
+                                 "round = ? AND status = 'refused' LIMIT 1", (vol.id, rnd)):
+                # no second try in a round it sent a refused payload to: a broken or hostile
+                # worker must not hold the round open until its deadline by re-leasing
+                return LeaseResponse(status="wait", retry_after=min(
+                    max(row["deadline"] - now, 0.5), 5.0), message=(
+                    f"your contribution to round {rnd} was refused; you can take part again "
+                    f"from round {rnd + 1}"))
             remaining = row["deadline"] - now
             if remaining < MIN_LEASE_SECONDS + 1:
                 return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),

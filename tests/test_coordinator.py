@@ -235,3 +235,15 @@ def test_a_poisoned_contribution_is_left_out_with_its_reason(coord):
     k = "model.embed_tokens.weight"
     mean = sum(d[k] for d in honest) / 3
     assert torch.allclose(coord.theta[k], theta0[k] - 0.7 * 1.9 * mean, atol=2e-4)
+
+
+def test_a_refused_volunteer_sits_out_the_round_and_does_not_hold_it_open(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    with pytest.raises(Refused):
+        coord.submit(b, lb.lease_id, poisoned_payload(lb, coord.shapes, "model.norm.weight"))
+    r = coord.lease(b, LeaseRequest())  # asks again instead of retrying its own lease
+    assert r.status == "wait" and "was refused" in r.message and "from round 1" in r.message
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    assert coord.tick() and coord.round == 1  # closed at once: b's lease no longer counts
+    assert coord.lease(b, LeaseRequest()).status == "lease"  # welcome back next round
