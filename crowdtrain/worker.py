@@ -226,6 +226,7 @@ class Worker:
         self.model = self._build_model()
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
+                              micro_batch=self._remembered_micro_batch(),
                               ranks=ranks.world if ranks else 1)
         self.theta, self.theta_round = self._load_params()
         self._load_optimizer()
@@ -323,6 +324,24 @@ class Worker:
 
         atomic_write(self.run_dir / "optimizer.safetensors",
                      st_save(self.loop.optimizer_tensors()))
+
+    def _device_file(self) -> Path:
+        return self.run_dir / "device.json"
+
+    def _remembered_micro_batch(self) -> int | None:
+        """The micro-batch that fit this device last time (halved on out-of-memory)."""
+        try:
+            d = json.loads(self._device_file().read_text())
+            if d.get("device") == str(self.device) and int(d["micro_batch"]) >= 1:
+                return int(d["micro_batch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _remember_micro_batch(self) -> None:
+        if self.loop.micro_batch != self._remembered_micro_batch():
+            atomic_write(self._device_file(), json.dumps(
+                {"device": str(self.device), "micro_batch": self.loop.micro_batch}).encode())
 
     # -- parameters and data
     def _sync(self, target: int) -> None:
@@ -425,6 +444,7 @@ class Worker:
             verdict = f"refused: {e.detail}"
             log.warning("round %d: %s", lease.round, verdict)
         self._save_optimizer()
+        self._remember_micro_batch()
         self.summary.last_round = lease.round
         log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB, %s", lease.round,
                  st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6, verdict)

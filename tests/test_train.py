@@ -119,3 +119,20 @@ def test_a_run_batch_that_does_not_split_across_processes_is_refused(tiny_run):
     model, _ = tiny_run.load_model(0)
     with pytest.raises(CrowdtrainError, match="does not split across 3 processes"):
         InnerLoop(model, tiny_run.config.train, torch.device("cpu"), ranks=3)
+
+
+def test_worker_remembers_the_micro_batch_that_fit_its_device(tmp_path):
+    from types import SimpleNamespace
+
+    from crowdtrain.worker import Worker
+
+    w = Worker.__new__(Worker)  # only the device memory, no coordinator
+    w.run_dir, w.device = tmp_path, torch.device("cpu")
+    assert w._remembered_micro_batch() is None
+    w.loop = SimpleNamespace(micro_batch=4)  # what InnerLoop settled on after an OOM
+    w._remember_micro_batch()
+    assert w._remembered_micro_batch() == 4
+    w.device = torch.device("cuda", 0)  # another device starts from the whole batch again
+    assert w._remembered_micro_batch() is None
+    (tmp_path / "device.json").write_text("{not json")
+    assert w._remembered_micro_batch() is None
