@@ -63,6 +63,7 @@ from crowdtrain.model import build_model, config_from_dict, state_dict_for_save 
 from crowdtrain.rundir import Run  # noqa: E402
 
 BLOCK_ELEMS = 1 << 20  # robust_aggregate's default block
+OCTETS = "application/octet-stream"
 FULL = {"1M": [10, 100], "10M": [1, 10, 100], "100M": [1, 4]}
 
 
@@ -85,7 +86,7 @@ class Result:
     peak_close_mb: float = 0.0
     payload_mb: float = 0.0
     block_elems: int = BLOCK_ELEMS  # the largest block robust_aggregate reads for this model
-    lease_timeouts: int = 0  # lease requests that outlived the client's timeout (retried)
+    retries: Counter = dataclasses.field(default_factory=Counter)  # transport errors, retried
 
 
 class MemorySampler(threading.Thread):
@@ -105,6 +106,21 @@ class MemorySampler(threading.Thread):
                 self.close_peak = max(self.close_peak, r)
 
 
+async def request(c: httpx.AsyncClient, res: Result, method: str, path: str,
+                  **kw) -> httpx.Response:
+    """One request, retried on transport errors as the real worker does (e.g. a keep-alive
+    connection the server closed while the client was idle); retries are counted."""
+    for attempt in range(10):
+        try:
+            return await c.request(method, path, **kw)
+        except httpx.TransportError as e:
+            if attempt == 9:
+                raise
+            res.retries[type(e).__name__] += 1
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payloads,
                     train: dict, res: Result, mem: MemorySampler, phase: dict) -> None:
     addr = f"127.{1 + i // 62500}.{(i // 250) % 250}.{2 + i % 250}"
@@ -114,7 +130,7 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
                                  timeout=httpx.Timeout(300.0)) as c:
         req = protocol.JoinRequest(name=f"sim-{i}", device="cpu",
                                    api_version=protocol.API_VERSION)
-        r = await c.post(protocol.JOIN, json=req.model_dump())
+        r = await request(c, res, "POST", protocol.JOIN, json=req.model_dump())
         if r.status_code != 200:
             res.refusals[f"join {r.status_code}: {r.json().get('detail')}"] += 1
             return
@@ -122,12 +138,10 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
         have: int | None = None
         done = 0
         while done < rounds:
-            try:  # a lease asked for while the round closes waits for the close to finish
-                r = await c.post(protocol.LEASE, headers=auth,
-                                 json=protocol.LeaseRequest(have_round=have).model_dump())
-            except httpx.TimeoutException:
-                res.lease_timeouts += 1
-                continue
+            # a lease asked for while the round closes waits for the close to finish; past the
+            # client's timeout it is retried (counted)
+            r = await request(c, res, "POST", protocol.LEASE, headers=auth,
+                              json=protocol.LeaseRequest(have_round=have).model_dump())
             if r.status_code != 200:
                 res.refusals[f"lease {r.status_code}: {r.json().get('detail')}"] += 1
                 await asyncio.sleep(1.0)
@@ -149,8 +163,8 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
             phase.setdefault(lease.round, [time.perf_counter(), 0.0])
             t0 = time.perf_counter()
             try:
-                r = await c.post(protocol.SUBMIT.format(lease_id=lease.lease_id), content=blob,
-                                 headers={**auth, "Content-Type": "application/octet-stream"})
+                r = await request(c, res, "POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
+                                  content=blob, headers={**auth, "Content-Type": OCTETS})
             finally:
                 mem.inflight -= 1
             t1 = time.perf_counter()
@@ -234,8 +248,8 @@ def report(r: Result) -> None:
           f"{r.workers * r.payload_mb:6.0f} MB, N x block "
           f"{r.workers * r.block_elems * 16 / 1e6:6.0f} MB, N x model fp32 "
           f"{r.workers * r.params * 4 / 1e6:6.0f} MB  accepted {r.accepted}/"
-          f"{r.workers * r.rounds}  refused {sum(r.refusals.values())}  lease requests "
-          f"timed out (300 s, retried) {r.lease_timeouts}  [{load()}]",
+          f"{r.workers * r.rounds}  refused {sum(r.refusals.values())}  retried "
+          f"{dict(r.retries) or 0}  [{load()}]",
           flush=True)
     for why, n in r.refusals.items():
         print(f"      refused x{n}: {why}")
