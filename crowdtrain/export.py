@@ -275,7 +275,7 @@ def model_card(record: dict) -> str:
              f"{m.get('layers', '?')} / {m.get('hidden', '?')} / {m.get('heads', '?')}"],
             ["context length", str(m.get("context", "n/a"))],
             ["vocabulary", f"{m.get('vocab_size', 'n/a')} (byte-level BPE)"],
-        ], ["", ""]) + "\n")
+        ] + _base_rows(m), ["", ""]) + "\n")
     out.append(_evaluation_section(record))
     if record.get("gguf"):
         out.append(_gguf_section(record))
@@ -291,6 +291,20 @@ def model_card(record: dict) -> str:
         out.append(_provenance_section(record))
     out.append(_usage_section(record))
     return "\n".join(out)
+
+
+def _base_rows(m: dict) -> list[list[str]]:
+    """Rows for a model fine-tuned from a pretrained one (in full, or with LoRA adapters)."""
+    if not m.get("base_model"):
+        return []
+    rows = [["fine-tuned from", f"`{m['base_model']}`"]]
+    if m.get("lora"):
+        lo = m["lora"]
+        rows.append(["LoRA", f"rank {lo['rank']}, alpha {lo['alpha']}, on "
+                             f"{', '.join(lo['targets'])}; adapter in `adapter/`, merged here"])
+    if m.get("base_sha256"):
+        rows.append(["base weights sha256", f"`{m['base_sha256']}`"])
+    return rows
 
 
 def _evaluation_section(record: dict) -> str:

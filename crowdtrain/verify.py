@@ -205,10 +205,9 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
     if target > r0 and head != prev:
         return rep.fail(f"chain head: the model's provenance names head {str(head)[:12]}..., "
                         f"the replay ends at {prev[:12]}...")
-    try:
-        pub_weights = st_load(weights.read_bytes())
-    except Exception as e:  # safetensors raises several types on a bad file
-        raise CorruptDataError(f"{weights} is not valid safetensors ({e})") from None
+    pub_weights = _read_weights(weights)
+    if getattr(run.config, "lora", None) is not None:
+        return _check_lora(run, theta, weights.parent, pub_weights, target, rep, say)
     diff = _first_difference(theta, pub_weights)
     if diff:
         return rep.fail(f"published weights (checkpoint {target}, after link {target - 1}): "
@@ -217,3 +216,56 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
         f"replay of {rep.rounds} round(s) exactly")
     rep.ok = True
     return rep
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CrowdtrainError(f"{path} is missing")
+    try:
+        return st_load(path.read_bytes())
+    except Exception as e:  # safetensors raises several types on a bad file
+        raise CorruptDataError(f"{path} is not valid safetensors ({e})") from None
+
+
+def _check_lora(run: Run, theta: dict[str, torch.Tensor], model_dir: Path,
+                merged_pub: dict[str, torch.Tensor], target: int, rep: VerifyReport,
+                say: Callable[[str], None]) -> VerifyReport:
+    """A LoRA run's chain carries the adapters only: the published adapter (peft's format)
+    must equal the replayed adapters exactly, and the merged model.safetensors must be the
+    frozen base (sha256-checked against run.json) with those adapters folded in."""
+    from crowdtrain.lora import ADAPTER_DIR, merge
+    from crowdtrain.model import load_into, state_dict_for_save
+
+    where = f"published adapter (checkpoint {target}, after link {target - 1})"
+    adapter = _read_weights(model_dir / ADAPTER_DIR / "adapter_model.safetensors")
+    # peft saves the adapter's tensors without the adapter's name (".default")
+    named = {k.replace(".default.", "."): v for k, v in theta.items()}
+    diff = _first_difference(named, adapter)
+    if diff:
+        return rep.fail(f"{where}: not what the replay gives: {diff}")
+    say(f"ok  published adapter: all {len(theta)} LoRA tensors equal the replay of "
+        f"{rep.rounds} round(s) exactly")
+    try:
+        model = run.build_model()  # the frozen base, checked against its sha256 in run.json
+    except CrowdtrainError as e:
+        return rep.fail(f"base weights: {e}")
+    load_into(model, theta)
+    expected = state_dict_for_save(merge(model))
+    diff = _first_difference(expected, merged_pub)
+    if diff is None:
+        say("ok  published weights: model.safetensors is exactly the base with the replayed "
+            "adapters merged")
+    else:
+        # the merge is a matmul (W + scale * B @ A): another machine may round differently
+        close = set(expected) == set(merged_pub) and all(
+            expected[k].shape == merged_pub[k].shape
+            and torch.allclose(expected[k], merged_pub[k], rtol=1e-5, atol=1e-6)
+            for k in expected)
+        if not close:
+            return rep.fail(f"published weights (checkpoint {target}): not the base with the "
+                            f"replayed adapters merged: {diff}")
+        say("ok  published weights: model.safetensors equals the base with the replayed "
+            "adapters merged, to float rounding (the merge is a matrix product)")
+    rep.ok = True
+    return rep
+

@@ -69,3 +69,17 @@ def train_briefly(tiny_run: Run, dst: Path, steps: int) -> Run:
     run = copy_run(tiny_run, dst)
     train_local(run, steps=steps, eval_every=steps, progress=False)
     return run
+
+
+def close_rounds(run: Run, n: int) -> None:
+    """`n` rounds of one volunteer's contributions, through the coordinator in process."""
+    c = Coordinator(run, evaluate_rounds=False)
+    try:
+        vol = c.authenticate(c.join(JoinRequest(name="solo", device="cpu",
+                                                api_version=1)).token)
+        for _ in range(n):
+            lease = c.lease(vol, LeaseRequest()).lease
+            c.submit(vol, lease.lease_id, contribution(lease, c.shapes, 1000, lease.round))
+            assert c.tick()
+    finally:
+        c.close()

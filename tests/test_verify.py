@@ -3,6 +3,7 @@ file or initial checkpoint fails, naming the first bad link."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -129,8 +130,6 @@ def test_a_consistently_forged_chain_still_fails_the_replay(copies):
     # the forged links disagree with the ones published in the model's provenance ...
     assert rep.failure.startswith("round 1 (link 1): the model's provenance records link")
     # ... and with the provenance rewritten too, the replay itself exposes the forgery
-    import json
-
     prov = json.loads((model_dir / "provenance.json").read_text())
     led = Ledger(run_dir / "ledger.sqlite")
     for r in prov["rounds"]:
@@ -247,3 +246,40 @@ def test_a_checkpoint_trained_locally_after_the_swarm_is_refused(published, tmp_
     out = export_model(run, tmp_path / "m", evaluate=False)
     with pytest.raises(CrowdtrainError, match="checkpoint 4, made by `crowdtrain train`"):
         verify_model(out, run.dir)
+
+
+def test_a_lora_run_verifies_its_adapter_and_merged_weights(tiny_run, corpus, tmp_path):
+    pytest.importorskip("peft")
+    from publish_helpers import close_rounds
+
+    from crowdtrain.lora import LoraSettings
+    from crowdtrain.rundir import SwarmConfig, init_run
+
+    pre = export_model(tiny_run, tmp_path / "pretrained", evaluate=False)
+    run = init_run(tmp_path / "lora", [corpus], from_pretrained=pre, progress=False,
+                   lora=LoraSettings(rank=4), swarm=SwarmConfig(inner_steps=5, rounds=5,
+                                                                round_seconds=60))
+    close_rounds(run, 2)
+    out = export_model(run, tmp_path / "m", evaluate=False)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["model"]["lora"]["rank"] == 4 and prov["model"]["base_model"] == "pretrained"
+    assert "LoRA | rank 4" in (out / "README.md").read_text()
+    rep = verify_model(out, run.dir)
+    assert rep.ok and rep.rounds == 2, rep.failure
+    assert "published adapter" in rep.lines[-2] and "base with the replayed" in rep.lines[-1]
+    merged = load_file(out / "model.safetensors")
+    merged["model.norm.weight"][0] += 0.01
+    save_file(merged, tmp_path / "merged.safetensors", metadata={"format": "pt"})
+    shutil.copy(out / "model.safetensors", tmp_path / "honest.safetensors")
+    shutil.copy(tmp_path / "merged.safetensors", out / "model.safetensors")
+    assert verify_model(out, run.dir).failure.startswith(
+        "published weights (checkpoint 2): not the base with the replayed adapters merged: "
+        "tensor model.norm.weight differs in 1 of")
+    shutil.copy(tmp_path / "honest.safetensors", out / "model.safetensors")
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    w = load_file(adapter)
+    k = sorted(w)[0]
+    w[k] = w[k] * 1.0001
+    save_file(w, adapter)
+    assert verify_model(out, run.dir).failure.startswith(
+        "published adapter (checkpoint 2, after link 1): not what the replay gives: tensor")
