@@ -228,26 +228,35 @@ def drive(system: str, run_dir: str, peers: int, seconds: float, work: Path, out
         for r in range(peers):
             procs.append(subprocess.Popen(
                 [sys.executable, str(HERE), "_crowdtrain", coord.url,
-                 str(work / f"{tag}-home{r}"), f"w{r}", str(seconds), str(files[r])], env=env))
+                 str(work / f"{tag}-home{r}"), f"w{r}", str(seconds), str(files[r])], env=env,
+                start_new_session=True))
     else:
         peers_file = work / f"{tag}-maddrs.json"
         peers_file.unlink(missing_ok=True)
         for r in range(peers):
             procs.append(subprocess.Popen(
                 [sys.executable, str(HERE), f"_{system}", run_dir, str(r), str(seconds),
-                 str(files[r]), json.dumps(settings), str(peers_file)], env=env))
+                 str(files[r]), json.dumps(settings), str(peers_file)], env=env,
+                start_new_session=True))
     killed_at = None
     if kill_after:  # once every peer trains
         while not all(f.exists() for f in files) and all(p.poll() is None for p in procs):
             time.sleep(0.2)
         time.sleep(kill_after)
-        procs[-1].send_signal(signal.SIGKILL)
+        # the whole peer, as a power cut would: hivemind's DHT and averager are child
+        # processes (each peer runs in a process group of its own)
+        os.killpg(procs[-1].pid, signal.SIGKILL)
         killed_at = time.time()
     for p in procs:
         try:
             p.wait(timeout=seconds + 300)
         except subprocess.TimeoutExpired:
             p.kill()
+    for p in procs:  # children a peer left behind (hivemind's DHT, averager, p2pd)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     res = peer_collect(files, t0, killed_at)
     if coord is not None:
         import torch
