@@ -495,7 +495,8 @@ class Coordinator:
             tokens=r["tokens"], train_loss=r["train_loss"], val_loss=r["val_loss"],
             bytes_in=r["bytes_in"], bytes_out=r["bytes_out"]) for r in self.ledger.rounds()]
         vols = [VolunteerSummary(
-            name=v["name"], device=v["device"], last_seen=v["last_seen"], rounds=v["rounds"],
+            name="anonymous" if v["anonymous"] else v["name"], device=v["device"],
+            last_seen=v["last_seen"], rounds=v["rounds"],
             tokens=int(v["credit_tokens"]), accepted=v["accepted"], refused=v["refused"],
             tokens_per_s=v["tokens_per_s"]) for v in self.ledger.volunteers()]
         first = self.ledger.round_row(0)

@@ -247,3 +247,9 @@ def test_a_refused_volunteer_sits_out_the_round_and_does_not_hold_it_open(coord)
     coord.submit(a, la.lease_id, payload(la, coord.shapes))
     assert coord.tick() and coord.round == 1  # closed at once: b's lease no longer counts
     assert coord.lease(b, LeaseRequest()).status == "lease"  # welcome back next round
+
+
+def test_an_anonymous_volunteer_is_anonymous_on_the_live_status_too(coord):
+    volunteer(coord, "alice")
+    coord.join(JoinRequest(name="bob", device="cpu", api_version=1, anonymous=True))
+    assert [v.name for v in coord.status().volunteers] == ["alice", "anonymous"]
