@@ -111,6 +111,8 @@ def chaos_run(base: Run, work: Path, *, chaos: bool, workers: int = 4, rounds: i
         for w in names:
             swarm.join(w)
         next_kill = time.monotonic() + kill_every
+        # every round loses at least one worker, however fast the machine runs it
+        round_with_kill_due = -1
         restarts: dict[str, float] = {}
         while time.monotonic() - t0 < timeout:
             if all(not swarm.alive(w) for w in names if w not in restarts):
@@ -132,6 +134,9 @@ def chaos_run(base: Run, work: Path, *, chaos: bool, workers: int = 4, rounds: i
                 out.coordinator_kills += 1
                 time.sleep(rng.uniform(0.5, 2.0))
                 swarm.serve("coordinator")
+            if round_with_kill_due < st_round < rounds:
+                round_with_kill_due = st_round
+                next_kill = min(next_kill, now + rng.uniform(0.5, 3.0))
             if now >= next_kill:
                 alive = [w for w in names if swarm.alive(w)]
                 if alive and _round_on_disk(run) < rounds:

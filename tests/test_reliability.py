@@ -36,7 +36,7 @@ def test_one_malicious_worker_of_four_does_not_hurt_the_run(tiny_run, tmp_path):
 
 
 def test_chaos_kills_lose_no_acknowledged_work(tiny_run, tmp_path):
-    kw = dict(workers=4, rounds=4, inner_steps=10, round_seconds=12, kill_every=6.0, seed=1)
+    kw = dict(workers=4, rounds=4, inner_steps=10, round_seconds=12, kill_every=4.0, seed=1)
     ref = chaos_run(tiny_run, tmp_path, chaos=False, **kw)
     assert not ref.problems, ref.problems
     o = chaos_run(tiny_run, tmp_path, chaos=True, **kw)
