@@ -33,14 +33,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_move(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave half-written files behind
         raise
+
+
+def atomic_move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make the file `src` durable and rename it to `dst` (same filesystem), durably: after a
+    crash `dst` is either absent or complete."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(Path(dst).parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

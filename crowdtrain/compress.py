@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -242,13 +243,15 @@ def to_bytes(
     return _st_save(wire, metadata={"codec": codec, "block": str(block), **extra})
 
 
-def _read_header(blob: bytes) -> dict:
-    if len(blob) < 8:
-        raise CodecError(f"payload truncated: {len(blob)} bytes, need at least 8")
+def _read_header(blob: bytes, total: int | None = None) -> dict:
+    """The JSON header of a payload of `total` bytes (default len(blob)) whose start is `blob`."""
+    total = len(blob) if total is None else total
+    if total < 8:
+        raise CodecError(f"payload truncated: {total} bytes, need at least 8")
     (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8:
+    if n > total - 8:
         raise CodecError(f"payload truncated: header length {n} exceeds the "
-                         f"{len(blob) - 8} bytes after it")
+                         f"{total - 8} bytes after it")
     if n > _MAX_HEADER:
         raise CodecError(f"payload header too large: {n} bytes (max {_MAX_HEADER})")
     try:
@@ -266,23 +269,9 @@ _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "BOOL": "bool"}
 
 
-def from_bytes(
-    blob: bytes,
-    shapes: Mapping[str, Sequence[int]],
-    max_bytes: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse and validate safetensors bytes made by `to_bytes`.
-
-    Returns (float32 tensors of `shapes`, metadata). Any problem (too large, truncated, bad
-    header or metadata, unparsable tensors, mismatching names/shapes/dtypes, non-finite
-    values) raises CodecError.
-    """
-    if not isinstance(blob, bytes | bytearray | memoryview):
-        raise CodecError(f"payload must be bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
-    if max_bytes is not None and len(blob) > max_bytes:
-        raise CodecError(f"payload too large: {len(blob)} bytes (max {max_bytes})")
-    header = _read_header(blob)
+def _check_header(header: dict) -> tuple[dict[str, str], str, int]:
+    """(metadata, codec, block) of a parsed payload header; CodecError unless the metadata
+    names a known codec and a valid block and every tensor has a dtype our codecs make."""
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
         raise CodecError("payload has no metadata (need codec and block)")
@@ -305,11 +294,47 @@ def from_bytes(
                 else "missing"
             raise CodecError(f"tensor {name!r} has dtype {dtype!r} ({torch_name}); payload "
                              "tensors must be int8, float16 or float32")
+    return meta, codec, block
+
+
+def from_bytes(
+    blob: bytes,
+    shapes: Mapping[str, Sequence[int]],
+    max_bytes: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse and validate safetensors bytes made by `to_bytes`.
+
+    Returns (float32 tensors of `shapes`, metadata). Any problem (too large, truncated, bad
+    header or metadata, unparsable tensors, mismatching names/shapes/dtypes, non-finite
+    values) raises CodecError.
+    """
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise CodecError(f"payload must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise CodecError(f"payload too large: {len(blob)} bytes (max {max_bytes})")
+    header = _read_header(blob)
+    meta, codec, block = _check_header(header)
     try:
         wire = _st_load(blob)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, KeyError) as e:
         raise CodecError(f"payload tensors could not be parsed: {e}") from None
     return decode(wire, codec, shapes, block), dict(meta)
+
+
+def read_file_header(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, str]:
+    """The metadata of the payload file at `path`, with the same header checks as `from_bytes`
+    (size, header length and JSON, codec, block, dtypes) and without reading any tensor data.
+    The tensors themselves are checked block by block by `robust.check_payload_file`."""
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise CodecError(f"payload too large: {size} bytes (max {max_bytes})")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if 0 < n <= min(size - 8, _MAX_HEADER):
+            head += f.read(n)
+    return _check_header(_read_header(head, size))[0]
 
 
 def payload_bytes(numel: int, codec: str, block: int = BLOCK) -> int:

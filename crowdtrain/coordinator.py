@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import load as st_load
@@ -32,6 +36,7 @@ from safetensors.torch import save as st_save
 from crowdtrain import compress
 from crowdtrain.aggregate import OuterConfig, apply_update, outer_step
 from crowdtrain.checkpoint import (
+    atomic_move,
     atomic_write,
     list_checkpoints,
     meta_path,
@@ -60,7 +65,7 @@ from crowdtrain.protocol import (
     SwarmSchedule,
     VolunteerSummary,
 )
-from crowdtrain.robust import RobustConfig, open_payload, robust_aggregate
+from crowdtrain.robust import RobustConfig, check_payload_file, open_payload, robust_aggregate
 from crowdtrain.rundir import Run
 from crowdtrain.train import evaluate
 
@@ -95,6 +100,11 @@ class Coordinator:
         self.contrib_dir = run.dir / "contributions"
         self.updates_dir.mkdir(exist_ok=True)
         self.contrib_dir.mkdir(exist_ok=True)
+        # uploads are spooled here while they arrive and are checked; never read back after a
+        # restart (a half-received upload was never acknowledged)
+        self.spool_dir = self.contrib_dir / "incoming"
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self.spool_dir.mkdir()
         model, ckpt = run.load_model()
         self.model = model.eval()
         self.round = ckpt.round
@@ -296,14 +306,44 @@ class Coordinator:
 
     # ------------------------------------------------------------------ contributions
 
+    def spool(self) -> tuple[Path, BinaryIO]:
+        """A fresh file to receive one upload into (on the contributions' filesystem, so an
+        accepted one is moved into place, not copied). The caller writes, closes, and hands
+        the path to `submit_file`, which always consumes it."""
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".upload")
+        return Path(name), os.fdopen(fd, "wb")
+
     def submit(self, vol: Volunteer, lease_id: int, blob: bytes) -> SubmitResponse:
-        sha = hashlib.sha256(blob).hexdigest()
+        """`submit_file` for a payload held in memory (tools and tests)."""
+        path, f = self.spool()
+        with f:
+            try:
+                f.write(blob)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
+        return self.submit_file(vol, lease_id, path, hashlib.sha256(blob).hexdigest())
+
+    def submit_file(self, vol: Volunteer, lease_id: int, path: Path, sha: str
+                    ) -> SubmitResponse:
+        """Check the spooled upload at `path` (sha256 `sha`) and accept it for its lease, or
+        refuse it (`Refused`, with the reason recorded in the ledger). The payload is checked
+        block by block from the file, so memory stays ~ one block whatever the model size;
+        on acceptance the file becomes the stored contribution, otherwise it is deleted."""
+        try:
+            return self._submit_file(vol, lease_id, path, sha)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _submit_file(self, vol: Volunteer, lease_id: int, path: Path, sha: str
+                     ) -> SubmitResponse:
+        size = path.stat().st_size
         lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
         rnd = lease["round"] if lease is not None else self.round
 
         def refuse(status: int, reason: str) -> Refused:
             self.ledger.refuse(lease_id if lease is not None else None, vol.id, rnd, sha,
-                               len(blob), reason)
+                               size, reason)
             log.info("refused contribution from %s: %s", vol.name, reason)
             return Refused(status, reason)
 
@@ -317,7 +357,7 @@ class Coordinator:
                              "'accepted'", (sha,)):
             raise refuse(409, "replayed payload: this exact contribution was already accepted")
         try:
-            _, meta = compress.from_bytes(blob, self.shapes)
+            meta = check_payload_file(path, self.shapes, self.upload_limit)
             stats = SubmitStats.model_validate_json(meta.get("stats", ""))
         except compress.CodecError as e:
             raise refuse(422, f"invalid payload: {e}") from None
@@ -339,16 +379,16 @@ class Coordinator:
                                   "it was not applied")
             d = self.contrib_dir / f"r{rnd:06d}"
             d.mkdir(exist_ok=True)
-            path = d / f"lease-{lease_id}.safetensors"
+            stored = d / f"lease-{lease_id}.safetensors"
             try:
-                atomic_write(path, blob)
+                atomic_move(path, stored)
             except OSError as e:  # not the volunteer's fault: 503, so the worker retries
                 log.error("cannot store a contribution: %s", e)
                 raise Refused(503, f"the coordinator cannot store contributions right now "
                                    f"({e.strerror or e}); your worker will retry") from None
-            cid = self.ledger.accept(lease_id, vol.id, rnd, sha, len(blob), stats.steps,
+            cid = self.ledger.accept(lease_id, vol.id, rnd, sha, size, stats.steps,
                                      stats.tokens, float(weight), stats.mean_loss,
-                                     stats.seconds, str(path.relative_to(self.run.dir)),
+                                     stats.seconds, str(stored.relative_to(self.run.dir)),
                                      note=self._throughput_flag(vol, stats))
         log.info("round %d: accepted contribution %d from %s (%d tokens, loss %.3f)",
                  rnd, cid, vol.name, weight, stats.mean_loss)

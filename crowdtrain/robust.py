@@ -34,7 +34,8 @@ The default is "centered_clip" (also the run config's `swarm.aggregation`). Unli
 3 honest workers, 5 rounds x H=30): held-out 4.477 against 4.458 with clip_mean (+0.4%),
 still below the lone-worker floor (4.547).
 
-Pure functions and small classes; imports only torch, safetensors and the standard library.
+Pure functions and small classes; imports only torch, safetensors, the standard library and
+crowdtrain.compress (the wire format).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from crowdtrain import compress
 
 METHODS = ("mean", "clip_mean", "trimmed_mean", "centered_clip")
 
@@ -152,6 +155,15 @@ class TensorSource:
         return t[a:b].to(torch.float32)
 
 
+def _check_slice(path: Path, key: str, sl, dtype: str, shape: tuple[int, ...]) -> None:
+    """ValueError unless the safetensors slice `sl` has `dtype` and `shape`."""
+    if sl.get_dtype() != dtype:
+        raise ValueError(f"{path}: tensor {key} has dtype {sl.get_dtype()}, expected {dtype}")
+    if tuple(sl.get_shape()) != tuple(shape):
+        raise ValueError(f"{path}: tensor {key} has shape {tuple(sl.get_shape())}, expected "
+                         f"{tuple(shape)}")
+
+
 class SafetensorsInt8Source:
     """A DeltaSource over an int8 payload file made by `compress.to_bytes(..., "int8")`.
 
@@ -196,9 +208,7 @@ class SafetensorsInt8Source:
             for key, dtype, length in ((name + ":q", "I8", numel),
                                        (name + ":scale", "F32", nb)):
                 sl = self._f.get_slice(key)
-                if sl.get_dtype() != dtype or list(sl.get_shape()) != [length]:
-                    raise ValueError(f"{self.path}: tensor {key} is {sl.get_dtype()} "
-                                     f"{sl.get_shape()}, expected {dtype} [{length}]")
+                _check_slice(self.path, key, sl, dtype, (length,))
             self.numel[name] = numel
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
@@ -262,10 +272,7 @@ class SafetensorsFloatSource:
             want = "F16" if codec == "fp16" else "F32"
             self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
             for name, shape in self.shapes.items():
-                sl = self._f.get_slice(name)
-                if sl.get_dtype() != want or tuple(sl.get_shape()) != shape:
-                    raise ValueError(f"{self.path}: tensor {name} is {sl.get_dtype()} "
-                                     f"{sl.get_shape()}, expected {want} {list(shape)}")
+                _check_slice(self.path, name, self._f.get_slice(name), want, shape)
         except Exception:
             self.close()
             raise
@@ -318,6 +325,23 @@ def open_payload(
     if codec == "int8":
         return SafetensorsInt8Source(path, shapes)
     return SafetensorsFloatSource(path, shapes)
+
+
+def check_payload_file(path: str | Path, shapes: Mapping[str, Sequence[int]],
+                       max_bytes: int | None = None,
+                       block_elems: int = 1 << 20) -> dict[str, str]:
+    """Validate the payload file at `path` as `compress.from_bytes` validates bytes (header,
+    codec, block, names, dtypes, shapes, finite values), holding at most `block_elems` decoded
+    values at a time, so checking an upload costs memory ~ one block, not one model.
+    Returns the payload's metadata; any problem raises `compress.CodecError`."""
+    meta = compress.read_file_header(path, max_bytes)
+    try:
+        with open_payload(path, shapes) as src:
+            for name, a, b in _blocks(shapes, block_elems):
+                _read(src, name, a, b)
+    except ValueError as e:
+        raise compress.CodecError(str(e).replace(f"{path}: ", "")) from None
+    return meta
 
 
 # ---------------------------------------------------------------------------- aggregation

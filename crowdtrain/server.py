@@ -2,12 +2,14 @@
 
 Decode -> authenticate -> size-check -> hand to the coordinator -> encode. Routes and messages
 come from protocol.py; refusals become 4xx with `{"detail": reason}`. Uploads are streamed
-and cut off at the payload limit before they are read into memory. A background thread ticks
+to a spool file on disk as they arrive (never held whole in memory) and cut off at the payload
+limit. A background thread ticks
 the coordinator so rounds close on time even when nobody is calling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -171,23 +173,38 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
                                "bytes for this model")
-        chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise Refused(413, f"payload exceeds the limit of {limit} bytes for this "
-                                       "model")
-                chunks.append(chunk)
+            path, f = coord.spool()
+        except OSError as e:
+            raise Refused(503, f"the coordinator cannot store contributions right now "
+                               f"({e.strerror or e}); your worker will retry") from None
+        size, sha = 0, hashlib.sha256()
+        try:  # to disk as it arrives: memory stays ~ one chunk per upload, whatever the model
+            with f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise Refused(413, f"payload exceeds the limit of {limit} bytes for "
+                                           "this model")
+                    sha.update(chunk)
+                    f.write(chunk)
+            if declared is not None and size < int(declared):
+                raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
+            if declared is not None and size > int(declared):
+                raise Refused(400, f"body of {size} bytes is longer than its Content-Length "
+                                   f"{declared}")
         except ClientDisconnect:
+            path.unlink(missing_ok=True)
             raise Refused(400, f"truncated upload: the client went away after {size} of "
                                f"{declared} bytes") from None
-        if declared is not None and size < int(declared):
-            raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
-        if declared is not None and size > int(declared):
-            raise Refused(400, f"body of {size} bytes is longer than its Content-Length "
-                               f"{declared}")
-        return await run_in_threadpool(coord.submit, vol, lease_id, b"".join(chunks))
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise Refused(503, f"the coordinator cannot store contributions right now "
+                               f"({e.strerror or e}); your worker will retry") from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return await run_in_threadpool(coord.submit_file, vol, lease_id, path, sha.hexdigest())
 
     @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
              dependencies=[Depends(owner)])

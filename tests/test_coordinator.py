@@ -106,6 +106,20 @@ def test_refusals_are_precise_recorded_and_change_nothing(coord):
         coord.submit(b, lb.lease_id, good)
     refused = coord.ledger.query("SELECT reason FROM contributions WHERE status = 'refused'")
     assert len(refused) == len(cases) + 2 and all(r["reason"] for r in refused)
+    # every upload was spooled to disk and checked from there: the accepted one became the
+    # stored contribution, byte for byte; nothing refused was left behind
+    stored = coord.run.dir / coord.ledger.accepted(0)[0]["path"]
+    assert stored.read_bytes() == good
+    assert list(coord.spool_dir.iterdir()) == []
+
+
+def test_a_half_received_upload_does_not_survive_a_restart(coord, tiny_run):
+    path, f = coord.spool()
+    with f:
+        f.write(b"the first half of an upload when the coordinator was killed")
+    assert path.exists()
+    again = Coordinator(coord.run, evaluate_rounds=False)
+    assert list(again.spool_dir.iterdir()) == []
 
 
 def test_late_contribution_is_refused_as_stale(coord):

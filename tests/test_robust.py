@@ -327,3 +327,63 @@ def test_poisoning_benchmark_quick(tiny_run):
     for method in METHODS:
         assert method in table.splitlines()[0]
     assert "pick: " in proc.stdout
+
+
+# ---- check_payload_file: the coordinator's streamed check of an upload ---------------------
+
+def _bad_payloads() -> dict[str, bytes]:
+    """Payloads (good and broken) of SHAPES, by name."""
+    from safetensors.torch import save
+
+    good = {c: compress.to_bytes(_delta(2), c, meta={"stats": "{}"}) for c in compress.CODECS}
+    wire = compress.encode(_delta(2), "int8")
+    meta = {"codec": "int8", "block": str(compress.BLOCK)}
+
+    def with_wire(**change):
+        return save({**wire, **change}, metadata=meta)
+
+    nan_q = wire["w:scale"].clone()
+    nan_q[0] = float("nan")
+    neg = wire["w:scale"].clone()
+    neg[0] = -1.0
+    fp32 = compress.encode(_delta(2), "fp32")
+    nan32 = {**fp32, "big": fp32["big"].clone()}
+    nan32["big"][1, 2] = float("inf")
+    return {
+        **{f"good {c}": b for c, b in good.items()},
+        "truncated": good["int8"][:-7],
+        "header only": good["int8"][:8],
+        "junk": b"junk",
+        "empty": b"",
+        "nan scale": with_wire(**{"w:scale": nan_q}),
+        "negative scale": with_wire(**{"w:scale": neg}),
+        "wrong length": with_wire(**{"w:q": wire["w:q"][:-1].clone()}),
+        "extra tensor": with_wire(extra=torch.zeros(3)),
+        "float64": save({k: v.double() for k, v in fp32.items()},
+                        metadata={"codec": "fp32", "block": "256"}),
+        "inf value": save(nan32, metadata={"codec": "fp32", "block": "256"}),
+        "no codec": save(wire, metadata={"block": "256"}),
+        "bad block": save(wire, metadata={"codec": "int8", "block": "3"}),
+        "transposed": save({**fp32, "emb": fp32["emb"].t().contiguous()},
+                           metadata={"codec": "fp32", "block": "256"}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_payloads()))
+def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
+    from crowdtrain.robust import check_payload_file
+
+    blob = _bad_payloads()[case]
+    path = tmp_path / "upload"
+    path.write_bytes(blob)
+    try:
+        _, want = compress.from_bytes(blob, SHAPES)
+    except compress.CodecError:
+        with pytest.raises(compress.CodecError):
+            check_payload_file(path, SHAPES, block_elems=100)
+        assert case != "good" and not case.startswith("good"), case
+    else:
+        assert case.startswith("good"), case
+        assert check_payload_file(path, SHAPES, block_elems=100) == want
+    with pytest.raises(compress.CodecError, match="too large"):
+        check_payload_file(path, SHAPES, max_bytes=len(blob) - 1)
