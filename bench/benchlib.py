@@ -32,6 +32,7 @@ from crowdtrain.train import evaluate  # noqa: E402
 # the config may exceed the tokenizer's (the extra rows are never hit): it keeps the parameter
 # counts of the real shapes, e.g. `base` with its 32,000-token vocabulary.
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
+    "0.45M": (128, 2, 4, 352, 260),       # 0.44M, byte-level: DESIGN.md's reference model
     "1M": (128, 4, 4, 400, 512),          # 0.94M
     "3M": (256, 4, 4, 688, 1024),         # the `small` preset, 3.4M
     "10M": (384, 5, 6, 1152, 512),        # 9.8M
@@ -105,9 +106,11 @@ def _status_kb(pid: int, key: str) -> float:
 # ----------------------------------------------------------------------------- runs
 
 
-def base_run(cache: Path, preset: str = "tiny", corpus_chars: int | None = 300_000) -> Run:
-    """A run of `preset` made once in `cache` from (the start of) the bundled corpus."""
-    d = cache / f"base-{preset}-{corpus_chars or 'all'}"
+def base_run(cache: Path, preset: str = "tiny", corpus_chars: int | None = 300_000,
+             vocab_size: int | None = None) -> Run:
+    """A run of `preset` made once in `cache` from (the start of) the bundled corpus, with the
+    preset's tokenizer size or `vocab_size` (260: bytes + specials, i.e. byte-level)."""
+    d = cache / f"base-{preset}-{corpus_chars or 'all'}{f'-v{vocab_size}' if vocab_size else ''}"
     if (d / "run.json").is_file():
         return Run(d)
     src = default_corpus()
@@ -117,7 +120,7 @@ def base_run(cache: Path, preset: str = "tiny", corpus_chars: int | None = 300_0
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     shutil.rmtree(d, ignore_errors=True)
-    return init_run(d, [src], preset=preset, progress=False)
+    return init_run(d, [src], preset=preset, progress=False, vocab_size=vocab_size)
 
 
 def make_run(base: Run, dst: Path, shape: str | None = None, *, train: dict | None = None,

@@ -1,12 +1,18 @@
-"""DiLoCo in one process, for sweeping outer-optimizer settings quickly and exactly.
+"""DiLoCo in one process, exactly and quickly: the sweeps of bench/communication.py run here.
 
 K simulated workers train in turn (each with its own persistent AdamW state, its own shard and
-batch seed per round, as leases assign them), send int8 deltas with error feedback, and the
-coordinator's own math merges them: token-weighted mean -> outer SGD -> int8 update with
+batch seed per lease, as the coordinator assigns them), send their deltas through the real
+codec with worker-side error feedback, and the coordinator's own math merges them: token-
+weighted mean -> outer SGD (crowdtrain.aggregate) -> the update through the codec with
 coordinator-side error feedback -> `apply_update`. No HTTP, so a sweep costs only compute.
 
-    python bench/diloco_sim.py RUN_DIR --workers 3 --inner-steps 30 --rounds 5 \
-        --outer 0.7:0.9 --outer 1.0:0.0
+A `Recipe` is one way of running the swarm: the inner steps of every round (fixed or growing
+H), the outer optimizer and its learning-rate schedule, the codecs, and an optional warm start
+(the run owner trains the first steps alone on the swarm's global batch before the volunteers
+join; those steps come out of the same token budget and are reported separately).
+
+    python bench/diloco_sim.py RUN_DIR --workers 4 --steps 1500 --h 100 \
+        --recipe plain:0.7:0.9 --recipe plain:1.0:0.0
 
 RUN_DIR is any run made by `crowdtrain init` (its preset, data, schedule and round-0 weights).
 """
@@ -15,37 +21,85 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crowdtrain import compress
-from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean
-from crowdtrain.data import get_batch, load_split
-from crowdtrain.model import load_into, state_dict_for_save
-from crowdtrain.rundir import Run
-from crowdtrain.train import InnerLoop, evaluate
+import torch  # noqa: E402
+
+from crowdtrain import compress  # noqa: E402
+from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
+from crowdtrain.data import get_batch, load_split  # noqa: E402
+from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
+from crowdtrain.rundir import Run  # noqa: E402
+from crowdtrain.schedule import inner_steps_schedule, outer_lr_at  # noqa: E402
+from crowdtrain.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
 
 
-def simulate(run: Run, workers: int, inner_steps: int, rounds: int, outer: OuterConfig,
-             codec: str = "int8") -> tuple[float, float]:
-    """Held-out loss after `rounds` DiLoCo rounds, and wall seconds."""
-    cfg = dataclasses.replace(run.config.train, total_steps=rounds * inner_steps,
-                              warmup_steps=max(1, min(50, rounds * inner_steps // 10)))
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the swarm runs: `h` inner steps per round (its length is the number of rounds),
+    outer SGD (`outer_lr` with `outer_warmup` rounds of linear warm-up, momentum, Nesterov),
+    `up`/`down` codecs, and `warm` steps the owner trains alone on K x the batch first."""
+
+    name: str
+    h: tuple[int, ...]
+    outer_lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    outer_warmup: int = 0
+    up: str = "int8"
+    down: str = "int8"
+    warm: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.warm + sum(self.h)
+
+
+@dataclasses.dataclass
+class Result:
+    recipe: str
+    loss: float
+    sent: int          # bytes one worker sent (its payloads)
+    received: int      # bytes one worker received (the updates)
+    rounds: int
+    owner_tokens: int  # tokens of the owner's warm start (0 without)
+    worker_tokens: int  # tokens one worker trained
+    seconds: float
+
+
+def schedule(train: TrainConfig, steps: int) -> TrainConfig:
+    """The run's inner settings over exactly `steps` steps."""
+    return dataclasses.replace(train, total_steps=steps,
+                               warmup_steps=max(1, min(50, steps // 10)))
+
+
+def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
+    """Held-out loss and bytes per worker of `recipe` with `workers` workers."""
+    t0 = time.perf_counter()
+    cfg = schedule(run.config.train, recipe.steps)
     shards = load_split(run.data_dir, run.index, "train")
     global_model, ck = run.load_model(0)
     theta = {k: v.clone() for k, v in ck.tensors.items()}
     shapes = {k: tuple(v.shape) for k, v in theta.items()}
-    loops = []
-    for _ in range(workers):
-        m, _ = run.load_model(0)
-        loops.append(InnerLoop(m, cfg, torch.device("cpu")))
+    owner_tokens = 0
+    if recipe.warm:
+        big = dataclasses.replace(cfg, batch_size=cfg.batch_size * workers)
+        owner = InnerLoop(global_model, big, torch.device("cpu"))
+        st = owner.run(lambda s: get_batch(shards, big.batch_size, big.seq_len,
+                                           run.config.seed * 7 + 1, s), 0, recipe.warm)
+        owner_tokens = st.tokens
+        theta = {k: v.detach().clone() for k, v in state_dict_for_save(global_model).items()}
+    loops = [InnerLoop(run.load_model(0)[0], cfg, torch.device("cpu")) for _ in range(workers)]
     worker_residual: list[dict | None] = [None] * workers
     residual = {k: torch.zeros_like(v) for k, v in theta.items()}
     momentum = None
-    lease = 0
-    t0 = time.perf_counter()
-    for r in range(rounds):
+    lease = sent = received = worker_tokens = 0
+    step0 = recipe.warm
+    for r, h in enumerate(recipe.h):
         deltas, weights = [], []
         for w, loop in enumerate(loops):
             shard = [shards[lease % len(shards)]]
@@ -53,43 +107,66 @@ def simulate(run: Run, workers: int, inner_steps: int, rounds: int, outer: Outer
             lease += 1
             load_into(loop.model, theta)
             st = loop.run(lambda s, sh=shard, sd=seed: get_batch(sh, cfg.batch_size, cfg.seq_len,
-                                                                 sd, s),
-                          r * inner_steps, inner_steps)
+                                                                 sd, s), step0, h)
+            if w == 0:
+                worker_tokens += st.tokens
             params = state_dict_for_save(loop.model)
             delta = {k: theta[k] - params[k] for k in theta}
-            if worker_residual[w] is not None and codec != "fp32":
+            if worker_residual[w] is not None and recipe.up != "fp32":
                 delta = {k: delta[k] + worker_residual[w][k] for k in delta}
-            sent, _ = compress.from_bytes(compress.to_bytes(delta, codec), shapes)
-            worker_residual[w] = {k: delta[k] - sent[k] for k in delta}
-            deltas.append(sent)
+            blob = compress.to_bytes(delta, recipe.up)
+            sent += len(blob)
+            got, _ = compress.from_bytes(blob, shapes)
+            worker_residual[w] = {k: delta[k] - got[k] for k in delta}
+            deltas.append(got)
             weights.append(st.tokens)
+        step0 += h
+        outer = OuterConfig(lr=outer_lr_at(r, recipe.outer_lr, recipe.outer_warmup),
+                            momentum=recipe.momentum, nesterov=recipe.nesterov)
         update, momentum = outer_step(theta, weighted_mean(deltas, weights), momentum, outer)
         target = {k: update[k] + residual[k] for k in update}
-        applied, _ = compress.from_bytes(compress.to_bytes(target, "int8"), shapes)
+        blob = compress.to_bytes(target, recipe.down)
+        received += len(blob)
+        applied, _ = compress.from_bytes(blob, shapes)
         residual = {k: target[k] - applied[k] for k in target}
         theta = apply_update(theta, applied)
     load_into(global_model, theta)
-    return evaluate(global_model, run.val_windows(), torch.device("cpu")), time.perf_counter() - t0
+    loss = evaluate(global_model, run.val_windows(), torch.device("cpu"))
+    return Result(recipe.name, loss, sent // workers, received, len(recipe.h), owner_tokens,
+                  worker_tokens, time.perf_counter() - t0)
+
+
+def parse_recipe(spec: str, steps: int, h: int) -> Recipe:
+    """NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC]]] -> a Recipe over `steps` steps at mean H `h`
+    (GROWTH = last H / first H of a geometric schedule; WARM = owner steps)."""
+    f = spec.split(":")
+    lr, mom = float(f[1]), float(f[2])
+    growth = float(f[3]) if len(f) > 3 else 1.0
+    warm = int(f[4]) if len(f) > 4 else 0
+    codec = f[5] if len(f) > 5 else "int8"
+    rounds = max(1, round((steps - warm) / h))
+    hs = tuple(inner_steps_schedule(steps - warm, rounds, growth))
+    return Recipe(f[0], hs, outer_lr=lr, momentum=mom, nesterov=mom > 0, warm=warm,
+                  up=codec, down=codec)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
-    ap.add_argument("--workers", type=int, default=3)
-    ap.add_argument("--inner-steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--outer", action="append", default=[], metavar="LR:MOMENTUM",
-                    help="outer SGD settings to compare (Nesterov when momentum > 0)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--h", type=int, default=100, help="mean inner steps per round")
+    ap.add_argument("--recipe", action="append", default=[],
+                    metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC]]]")
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     run = Run(a.run_dir)
-    for spec in a.outer or ["0.7:0.9"]:
-        lr, mom = map(float, spec.split(":"))
-        loss, secs = simulate(run, a.workers, a.inner_steps, a.rounds,
-                              OuterConfig(lr=lr, momentum=mom, nesterov=mom > 0))
-        print(f"K={a.workers} H={a.inner_steps} rounds={a.rounds} outer lr {lr} momentum "
-              f"{mom}: held-out {loss:.4f} ({secs:.0f}s)", flush=True)
+    for spec in a.recipe or ["plain:0.7:0.9"]:
+        rec = parse_recipe(spec, a.steps, a.h)
+        res = simulate(run, a.workers, rec)
+        print(f"{spec} K={a.workers} H={list(rec.h)}: held-out {res.loss:.4f}, sent "
+              f"{res.sent / 1e6:.2f} MB/worker ({res.seconds:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

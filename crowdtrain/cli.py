@@ -34,7 +34,8 @@ def cmd_init(a: argparse.Namespace) -> None:
     from crowdtrain.rundir import SwarmConfig, init_run
 
     swarm = SwarmConfig(**{k: v for k, v in (
-        ("rounds", a.rounds), ("inner_steps", a.inner_steps), ("round_seconds", a.round_seconds),
+        ("rounds", a.rounds), ("inner_steps", a.inner_steps),
+        ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
         ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
         ("outer_momentum", a.outer_momentum), ("access", a.access)) if v is not None})
     steps = a.steps if a.steps is not None else (
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int,
                    help="DiLoCo rounds when served (default 10; 0: until stopped)")
     s.add_argument("--inner-steps", type=int, help="H: inner steps per round (default 50)")
+    s.add_argument("--inner-steps-growth", type=float, metavar="RATIO",
+                   help="grow H over the run: last round's H / first round's, at the same "
+                        "total steps (default 1: fixed H)")
     s.add_argument("--round-seconds", type=float,
                    help="time budget and deadline of a round (default 120)")
     s.add_argument("--min-contributions", type=int,

@@ -224,7 +224,8 @@ class Coordinator:
             api_version=API_VERSION, run_name=rc.name, preset=rc.preset,
             model_config_json=self.run.model_config().to_dict(),
             train=rc.train.__dict__,
-            schedule=SwarmSchedule(inner_steps=self.cfg.inner_steps,
+            schedule=SwarmSchedule(inner_steps=self.cfg.round_steps(self.round),
+                                   inner_steps_growth=self.cfg.inner_steps_growth,
                                    round_seconds=self.cfg.round_seconds, rounds=self.cfg.rounds,
                                    min_contributions=self.cfg.min_contributions,
                                    codec=self.cfg.codec, block=compress.BLOCK),
@@ -295,7 +296,7 @@ class Coordinator:
             n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
             shard = shards[n_leases % len(shards)]
             start = int(self.ckpt_meta.get("steps", 0))
-            max_steps = self.cfg.inner_steps
+            max_steps = self.cfg.round_steps(rnd)
             max_tokens = max_steps * self.tcfg.batch_size * self.tcfg.seq_len
             seed = self.run.config.seed * 1_000_003 + n_leases
             lease_id = self.ledger.add_lease(vol.id, rnd, row["deadline"], start, max_steps,
@@ -451,7 +452,7 @@ class Coordinator:
             tokens = int(sum(r["weight"] for r in rows))
             meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
                 "source": "swarm",
-                "steps": int(self.ckpt_meta.get("steps", 0)) + self.cfg.inner_steps,
+                "steps": int(self.ckpt_meta.get("steps", 0)) + self.cfg.round_steps(rnd),
                 "tokens_trained": int(self.ckpt_meta.get("tokens_trained", 0)) + tokens,
                 "params": self.params,
                 "contributions": len(rows),

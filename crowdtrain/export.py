@@ -374,7 +374,9 @@ def _training_section(record: dict) -> str:
         s = h["swarm"]
         nesterov = " (Nesterov)" if s["nesterov"] and s["outer_momentum"] else ""
         rows += [
-            ["DiLoCo rounds", f"{t.get('rounds', 0)} of {s['inner_steps']} inner steps"],
+            ["DiLoCo rounds", f"{t.get('rounds', 0)} of {s['inner_steps']} inner steps" + (
+                f" on average, growing {s['inner_steps_growth']:g}x over the run"
+                if s.get("inner_steps_growth", 1) != 1 else "")],
             ["outer optimizer",
              f"SGD lr {s['outer_lr']}, momentum {s['outer_momentum']}{nesterov}"],
             ["aggregation", f"{s['aggregation']}, updates published as int8"],

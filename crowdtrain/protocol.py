@@ -61,7 +61,9 @@ class ShardInfo(BaseModel):
 
 
 class SwarmSchedule(BaseModel):
-    inner_steps: int = Field(description="H: inner steps per round (budget in steps)")
+    inner_steps: int = Field(description="H: inner steps of the open round (budget in steps)")
+    inner_steps_growth: float = Field(1.0, description="last round's H / first round's: H "
+                                      "grows over the run at the same total steps")
     round_seconds: float = Field(description="budget in seconds; the round deadline")
     rounds: int = Field(description="rounds in the run (0: until stopped)")
     min_contributions: int

@@ -46,6 +46,7 @@ from crowdtrain.model import (
     preset_config,
     state_dict_for_save,
 )
+from crowdtrain.schedule import inner_steps_schedule
 from crowdtrain.train import PRESET_TRAINING, TrainConfig, evaluate
 
 RUN_FILE = "run.json"
@@ -55,7 +56,8 @@ RUN_FILE = "run.json"
 class SwarmConfig:
     """DiLoCo round schedule and outer optimizer of a run hosted by a coordinator."""
 
-    inner_steps: int = 50
+    inner_steps: int = 50  # H; the mean H of the run when inner_steps_growth > 1
+    inner_steps_growth: float = 1.0  # last round's H / first round's (crowdtrain.schedule)
     round_seconds: float = 120.0
     rounds: int = 10
     min_contributions: int = 1
@@ -71,6 +73,8 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         checks = {
             "inner_steps": self.inner_steps >= 1,
+            "inner_steps_growth": 1 <= self.inner_steps_growth <= 100 and (
+                self.inner_steps_growth == 1 or self.rounds >= 1),
             "round_seconds": self.round_seconds >= 1,
             "rounds": self.rounds >= 0,
             "min_contributions": self.min_contributions >= 1,
@@ -84,6 +88,15 @@ class SwarmConfig:
                                                 "centered_clip"),
         }
         check_settings("swarm", checks, self)
+
+    def round_steps(self, rnd: int) -> int:
+        """H of round `rnd`: `inner_steps`, or its place in a growing schedule of the same
+        total (rounds x inner_steps) when `inner_steps_growth` > 1."""
+        if self.inner_steps_growth == 1 or self.rounds < 1:
+            return self.inner_steps
+        hs = inner_steps_schedule(self.rounds * self.inner_steps, self.rounds,
+                                  self.inner_steps_growth)
+        return hs[min(max(rnd, 0), self.rounds - 1)]
 
 
 PRETRAINED = "pretrained"  # the `preset` of a run started from a pretrained folder

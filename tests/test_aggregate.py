@@ -169,3 +169,46 @@ def test_outer_config_defaults_and_validation():
                           ({"momentum": float("nan")}, "momentum")]:
         with pytest.raises(ValueError, match=field):
             OuterConfig(**kwargs)
+
+
+# ---- round schedules (crowdtrain.schedule) -------------------------------------------------
+
+@pytest.mark.parametrize("total,rounds,growth", [(1500, 15, 1.0), (1500, 15, 8.0), (100, 7, 3.0),
+                                                 (10, 10, 50.0), (7, 1, 4.0), (301, 5, 2.5)])
+def test_inner_steps_schedule_keeps_the_total_and_grows(total, rounds, growth):
+    from crowdtrain.schedule import inner_steps_schedule, round_start_step
+
+    hs = inner_steps_schedule(total, rounds, growth)
+    assert len(hs) == rounds and sum(hs) == total and min(hs) >= 1
+    assert all(a <= b for a, b in zip(hs, hs[1:], strict=False)), hs
+    if growth == 1.0 and total % rounds == 0:
+        assert set(hs) == {total // rounds}
+    if rounds > 1 and total >= 10 * rounds:
+        assert abs(hs[-1] / hs[0] - growth) <= 0.25 * growth, hs
+    assert round_start_step(total, rounds, growth, rounds) == total
+    with pytest.raises(ValueError):
+        inner_steps_schedule(total, rounds, 0.5)
+    with pytest.raises(ValueError):
+        inner_steps_schedule(rounds - 1, rounds, growth)
+
+
+def test_outer_lr_warms_up_linearly():
+    from crowdtrain.schedule import outer_lr_at
+
+    assert [outer_lr_at(r, 1.0, 3) for r in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert outer_lr_at(0, 0.7) == 0.7
+
+
+def test_swarm_config_round_steps_follow_the_schedule():
+    from crowdtrain.errors import CrowdtrainError
+    from crowdtrain.rundir import SwarmConfig
+
+    fixed = SwarmConfig(inner_steps=40, rounds=5)
+    assert [fixed.round_steps(r) for r in range(7)] == [40] * 7
+    grow = SwarmConfig(inner_steps=100, rounds=15, inner_steps_growth=8.0)
+    hs = [grow.round_steps(r) for r in range(15)]
+    assert sum(hs) == 1500 and hs[0] < 100 < hs[-1] and grow.round_steps(99) == hs[-1]
+    with pytest.raises(CrowdtrainError, match="inner_steps_growth"):
+        SwarmConfig(inner_steps_growth=0.5)
+    with pytest.raises(CrowdtrainError, match="inner_steps_growth"):
+        SwarmConfig(rounds=0, inner_steps_growth=2.0)

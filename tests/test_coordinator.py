@@ -267,3 +267,25 @@ def test_an_anonymous_volunteer_is_anonymous_on_the_live_status_too(coord):
     volunteer(coord, "alice")
     coord.join(JoinRequest(name="bob", device="cpu", api_version=1, anonymous=True))
     assert [v.name for v in coord.status().volunteers] == ["alice", "anonymous"]
+
+
+def test_a_growing_h_schedule_drives_leases_and_checkpoint_steps(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "grow", inner_steps=10, rounds=4, round_seconds=60,
+                   inner_steps_growth=4.0)
+    c = Coordinator(run, evaluate_rounds=False)
+    try:
+        a = volunteer(c)
+        seen, starts = [], []
+        for _ in range(4):
+            la = lease(c, a)
+            seen.append(la.max_steps)
+            starts.append(la.start_step)
+            c.submit(a, la.lease_id, payload(la, c.shapes, seed=len(seen)))
+            assert c.tick()
+        assert seen == [run.config.swarm.round_steps(r) for r in range(4)]
+        assert seen[0] < 10 < seen[-1] and sum(seen) == 40
+        assert starts == [sum(seen[:r]) for r in range(4)]  # the inner lr schedule's position
+        assert load_checkpoint(run.ckpt_dir, 4).meta["steps"] == 40
+        assert c.info().schedule.inner_steps_growth == 4.0
+    finally:
+        c.close()
