@@ -25,7 +25,7 @@ from crowdtrain import compress, protocol  # noqa: E402
 from crowdtrain.checkpoint import save_checkpoint  # noqa: E402
 from crowdtrain.data import default_corpus, eval_windows, load_split  # noqa: E402
 from crowdtrain.model import build_model, count_params, state_dict_for_save  # noqa: E402
-from crowdtrain.rundir import Run, init_run  # noqa: E402
+from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
 from crowdtrain.train import evaluate  # noqa: E402
 
 # Llama shapes (hidden, layers, heads, intermediate, vocab) by nominal size. The vocabulary of
@@ -120,7 +120,8 @@ def base_run(cache: Path, preset: str = "tiny", corpus_chars: int | None = 300_0
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     shutil.rmtree(d, ignore_errors=True)
-    return init_run(d, [src], preset=preset, progress=False, vocab_size=vocab_size)
+    return init_run(d, [src], preset=preset, progress=False, vocab_size=vocab_size,
+                    swarm=SwarmConfig(warm_start=0.0))  # a fresh model: benchmarks start cold
 
 
 def make_run(base: Run, dst: Path, shape: str | None = None, *, train: dict | None = None,

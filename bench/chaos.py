@@ -35,7 +35,7 @@ from crowdtrain.checkpoint import load_checkpoint  # noqa: E402
 from crowdtrain.data import default_corpus  # noqa: E402
 from crowdtrain.ledger import Ledger  # noqa: E402
 from crowdtrain.localswarm import LocalSwarm  # noqa: E402
-from crowdtrain.rundir import Run, init_run  # noqa: E402
+from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
 
 TOLERANCE = 0.03
 
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         a.rounds, a.inner_steps = 5, 10
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-chaos-"))
     base = Run(a.run_dir) if a.run_dir else init_run(work / "base", [default_corpus()],
-                                                     preset="tiny", progress=False)
+                                                     preset="tiny", progress=False,
+                                                     swarm=SwarmConfig(warm_start=0.0))
     kw = dict(workers=a.workers, rounds=a.rounds, inner_steps=a.inner_steps,
               round_seconds=a.round_seconds, kill_every=a.kill_every, seed=a.seed)
     print(f"{base.config.preset}: {a.workers} workers, {a.rounds} rounds x {a.inner_steps} "

@@ -24,9 +24,17 @@ parameters; batch 8 x 64 so that a CPU step stays short): a steady-state round's
 its parts, compute utilisation (training time / round time), and the H at which utilisation
 would reach 95% at this step time without overlapping communication.
 
-The quality targets belong to the convergence issue; this reports the curve.
+Part "convergence" (the convergence issue's table): DESIGN.md's reference setting, a
+0.45M-parameter byte-level model, K=4 workers x batch 8 x 128 tokens, T=1500 inner steps each:
+DDP (the ceiling, same tokens), one worker alone (the floor: same steps and batch as one swarm
+worker, 1/K of the tokens), plain DiLoCo (fixed H, outer Nesterov 0.7/0.9, the defaults before
+the issue) and the run's current defaults (`SwarmConfig()`: growing H, outer optimizer) at
+H = 30, 100, 300 on average (the same number of rounds, so the same bytes, for both), with
+held-out loss and bytes per worker, and the issue's targets checked. Each configuration runs
+in its own process, `--jobs` at a time (DDP alone first).
 
     python bench/communication.py --part quality          # full: tiny, K=4, T=160 (~10 min)
+    python bench/communication.py --part convergence      # full: ~40 min with --jobs 2
     python bench/communication.py --part uplink           # full: small H=20, base H=2 (~10 min)
     python bench/communication.py --quick                 # both parts, tiny sizes (~1 min)
 """
@@ -58,76 +66,19 @@ from benchlib import (  # noqa: E402
     run_instrumented_worker,
     serve,
 )
+from diloco_sim import Recipe, schedule, simulate  # noqa: E402
 
-from crowdtrain import compress  # noqa: E402
-from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
 from crowdtrain.data import get_batch, load_split  # noqa: E402
 from crowdtrain.localswarm import LocalSwarm, free_port  # noqa: E402
-from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
-from crowdtrain.rundir import Run  # noqa: E402
+from crowdtrain.rundir import Run, SwarmConfig  # noqa: E402
+from crowdtrain.schedule import inner_steps_schedule  # noqa: E402
 from crowdtrain.train import InnerLoop, evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
 
-def schedule(run: Run, steps: int):
-    """The run's inner settings over exactly `steps` steps (as bench/diloco_sim.py)."""
-    return dataclasses.replace(run.config.train, total_steps=steps,
-                               warmup_steps=max(1, min(50, steps // 10)))
-
-
-# ------------------------------------------------------------------------------ DiLoCo
-
-
-def diloco(run: Run, workers: int, inner_steps: int, rounds: int, outer: OuterConfig,
-           up: str = "int8", down: str = "int8") -> tuple[float, int, int]:
-    """Held-out loss after `rounds` rounds, bytes sent and received per worker. The same math
-    as bench/diloco_sim.py's `simulate`, with the update's codec as a parameter too (the
-    coordinator always publishes int8; fp32 here is the uncompressed reference)."""
-    cfg = schedule(run, rounds * inner_steps)
-    shards = load_split(run.data_dir, run.index, "train")
-    global_model, ck = run.load_model(0)
-    theta = {k: v.clone() for k, v in ck.tensors.items()}
-    shapes = {k: tuple(v.shape) for k, v in theta.items()}
-    loops = [InnerLoop(run.load_model(0)[0], cfg, torch.device("cpu")) for _ in range(workers)]
-    worker_residual: list[dict | None] = [None] * workers
-    residual = {k: torch.zeros_like(v) for k, v in theta.items()}
-    momentum = None
-    lease = sent = received = 0
-    for r in range(rounds):
-        deltas, weights = [], []
-        for w, loop in enumerate(loops):
-            shard = [shards[lease % len(shards)]]
-            seed = run.config.seed * 1_000_003 + lease
-            lease += 1
-            load_into(loop.model, theta)
-            st = loop.run(lambda s, sh=shard, sd=seed: get_batch(sh, cfg.batch_size, cfg.seq_len,
-                                                                 sd, s),
-                          r * inner_steps, inner_steps)
-            params = state_dict_for_save(loop.model)
-            delta = {k: theta[k] - params[k] for k in theta}
-            if worker_residual[w] is not None and up != "fp32":
-                delta = {k: delta[k] + worker_residual[w][k] for k in delta}
-            blob = compress.to_bytes(delta, up)
-            sent += len(blob)
-            got, _ = compress.from_bytes(blob, shapes)
-            worker_residual[w] = {k: delta[k] - got[k] for k in delta}
-            deltas.append(got)
-            weights.append(st.tokens)
-        update, momentum = outer_step(theta, weighted_mean(deltas, weights), momentum, outer)
-        target = {k: update[k] + residual[k] for k in update}
-        blob = compress.to_bytes(target, down)
-        received += len(blob) * workers
-        applied, _ = compress.from_bytes(blob, shapes)
-        residual = {k: target[k] - applied[k] for k in target}
-        theta = apply_update(theta, applied)
-    load_into(global_model, theta)
-    loss = evaluate(global_model, run.val_windows(), torch.device("cpu"))
-    return loss, sent // workers, received // workers
-
-
 def floor(run: Run, steps: int) -> float:
-    cfg = schedule(run, steps)
+    cfg = schedule(run.config.train, steps)
     model, _ = run.load_model(0)
     train = load_split(run.data_dir, run.index, "train")
     InnerLoop(model, cfg, torch.device("cpu")).run(
@@ -156,7 +107,7 @@ def _ddp_rank(rank: int, world: int, port: int, run_dir: str, steps: int, out: s
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     run = Run(run_dir)
-    cfg = schedule(run, steps)
+    cfg = schedule(run.config.train, steps)
     model, _ = run.load_model(0)
     loop = InnerLoop(DistributedDataParallel(model), cfg, torch.device("cpu"))
     train = load_split(run.data_dir, run.index, "train")
@@ -207,7 +158,6 @@ def part_quality(a: argparse.Namespace, work: Path) -> None:
     k, t, n = a.workers, a.steps, params_of(run)
     b = run.config.train.batch_size
     lr, mom = map(float, a.outer.split(":"))
-    outer = OuterConfig(lr=lr, momentum=mom, nesterov=mom > 0)
     print(f"\n## quality: {a.preset} ({n:,} parameters), K={k}, T={t} inner steps per worker, "
           f"batch {b} x {run.config.train.seq_len} per worker (global {k * b}), outer lr {lr} "
           f"momentum {mom}; held-out {run.config.eval_tokens:,} tokens", flush=True)
@@ -233,11 +183,132 @@ def part_quality(a: argparse.Namespace, work: Path) -> None:
             continue
         for up, down in (("int8", "int8"), ("fp32", "fp32")):
             t0 = time.perf_counter()
-            loss, sent, recv = diloco(run, k, h, t // h, outer, up, down)
+            res_h = simulate(run, k, Recipe(f"H={h}", (h,) * (t // h), lr, mom, mom > 0,
+                                            up=up, down=down))
+            loss, sent, recv = res_h.loss, res_h.sent, res_h.received
             print(f"{h:>5} {t // h:>6}  {up + '/' + down:<13} {loss:>9.4f} "
                   f"{loss - res['loss']:>+8.4f} {loss - f:>+9.4f} {sent / 1e6:>10.2f}MB "
                   f"{recv / 1e6:>10.2f}MB {ddp_bytes / sent:>17.0f}x  "
                   f"({time.perf_counter() - t0:.0f}s)  [{load()}]", flush=True)
+
+
+# ------------------------------------------------------------------------------ convergence
+
+# DESIGN.md's reference: a 0.45M-parameter byte-level model, K=4 workers x batch 8 x 128 tokens,
+# T=1500 inner steps each, held-out on 65,536 tokens
+CONV_TRAIN = {"batch_size": 8, "seq_len": 128, "lr": 3e-3}
+PLAIN = SwarmConfig(inner_steps_growth=1.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+
+
+def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, warm: int = 0) -> Recipe:
+    """What a run with these swarm settings does over `steps` inner steps at mean H `h`."""
+    rounds = max(1, (steps - warm) // h)
+    return Recipe(name, tuple(inner_steps_schedule(steps - warm, rounds,
+                                                   swarm.inner_steps_growth)),
+                  swarm.outer_lr, swarm.outer_momentum, swarm.nesterov, up=swarm.codec,
+                  down="int8", warm=warm)
+
+
+def _sim_job(run_dir: str, workers: int, recipe_json: str, out: str) -> None:
+    torch.set_num_threads(1)
+    rec = json.loads(recipe_json)
+    res = simulate(Run(run_dir), workers, Recipe(**{**rec, "h": tuple(rec["h"])}))
+    Path(out).write_text(json.dumps(dataclasses.asdict(res)))
+
+
+def _floor_job(run_dir: str, steps: int, out: str) -> None:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    loss = floor(Run(run_dir), steps)
+    Path(out).write_text(json.dumps({"loss": loss, "seconds": time.perf_counter() - t0}))
+
+
+def _pool(jobs: list[tuple[str, list[str]]], parallel: int) -> None:
+    """Run (label, argv) subprocesses `parallel` at a time; report each as it ends."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            label, argv = pending.pop(0)
+            running.append((label, subprocess.Popen(argv), time.perf_counter()))
+        time.sleep(1)
+        for item in list(running):
+            label, proc, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode:
+                    raise SystemExit(f"{label} failed (exit {proc.returncode})")
+                print(f"  done: {label} ({time.perf_counter() - t0:.0f}s)  [{load()}]",
+                      flush=True)
+
+
+def part_convergence(a: argparse.Namespace, work: Path) -> None:
+    """Plain DiLoCo and the run defaults at several H, against DDP and a lone worker."""
+    base = base_run(work / "cache", "tiny", corpus_chars=a.conv_chars, vocab_size=260)
+    run = make_run(base, work / "conv-run", a.conv_shape, train=CONV_TRAIN,
+                   eval_tokens=a.conv_eval_tokens)
+    k, t, n = a.workers, a.conv_steps, params_of(run)
+    new = SwarmConfig()
+    print(f"\n## convergence: {n:,} parameters (byte-level), K={k} workers x batch "
+          f"{CONV_TRAIN['batch_size']} x {CONV_TRAIN['seq_len']}, T={t} inner steps each; "
+          f"held-out {run.config.eval_tokens:,} tokens; {a.jobs} configurations at a time, one "
+          f"torch thread each", flush=True)
+    print(f"plain DiLoCo: fixed H, outer SGD lr {PLAIN.outer_lr} Nesterov momentum "
+          f"{PLAIN.outer_momentum}, int8 both ways (the run defaults before this issue)")
+    print(f"run defaults: H growing {new.inner_steps_growth:g}x over the run (same rounds and "
+          f"total), outer SGD lr {new.outer_lr} momentum {new.outer_momentum}"
+          f"{' (Nesterov)' if new.nesterov and new.outer_momentum else ''}, {new.codec} "
+          f"uploads, int8 updates, aggregation {new.aggregation}"
+          + (f"; warm start: the owner's first {a.warm} steps on K x the batch" if a.warm
+             else ""), flush=True)
+    recipes = []
+    for h in a.conv_h:
+        recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
+        recipes.append(recipe_of(f"defaults H={h}", new, t, h, a.warm))
+    out = {r.name: work / f"conv-{r.name.replace(' ', '-').replace('=', '')}.json"
+           for r in recipes}
+    jobs = [("floor", [sys.executable, str(HERE), "_floor", str(run.dir), str(t),
+                       str(work / "conv-floor.json")])]
+    jobs += [(r.name, [sys.executable, str(HERE), "_sim", str(run.dir), str(k),
+                       json.dumps(dataclasses.asdict(r)), str(out[r.name])]) for r in recipes]
+    t0 = time.perf_counter()
+    dp, how = ddp(run, k, t, work)  # alone: it is K processes itself
+    print(f"  done: DDP ({time.perf_counter() - t0:.0f}s)  [{load()}]", flush=True)
+    _pool(jobs, a.jobs)
+    fl = json.loads((work / "conv-floor.json").read_text())["loss"]
+    dp_loss, dp_bytes = dp["loss"], dp["tx"] / k
+    print("\n| configuration | H per round | rounds | held-out | / DDP | / lone worker | "
+          "sent per worker | DDP bytes / these |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| data parallel (DDP, gloo, ceiling) | 1 | {t} | {dp_loss:.4f} | 1.000 | "
+          f"{dp_loss / fl:.3f} | {dp_bytes / 1e6:,.0f} MB | 1x |")
+    print(f"| one worker alone (floor) | - | - | {fl:.4f} | {fl / dp_loss:.3f} | 1.000 | 0 | - |")
+    verdicts = []
+    for r in recipes:
+        res = json.loads(out[r.name].read_text())
+        hs = r.h
+        h_text = str(hs[0]) if len(set(hs)) == 1 else f"{hs[0]} -> {hs[-1]}"
+        ratio = res["loss"] / dp_loss
+        fewer = dp_bytes / res["sent"]
+        print(f"| {r.name} | {h_text} | {res['rounds']} | {res['loss']:.4f} | {ratio:.3f} | "
+              f"{res['loss'] / fl:.3f} | {res['sent'] / 1e6:.2f} MB | {fewer:,.0f}x |",
+              flush=True)
+        if r.name.startswith("defaults"):
+            if r.name == "defaults H=100":
+                verdicts.append(f"H=100: {ratio:.3f} x DDP (target <= 1.03: "
+                                f"{'met' if ratio <= 1.03 else 'MISSED'}), "
+                                f"{res['loss'] / fl:.3f} x the lone worker (target < 1: "
+                                f"{'met' if res['loss'] < fl else 'MISSED'})")
+            if fewer >= 400:
+                verdicts.append(f"{r.name} sends {fewer:,.0f}x fewer bytes than DDP: "
+                                f"{ratio:.3f} x DDP (target <= 1.05: "
+                                f"{'met' if ratio <= 1.05 else 'MISSED'})")
+    if a.warm:
+        print(f"warm start: the owner trained {a.warm} steps x {k * CONV_TRAIN['batch_size']} "
+              f"sequences ({a.warm * k * CONV_TRAIN['batch_size'] * CONV_TRAIN['seq_len']:,} "
+              f"tokens, on one machine) before the swarm; they come out of the same budget")
+    print(f"DDP bytes counted on {how}; total {time.perf_counter() - t0:.0f}s")
+    for v in verdicts:
+        print("target:", v)
 
 
 # ------------------------------------------------------------------------------ uplink
@@ -380,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_ddp"]:  # internal: the DDP launcher, in its network namespace
         ddp_launch(argv[1], int(argv[2]), int(argv[3]), argv[4])
         return 0
+    if argv[:1] == ["_sim"]:  # internal: one simulated configuration of the convergence part
+        _sim_job(argv[1], int(argv[2]), argv[3], argv[4])
+        return 0
+    if argv[:1] == ["_floor"]:  # internal: the lone worker of the convergence part
+        _floor_job(argv[1], int(argv[2]), argv[3])
+        return 0
     if argv[:1] == ["_worker"]:  # internal: the uplink worker
         t = run_instrumented_worker(argv[1], Path(argv[2]), "uplink", int(argv[3]))
         Path(argv[4]).write_text(json.dumps(dataclasses.asdict(t)))
@@ -387,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--part", choices=["quality", "uplink", "all"], default="all")
+    p.add_argument("--part", choices=["quality", "convergence", "uplink", "all"], default="all",
+                   help="all: quality and uplink (convergence is long: ask for it)")
     p.add_argument("--preset", default="tiny", help="model of the quality part (default tiny)")
     p.add_argument("--workers", type=int, default=4, help="K (default 4)")
     p.add_argument("--steps", type=int, default=160, help="T, inner steps per worker")
@@ -395,6 +473,16 @@ def main(argv: list[str] | None = None) -> int:
                    default=[1, 4, 16, 40, 160], help="comma-separated H values")
     p.add_argument("--outer", default="1.0:0.0", metavar="LR:MOMENTUM",
                    help="outer SGD (default 1.0:0.0, plain averaging, the demo's setting)")
+    p.add_argument("--conv-steps", type=int, default=1500, help="convergence: T (default 1500)")
+    p.add_argument("--conv-h", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[30, 100, 300], help="convergence: mean H values (default 30,100,300)")
+    p.add_argument("--conv-shape", default="0.45M", help="convergence: model shape (benchlib)")
+    p.add_argument("--conv-chars", type=int, default=None,
+                   help="convergence: corpus characters (default: all of it)")
+    p.add_argument("--conv-eval-tokens", type=int, default=65536)
+    p.add_argument("--warm", type=int, default=0,
+                   help="convergence: the owner's warm-start steps before the defaults' swarm")
+    p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
     p.add_argument("--up-mbit", type=float, default=10.0)
     p.add_argument("--down-mbit", type=float, default=50.0)
     p.add_argument("--rtt-ms", type=float, default=40.0)
@@ -405,11 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.workers, a.steps, a.h = "tiny", 2, 8, [2, 8]
+        a.conv_steps, a.conv_h, a.conv_chars = 8, [8], 300_000
+        a.conv_eval_tokens = 2048
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-comm-"))
     work.mkdir(parents=True, exist_ok=True)
     header("communication: DiLoCo vs DDP (gloo), and a round over a home uplink")
     if a.part in ("quality", "all"):
         part_quality(a, work)
+    if a.part == "convergence" or (a.quick and a.part == "all"):
+        part_convergence(a, work)
     if a.part in ("uplink", "all"):
         part_uplink(a, work)
     print(f"# {load()} at the end; work in {work}")

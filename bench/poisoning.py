@@ -53,7 +53,7 @@ from crowdtrain.robust import (  # noqa: E402
     SafetensorsInt8Source,
     robust_aggregate,
 )
-from crowdtrain.rundir import Run, init_run  # noqa: E402
+from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
 from crowdtrain.train import InnerLoop, evaluate  # noqa: E402
 
 ATTACKS = ("none", "scaled_x100", "noise", "sign_flip", "alie", "liar")
@@ -235,7 +235,8 @@ def main() -> None:
         if a.run_dir:
             run = Run(a.run_dir)
         else:
-            run = init_run(tmp / "run", [default_corpus()], preset="tiny", progress=False)
+            run = init_run(tmp / "run", [default_corpus()], preset="tiny", progress=False,
+                           swarm=SwarmConfig(warm_start=0.0))
         print(f"preset {run.config.preset}, K={a.workers} (1 attacker), H={inner}, "
               f"rounds={rounds}, outer lr {lr} momentum {mom}, ALIE z={a.z}, held-out tokens "
               f"{eval_tokens or run.config.eval_tokens}", flush=True)

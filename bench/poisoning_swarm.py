@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         a.rounds, a.inner_steps, a.attacks = 3, 5, "scaled_x100"
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-poison-"))
     base = Run(a.run_dir) if a.run_dir else init_run(work / "base", [default_corpus()],
-                                                     preset="tiny", progress=False)
+                                                     preset="tiny", progress=False,
+                                                     swarm=SwarmConfig(warm_start=0.0))
     kw = dict(honest=a.honest, rounds=a.rounds, inner_steps=a.inner_steps)
     print(f"{base.config.preset}: {a.honest} honest workers + 1 attacker, {a.rounds} rounds "
           f"x {a.inner_steps} inner steps; defence {a.defence!r} vs plain mean; work in {work}")

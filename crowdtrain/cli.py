@@ -37,9 +37,10 @@ def cmd_init(a: argparse.Namespace) -> None:
         ("rounds", a.rounds), ("inner_steps", a.inner_steps),
         ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
         ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
-        ("outer_momentum", a.outer_momentum), ("access", a.access)) if v is not None})
+        ("outer_momentum", a.outer_momentum), ("access", a.access),
+        ("warm_start", a.warm_start)) if v is not None})
     steps = a.steps if a.steps is not None else (
-        swarm.rounds * swarm.inner_steps if a.rounds or a.inner_steps else None)
+        swarm.total_steps() if a.rounds or a.inner_steps else None)
     overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
                                    ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
     lora = None
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outer-lr", type=float, help="outer SGD learning rate (default 0.7)")
     s.add_argument("--outer-momentum", type=float,
                    help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")
+    s.add_argument("--warm-start", type=float, metavar="FRACTION",
+                   help="this share of the run's steps is trained here, on 4x the batch, "
+                        "before anyone joins (default 0.1; 0 to skip): the swarm then keeps "
+                        "data parallelism's quality at large H (BENCHMARKS.md)")
     s.add_argument("--access", choices=["open", "invite"],
                    help="open: anyone may join (default); invite: joining needs a key from "
                         "`crowdtrain invite`")

@@ -381,6 +381,12 @@ def _training_section(record: dict) -> str:
              f"SGD lr {s['outer_lr']}, momentum {s['outer_momentum']}{nesterov}"],
             ["aggregation", f"{s['aggregation']}, updates published as int8"],
         ]
+    ws = t.get("warm_start")
+    if ws:
+        rows.append(["warm start (the run owner, one machine, before the swarm)",
+                     f"{ws['steps']:,} steps x {ws['batch_size']} sequences = {ws['tokens']:,} "
+                     f"tokens in {ws['seconds']:.0f} s on {ws['device']} (included in tokens "
+                     "trained)"])
     rows += [
         ["training compute (6 x params x tokens)",
          f"{c.get('training_flops_estimate', 0):.3g} FLOPs"],

@@ -209,7 +209,9 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
         "data": data_record(run),
         "hyperparameters": hyperparameters(run),
         "training": {"tokens_trained": tokens, "inner_steps": int(meta.get("steps", 0)),
-                     "rounds": len(swarm["rounds"]) if swarm else 0},
+                     "rounds": len(swarm["rounds"]) if swarm else 0,
+                     # the run owner's own steps before the swarm, counted apart (warmstart.py)
+                     "warm_start": metas.get(0, {}).get("warm_start")},
         "rounds": swarm["rounds"] if swarm else [],
         "chain": swarm["chain"] if swarm else None,
         "contributors": swarm["contributors"] if swarm else [],
@@ -220,6 +222,9 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
             "training_flops_estimate": 6.0 * params * tokens,
             "volunteer_seconds": swarm["volunteer_seconds"] if swarm else 0.0,
             "local_seconds": local_seconds,
+            "warm_start_tokens": int((metas.get(0, {}).get("warm_start") or {}).get("tokens", 0)),
+            "warm_start_seconds": float((metas.get(0, {}).get("warm_start") or {})
+                                        .get("seconds", 0.0)),
             "contributions": swarm["contributions"] if swarm else 0,
             "bytes_uploaded": swarm["bytes_in"] if swarm else 0,
             "bytes_downloaded": swarm["bytes_out"] if swarm else 0,

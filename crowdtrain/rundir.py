@@ -58,6 +58,10 @@ class SwarmConfig:
 
     inner_steps: int = 50  # H; the mean H of the run when inner_steps_growth > 1
     inner_steps_growth: float = 1.0  # last round's H / first round's (crowdtrain.schedule)
+    # the owner's warm start (crowdtrain.warmstart): this fraction of the run's steps, trained
+    # by `crowdtrain init` on warm_start_batch x the batch before anyone joins
+    warm_start: float = 0.1
+    warm_start_batch: int = 4
     round_seconds: float = 120.0
     rounds: int = 10
     min_contributions: int = 1
@@ -75,6 +79,8 @@ class SwarmConfig:
             "inner_steps": self.inner_steps >= 1,
             "inner_steps_growth": 1 <= self.inner_steps_growth <= 100 and (
                 self.inner_steps_growth == 1 or self.rounds >= 1),
+            "warm_start": 0 <= self.warm_start <= 0.5,
+            "warm_start_batch": 1 <= self.warm_start_batch <= 1024,
             "round_seconds": self.round_seconds >= 1,
             "rounds": self.rounds >= 0,
             "min_contributions": self.min_contributions >= 1,
@@ -88,6 +94,18 @@ class SwarmConfig:
                                                 "centered_clip"),
         }
         check_settings("swarm", checks, self)
+
+    def warm_start_steps(self) -> int:
+        """Steps of the owner's warm start: `warm_start` of the run's total steps (warm start
+        + rounds x inner_steps); 0 for a run without a fixed number of rounds."""
+        if self.rounds < 1 or self.warm_start == 0:
+            return 0
+        return max(1, round(self.warm_start / (1 - self.warm_start) * self.rounds
+                            * self.inner_steps))
+
+    def total_steps(self) -> int:
+        """The inner learning-rate schedule's length for a run with these settings."""
+        return self.warm_start_steps() + self.rounds * self.inner_steps
 
     def round_steps(self, rnd: int) -> int:
         """H of round `rnd`: `inner_steps`, or its place in a growing schedule of the same
@@ -281,10 +299,18 @@ def init_run(
                   metadata={"base_model": cfg.base_model})
         cfg = replace(cfg, lora=lora, base_sha256=base_sha256(run_dir / "model" / BASE_FILE))
         model = wrap(model, lora, seed=seed)
+    meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source}
+    warm = cfg.swarm.warm_start_steps() if pretrained is None else 0
+    if warm:  # a fresh model only: a pretrained one is its own warm start
+        from crowdtrain.warmstart import warm_start
+
+        record = warm_start(model, run_dir / "data", index, cfg.train, warm,
+                            cfg.swarm.warm_start_batch, seed, progress=progress)
+        meta.update(steps=record["steps"], tokens_trained=record["tokens"],
+                    source="warm start", warm_start=record)
     val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
                        cfg.eval_tokens)
-    meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source,
-            "val_loss": evaluate(model, val, torch.device("cpu"))}
+    meta["val_loss"] = evaluate(model, val, torch.device("cpu"))
     save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
     (run_dir / RUN_FILE).write_text(cfg.to_json())
     return Run(run_dir)

@@ -25,7 +25,8 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus):
     """A run with the tiny preset, created once per session; treat it as read-only."""
-    from crowdtrain.rundir import init_run
+    from crowdtrain.rundir import SwarmConfig, init_run
 
+    # no warm start: the tests reason about a fresh model (test_warmstart.py covers it)
     return init_run(tmp_path_factory.mktemp("runs") / "tiny", [corpus], preset="tiny",
-                    progress=False)
+                    progress=False, swarm=SwarmConfig(warm_start=0.0))
