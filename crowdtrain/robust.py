@@ -164,7 +164,30 @@ def _check_slice(path: Path, key: str, sl, dtype: str, shape: tuple[int, ...]) -
                          f"{tuple(shape)}")
 
 
-class SafetensorsInt8Source:
+class _MappedFile:
+    """A payload file memory-mapped with `safetensors.safe_open`, as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = safe_open(str(self.path), "pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: cannot open payload: {e}") from None
+
+    def close(self) -> None:
+        """Release the memory map (idempotent)."""
+        if getattr(self, "_f", None) is not None:
+            self._f.__exit__(None, None, None)
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsInt8Source(_MappedFile):
     """A DeltaSource over an int8 payload file made by `compress.to_bytes(..., "int8")`.
 
     The file is memory-mapped with `safetensors.safe_open`; `read` touches only the int8
@@ -176,11 +199,7 @@ class SafetensorsInt8Source:
     """
 
     def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
-        self.path = Path(path)
-        try:
-            self._f = safe_open(str(self.path), "pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{self.path}: cannot open payload: {e}") from None
+        super().__init__(path)
         try:
             self._check_header(shapes)
         except Exception:
@@ -235,31 +254,16 @@ class SafetensorsInt8Source:
             raise ValueError(f"{self.path}: tensor {name} has non-finite values")
         return out
 
-    def close(self) -> None:
-        """Release the memory map (idempotent)."""
-        if getattr(self, "_f", None) is not None:
-            self._f.__exit__(None, None, None)
-            self._f = None
-
-    def __enter__(self) -> SafetensorsInt8Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
-class SafetensorsFloatSource:
+class SafetensorsFloatSource(_MappedFile):
     """A DeltaSource over an fp16 or fp32 payload file (`compress.to_bytes(..., "fp16")` or
     "fp32"): tensors keep their shapes there, so `read` loads the rows of the leading
     dimension that cover [a, b) and converts them to float32, bit-identical to
     `compress.from_bytes`. Header checked on opening, values checked finite per slice."""
 
     def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
-        self.path = Path(path)
-        try:
-            self._f = safe_open(str(self.path), "pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{self.path}: cannot open payload: {e}") from None
+        super().__init__(path)
         try:
             codec = (self._f.metadata() or {}).get("codec")
             if codec not in ("fp16", "fp32"):
@@ -298,17 +302,6 @@ class SafetensorsFloatSource:
             raise ValueError(f"{self.path}: tensor {name} has non-finite values")
         return out
 
-    def close(self) -> None:
-        """Release the memory map (idempotent)."""
-        if getattr(self, "_f", None) is not None:
-            self._f.__exit__(None, None, None)
-            self._f = None
-
-    def __enter__(self) -> SafetensorsFloatSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_payload(
