@@ -3,24 +3,15 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
+from swarm_helpers import copy_run
 
 from crowdtrain import compress
 from crowdtrain.coordinator import Coordinator, Refused
 from crowdtrain.protocol import JoinRequest, LeaseRequest, SubmitStats
 from crowdtrain.rundir import Run
-
-
-def copy_run(src: Run, dst: Path, **swarm) -> Run:
-    shutil.copytree(src.dir, dst)
-    cfg = json.loads((dst / "run.json").read_text())
-    cfg["swarm"].update(swarm)
-    (dst / "run.json").write_text(json.dumps(cfg))
-    return Run(dst)
 
 
 def contribution(lease, shapes: dict, tokens: int, seed: int) -> bytes:

@@ -1,10 +1,13 @@
 """Helpers shared by the swarm tests: a private copy of the tiny run with a swarm schedule,
-and well-formed (or deliberately broken) contributions."""
+well-formed (or deliberately broken) contributions, and a coordinator served over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -56,3 +59,28 @@ class Swarm(LocalSwarm):
     def __init__(self, run: Run, tmp_path: Path):
         super().__init__(run.dir, tmp_path)
         self.run, self.tmp = run, tmp_path
+
+
+@contextlib.contextmanager
+def serving(coord):
+    """A real HTTP server (uvicorn in a thread) over `coord`; yields its port. Its records go
+    to the root logger (log_config=None), so caplog sees them."""
+    import uvicorn
+
+    from crowdtrain.localswarm import free_port
+    from crowdtrain.server import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port,
+                                           log_level="warning", log_config=None))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    end = time.monotonic() + 30
+    while not server.started and t.is_alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        t.join(timeout=15)

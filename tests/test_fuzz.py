@@ -12,7 +12,6 @@ import json
 import logging
 import socket
 import struct
-import threading
 import time
 from types import SimpleNamespace
 
@@ -20,17 +19,15 @@ import httpx
 import pytest
 import schemathesis
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 from schemathesis.checks import not_a_server_error
-from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
+from swarm_helpers import copy_run, make_delta, payload, poisoned_payload, serving
 
 from crowdtrain import compress, protocol
 from crowdtrain.coordinator import Coordinator, Refused
-from crowdtrain.localswarm import free_port
 from crowdtrain.protocol import LeaseRequest, SubmitStats
 from crowdtrain.server import create_app
 
@@ -694,19 +691,8 @@ def test_lone_surrogate_in_json_is_422(client, path, body):
 def live(tiny_run, tmp_path):
     """A real coordinator over real HTTP (uvicorn in a thread)."""
     coord = _coordinator(tiny_run, tmp_path)
-    port = free_port()
-    # log_config=None: uvicorn's records reach the root logger, so caplog sees them
-    server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port,
-                                           log_level="warning", log_config=None))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    end = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < end:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield port, coord
-    server.should_exit = True
-    t.join(timeout=15)
+    with serving(coord) as port:
+        yield port, coord
 
 
 def _raw_http(port: int, head: bytes, body: bytes) -> bytes:

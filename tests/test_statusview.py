@@ -3,19 +3,15 @@ it from a live coordinator, and the one-line errors when that fails."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
-import uvicorn
 from rich.console import Console
-from swarm_helpers import copy_run
+from swarm_helpers import copy_run, serving
 
 from crowdtrain.coordinator import Coordinator
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.localswarm import free_port
 from crowdtrain.protocol import Refusal, RoundSummary, Status, VolunteerSummary
-from crowdtrain.server import create_app
 from crowdtrain.statusview import fetch_status, render_status
 
 NOW = 1_700_000_000.0
@@ -112,18 +108,8 @@ def live(tiny_run, tmp_path):
     """A real coordinator over real HTTP (uvicorn in a thread), no worker."""
     run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=2, round_seconds=60)
     coord = Coordinator(run, evaluate_rounds=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    end = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < end:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", run
-    server.should_exit = True
-    t.join(timeout=15)
+    with serving(coord) as port:
+        yield f"http://127.0.0.1:{port}", run
 
 
 def test_fetch_status_from_a_live_coordinator(live):
