@@ -216,7 +216,7 @@ def cmd_join(a: argparse.Namespace) -> int:
                        threads=a.threads, anonymous=a.anonymous,
                        max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
                        error_feedback=not a.no_error_feedback, progress=not a.quiet,
-                       nproc=a.nproc)
+                       nproc=a.nproc, compile=a.compile)
     s = run_worker(cfg)
     if s.reason.startswith("rank "):  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train as N processes of one volunteer (one per GPU, or CPU cores): "
                         "DDP inside the worker, rank 0 talks to the coordinator; the same as "
                         "`torchrun --nproc-per-node N -m crowdtrain.worker URL`")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor; faster steps on most GPUs, a "
+                        "minute of compiling first; needs a C++ compiler on CPU)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("status", help="show a run's progress: rounds, volunteers, refusals",

@@ -108,12 +108,15 @@ class InnerLoop:
     """AdamW on a model, with schedule, clipping and bf16 autocast on CUDA."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                 micro_batch: int | None = None, ranks: int = 1, rank: int = 0):
+                 micro_batch: int | None = None, ranks: int = 1, rank: int = 0,
+                 compile_backend: str | None = None):
         """`micro_batch`: rows per forward/backward (gradient accumulation up to the batch;
         default: the whole batch; halved automatically on out-of-memory). `ranks > 1`: this
         process is rank `rank` of a torch.distributed group (already initialised): each rank
         takes its contiguous 1/ranks of every batch and DDP averages the gradients, so the
-        update equals one process on the whole batch."""
+        update equals one process on the whole batch. `compile_backend` (e.g. "inductor"): the
+        forward runs through `torch.compile` with that backend; the parameters (checkpoints,
+        deltas, optimizer state) are the model's own either way."""
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
@@ -128,6 +131,8 @@ class InnerLoop:
             from torch.nn.parallel import DistributedDataParallel
             self.net = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compile_backend:
+            self.net = torch.compile(self.net, backend=compile_backend)
         decay, no_decay = [], []
         for p in model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -75,6 +75,7 @@ class WorkerConfig:
     progress: bool = True
     nproc: int = 1  # processes (ranks) of this one volunteer: see crowdtrain.ranks
     anonymous: bool = False  # published provenance names this volunteer "anonymous"
+    compile: bool = False  # torch.compile the model (inductor): faster steps on GPUs
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -227,7 +228,8 @@ class Worker:
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
                               micro_batch=self._remembered_micro_batch(),
-                              ranks=ranks.world if ranks else 1)
+                              ranks=ranks.world if ranks else 1,
+                              compile_backend="inductor" if cfg.compile else None)
         self.theta, self.theta_round = self._load_params()
         self._load_optimizer()
         self._ranks_have_optimizer = False
@@ -576,7 +578,8 @@ def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
         model = build_lora_model(config_from_dict(info.model_config_json),
                                  LoraSettings(**info.lora), base)
     shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
-    loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank)
+    loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank,
+                     compile_backend="inductor" if cfg.compile else None)
     rounds = 0
     while True:
         msg = ranks.bcast_json()

@@ -136,3 +136,16 @@ def test_worker_remembers_the_micro_batch_that_fit_its_device(tmp_path):
     assert w._remembered_micro_batch() is None
     (tmp_path / "device.json").write_text("{not json")
     assert w._remembered_micro_batch() is None
+
+
+def test_a_compiled_loop_trains_the_same_parameters(tiny_run):
+    # "aot_eager": dynamo's graph capture and AOT autograd without a C++ compiler, so it runs
+    # on any CI machine; the worker's --compile uses "inductor" (the same path plus codegen)
+    (plain, compiled), batches = _two_loops(tiny_run, compile_backend="aot_eager")
+    assert compiled.net is not compiled.model  # the forward really goes through dynamo
+    a = plain.run(batches, 0, 3)
+    b = compiled.run(batches, 0, 3)
+    assert b.steps == a.steps == 3
+    assert b.mean_loss == pytest.approx(a.mean_loss, abs=1e-4)
+    _assert_same_params(plain, compiled)
+    assert set(compiled.optimizer_tensors()) == set(plain.optimizer_tensors())
