@@ -197,16 +197,20 @@ def part_quality(a: argparse.Namespace, work: Path) -> None:
 # DESIGN.md's reference: a 0.45M-parameter byte-level model, K=4 workers x batch 8 x 128 tokens,
 # T=1500 inner steps each, held-out on 65,536 tokens
 CONV_TRAIN = {"batch_size": 8, "seq_len": 128, "lr": 3e-3}
-PLAIN = SwarmConfig(inner_steps_growth=1.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+PLAIN = SwarmConfig(inner_steps_growth=1.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True,
+                    warm_start=0.0)
 
 
-def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, warm: int = 0) -> Recipe:
-    """What a run with these swarm settings does over `steps` inner steps at mean H `h`."""
+def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, codec: str | None = None
+              ) -> Recipe:
+    """What a run with these swarm settings does over `steps` inner steps in all (the owner's
+    warm start, `warm_start` of them, then rounds of mean H `h`)."""
+    warm = round(swarm.warm_start * steps)
     rounds = max(1, (steps - warm) // h)
     return Recipe(name, tuple(inner_steps_schedule(steps - warm, rounds,
                                                    swarm.inner_steps_growth)),
-                  swarm.outer_lr, swarm.outer_momentum, swarm.nesterov, up=swarm.codec,
-                  down="int8", warm=warm)
+                  swarm.outer_lr, swarm.outer_momentum, swarm.nesterov,
+                  up=codec or swarm.codec, down=codec or "int8", warm=warm)
 
 
 def _sim_job(run_dir: str, workers: int, recipe_json: str, out: str) -> None:
@@ -258,12 +262,15 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
           f"total), outer SGD lr {new.outer_lr} momentum {new.outer_momentum}"
           f"{' (Nesterov)' if new.nesterov and new.outer_momentum else ''}, {new.codec} "
           f"uploads, int8 updates, aggregation {new.aggregation}"
-          + (f"; warm start: the owner's first {a.warm} steps on K x the batch" if a.warm
-             else ""), flush=True)
+          + (f"; warm start: the owner trains the first {new.warm_start:.0%} of the steps on "
+             f"{new.warm_start_batch} x the batch" if new.warm_start else ""), flush=True)
     recipes = []
     for h in a.conv_h:
         recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
-        recipes.append(recipe_of(f"defaults H={h}", new, t, h, a.warm))
+        recipes.append(recipe_of(f"defaults H={h}", new, t, h))
+    if a.conv_int4:  # the codec question: 4-bit (simulated) against the int8 default
+        recipes.append(recipe_of(f"defaults, 4-bit H={a.conv_int4}", new, t, a.conv_int4,
+                                 codec="int4"))
     out = {r.name: work / f"conv-{r.name.replace(' ', '-').replace('=', '')}.json"
            for r in recipes}
     jobs = [("floor", [sys.executable, str(HERE), "_floor", str(run.dir), str(t),
@@ -302,10 +309,14 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
                 verdicts.append(f"{r.name} sends {fewer:,.0f}x fewer bytes than DDP: "
                                 f"{ratio:.3f} x DDP (target <= 1.05: "
                                 f"{'met' if ratio <= 1.05 else 'MISSED'})")
-    if a.warm:
-        print(f"warm start: the owner trained {a.warm} steps x {k * CONV_TRAIN['batch_size']} "
-              f"sequences ({a.warm * k * CONV_TRAIN['batch_size'] * CONV_TRAIN['seq_len']:,} "
-              f"tokens, on one machine) before the swarm; they come out of the same budget")
+    warm = recipe_of("", new, t, a.conv_h[0]).warm
+    if warm:
+        print(f"warm start (defaults): the owner trained {warm} steps x "
+              f"{new.warm_start_batch * CONV_TRAIN['batch_size']} sequences "
+              f"({warm * new.warm_start_batch * CONV_TRAIN['batch_size'] * CONV_TRAIN['seq_len']:,}"
+              f" tokens, {warm * new.warm_start_batch:,} worker-steps of compute, on one "
+              f"machine) before the swarm; they come out of the same token budget, so every "
+              f"row trains {t * k * CONV_TRAIN['batch_size'] * CONV_TRAIN['seq_len']:,} tokens")
     print(f"DDP bytes counted on {how}; total {time.perf_counter() - t0:.0f}s")
     for v in verdicts:
         print("target:", v)
@@ -480,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-chars", type=int, default=None,
                    help="convergence: corpus characters (default: all of it)")
     p.add_argument("--conv-eval-tokens", type=int, default=65536)
-    p.add_argument("--warm", type=int, default=0,
-                   help="convergence: the owner's warm-start steps before the defaults' swarm")
+    p.add_argument("--conv-int4", type=int, default=100, metavar="H",
+                   help="convergence: also the defaults with a simulated 4-bit codec at this "
+                        "H (0: not)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
     p.add_argument("--up-mbit", type=float, default=10.0)
     p.add_argument("--down-mbit", type=float, default=50.0)
@@ -493,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.workers, a.steps, a.h = "tiny", 2, 8, [2, 8]
-        a.conv_steps, a.conv_h, a.conv_chars = 8, [8], 300_000
+        a.conv_steps, a.conv_h, a.conv_chars, a.conv_int4 = 10, [4], 300_000, 4
         a.conv_eval_tokens = 2048
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-comm-"))
     work.mkdir(parents=True, exist_ok=True)

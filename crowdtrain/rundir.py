@@ -60,7 +60,7 @@ class SwarmConfig:
     inner_steps_growth: float = 1.0  # last round's H / first round's (crowdtrain.schedule)
     # the owner's warm start (crowdtrain.warmstart): this fraction of the run's steps, trained
     # by `crowdtrain init` on warm_start_batch x the batch before anyone joins
-    warm_start: float = 0.1
+    warm_start: float = 0.2
     warm_start_batch: int = 4
     round_seconds: float = 120.0
     rounds: int = 10
