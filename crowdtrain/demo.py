@@ -54,12 +54,11 @@ def run_demo(
     # A 5-round run is too short for outer momentum: measured (BENCHMARKS.md), plain
     # averaging beats lr 0.7 / Nesterov 0.9 here (4.45 vs 4.64 held-out) and beats the
     # lone-worker floor (4.55); momentum pays off over many rounds.
+    # No owner warm start (a run's default, `init --warm-start`): the demo shows what the
+    # volunteers alone make of a fresh model, and its figures in BENCHMARKS.md are measured so.
     swarm = SwarmConfig(inner_steps=inner_steps, rounds=rounds, round_seconds=round_seconds,
-                        min_contributions=1, outer_lr=1.0, outer_momentum=0.0,
+                        min_contributions=1, outer_lr=1.0, outer_momentum=0.0, warm_start=0.0,
                         **({"aggregation": aggregation} if aggregation else {}))
-    if swarm.warm_start_steps():
-        say(f"warm start: training the first {swarm.warm_start_steps()} steps here on "
-            f"{swarm.warm_start_batch}x the batch before the volunteers join ...")
     init_run(run_dir, [default_corpus()], preset=preset, force=True, progress=False,
              train_overrides={"total_steps": swarm.total_steps(),
                               "warmup_steps": max(1, min(50, swarm.total_steps() // 10))},
