@@ -258,8 +258,9 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
           f"torch thread each", flush=True)
     print(f"plain DiLoCo: fixed H, outer SGD lr {PLAIN.outer_lr} Nesterov momentum "
           f"{PLAIN.outer_momentum}, int8 both ways (the run defaults before this issue)")
-    print(f"run defaults: H growing {new.inner_steps_growth:g}x over the run (same rounds and "
-          f"total), outer SGD lr {new.outer_lr} momentum {new.outer_momentum}"
+    grow = (f"H growing {new.inner_steps_growth:g}x over the run (same rounds and total)"
+            if new.inner_steps_growth != 1 else "fixed H")
+    print(f"run defaults: {grow}, outer SGD lr {new.outer_lr} momentum {new.outer_momentum}"
           f"{' (Nesterov)' if new.nesterov and new.outer_momentum else ''}, {new.codec} "
           f"uploads, int8 updates, aggregation {new.aggregation}"
           + (f"; warm start: the owner trains the first {new.warm_start:.0%} of the steps on "
