@@ -48,8 +48,11 @@ from crowdtrain.model import count_params, load_into
 from crowdtrain.protocol import (
     API_VERSION,
     INT64_MAX,
+    LEASE_SILENCE_SECONDS,
     AdminAck,
     AdminVolunteer,
+    Alive,
+    AliveResponse,
     JoinRequest,
     JoinResponse,
     Lease,
@@ -374,6 +377,11 @@ class Coordinator:
         if weight <= 0:
             raise refuse(422, "contribution reports no tokens trained")
         with self.lock:  # the round must not close between this check and the ledger write
+            if lease["round"] == self.round and lease["state"] == "expired" \
+                    and lease["alive_at"] is not None:
+                raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "
+                                  f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); "
+                                  "it was not applied")
             if lease["round"] != self.round or lease["state"] == "expired":
                 raise refuse(409, f"stale: round {lease['round']} closed before this "
                                   f"contribution arrived (the open round is {self.round}); "
@@ -411,6 +419,15 @@ class Coordinator:
                     "volunteer's best")
         return None
 
+    def alive(self, vol: Volunteer, lease_id: int, msg: Alive) -> AliveResponse:
+        """A heartbeat of the worker training `lease_id`; ok=False once the lease is closed."""
+        lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
+        if lease is None:
+            raise Refused(404, f"unknown lease {lease_id}")
+        if lease["volunteer_id"] != vol.id:
+            raise Refused(403, f"lease {lease_id} belongs to another volunteer")
+        return AliveResponse(ok=self.ledger.lease_alive(lease_id, time.time()))
+
     # ------------------------------------------------------------------ closing rounds
 
     def tick(self) -> bool:
@@ -421,8 +438,12 @@ class Coordinator:
             rnd = self.round
             row = self.ledger.round_row(rnd)
             n = len(self.ledger.accepted(rnd))
-            open_leases = self.ledger.leases_of_round(rnd, "open")
             now = time.time()
+            silent = self.ledger.expire_silent_leases(rnd, now - LEASE_SILENCE_SECONDS)
+            if silent:  # their workers died or lost the network: close without them
+                log.info("round %d: gave up lease(s) %s, silent for %.0fs", rnd, silent,
+                         LEASE_SILENCE_SECONDS)
+            open_leases = self.ledger.leases_of_round(rnd, "open")
             if n >= self.cfg.min_contributions and (now >= row["deadline"] or not open_leases):
                 self.close_round()
                 return True

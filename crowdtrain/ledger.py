@@ -104,6 +104,7 @@ ADDED_COLUMNS = (
     ("volunteers", "anonymous", "INTEGER NOT NULL DEFAULT 0"),
     ("rounds", "checkpoint_sha256", "TEXT"),
     ("rounds", "chain_link", "TEXT"),
+    ("leases", "alive_at", "REAL"),  # the worker's last heartbeat (NULL: none yet)
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -353,6 +354,25 @@ class Ledger:
         with self.tx() as db:
             db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open' "
                        "AND (? IS NULL OR volunteer_id = ?)", (rnd, volunteer_id, volunteer_id))
+
+    def lease_alive(self, lease_id: int, now: float) -> bool:
+        """Record a heartbeat of an open lease; False if the lease is not open."""
+        with self.tx() as db:
+            cur = db.execute("UPDATE leases SET alive_at = ? WHERE id = ? AND state = 'open'",
+                             (now, lease_id))
+            return cur.rowcount == 1
+
+    def expire_silent_leases(self, rnd: int, before: float) -> list[int]:
+        """Expire the open leases of round `rnd` whose worker sent heartbeats and then fell
+        silent (last one before `before`); returns their ids. A lease that never sent one
+        (an older worker) runs to the round's deadline as before."""
+        with self.tx() as db:
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM leases WHERE round = ? AND state = 'open' AND alive_at IS NOT "
+                "NULL AND alive_at < ?", (rnd, before))]
+            db.executemany("UPDATE leases SET state = 'expired' WHERE id = ?",
+                           [(i,) for i in ids])
+        return ids
 
     def lease(self, lease_id: int) -> sqlite3.Row | None:
         rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))

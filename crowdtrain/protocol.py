@@ -36,6 +36,9 @@ BASE = "/v1/base"
 UPDATE = "/v1/updates/{round}"
 SHARD = "/v1/shards/{sha256}"
 LEASE = "/v1/lease"
+ALIVE = "/v1/lease/{lease_id}/alive"
+HEARTBEAT_SECONDS = 5.0
+LEASE_SILENCE_SECONDS = 20.0
 SUBMIT = "/v1/submit/{lease_id}"
 STATUS = "/v1/status"
 ADMIN_VOLUNTEERS = "/v1/admin/volunteers"
@@ -127,6 +130,19 @@ class LeaseResponse(BaseModel):
     lease: Lease | None = None
     retry_after: float = 0.0
     message: str = ""
+
+
+class Alive(BaseModel):
+    """A worker's heartbeat while it trains a lease (every `HEARTBEAT_SECONDS`): a lease whose
+    worker has said it is alive and then goes silent for `LEASE_SILENCE_SECONDS` is given up,
+    so the round closes on the others' reports instead of waiting for its deadline."""
+
+    step: int = Field(ge=0, description="inner steps of the lease done so far")
+
+
+class AliveResponse(BaseModel):
+    ok: bool = Field(description="false: the lease is no longer open (round closed, or given "
+                                 "up); finish or drop the work and ask for a new lease")
 
 
 class SubmitStats(BaseModel):

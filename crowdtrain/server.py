@@ -161,6 +161,11 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
               vol: Volunteer = Depends(volunteer)) -> protocol.LeaseResponse:
         return coord.lease(vol, req)
 
+    @app.post(protocol.ALIVE, response_model=protocol.AliveResponse)
+    def alive(msg: protocol.Alive, lease_id: int = Path(ge=1, le=protocol.INT64_MAX),
+              vol: Volunteer = Depends(volunteer)) -> protocol.AliveResponse:
+        return coord.alive(vol, lease_id, msg)
+
     @app.post(protocol.SUBMIT, response_model=protocol.SubmitResponse,
               openapi_extra={"requestBody": {"required": True,
                                              "content": {SAFETENSORS: {"schema": {

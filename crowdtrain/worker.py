@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,44 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+class Heartbeat:
+    """While a lease trains: tells the coordinator every `protocol.HEARTBEAT_SECONDS` that the
+    work is alive (so a dead worker's lease is given up in seconds, not at the deadline), from
+    a thread with its own connection. `closed` turns true when the coordinator answers that the
+    lease is no longer open (its round closed): the training can stop early."""
+
+    def __init__(self, client: Client, lease_id: int,
+                 every: float = protocol.HEARTBEAT_SECONDS) -> None:
+        self.path = protocol.ALIVE.format(lease_id=lease_id)
+        self.every, self.step, self.closed = every, 0, False
+        self._headers = {protocol.API_HEADER: str(protocol.API_VERSION),
+                         "Authorization": f"Bearer {client.token}"}
+        self._url = client.url
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
+
+    def _beat(self) -> None:
+        with httpx.Client(base_url=self._url, timeout=5.0, headers=self._headers) as http:
+            while True:
+                try:
+                    r = http.post(self.path, json={"step": self.step})
+                    if r.status_code == 200 and r.json().get("ok") is False:
+                        self.closed = True
+                        return
+                except (httpx.HTTPError, ValueError):
+                    pass  # a missed beat is harmless; several in a row give the lease up
+                if self._stop.wait(self.every):
+                    return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 # ---------------------------------------------------------------------- local state
@@ -419,12 +458,17 @@ class Worker:
             return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed, step)
 
         def on_step(step: int, loss: float) -> None:
+            beat.step = step - lease.start_step + 1
             if bar is not None:
                 bar(lease, step - lease.start_step + 1, loss)
 
-        st = self.loop.run(batches, lease.start_step, lease.max_steps,
-                           deadline=time.monotonic() + lease.seconds, on_step=on_step,
-                           stop=lambda: bool(stop))
+        with Heartbeat(self.client, lease.lease_id) as beat:
+            st = self.loop.run(batches, lease.start_step, lease.max_steps,
+                               deadline=time.monotonic() + lease.seconds, on_step=on_step,
+                               stop=lambda: bool(stop) or beat.closed)
+        if beat.closed:
+            log.info("round %d closed while training; dropping this lease's work", lease.round)
+            return
         if st.steps == 0:
             return
         self.tokens_per_s = st.tokens_per_s

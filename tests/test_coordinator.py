@@ -289,3 +289,61 @@ def test_a_growing_h_schedule_drives_leases_and_checkpoint_steps(tiny_run, tmp_p
         assert c.info().schedule.inner_steps_growth == 4.0
     finally:
         c.close()
+
+
+def test_a_silent_lease_is_given_up_and_the_round_closes_without_it(coord):
+    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
+
+    a, b, c = volunteer(coord, "a"), volunteer(coord, "b"), volunteer(coord, "c")
+    la, lb, lc = lease(coord, a), lease(coord, b), lease(coord, c)
+    assert coord.alive(a, la.lease_id, Alive(step=1)).ok
+    assert coord.alive(b, lb.lease_id, Alive(step=1)).ok
+    with pytest.raises(Refused) as e:
+        coord.alive(a, lb.lease_id, Alive(step=1))
+    assert e.value.status == 403
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    assert not coord.alive(a, la.lease_id, Alive(step=5)).ok  # submitted: no longer open
+    assert not coord.tick()  # b is training (alive); c never sent a heartbeat (older worker)
+    coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)  # b dies
+    coord.ledger.expire_leases(0, c.id)  # c's lease ends some other way
+    assert coord.tick() and coord.round == 1  # closed on a's report, not at the deadline
+    assert coord.ledger.lease(lb.lease_id)["state"] == "expired"
+    assert not coord.alive(b, lb.lease_id, Alive(step=9)).ok
+    with pytest.raises(Refused, match="stale"):  # b's late upload changes nothing
+        coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=4))
+
+
+def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
+    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
+
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    coord.alive(b, lb.lease_id, Alive(step=1))
+    coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
+    assert not coord.tick() and coord.ledger.lease(lb.lease_id)["state"] == "expired"
+    with pytest.raises(Refused, match="given up: no heartbeat") as e:
+        coord.submit(b, lb.lease_id, payload(lb, coord.shapes))
+    assert e.value.status == 409 and coord.round == 0
+
+
+def test_the_workers_heartbeat_keeps_its_lease_alive_and_hears_when_it_closes(coord):
+    from swarm_helpers import serving
+
+    from crowdtrain.worker import Client, Heartbeat
+
+    with serving(coord) as port:
+        client = Client(f"http://127.0.0.1:{port}", retry_for=10)
+        client.token = coord.join(JoinRequest(name="hb", device="cpu", api_version=1)).token
+        r = client.call("POST", "/v1/lease", json_body={})
+        lid = r.json()["lease"]["lease_id"]
+        with Heartbeat(client, lid, every=0.05) as beat:
+            beat.step = 3
+            end = time.monotonic() + 10
+            while coord.ledger.lease(lid)["alive_at"] is None and time.monotonic() < end:
+                time.sleep(0.02)
+            assert coord.ledger.lease(lid)["alive_at"] is not None and not beat.closed
+            coord.ledger.expire_leases(0)  # the coordinator ends the lease (say, round closed)
+            while not beat.closed and time.monotonic() < end:
+                time.sleep(0.02)
+            assert beat.closed  # so the worker stops training work nobody will take
+        client.close()
