@@ -295,7 +295,7 @@ def test_a_silent_lease_is_given_up_and_the_round_closes_without_it(coord):
     from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
 
     a, b, c = volunteer(coord, "a"), volunteer(coord, "b"), volunteer(coord, "c")
-    la, lb, lc = lease(coord, a), lease(coord, b), lease(coord, c)
+    la, lb, _ = lease(coord, a), lease(coord, b), lease(coord, c)
     assert coord.alive(a, la.lease_id, Alive(step=1)).ok
     assert coord.alive(b, lb.lease_id, Alive(step=1)).ok
     with pytest.raises(Refused) as e:
@@ -317,7 +317,7 @@ def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
     from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
 
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
-    la, lb = lease(coord, a), lease(coord, b)
+    _, lb = lease(coord, a), lease(coord, b)
     coord.alive(b, lb.lease_id, Alive(step=1))
     coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
     assert not coord.tick() and coord.ledger.lease(lb.lease_id)["state"] == "expired"
