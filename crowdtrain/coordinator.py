@@ -68,7 +68,13 @@ from crowdtrain.protocol import (
     SwarmSchedule,
     VolunteerSummary,
 )
-from crowdtrain.robust import RobustConfig, check_payload_file, open_payload, robust_aggregate
+from crowdtrain.robust import (
+    RobustConfig,
+    block_for,
+    check_payload_file,
+    open_payload,
+    robust_aggregate,
+)
 from crowdtrain.rundir import Run
 from crowdtrain.train import evaluate
 
@@ -494,10 +500,12 @@ class Coordinator:
         clipped or refused contributions get the reason in the ledger (refused: weight 0)."""
         sources = []
         try:
-            for r in rows:  # memory-mapped, read block by block: peak memory ~ workers x block
+            for r in rows:  # memory-mapped, read block by block: the blocks shrink as workers
+                # grow, so the working memory stays ~ a fixed budget (robust.block_for)
                 sources.append(open_payload(self.run.dir / r["path"], self.shapes))
             mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
-                                               self.shapes, RobustConfig(self.cfg.aggregation))
+                                               self.shapes, RobustConfig(self.cfg.aggregation),
+                                               block_elems=block_for(len(rows)))
         finally:
             for src in sources:
                 src.close()

@@ -383,6 +383,13 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def block_for(n: int, budget_bytes: int = 256 << 20) -> int:
+    """`block_elems` for aggregating `n` deltas within about `budget_bytes` of working memory
+    (~16 bytes per value and delta: the copies `trimmed_mean` and `centered_clip` work on), so
+    a round's memory stays flat however many volunteers report; between 4,096 and 2**20."""
+    return max(1 << 12, min(1 << 20, budget_bytes // (16 * max(n, 1))))
+
+
 def robust_aggregate(
     sources: Sequence[DeltaSource],
     weights: Sequence[float],

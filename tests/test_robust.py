@@ -387,3 +387,13 @@ def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
         assert check_payload_file(path, SHAPES, block_elems=100) == want
     with pytest.raises(compress.CodecError, match="too large"):
         check_payload_file(path, SHAPES, max_bytes=len(blob) - 1)
+
+
+def test_aggregation_blocks_shrink_as_contributions_grow():
+    from crowdtrain.robust import block_for
+
+    assert block_for(1) == 1 << 20 and block_for(0) == 1 << 20
+    sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 12
+    for n in (20, 100, 1000):  # the working set n x block x 16 bytes stays within the budget
+        assert n * block_for(n) * 16 <= 256 << 20
