@@ -89,6 +89,11 @@ def peak_rss_mb(pid: int) -> float:
     return _status_kb(pid, "VmHWM") / 1024
 
 
+def anon_mb(pid: int) -> float:
+    """Anonymous resident memory (RssAnon: the heap, not mapped files' pages), MB."""
+    return _status_kb(pid, "RssAnon") / 1024
+
+
 def rss_mb(pid: int) -> float:
     return _status_kb(pid, "VmRSS") / 1024
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 from benchlib import (  # noqa: E402
     Payloads,
+    anon_mb,
     base_run,
     header,
     load,
@@ -60,6 +61,7 @@ from crowdtrain import protocol  # noqa: E402
 from crowdtrain.ledger import Ledger  # noqa: E402
 from crowdtrain.localswarm import LocalSwarm  # noqa: E402
 from crowdtrain.model import build_model, config_from_dict, state_dict_for_save  # noqa: E402
+from crowdtrain.robust import block_for  # noqa: E402
 from crowdtrain.rundir import Run  # noqa: E402
 
 BLOCK_ELEMS = 1 << 20  # robust_aggregate's default block
@@ -84,26 +86,33 @@ class Result:
     peak_mb: float = 0.0
     peak_upload_mb: float = 0.0
     peak_close_mb: float = 0.0
+    rest_anon_mb: float = 0.0
+    anon_upload_mb: float = 0.0  # peak anonymous (heap) memory: RSS less mapped files
+    anon_close_mb: float = 0.0
     payload_mb: float = 0.0
-    block_elems: int = BLOCK_ELEMS  # the largest block robust_aggregate reads for this model
+    block_elems: int = BLOCK_ELEMS  # the largest block the coordinator aggregates at once
     retries: Counter = dataclasses.field(default_factory=Counter)  # transport errors, retried
 
 
 class MemorySampler(threading.Thread):
-    """Samples the coordinator's RSS every 50 ms, split by whether uploads are in flight."""
+    """Samples the coordinator's RSS and its anonymous part (the heap: RSS less the pages of
+    memory-mapped files, which the kernel can drop) every 50 ms, split by whether uploads are
+    in flight."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.inflight, self.stop = pid, 0, threading.Event()
-        self.upload_peak = self.close_peak = 0.0
+        self.upload_peak = self.close_peak = self.anon_upload = self.anon_close = 0.0
 
     def run(self) -> None:
         while not self.stop.wait(0.05):
-            r = rss_mb(self.pid)
+            r, a = rss_mb(self.pid), anon_mb(self.pid)
             if self.inflight:
                 self.upload_peak = max(self.upload_peak, r)
+                self.anon_upload = max(self.anon_upload, a)
             else:
                 self.close_peak = max(self.close_peak, r)
+                self.anon_close = max(self.anon_close, a)
 
 
 async def request(c: httpx.AsyncClient, res: Result, method: str, path: str,
@@ -189,7 +198,7 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         config_from_dict(run.model_config().to_dict()))).items()}
     payloads = Payloads(shapes)
     biggest = max(math.prod(s) for s in shapes.values())
-    res = Result(size, params_of(run), workers, rounds, block_elems=min(BLOCK_ELEMS, biggest))
+    res = Result(size, params_of(run), workers, rounds, block_elems=min(block_for(workers), biggest))
     res.payload_mb = len(payloads.make(0, protocol.SubmitStats(
         lease_id=1, round=0, steps=1, tokens=1, mean_loss=1.0, seconds=1.0))) / 1e6
     train = run.config.train.__dict__
@@ -197,7 +206,7 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         serve(swarm, "--threads", 1)
         pid = swarm.procs["coordinator"].pid
         time.sleep(1.0)
-        res.rest_mb = rss_mb(pid)
+        res.rest_mb, res.rest_anon_mb = rss_mb(pid), anon_mb(pid)
         mem = MemorySampler(pid)
         mem.start()
         phase: dict[int, list[float]] = {}
@@ -222,6 +231,7 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         mem.join()
         res.peak_mb = peak_rss_mb(pid)
         res.peak_upload_mb, res.peak_close_mb = mem.upload_peak, mem.close_peak
+        res.anon_upload_mb, res.anon_close_mb = mem.anon_upload, mem.anon_close
     res.upload_phase_s = sum(b - a for a, b in phase.values())
     led = Ledger(run.dir / "ledger.sqlite")
     for row in led.rounds():
@@ -244,7 +254,9 @@ def report(r: Result) -> None:
           f"submit p50 {percentile(lat, 50):6.2f}s p99 {percentile(lat, 99):6.2f}s  "
           f"close {max(r.close_s, default=float('nan')):6.1f}s  "
           f"RSS rest {r.rest_mb:6.0f} peak {r.peak_mb:6.0f} MB (uploads {r.peak_upload_mb:.0f}, "
-          f"closes {r.peak_close_mb:.0f}); growth {growth:6.0f} MB vs N x payload "
+          f"closes {r.peak_close_mb:.0f}); growth {growth:6.0f} MB; heap (anonymous) rest "
+          f"{r.rest_anon_mb:.0f} -> uploads {r.anon_upload_mb:.0f} / closes "
+          f"{r.anon_close_mb:.0f} MB; vs N x payload "
           f"{r.workers * r.payload_mb:6.0f} MB, N x block "
           f"{r.workers * r.block_elems * 16 / 1e6:6.0f} MB, N x model fp32 "
           f"{r.workers * r.params * 4 / 1e6:6.0f} MB  accepted {r.accepted}/"
