@@ -198,7 +198,8 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         config_from_dict(run.model_config().to_dict()))).items()}
     payloads = Payloads(shapes)
     biggest = max(math.prod(s) for s in shapes.values())
-    res = Result(size, params_of(run), workers, rounds, block_elems=min(block_for(workers), biggest))
+    res = Result(size, params_of(run), workers, rounds,
+                 block_elems=min(block_for(workers), biggest))
     res.payload_mb = len(payloads.make(0, protocol.SubmitStats(
         lease_id=1, round=0, steps=1, tokens=1, mean_loss=1.0, seconds=1.0))) / 1e6
     train = run.config.train.__dict__
