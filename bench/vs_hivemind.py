@@ -190,7 +190,7 @@ def in_netns(name: str) -> list[str]:
 
 
 def run_system(system: str, run_dir: Path, peers: int, seconds: float, work: Path,
-               kill_after: float | None, settings: dict, py: Path) -> Outcome:
+               kill_after: float | None, settings: dict, py: Path | None) -> Outcome:
     """Everything of one system in its own network namespace, driven by `_drive`."""
     ns = f"cthm{os.getpid()}{system[:2]}{peers}"
     prefix = in_netns(ns)
@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                         "missing)")
     p.add_argument("--work", type=Path, help="keep runs and logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="2 peers, 40 s runs")
+    p.add_argument("--kill-only", choices=["hivemind", "crowdtrain"],
+                   help="only the kill runs of this system (crowdtrain: no venv is made)")
     a = p.parse_args(argv)
     if a.quick:
         a.peers, a.seconds, a.kill_after, a.repeats = "2", 40.0, 25.0, 1
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-hivemind-"))
     work.mkdir(parents=True, exist_ok=True)
     header("crowdtrain vs hivemind 1.1.12")
-    py = ensure_venv(a.venv)
+    py = None if a.kill_only == "crowdtrain" else ensure_venv(a.venv)
     settings = {"target_batch_size": a.target_batch_size,
                 "matchmaking_time": a.matchmaking_time,
                 "averaging_timeout": a.averaging_timeout, "compression": "fp16 (grads, state)"}
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.inner_steps}, round deadline {a.round_seconds:g}s", flush=True)
     for peers in (int(x) for x in a.peers.split(",")):
         ratios: dict[str, list[float]] = {"hivemind": [], "crowdtrain": []}
-        for rep in range(a.repeats):  # plain, hivemind, crowdtrain, plain, ...: interleaved
+        # plain, hivemind, crowdtrain, plain, ...: interleaved
+        for rep in range(0 if a.kill_only else a.repeats):
             res = {}
             for system in ("plain", "hivemind", "crowdtrain"):
                 run = make_run(base, work / f"run-{system}-{peers}", eval_tokens=4096, swarm={
@@ -406,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"P={peers} #{rep + 1}: bytes on lo, crowdtrain / hivemind "
                   f"{c.lo_bytes_per_peer / max(h.lo_bytes_per_peer, 1):.3f} (target <= 0.1)",
                   flush=True)
-        hm, ct = statistics.median(ratios["hivemind"]), statistics.median(ratios["crowdtrain"])
-        print(f"P={peers}: median per-peer throughput as a share of plain: hivemind {hm:.2f}, "
-              f"crowdtrain {ct:.2f}: crowdtrain / hivemind {ct / hm:.2f}x (target >= 3x)",
-              flush=True)
-        for system in ("hivemind", "crowdtrain"):
+        if not a.kill_only:
+            hm = statistics.median(ratios["hivemind"])
+            ct = statistics.median(ratios["crowdtrain"])
+            print(f"P={peers}: median per-peer throughput as a share of plain: hivemind "
+                  f"{hm:.2f}, crowdtrain {ct:.2f}: crowdtrain / hivemind {ct / hm:.2f}x "
+                  "(target >= 3x)", flush=True)
+        for system in [a.kill_only] if a.kill_only else ["hivemind", "crowdtrain"]:
             run = make_run(base, work / f"run-{system}-{peers}-kill", eval_tokens=4096, swarm={
                 "rounds": 0, "inner_steps": a.inner_steps, "round_seconds": a.round_seconds,
                 "min_contributions": 1})
