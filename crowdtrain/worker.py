@@ -21,25 +21,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
-import random
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 
 from crowdtrain import compress, protocol
 from crowdtrain.aggregate import apply_update
 from crowdtrain.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.client import Client, CoordinatorRefused, Heartbeat
 from crowdtrain.data import get_batch, verify_sha256
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.interrupt import GracefulInterrupt
+from crowdtrain.localstate import LocalState, user_home
 from crowdtrain.model import build_model, config_from_dict, load_into, state_dict_for_save
 from crowdtrain.ranks import Ranks
 from crowdtrain.train import InnerLoop, TrainConfig, pick_device
@@ -47,17 +45,6 @@ from crowdtrain.train import InnerLoop, TrainConfig, pick_device
 log = logging.getLogger(__name__)
 
 MAX_UPDATES_TO_REPLAY = 20
-
-
-def user_home() -> Path:
-    """Where a volunteer's identity, caches and optimizer state live (per OS conventions)."""
-    if env := os.environ.get("CROWDTRAIN_HOME"):
-        return Path(env)
-    if sys.platform == "win32":
-        return Path(os.environ.get("APPDATA", Path.home())) / "crowdtrain"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "crowdtrain"
-    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "crowdtrain"
 
 
 @dataclass(frozen=True)
@@ -92,141 +79,6 @@ class WorkerConfig:
             raise CrowdtrainError("--threads must be at least 1")
         if self.nproc < 1:
             raise CrowdtrainError("--nproc must be at least 1")
-
-
-class CoordinatorRefused(CrowdtrainError):
-    def __init__(self, status: int, detail: str):
-        super().__init__(f"coordinator refused ({status}): {detail}")
-        self.status, self.detail = status, detail
-
-
-class Client:
-    """httpx with the API header, the bearer token, retry with backoff, and byte counters."""
-
-    def __init__(self, url: str, retry_for: float = 600.0):
-        self.url = url.rstrip("/")
-        self.retry_for = retry_for
-        self.token: str | None = None
-        self.bytes_in = self.bytes_out = 0
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=300.0),
-                                 headers={protocol.API_HEADER: str(protocol.API_VERSION)})
-
-    def call(self, method: str, path: str, *, json_body: dict | None = None,
-             content: bytes | None = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if content is not None:
-            headers["Content-Type"] = "application/octet-stream"
-        delay, start = 0.5, time.monotonic()
-        while True:
-            try:
-                r = self.http.request(method, path, json=json_body, content=content,
-                                      headers=headers)
-            except httpx.TransportError as e:
-                problem = f"cannot reach the coordinator at {self.url} ({type(e).__name__})"
-            else:
-                if r.status_code < 400:
-                    self.bytes_in += len(r.content)
-                    self.bytes_out += len(content or b"")
-                    return r
-                if r.status_code < 500:
-                    try:
-                        detail = r.json().get("detail", r.text)
-                    except ValueError:
-                        detail = r.text
-                    if r.status_code == 426:
-                        raise CrowdtrainError(str(detail))
-                    raise CoordinatorRefused(r.status_code, str(detail))
-                problem = f"coordinator error {r.status_code}"
-            if time.monotonic() - start > self.retry_for:
-                raise CrowdtrainError(f"{problem}; gave up after {self.retry_for:.0f}s of "
-                                      "retrying. Check the URL and your connection, then join "
-                                      "again")
-            log.warning("%s; retrying in %.1fs", problem, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0) * random.uniform(0.8, 1.2)
-
-    def close(self) -> None:
-        self.http.close()
-
-
-class Heartbeat:
-    """While a lease trains: tells the coordinator every `protocol.HEARTBEAT_SECONDS` that the
-    work is alive (so a dead worker's lease is given up in seconds, not at the deadline), from
-    a thread with its own connection. `closed` turns true when the coordinator answers that the
-    lease is no longer open (its round closed): the training can stop early."""
-
-    def __init__(self, client: Client, lease_id: int,
-                 every: float = protocol.HEARTBEAT_SECONDS) -> None:
-        self.path = protocol.ALIVE.format(lease_id=lease_id)
-        self.every, self.step, self.closed = every, 0, False
-        self._headers = {protocol.API_HEADER: str(protocol.API_VERSION),
-                         "Authorization": f"Bearer {client.token}"}
-        self._url = client.url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
-
-    def _beat(self) -> None:
-        with httpx.Client(base_url=self._url, timeout=5.0, headers=self._headers) as http:
-            while True:
-                try:
-                    r = http.post(self.path, json={"step": self.step})
-                    if r.status_code == 200 and r.json().get("ok") is False:
-                        self.closed = True
-                        return
-                except (httpx.HTTPError, ValueError):
-                    pass  # a missed beat is harmless; several in a row give the lease up
-                if self._stop.wait(self.every):
-                    return
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-# ---------------------------------------------------------------------- local state
-
-
-class LocalState:
-    """A volunteer's files: identity per coordinator, shard cache, parameters and optimizer."""
-
-    def __init__(self, home: Path, url: str):
-        self.home = home
-        self.url = url.rstrip("/")
-        self.shards = home / "shards"
-        self.identities = home / "identities.json"
-
-    def run_dir(self, run_name: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{run_name}")
-        d = self.home / "runs" / safe
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def identity(self) -> dict | None:
-        if not self.identities.is_file():
-            return None
-        try:
-            return json.loads(self.identities.read_text()).get(self.url)
-        except json.JSONDecodeError:
-            return None
-
-    def save_identity(self, ident: dict) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        all_ids = {}
-        if self.identities.is_file():
-            try:
-                all_ids = json.loads(self.identities.read_text())
-            except json.JSONDecodeError:
-                all_ids = {}
-        all_ids[self.url] = ident
-        atomic_write(self.identities, json.dumps(all_ids, indent=1).encode())
-        try:
-            os.chmod(self.identities, 0o600)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------- the worker

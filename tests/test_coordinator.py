@@ -329,7 +329,7 @@ def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
 def test_the_workers_heartbeat_keeps_its_lease_alive_and_hears_when_it_closes(coord):
     from swarm_helpers import serving
 
-    from crowdtrain.worker import Client, Heartbeat
+    from crowdtrain.client import Client, Heartbeat
 
     with serving(coord) as port:
         client = Client(f"http://127.0.0.1:{port}", retry_for=10)
