@@ -34,6 +34,9 @@ def warm_start(model: torch.nn.Module, data_dir: Path, index: ShardIndex, cfg: T
     columns = [TextColumn("[bold]warm start"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     t0 = time.perf_counter()
+    if progress:
+        print(f"warm start: {steps} steps of {big.batch_size} sequences on {dev.type} before "
+              "any volunteer joins (`init --warm-start 0` skips it)", flush=True)
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("warm", total=steps, loss="-")
         st = loop.run(lambda s: get_batch(train, big.batch_size, big.seq_len, seed, s), 0,
