@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outer-momentum", type=float,
                    help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")
     s.add_argument("--warm-start", type=float, metavar="FRACTION",
-                   help="this share of the run's steps is trained here, on 4x the batch, "
-                        "before anyone joins (default 0.2; 0 to skip): the swarm then keeps "
-                        "data parallelism's quality at large H (BENCHMARKS.md)")
+                   help="this share of the run's steps (at most 1,000) is trained here, on 4x "
+                        "the batch, before anyone joins (default 0.2; 0 to skip): the swarm "
+                        "then keeps data parallelism's quality at large H (BENCHMARKS.md)")
     s.add_argument("--access", choices=["open", "invite"],
                    help="open: anyone may join (default); invite: joining needs a key from "
                         "`crowdtrain invite`")

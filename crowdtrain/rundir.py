@@ -62,6 +62,7 @@ class SwarmConfig:
     # by `crowdtrain init` on warm_start_batch x the batch before anyone joins
     warm_start: float = 0.2
     warm_start_batch: int = 4
+    warm_start_max_steps: int = 1000  # "short": a long run's warm start is capped
     round_seconds: float = 120.0
     rounds: int = 10
     min_contributions: int = 1
@@ -81,6 +82,7 @@ class SwarmConfig:
                 self.inner_steps_growth == 1 or self.rounds >= 1),
             "warm_start": 0 <= self.warm_start <= 0.5,
             "warm_start_batch": 1 <= self.warm_start_batch <= 1024,
+            "warm_start_max_steps": self.warm_start_max_steps >= 0,
             "round_seconds": self.round_seconds >= 1,
             "rounds": self.rounds >= 0,
             "min_contributions": self.min_contributions >= 1,
@@ -97,11 +99,12 @@ class SwarmConfig:
 
     def warm_start_steps(self) -> int:
         """Steps of the owner's warm start: `warm_start` of the run's total steps (warm start
-        + rounds x inner_steps); 0 for a run without a fixed number of rounds."""
-        if self.rounds < 1 or self.warm_start == 0:
+        + rounds x inner_steps), at most `warm_start_max_steps`; 0 for a run without a fixed
+        number of rounds."""
+        if self.rounds < 1 or self.warm_start == 0 or self.warm_start_max_steps == 0:
             return 0
-        return max(1, round(self.warm_start / (1 - self.warm_start) * self.rounds
-                            * self.inner_steps))
+        return min(self.warm_start_max_steps, max(1, round(
+            self.warm_start / (1 - self.warm_start) * self.rounds * self.inner_steps)))
 
     def total_steps(self) -> int:
         """The inner learning-rate schedule's length for a run with these settings."""

@@ -20,7 +20,12 @@ def test_warm_start_settings_and_step_counts():
     assert cfg.warm_start_steps() == 100 and cfg.total_steps() == 1000  # 10% of all steps
     assert SwarmConfig(rounds=0, warm_start=0.1).warm_start_steps() == 0  # no fixed length
     assert SwarmConfig(rounds=5, warm_start=0.0).total_steps() == 5 * 50
-    for bad in ({"warm_start": 0.6}, {"warm_start": -0.1}, {"warm_start_batch": 0}):
+    long = SwarmConfig(rounds=1000, inner_steps=100)  # "short": capped for a long run
+    assert long.warm_start_steps() == 1000 and long.total_steps() == 101_000
+    assert SwarmConfig(rounds=9, inner_steps=100, warm_start_max_steps=40).warm_start_steps() \
+        == 40
+    for bad in ({"warm_start": 0.6}, {"warm_start": -0.1}, {"warm_start_batch": 0},
+                {"warm_start_max_steps": -1}):
         with pytest.raises(CrowdtrainError, match=next(iter(bad))):
             SwarmConfig(**bad)
 
