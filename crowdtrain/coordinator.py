@@ -90,6 +90,13 @@ class Refused(Exception):
         super().__init__(reason)
         self.status, self.reason = status, reason
 
+    @classmethod
+    def cannot_store(cls, e: OSError) -> Refused:
+        """503 for an upload the coordinator cannot write (a full disk): not the volunteer's
+        fault, and its worker retries."""
+        return cls(503, f"the coordinator cannot store contributions right now "
+                        f"({e.strerror or e}); your worker will retry")
+
 
 @dataclass
 class Volunteer:
@@ -397,10 +404,9 @@ class Coordinator:
             stored = d / f"lease-{lease_id}.safetensors"
             try:
                 atomic_move(path, stored)
-            except OSError as e:  # not the volunteer's fault: 503, so the worker retries
+            except OSError as e:
                 log.error("cannot store a contribution: %s", e)
-                raise Refused(503, f"the coordinator cannot store contributions right now "
-                                   f"({e.strerror or e}); your worker will retry") from None
+                raise Refused.cannot_store(e) from None
             cid = self.ledger.accept(lease_id, vol.id, rnd, sha, size, stats.steps,
                                      stats.tokens, float(weight), stats.mean_loss,
                                      stats.seconds, str(stored.relative_to(self.run.dir)),

@@ -181,32 +181,29 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         try:
             path, f = coord.spool()
         except OSError as e:
-            raise Refused(503, f"the coordinator cannot store contributions right now "
-                               f"({e.strerror or e}); your worker will retry") from None
+            raise Refused.cannot_store(e) from None
         size, sha = 0, hashlib.sha256()
         try:  # to disk as it arrives: memory stays ~ one chunk per upload, whatever the model
-            with f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise Refused(413, f"payload exceeds the limit of {limit} bytes for "
-                                           "this model")
-                    sha.update(chunk)
-                    f.write(chunk)
+            try:
+                with f:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise Refused(413, f"payload exceeds the limit of {limit} bytes "
+                                               "for this model")
+                        sha.update(chunk)
+                        f.write(chunk)
+            except ClientDisconnect:
+                raise Refused(400, f"truncated upload: the client went away after {size} of "
+                                   f"{declared} bytes") from None
+            except OSError as e:
+                raise Refused.cannot_store(e) from None
             if declared is not None and size < int(declared):
                 raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
             if declared is not None and size > int(declared):
                 raise Refused(400, f"body of {size} bytes is longer than its Content-Length "
                                    f"{declared}")
-        except ClientDisconnect:
-            path.unlink(missing_ok=True)
-            raise Refused(400, f"truncated upload: the client went away after {size} of "
-                               f"{declared} bytes") from None
-        except OSError as e:
-            path.unlink(missing_ok=True)
-            raise Refused(503, f"the coordinator cannot store contributions right now "
-                               f"({e.strerror or e}); your worker will retry") from None
-        except BaseException:
+        except BaseException:  # refused or cancelled: nothing of it stays on disk
             path.unlink(missing_ok=True)
             raise
         return await run_in_threadpool(coord.submit_file, vol, lease_id, path, sha.hexdigest())
