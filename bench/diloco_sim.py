@@ -35,14 +35,14 @@ from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted
 from crowdtrain.data import get_batch, load_split  # noqa: E402
 from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
 from crowdtrain.rundir import Run  # noqa: E402
-from crowdtrain.schedule import inner_steps_schedule, outer_lr_at  # noqa: E402
+from crowdtrain.schedule import inner_steps_schedule  # noqa: E402
 from crowdtrain.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How the swarm runs: `h` inner steps per round (its length is the number of rounds),
-    outer SGD (`outer_lr` with `outer_warmup` rounds of linear warm-up, momentum, Nesterov),
+    outer SGD (learning rate, momentum, Nesterov),
     `up`/`down` codecs, and `warm` steps the owner trains alone on K x the batch first."""
 
     name: str
@@ -50,7 +50,6 @@ class Recipe:
     outer_lr: float = 0.7
     momentum: float = 0.9
     nesterov: bool = True
-    outer_warmup: int = 0
     up: str = "int8"
     down: str = "int8"
     warm: int = 0
@@ -125,7 +124,8 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
     momentum = None
     lease = sent = received = worker_tokens = 0
     step0 = recipe.warm
-    for r, h in enumerate(recipe.h):
+    outer = OuterConfig(lr=recipe.outer_lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    for h in recipe.h:
         deltas, weights = [], []
         for w, loop in enumerate(loops):
             shard = [shards[lease % len(shards)]]
@@ -146,8 +146,6 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
             deltas.append(got)
             weights.append(st.tokens)
         step0 += h
-        outer = OuterConfig(lr=outer_lr_at(r, recipe.outer_lr, recipe.outer_warmup),
-                            momentum=recipe.momentum, nesterov=recipe.nesterov)
         update, momentum = outer_step(theta, weighted_mean(deltas, weights), momentum, outer)
         target = {k: update[k] + residual[k] for k in update}
         applied, nbytes = transmit(target, recipe.down, shapes)

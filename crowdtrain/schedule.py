@@ -1,8 +1,8 @@
-"""Round schedules of a DiLoCo run, as pure functions: how many inner steps each round asks for
-(H fixed, or growing over the run at the same total) and the outer learning rate of a round.
+"""Round schedules of a DiLoCo run, as a pure function: how many inner steps each round asks
+for (H fixed, or growing over the run at the same total).
 
-Both the coordinator (leases, outer step) and the benchmarks' simulator use these, so what is
-measured is what runs.
+Both the coordinator (leases, checkpoint step counts) and the benchmarks' simulator use it, so
+what is measured is what runs.
 """
 
 from __future__ import annotations
@@ -29,15 +29,3 @@ def inner_steps_schedule(total: int, rounds: int, growth: float = 1.0) -> list[i
     while sum(out) > total:  # only when max(1, .) lifted early rounds: take from the largest
         out[out.index(max(out))] -= 1
     return out
-
-
-def round_start_step(total: int, rounds: int, growth: float, rnd: int) -> int:
-    """The inner step at which round `rnd` starts (the sum of the earlier rounds' H)."""
-    return sum(inner_steps_schedule(total, rounds, growth)[:rnd])
-
-
-def outer_lr_at(rnd: int, lr: float, warmup_rounds: int = 0) -> float:
-    """The outer learning rate of round `rnd`: linear warm-up over `warmup_rounds`, then `lr`."""
-    if warmup_rounds <= 0 or rnd >= warmup_rounds:
-        return lr
-    return lr * (rnd + 1) / (warmup_rounds + 1)

@@ -176,7 +176,7 @@ def test_outer_config_defaults_and_validation():
 @pytest.mark.parametrize("total,rounds,growth", [(1500, 15, 1.0), (1500, 15, 8.0), (100, 7, 3.0),
                                                  (10, 10, 50.0), (7, 1, 4.0), (301, 5, 2.5)])
 def test_inner_steps_schedule_keeps_the_total_and_grows(total, rounds, growth):
-    from crowdtrain.schedule import inner_steps_schedule, round_start_step
+    from crowdtrain.schedule import inner_steps_schedule
 
     hs = inner_steps_schedule(total, rounds, growth)
     assert len(hs) == rounds and sum(hs) == total and min(hs) >= 1
@@ -185,18 +185,10 @@ def test_inner_steps_schedule_keeps_the_total_and_grows(total, rounds, growth):
         assert set(hs) == {total // rounds}
     if rounds > 1 and total >= 10 * rounds:
         assert abs(hs[-1] / hs[0] - growth) <= 0.25 * growth, hs
-    assert round_start_step(total, rounds, growth, rounds) == total
     with pytest.raises(ValueError):
         inner_steps_schedule(total, rounds, 0.5)
     with pytest.raises(ValueError):
         inner_steps_schedule(rounds - 1, rounds, growth)
-
-
-def test_outer_lr_warms_up_linearly():
-    from crowdtrain.schedule import outer_lr_at
-
-    assert [outer_lr_at(r, 1.0, 3) for r in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert outer_lr_at(0, 0.7) == 0.7
 
 
 def test_swarm_config_round_steps_follow_the_schedule():
