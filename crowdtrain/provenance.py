@@ -187,6 +187,8 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
     tokens = int(meta.get("tokens_trained", 0))
     local_seconds = sum(float(m.get("seconds", 0) or 0) for m in metas.values()
                         if m.get("source") == "local")
+    # the run owner's own steps before the swarm, counted apart (warmstart.py)
+    warm = metas.get(0, {}).get("warm_start")
     cfg = run.config
     mc = run.model_config()
     return {
@@ -210,8 +212,7 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
         "hyperparameters": hyperparameters(run),
         "training": {"tokens_trained": tokens, "inner_steps": int(meta.get("steps", 0)),
                      "rounds": len(swarm["rounds"]) if swarm else 0,
-                     # the run owner's own steps before the swarm, counted apart (warmstart.py)
-                     "warm_start": metas.get(0, {}).get("warm_start")},
+                     "warm_start": warm},
         "rounds": swarm["rounds"] if swarm else [],
         "chain": swarm["chain"] if swarm else None,
         "contributors": swarm["contributors"] if swarm else [],
@@ -222,9 +223,8 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
             "training_flops_estimate": 6.0 * params * tokens,
             "volunteer_seconds": swarm["volunteer_seconds"] if swarm else 0.0,
             "local_seconds": local_seconds,
-            "warm_start_tokens": int((metas.get(0, {}).get("warm_start") or {}).get("tokens", 0)),
-            "warm_start_seconds": float((metas.get(0, {}).get("warm_start") or {})
-                                        .get("seconds", 0.0)),
+            "warm_start_tokens": int((warm or {}).get("tokens", 0)),
+            "warm_start_seconds": float((warm or {}).get("seconds", 0.0)),
             "contributions": swarm["contributions"] if swarm else 0,
             "bytes_uploaded": swarm["bytes_in"] if swarm else 0,
             "bytes_downloaded": swarm["bytes_out"] if swarm else 0,
