@@ -34,9 +34,13 @@ class Client:
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=300.0),
                                  headers={protocol.API_HEADER: str(protocol.API_VERSION)})
 
+    def auth(self) -> dict[str, str]:
+        """The bearer-token header once joined (the API version header is on every request)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def call(self, method: str, path: str, *, json_body: dict | None = None,
              content: bytes | None = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = self.auth()
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
         delay, start = 0.5, time.monotonic()
@@ -82,8 +86,7 @@ class Heartbeat:
                  every: float = protocol.HEARTBEAT_SECONDS) -> None:
         self.path = protocol.ALIVE.format(lease_id=lease_id)
         self.every, self.step, self.closed = every, 0, False
-        self._headers = {protocol.API_HEADER: str(protocol.API_VERSION),
-                         "Authorization": f"Bearer {client.token}"}
+        self._headers = {**client.http.headers, **client.auth()}
         self._url = client.url
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
