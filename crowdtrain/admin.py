@@ -37,26 +37,18 @@ def _remote(url: str, action: str, who: str | None, token: str | None) -> list |
 
 
 def _local(run_dir: str, action: str, who: str | None) -> list | dict:
-    from crowdtrain.coordinator import Refused
+    from crowdtrain import owner
+    from crowdtrain.errors import Refused
     from crowdtrain.ledger import Ledger
     from crowdtrain.rundir import Run
 
-    run = Run(run_dir)
-    ledger = Ledger(run.dir / "ledger.sqlite")
+    ledger = Ledger(Run(run_dir).dir / "ledger.sqlite")
     try:
         if action == "list":
-            return [dict(id=v["id"], name=v["name"], banned=bool(v["banned"]),
-                         device=v["device"], tokens=int(v["credit_tokens"]),
-                         accepted=v["accepted"], refused=v["refused"])
-                    for v in ledger.volunteers()]
+            return [v.model_dump() for v in owner.volunteers(ledger)]
         if action == "end":
-            ledger.set_meta("ended", "the owner ended the run")
-            return {"message": "run ended; workers are told so at their next lease and exit"}
-        row = ledger.find_volunteer(who)
-        if row is None:
-            raise Refused(404, f"no volunteer with id or name {who!r}")
-        ledger.set_banned(row["id"], action == "ban")
-        return {"message": f"volunteer {row['id']} ({row['name']}) {action}ned"}
+            return owner.end_run(ledger).model_dump()
+        return owner.set_banned(ledger, who, action == "ban").model_dump()
     except Refused as e:
         raise CrowdtrainError(e.reason) from None
     finally:

@@ -183,6 +183,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import torch
 
+    from crowdtrain import owner
     from crowdtrain.coordinator import Coordinator
     from crowdtrain.rundir import Run
     from crowdtrain.server import serve
@@ -191,7 +192,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if bool(a.tls_cert) != bool(a.tls_key):
         raise CrowdtrainError("--tls-cert and --tls-key go together")
     coord = Coordinator(Run(a.run_dir))
-    token = coord.new_admin_token(rotate=a.new_admin_token)
+    token = owner.new_admin_token(coord.ledger, rotate=a.new_admin_token)
     if token:
         print(f"admin token (shown once, stored only as a hash; keep it to manage the run "
               f"with `crowdtrain admin URL --token ...`): {token}", flush=True)

@@ -43,14 +43,13 @@ from crowdtrain.checkpoint import (
     save_checkpoint,
     tensor_path,
 )
+from crowdtrain.errors import Refused
 from crowdtrain.ledger import Ledger
 from crowdtrain.model import count_params, load_into
 from crowdtrain.protocol import (
     API_VERSION,
     INT64_MAX,
     LEASE_SILENCE_SECONDS,
-    AdminAck,
-    AdminVolunteer,
     Alive,
     AliveResponse,
     JoinRequest,
@@ -58,15 +57,12 @@ from crowdtrain.protocol import (
     Lease,
     LeaseRequest,
     LeaseResponse,
-    Refusal,
-    RoundSummary,
     RunInfo,
     ShardInfo,
     Status,
     SubmitResponse,
     SubmitStats,
     SwarmSchedule,
-    VolunteerSummary,
 )
 from crowdtrain.robust import (
     RobustConfig,
@@ -76,26 +72,12 @@ from crowdtrain.robust import (
     robust_aggregate,
 )
 from crowdtrain.rundir import Run
+from crowdtrain.runstatus import run_status
 from crowdtrain.train import evaluate
 
 log = logging.getLogger(__name__)
 
 MIN_LEASE_SECONDS = 2.0
-
-
-class Refused(Exception):
-    """A request the coordinator turns down; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-    @classmethod
-    def cannot_store(cls, e: OSError) -> Refused:
-        """503 for an upload the coordinator cannot write (a full disk): not the volunteer's
-        fault, and its worker retries."""
-        return cls(503, f"the coordinator cannot store contributions right now "
-                        f"({e.strerror or e}); your worker will retry")
 
 
 @dataclass
@@ -178,41 +160,6 @@ class Coordinator:
     def ended(self) -> str | None:
         """Why the owner ended the run, or None."""
         return self.ledger.get_meta("ended")
-
-    # ------------------------------------------------------------------ owner
-
-    def new_admin_token(self, rotate: bool = False) -> str | None:
-        """Create the owner's admin token (returned once; only its hash is kept), or None if
-        one exists and `rotate` is False."""
-        if self.ledger.get_meta("admin_token") is not None and not rotate:
-            return None
-        return self.ledger.new_secret("admin_token")
-
-    def check_admin(self, token: str) -> None:
-        if not self.ledger.check_secret("admin_token", token):
-            raise Refused(403, "not the run owner's admin token")
-
-    def admin_volunteers(self) -> list[AdminVolunteer]:
-        return [AdminVolunteer(id=v["id"], name=v["name"], banned=bool(v["banned"]),
-                               device=v["device"], last_seen=v["last_seen"],
-                               tokens=int(v["credit_tokens"]), accepted=v["accepted"],
-                               refused=v["refused"]) for v in self.ledger.volunteers()]
-
-    def set_banned(self, who: str, banned: bool) -> AdminAck:
-        row = self.ledger.find_volunteer(who)
-        if row is None:
-            raise Refused(404, f"no volunteer with id or name {who!r}")
-        self.ledger.set_banned(row["id"], banned)
-        what = "banned" if banned else "unbanned"
-        log.info("owner %s volunteer %d (%s)", what, row["id"], row["name"])
-        return AdminAck(ok=True, message=f"volunteer {row['id']} ({row['name']}) {what}")
-
-    def end_run(self, reason: str = "the owner ended the run") -> AdminAck:
-        """Stop handing out work; workers asking for a lease are told the run is over."""
-        with self.lock:
-            self.ledger.set_meta("ended", reason)
-        log.info("run ended at round %d: %s", self.round, reason)
-        return AdminAck(ok=True, message=f"run ended at round {self.round}; workers will exit")
 
     # ------------------------------------------------------------------ join and info
 
@@ -565,27 +512,6 @@ class Coordinator:
     # ------------------------------------------------------------------ status
 
     def status(self) -> Status:
-        rounds = [RoundSummary(
-            round=r["round"], state=r["state"], opened_at=r["opened_at"],
-            closed_at=r["closed_at"], contributions=r["contributions"], refused=r["refused"],
-            tokens=r["tokens"], train_loss=r["train_loss"], val_loss=r["val_loss"],
-            bytes_in=r["bytes_in"], bytes_out=r["bytes_out"]) for r in self.ledger.rounds()]
-        vols = [VolunteerSummary(
-            name="anonymous" if v["anonymous"] else v["name"], device=v["device"],
-            last_seen=v["last_seen"], rounds=v["rounds"],
-            tokens=int(v["credit_tokens"]), accepted=v["accepted"], refused=v["refused"],
-            tokens_per_s=v["tokens_per_s"]) for v in self.ledger.volunteers()]
-        first = self.ledger.round_row(0)
-        refusals = [Refusal(round=r["round"], volunteer=r["name"], reason=r["reason"],
-                            at=r["received_at"]) for r in self.ledger.query(
-            "SELECT c.round, c.reason, c.received_at, v.name FROM contributions c JOIN "
-            "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
-            "ORDER BY c.id DESC LIMIT 50")]
-        current = self.ledger.round_row(self.round)
-        return Status(
-            api_version=API_VERSION, run_name=self.run.config.name, round=self.round,
-            finished=self.finished, params=self.params,
-            payload_bytes=compress.payload_bytes(self.wire_params, self.cfg.codec),
-            full_model_bytes=4 * self.params, rounds=rounds, volunteers=vols,
-            initial_val_loss=first["val_loss"] if first else None, refusals=refusals,
-            round_deadline=None if self.finished or current is None else current["deadline"])
+        return run_status(self.ledger, run_name=self.run.config.name, round=self.round,
+                          finished=self.finished, params=self.params,
+                          payload_bytes=compress.payload_bytes(self.wire_params, self.cfg.codec))

@@ -23,8 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from crowdtrain import __version__, protocol
-from crowdtrain.coordinator import Coordinator, Refused, Volunteer
+from crowdtrain import __version__, owner, protocol
+from crowdtrain.coordinator import Coordinator, Volunteer
+from crowdtrain.errors import Refused
 from crowdtrain.ratelimit import RateLimiter
 from crowdtrain.web import mount_web
 
@@ -98,8 +99,9 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     def volunteer(authorization: str | None = Header(None)) -> Volunteer:
         return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))
 
-    def owner(authorization: str | None = Header(None)) -> None:
-        coord.check_admin(bearer(authorization, "admin endpoints need the owner's admin token"))
+    def owner_only(authorization: str | None = Header(None)) -> None:
+        owner.check_admin(coord.ledger,
+                          bearer(authorization, "admin endpoints need the owner's admin token"))
 
     def limited(limiter: RateLimiter, key: str, what: str) -> None:
         wait = limiter.allow(key)
@@ -209,23 +211,24 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         return await run_in_threadpool(coord.submit_file, vol, lease_id, path, sha.hexdigest())
 
     @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
-             dependencies=[Depends(owner)])
+             dependencies=[Depends(owner_only)])
     def admin_volunteers() -> list[protocol.AdminVolunteer]:
-        return coord.admin_volunteers()
+        return owner.volunteers(coord.ledger)
 
     @app.post(protocol.ADMIN_BAN, response_model=protocol.AdminAck,
-              dependencies=[Depends(owner)])
+              dependencies=[Depends(owner_only)])
     def admin_ban(who: str) -> protocol.AdminAck:
-        return coord.set_banned(who, True)
+        return owner.set_banned(coord.ledger, who, True)
 
     @app.post(protocol.ADMIN_UNBAN, response_model=protocol.AdminAck,
-              dependencies=[Depends(owner)])
+              dependencies=[Depends(owner_only)])
     def admin_unban(who: str) -> protocol.AdminAck:
-        return coord.set_banned(who, False)
+        return owner.set_banned(coord.ledger, who, False)
 
-    @app.post(protocol.ADMIN_END, response_model=protocol.AdminAck, dependencies=[Depends(owner)])
+    @app.post(protocol.ADMIN_END, response_model=protocol.AdminAck,
+              dependencies=[Depends(owner_only)])
     def admin_end() -> protocol.AdminAck:
-        return coord.end_run()
+        return owner.end_run(coord.ledger)
 
     mount_web(app, coord)
     return app

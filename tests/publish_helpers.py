@@ -9,7 +9,8 @@ import torch
 from swarm_helpers import copy_run
 
 from crowdtrain import compress
-from crowdtrain.coordinator import Coordinator, Refused
+from crowdtrain.coordinator import Coordinator
+from crowdtrain.errors import Refused
 from crowdtrain.protocol import JoinRequest, LeaseRequest, SubmitStats
 from crowdtrain.rundir import Run
 

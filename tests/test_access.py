@@ -7,10 +7,10 @@ import pytest
 from fastapi.testclient import TestClient
 from swarm_helpers import copy_run, payload
 
-from crowdtrain import protocol
+from crowdtrain import owner, protocol
 from crowdtrain.admin import run_admin
-from crowdtrain.coordinator import Coordinator, Refused
-from crowdtrain.errors import CrowdtrainError
+from crowdtrain.coordinator import Coordinator
+from crowdtrain.errors import CrowdtrainError, Refused
 from crowdtrain.protocol import JoinRequest, LeaseRequest
 from crowdtrain.ratelimit import RateLimiter
 from crowdtrain.server import create_app
@@ -52,39 +52,39 @@ def test_invite_only_run(make):
 
 def test_admin_token_is_shown_once_and_stored_hashed(make):
     coord = make()
-    token = coord.new_admin_token()
-    assert token and coord.new_admin_token() is None
+    token = owner.new_admin_token(coord.ledger)
+    assert token and owner.new_admin_token(coord.ledger) is None
     assert token not in str([dict(r) for r in coord.ledger.query("SELECT * FROM meta")])
-    coord.check_admin(token)
+    owner.check_admin(coord.ledger, token)
     with pytest.raises(Refused) as e:
-        coord.check_admin(token + "x")
+        owner.check_admin(coord.ledger, token + "x")
     assert e.value.status == 403
-    rotated = coord.new_admin_token(rotate=True)
+    rotated = owner.new_admin_token(coord.ledger, rotate=True)
     with pytest.raises(Refused):
-        coord.check_admin(token)
-    coord.check_admin(rotated)
+        owner.check_admin(coord.ledger, token)
+    owner.check_admin(coord.ledger, rotated)
 
 
 def test_ban_and_end_through_http(make):
     coord = make()
-    token = coord.new_admin_token()
-    owner = {"Authorization": f"Bearer {token}"}
+    token = owner.new_admin_token(coord.ledger)
+    admin = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(coord)) as c:
         vol = c.post(protocol.JOIN, json={"name": "mallory", "device": "cpu", "api_version": 1})
         h = {"Authorization": f"Bearer {vol.json()['token']}"}
         assert c.post(protocol.LEASE, json={}, headers=h).json()["status"] == "lease"
         assert c.get(protocol.ADMIN_VOLUNTEERS).status_code == 401
         assert c.get(protocol.ADMIN_VOLUNTEERS, headers=h).status_code == 403
-        listed = c.get(protocol.ADMIN_VOLUNTEERS, headers=owner).json()
+        listed = c.get(protocol.ADMIN_VOLUNTEERS, headers=admin).json()
         assert [v["name"] for v in listed] == ["mallory"] and not listed[0]["banned"]
-        r = c.post(protocol.ADMIN_BAN.format(who="mallory"), headers=owner)
+        r = c.post(protocol.ADMIN_BAN.format(who="mallory"), headers=admin)
         assert r.status_code == 200 and "banned" in r.json()["message"]
         r = c.post(protocol.LEASE, json={}, headers=h)
         assert r.status_code == 403 and "banned" in r.json()["detail"]
-        assert c.post(protocol.ADMIN_BAN.format(who="nobody"), headers=owner).status_code == 404
-        c.post(protocol.ADMIN_UNBAN.format(who="1"), headers=owner)
+        assert c.post(protocol.ADMIN_BAN.format(who="nobody"), headers=admin).status_code == 404
+        c.post(protocol.ADMIN_UNBAN.format(who="1"), headers=admin)
         assert c.post(protocol.LEASE, json={}, headers=h).status_code == 200
-        assert c.post(protocol.ADMIN_END, headers=owner).status_code == 200
+        assert c.post(protocol.ADMIN_END, headers=admin).status_code == 200
         done = c.post(protocol.LEASE, json={}, headers=h).json()
         assert done["status"] == "done" and "owner ended the run" in done["message"]
         assert c.get(protocol.STATUS).json()["finished"]

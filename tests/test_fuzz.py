@@ -26,8 +26,9 @@ from safetensors.torch import save as st_save
 from schemathesis.checks import not_a_server_error
 from swarm_helpers import copy_run, make_delta, payload, poisoned_payload, serving
 
-from crowdtrain import compress, protocol
-from crowdtrain.coordinator import Coordinator, Refused
+from crowdtrain import compress, owner, protocol
+from crowdtrain.coordinator import Coordinator
+from crowdtrain.errors import Refused
 from crowdtrain.protocol import LeaseRequest, SubmitStats
 from crowdtrain.server import create_app
 
@@ -422,7 +423,7 @@ def api_app(tiny_run, tmp_path):
                                              "api_version": 1})
         assert r.status_code == 200, r.text
         yield SimpleNamespace(app=without_lifespan, coord=coord, client=client,
-                              token=r.json()["token"], admin=coord.new_admin_token())
+                              token=r.json()["token"], admin=owner.new_admin_token(coord.ledger))
         # after every generated request: the run is where it was and still answers
         assert client.get(protocol.STATUS).status_code == 200
         assert client.get(protocol.INFO).status_code == 200
@@ -667,9 +668,9 @@ def test_submit_to_lease_id_beyond_int64_is_refused(client):
 def test_admin_ban_of_an_unknown_volunteer_is_404(client, who):
     """`who` is an id or a name; strings that look numeric to str.isdigit() but are not ASCII
     digits, or ids beyond SQLite's int64, name nobody: 404, not a 500."""
-    owner = {"Authorization": f"Bearer {client.coord.new_admin_token()}"}
+    admin = {"Authorization": f"Bearer {owner.new_admin_token(client.coord.ledger)}"}
     for path in (protocol.ADMIN_BAN, protocol.ADMIN_UNBAN):
-        r = client.post(path.format(who=who), headers=owner)
+        r = client.post(path.format(who=who), headers=admin)
         expect(r, 404, "no volunteer with id or name")
     assert client.get(protocol.STATUS).status_code == 200
 
