@@ -18,6 +18,7 @@ A round r, top to bottom:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -240,7 +241,7 @@ class Coordinator:
             if any(r["state"] == "submitted" for r in mine):
                 return LeaseResponse(status="wait", retry_after=0.5, message=(
                     f"your contribution to round {rnd} is in; waiting for the round to close"))
-            if mine:  # a restarted worker: its earlier lease is void, the new one replaces it
+            if mine:  # a restarted worker: its earlier lease is void unless resumed below
                 self.ledger.expire_leases(rnd, vol.id)
             if self.ledger.query("SELECT 1 FROM contributions WHERE volunteer_id = ? AND "
                                  "round = ? AND status = 'refused' LIMIT 1", (vol.id, rnd)):
@@ -255,18 +256,30 @@ class Coordinator:
                 return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
                                      message=f"round {rnd} is closing; the next opens soon")
             seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
-            shards = self.run.index.train
-            n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
-            shard = shards[n_leases % len(shards)]
-            start = int(self.ckpt_meta.get("steps", 0))
-            max_steps = self.cfg.round_steps(rnd)
-            max_tokens = max_steps * self.tcfg.batch_size * self.tcfg.seq_len
-            seed = self.run.config.seed * 1_000_003 + n_leases
-            lease_id = self.ledger.add_lease(vol.id, rnd, row["deadline"], start, max_steps,
-                                             max_tokens, seed, [shard.name])
+            held = next((r for r in mine if r["id"] == req.resume), None)
+            if held is not None:  # the same batches and budget, from where its worker stopped
+                self.ledger.revive_lease(held["id"], now)
+                log.info("volunteer %d (%s) resumes lease %d of round %d", vol.id, vol.name,
+                         held["id"], rnd)
+            else:
+                held = self._new_lease(vol, rnd, row["deadline"])
         return LeaseResponse(status="lease", lease=Lease(
-            lease_id=lease_id, round=rnd, shards=[shard.name], seed=seed, start_step=start,
-            max_steps=max_steps, seconds=seconds, deadline_in=remaining))
+            lease_id=held["id"], round=rnd, shards=json.loads(held["shards"]), seed=held["seed"],
+            start_step=held["start_step"], max_steps=held["max_steps"], seconds=seconds,
+            deadline_in=remaining))
+
+    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float):
+        """Record a fresh lease on round `rnd`: the next shard in turn, a new batch seed, the
+        round's step budget from the schedule position of the current checkpoint."""
+        shards = self.run.index.train
+        n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
+        shard = shards[n_leases % len(shards)]
+        max_steps = self.cfg.round_steps(rnd)
+        lease_id = self.ledger.add_lease(
+            vol.id, rnd, deadline, int(self.ckpt_meta.get("steps", 0)), max_steps,
+            max_steps * self.tcfg.batch_size * self.tcfg.seq_len,
+            self.run.config.seed * 1_000_003 + n_leases, [shard.name])
+        return self.ledger.lease(lease_id)
 
     # ------------------------------------------------------------------ contributions
 

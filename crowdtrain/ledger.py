@@ -355,6 +355,12 @@ class Ledger:
             db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open' "
                        "AND (? IS NULL OR volunteer_id = ?)", (rnd, volunteer_id, volunteer_id))
 
+    def revive_lease(self, lease_id: int, now: float) -> None:
+        """Open a lease again for the worker that held it (restarted within its round)."""
+        with self.tx() as db:
+            db.execute("UPDATE leases SET state = 'open', alive_at = ? WHERE id = ? AND "
+                       "state != 'submitted'", (now, lease_id))
+
     def lease_alive(self, lease_id: int, now: float) -> bool:
         """Record a heartbeat of an open lease; False if the lease is not open."""
         with self.tx() as db:

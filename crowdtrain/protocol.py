@@ -112,6 +112,9 @@ class LeaseRequest(BaseModel):
     have_round: int | None = Field(None, description="round of the parameters the worker holds")
     device: str = Field("cpu", max_length=64)
     tokens_per_s: float | None = Field(None, ge=0)
+    resume: int | None = Field(None, ge=0, le=INT64_MAX, description=(
+        "a lease this worker was training when it stopped (crash, reboot): handed back, with "
+        "the same batches and budget, if its round is still open"))
 
 
 class Lease(BaseModel):

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,14 @@ class StepStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Snapshots(Protocol):
+    """Something that saves the training in progress now and then (crowdtrain.resume)."""
+
+    def due(self) -> bool: ...
+
+    def save(self, stats: StepStats) -> None: ...
 
 
 class InnerLoop:
@@ -223,9 +232,13 @@ class InnerLoop:
         on_step: Callable[[int, float], None] | None = None,
         report_every: int = 10,
         stop: Callable[[], bool] | None = None,
+        snapshots: Snapshots | None = None,
     ) -> StepStats:
         """Train up to `n_steps`, stopping early at `deadline` (a time.monotonic() value) or
         when `stop()` turns true (checked between steps).
+
+        `snapshots` (one process only) is asked between steps whether a snapshot is due and
+        given the statistics so far when it is (see crowdtrain.resume).
 
         `batches(step)` gives the batch of global step `step`; `on_step(step, loss)` is called
         every `report_every` steps with the latest loss (a sync point on GPU, so not every step).
@@ -261,6 +274,9 @@ class InnerLoop:
             done += 1
             if on_step is not None and (done % report_every == 0 or i == n_steps - 1):
                 on_step(step, float(loss))
+            if snapshots is not None and snapshots.due():
+                snapshots.save(StepStats(done, tokens, float(loss_sum) / done,
+                                         time.perf_counter() - t0))
         if self.ranks > 1:  # the whole batch's mean loss, the same on every rank
             import torch.distributed as dist
             dist.all_reduce(loss_sum)

@@ -40,7 +40,8 @@ from crowdtrain.interrupt import GracefulInterrupt
 from crowdtrain.localstate import LocalState, user_home
 from crowdtrain.model import build_model, config_from_dict, load_into, state_dict_for_save
 from crowdtrain.ranks import Ranks
-from crowdtrain.train import InnerLoop, TrainConfig, pick_device
+from crowdtrain.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
+from crowdtrain.train import InnerLoop, StepStats, TrainConfig, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,10 @@ class Worker:
                               compile_backend="inductor" if cfg.compile else None)
         self.theta, self.theta_round = self._load_params()
         self._load_optimizer()
+        # a round this worker was training when it last stopped (one process only: ranks > 1
+        # start their rounds afresh)
+        self.partial: PartialRound | None = None if ranks is not None else load_partial(
+            self._partial_file(), state_dict_for_save(self.model))
         self._ranks_have_optimizer = False
         self.residual: dict[str, torch.Tensor] | None = None
         self.shard_data: dict[str, np.ndarray] = {}
@@ -185,15 +190,15 @@ class Worker:
         p = self._params_file()
         if not p.is_file():
             return None, None
-        try:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        try:
             with safe_open(str(p), "pt") as f:
                 rnd = int((f.metadata() or {})["round"])
             tensors = decode_tensors(p.read_bytes(), "local parameters")
             check_tensors_match(tensors, state_dict_for_save(self.model), "local parameters")
             return tensors, rnd
-        except (CrowdtrainError, KeyError, ValueError, OSError) as e:
+        except (CrowdtrainError, SafetensorError, KeyError, ValueError, OSError) as e:
             log.warning("ignoring local parameters (%s); will download the model", e)
             return None, None
 
@@ -202,6 +207,27 @@ class Worker:
 
         atomic_write(self._params_file(), st_save(self.theta,
                                                   metadata={"round": str(self.theta_round)}))
+
+    def _partial_file(self) -> Path:
+        return self.run_dir / "in-progress.safetensors"
+
+    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return state_dict_for_save(self.model), self.loop.optimizer_tensors()
+
+    def _resume(self, lease: protocol.Lease) -> StepStats | None:
+        """Pick up `lease` where an earlier life of this worker stopped, if the snapshot is of
+        it; returns what was done then (None: the lease starts afresh, the snapshot goes)."""
+        part, self.partial = self.partial, None
+        if part is None:
+            return None
+        if not part.matches(lease, self.theta_round):
+            self._partial_file().unlink(missing_ok=True)
+            return None
+        load_into(self.model, part.params)
+        self.loop.load_optimizer_tensors(part.optimizer)
+        log.info("resuming lease %d of round %d after step %d of %d", lease.lease_id,
+                 lease.round, part.stats.steps, lease.max_steps)
+        return part.stats
 
     def _load_optimizer(self) -> None:
         p = self.run_dir / "optimizer.safetensors"
@@ -314,13 +340,24 @@ class Worker:
             if bar is not None:
                 bar(lease, step - lease.start_step + 1, loss)
 
+        before = self._resume(lease)
+        done = before.steps if before else 0
+        snaps = None if self.ranks is not None else RoundSnapshots(
+            self._partial_file(), lease, lease.round, self._train_state, before)
         with Heartbeat(self.client, lease.lease_id) as beat:
-            st = self.loop.run(batches, lease.start_step, lease.max_steps,
+            beat.step = done
+            st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,
-                               stop=lambda: bool(stop) or beat.closed)
+                               stop=lambda: bool(stop) or beat.closed, snapshots=snaps)
         if beat.closed:
             log.info("round %d closed while training; dropping this lease's work", lease.round)
+            if snaps is not None:
+                snaps.discard()
             return
+        if snaps is not None and st.steps and snaps.due():  # killed while uploading: resend
+            snaps.save(st)
+        if before is not None:
+            st = merge_stats(before, st)
         if st.steps == 0:
             return
         self.tokens_per_s = st.tokens_per_s
@@ -341,6 +378,8 @@ class Worker:
             self.summary.refused += 1
             verdict = f"refused: {e.detail}"
             log.warning("round %d: %s", lease.round, verdict)
+        if snaps is not None:
+            snaps.discard()
         self._save_optimizer()
         self._remember_micro_batch()
         self.summary.last_round = lease.round
@@ -383,8 +422,10 @@ class Worker:
                 if self.cfg.max_hours and time.monotonic() - started > self.cfg.max_hours * 3600:
                     self.summary.reason = f"reached --max-hours {self.cfg.max_hours}"
                     break
-                req = protocol.LeaseRequest(have_round=self.theta_round, device=self.device.type,
-                                            tokens_per_s=self.tokens_per_s)
+                req = protocol.LeaseRequest(
+                    have_round=self.theta_round, device=self.device.type,
+                    tokens_per_s=self.tokens_per_s,
+                    resume=self.partial.lease.lease_id if self.partial else None)
                 try:
                     r = self.client.call("POST", protocol.LEASE, json_body=req.model_dump())
                 except CoordinatorRefused as e:
@@ -396,6 +437,7 @@ class Worker:
                 resp = protocol.LeaseResponse.model_validate(r.json())
                 if resp.status == "done":
                     self.summary.reason = resp.message
+                    self._partial_file().unlink(missing_ok=True)
                     break
                 if resp.status == "wait":
                     end = time.monotonic() + resp.retry_after

@@ -11,7 +11,8 @@ from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
 from crowdtrain import compress
 from crowdtrain.aggregate import apply_update
 from crowdtrain.checkpoint import list_checkpoints, load_checkpoint
-from crowdtrain.coordinator import Coordinator, Refused
+from crowdtrain.coordinator import Coordinator
+from crowdtrain.errors import Refused
 from crowdtrain.protocol import JoinRequest, LeaseRequest
 
 
@@ -347,3 +348,32 @@ def test_the_workers_heartbeat_keeps_its_lease_alive_and_hears_when_it_closes(co
                 time.sleep(0.02)
             assert beat.closed  # so the worker stops training work nobody will take
         client.close()
+
+
+def test_a_restarted_worker_gets_its_own_lease_back_while_its_round_is_open(coord):
+    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
+
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    # b dies: silent past the allowance, its lease is given up, the round stays open for a
+    coord.alive(b, lb.lease_id, Alive(step=3))
+    coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
+    assert not coord.tick() and coord.ledger.lease(lb.lease_id)["state"] == "expired"
+    # b restarts and asks for its lease back: the same batches, schedule and budget
+    back = coord.lease(b, LeaseRequest(resume=lb.lease_id)).lease
+    assert (back.lease_id, back.seed, back.shards, back.start_step, back.max_steps) == (
+        lb.lease_id, lb.seed, lb.shards, lb.start_step, lb.max_steps)
+    assert coord.ledger.lease(lb.lease_id)["state"] == "open"
+    assert len(coord.ledger.leases_of_round(0)) == 2  # no new lease was made
+    coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=2))  # accepted
+    # a cannot take b's lease: asking for it gets a's own fresh one, and a's old one is void
+    other = coord.lease(a, LeaseRequest(resume=lb.lease_id)).lease
+    assert other.lease_id not in (la.lease_id, lb.lease_id)
+    assert coord.ledger.lease(la.lease_id)["state"] == "expired"
+    # a submitted lease is not handed back: the worker waits for the round to close
+    assert coord.lease(b, LeaseRequest(resume=lb.lease_id)).status == "wait"
+    coord.submit(a, other.lease_id, payload(other, coord.shapes, seed=3))
+    assert coord.tick() and coord.round == 1
+    # a lease of a closed round is not handed back: a fresh lease on the open round
+    fresh = coord.lease(a, LeaseRequest(resume=other.lease_id)).lease
+    assert fresh.round == 1 and fresh.lease_id != other.lease_id

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from swarm_helpers import Swarm, copy_run
 from transformers import AutoModelForCausalLM
 
+from crowdtrain import compress
 from crowdtrain.checkpoint import load_checkpoint
 from crowdtrain.export import export_model
 from crowdtrain.ledger import Ledger
@@ -175,3 +177,51 @@ def test_coordinator_killed_mid_run_loses_no_acknowledged_work(swarm):
         assert all(a["received_at"] <= rounds[r]["closed_at"] for a in accepted)
     assert "cannot reach the coordinator" in s.log("w1") + s.log("w2")
     assert val_loss(s.run, 6) < 0.9 * val_loss(s.run, 0)
+
+
+def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tiny_run,
+                                                                            tmp_path):
+    """A volunteer SIGKILLed mid-round and restarted gets its lease back, trains only the steps
+    that remain, and sends the pseudo-gradient a volunteer that was never killed sends."""
+    steps = 300
+    sent: dict[str, dict] = {}
+    for case in ("undisturbed", "killed"):
+        s = Swarm(copy_run(tiny_run, tmp_path / case / "run", inner_steps=steps, rounds=1,
+                           round_seconds=600, min_contributions=1), tmp_path / case)
+        try:
+            s.serve()
+            s.join("vol")
+            if case == "killed":
+                snap = s.home("vol") / "runs" / s.run.config.name / "in-progress.safetensors"
+                end = time.time() + 180
+                while not snap.is_file():  # the first snapshot of the round in progress
+                    if time.time() > end or not s.alive("vol"):
+                        pytest.fail("no snapshot of the round in progress: " + s.log("vol"))
+                    time.sleep(0.05)
+                s.kill("vol")
+                with safe_open(str(snap), "pt") as f:
+                    done = json.loads(f.metadata()["stats"])[0]
+                assert 0 < done < steps
+                s.join("vol")
+            assert s.wait("vol") == 0, s.log("vol")
+            ledger = Ledger(s.run.dir / "ledger.sqlite")
+            (row,) = ledger.contributions()
+            assert row["status"] == "accepted" and row["round"] == 0
+            (lease,) = ledger.query("SELECT * FROM leases")  # one lease, handed back
+            assert lease["id"] == row["lease_id"] and lease["state"] == "submitted"
+            upload, _ = compress.from_bytes((s.run.dir / row["path"]).read_bytes(), {
+                k: tuple(v.shape) for k, v in load_checkpoint(s.run.ckpt_dir, 0).tensors.items()})
+            sent[case] = dict(row=row, delta=upload, log=s.log("vol"))
+        finally:
+            s.stop()
+    killed, ref = sent["killed"], sent["undisturbed"]
+    assert f"resuming lease {killed['row']['lease_id']} of round 0 after step {done} of " \
+           f"{steps}" in killed["log"]
+    assert "resuming" not in ref["log"]
+    assert killed["row"]["steps"] == ref["row"]["steps"] == steps
+    assert killed["row"]["tokens"] == ref["row"]["tokens"]
+    assert killed["row"]["mean_loss"] == pytest.approx(ref["row"]["mean_loss"], rel=1e-5)
+    # the same batches, schedule positions and AdamW state: the same update, bit for bit
+    assert all(torch.equal(killed["delta"][k], ref["delta"][k]) for k in ref["delta"])
+    assert not (tmp_path / "killed" / "home" / "vol" / "runs" / tiny_run.config.name /
+                "in-progress.safetensors").exists()  # dropped once its work was accepted

@@ -1,0 +1,71 @@
+"""The round-in-progress snapshot a worker keeps on its own disk (crowdtrain.resume): what it
+records, what it refuses to read back, how often it is written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from crowdtrain.protocol import Lease
+from crowdtrain.resume import PartialRound, RoundSnapshots, load_partial, merge_stats, save_partial
+from crowdtrain.train import StepStats
+
+LEASE = Lease(lease_id=7, round=3, shards=["train-000"], seed=11, start_step=90, max_steps=30,
+              seconds=50.0, deadline_in=60.0)
+
+
+def params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def test_a_snapshot_round_trips_and_matches_only_its_own_lease(tmp_path):
+    p = tmp_path / "in-progress.safetensors"
+    opt = {"w:exp_avg": torch.ones(4, 3), "w:step": torch.tensor(12.0)}
+    save_partial(p, PartialRound(LEASE, 3, StepStats(12, 6144, 4.25, 3.5), params(), opt))
+    back = load_partial(p, params(1))
+    assert back.lease == LEASE and back.theta_round == 3
+    assert back.stats == StepStats(12, 6144, 4.25, 3.5)
+    assert all(torch.equal(back.params[k], v) for k, v in params().items())
+    assert torch.equal(back.optimizer["w:step"], opt["w:step"])
+    assert back.matches(LEASE.model_copy(update={"seconds": 20.0}), 3)  # handed back later
+    assert not back.matches(LEASE.model_copy(update={"lease_id": 8}), 3)  # a fresh lease
+    assert not back.matches(LEASE, 2)  # parameters of another round
+
+
+@pytest.mark.parametrize("damage", ["truncate", "shapes", "garbage"])
+def test_a_damaged_or_foreign_snapshot_is_ignored_and_removed(tmp_path, damage):
+    p = tmp_path / "in-progress.safetensors"
+    save_partial(p, PartialRound(LEASE, 3, StepStats(5, 100, 4.0, 1.0), params(), {}))
+    model = params()
+    if damage == "truncate":  # killed mid-write would leave no such file (atomic), a bad disk
+        p.write_bytes(p.read_bytes()[:-10])
+    elif damage == "shapes":  # the run's model changed
+        model = {"w": torch.zeros(5, 3), "b": torch.zeros(3)}
+    else:
+        p.write_bytes(b"\x00" * 64)
+    assert load_partial(p, model) is None and not p.exists()
+
+
+def test_stats_of_a_lease_trained_in_two_lives_add_up():
+    m = merge_stats(StepStats(10, 1000, 4.0, 2.0), StepStats(30, 3000, 3.0, 5.0))
+    assert m == StepStats(40, 4000, 3.25, 7.0)
+
+
+def test_snapshots_keep_their_cost_a_small_share_of_training(tmp_path):
+    def slow_state():
+        time.sleep(0.05)  # a large model on a slow disk
+        return params(), {}
+
+    snaps = RoundSnapshots(tmp_path / "s.safetensors", LEASE, 3, slow_state,
+                           before=StepStats(10, 1000, 4.0, 2.0), min_interval=0.0,
+                           max_overhead=0.02)
+    assert snaps.due()
+    snaps.save(StepStats(5, 500, 3.0, 1.0))
+    assert snaps.interval >= 0.05 / 0.02 and not snaps.due()
+    saved = load_partial(tmp_path / "s.safetensors", params())
+    assert saved.stats.steps == 15 and saved.stats.tokens == 1500  # this life + the earlier
+    snaps.discard()
+    assert not (tmp_path / "s.safetensors").exists()
