@@ -4,7 +4,7 @@ K volunteers is malicious; picks `RobustConfig.method`'s default.
 DiLoCo in one process (as bench/diloco_sim.py: persistent AdamW per worker, int8 deltas with
 worker-side error feedback, outer SGD, int8 update with coordinator-side error feedback,
 `apply_update`), except that each round's contributions are written to disk as int8 payload
-files and merged by `robust.robust_aggregate` over `SafetensorsInt8Source`s, the coordinator's
+files and merged by `robust.robust_aggregate` over `SafetensorsQuantSource`s, the coordinator's
 path. K-1 honest workers; worker K is the attacker:
 
 - none: no attacker at all (the K-1 honest workers only); none + mean is the reference.
@@ -50,7 +50,7 @@ from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
 from crowdtrain.robust import (  # noqa: E402
     METHODS,
     RobustConfig,
-    SafetensorsInt8Source,
+    SafetensorsQuantSource,
     robust_aggregate,
 )
 from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
@@ -152,7 +152,7 @@ def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int,
             p = rdir / f"c{i}.safetensors"
             p.write_bytes(compress.to_bytes(d, "int8"))
             paths.append(p)
-        sources = [SafetensorsInt8Source(p, shapes) for p in paths]
+        sources = [SafetensorsQuantSource(p, shapes) for p in paths]
         try:
             agg, screening = robust_aggregate(sources, weights, shapes, rcfg)
         finally:

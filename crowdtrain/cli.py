@@ -38,7 +38,7 @@ def cmd_init(a: argparse.Namespace) -> None:
         ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
         ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
         ("outer_momentum", a.outer_momentum), ("access", a.access),
-        ("warm_start", a.warm_start)) if v is not None})
+        ("warm_start", a.warm_start), ("codec", a.codec)) if v is not None})
     steps = a.steps if a.steps is not None else (
         swarm.total_steps() if a.rounds or a.inner_steps else None)
     overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outer-lr", type=float, help="outer SGD learning rate (default 0.7)")
     s.add_argument("--outer-momentum", type=float,
                    help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")
+    s.add_argument("--codec", choices=["int8", "int4", "fp16", "fp32"],
+                   help="how volunteers' contributions travel: int8 (default, ~1 byte per "
+                        "parameter), int4 (~0.56 bytes: half the upload, same quality in "
+                        "BENCHMARKS.md; needs workers of crowdtrain API v2), fp16 or fp32")
     s.add_argument("--warm-start", type=float, metavar="FRACTION",
                    help="this share of the run's steps (at most 1,000) is trained here, on 4x "
                         "the batch, before anyone joins (default 0.2; 0 to skip): the swarm "

@@ -1,7 +1,7 @@
 """Tensor <-> bytes codecs for pseudo-gradients on the wire.
 
 This module owns the wire format of a worker's contribution: how a dict of float tensors is
-encoded (blockwise absmax int8, fp16 or fp32), packed into safetensors bytes with a small
+encoded (blockwise absmax int8 or int4, fp16 or fp32), packed into safetensors bytes with a small
 str->str metadata header, and parsed back with every field checked. It also owns worker-side
 error feedback for the lossy codecs. It is pure (torch, safetensors and the standard library
 only) and imports nothing else from crowdtrain, so both the coordinator and workers can use it.
@@ -10,6 +10,11 @@ int8 wire layout: each parameter `name` becomes two tensors, `name:q` (int8, fla
 per element) and `name:scale` (float32, one per block of `block` elements). A value is
 recovered as `q * scale` of its block; dequantization is a single float32 multiply so that
 every machine decodes the same payload to the same bits.
+
+int4 wire layout: the same two tensors, but `name:q` packs two values per byte (int8 dtype,
+ceil(numel / 2) bytes): element 2i in the low nibble, 2i+1 in the high one, each stored as
+value + 8 with values in [-7, 7] (absmax / 7 per block); the block must be even, and is 64 by
+default (`default_block`), about 0.56 bytes per parameter against int8's 1.02.
 
 Any malformed or mismatching payload raises `CodecError` (a `ValueError`) naming the tensor.
 """
@@ -28,8 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-CODECS = ("int8", "fp16", "fp32")
+CODECS = ("int8", "int4", "fp16", "fp32")
+QUANTIZED = ("int8", "int4")
 BLOCK = 256
+INT4_BLOCK = 64
 
 _MIN_BLOCK = 16
 _MAX_BLOCK = 65536
@@ -49,11 +56,18 @@ def _check_codec(codec: str) -> None:
         raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
-def _check_block(block: int) -> None:
+def _check_block(block: int, codec: str | None = None) -> None:
     if isinstance(block, bool) or not isinstance(block, int):
         raise CodecError(f"block must be an int, got {type(block).__name__}")
     if not _MIN_BLOCK <= block <= _MAX_BLOCK:
         raise CodecError(f"block must be in [{_MIN_BLOCK}, {_MAX_BLOCK}], got {block}")
+    if codec == "int4" and block % 2:
+        raise CodecError(f"int4 needs an even block, got {block}")
+
+
+def default_block(codec: str) -> int:
+    """The block a payload of `codec` is made with unless the caller names one."""
+    return INT4_BLOCK if codec == "int4" else BLOCK
 
 
 def _nblocks(numel: int, block: int) -> int:
@@ -118,17 +132,73 @@ def dequantize_int8(
     return out.reshape(-1)[:numel].reshape(shape)
 
 
+def quantize_int4(x: torch.Tensor, block: int = INT4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax 4-bit quantization of `x`: scale = absmax / 7 per block, values
+    round(x / scale) in [-7, 7], packed two per byte (see the module docstring).
+    Returns (packed: int8 of length ceil(numel / 2), scale: float32 per block)."""
+    if block < 2 or block % 2:
+        raise CodecError(f"int4 needs an even block, got {block}")
+    flat = _copy_as(x, torch.float32).reshape(-1)
+    numel = flat.numel()
+    nb = _nblocks(numel, block)
+    padded = torch.zeros(nb * block, dtype=torch.float32)
+    padded[:numel] = flat
+    blocks = padded.view(nb, block)
+    scale = blocks.abs().amax(dim=1) / 7.0 if nb else torch.zeros(0, dtype=torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-7, 7)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).to(torch.int16) + 8
+    pairs = q.reshape(-1)[: numel + numel % 2].view(-1, 2)
+    packed = (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8).view(torch.int8)
+    return packed.clone(), scale.contiguous()
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], block: int = INT4_BLOCK
+) -> torch.Tensor:
+    """float32 tensor of `shape` from packed 4-bit values and per-block float32 `scale`, as one
+    float32 multiply per element (bit-for-bit reproducible, like `dequantize_int8`)."""
+    if block < 2 or block % 2:
+        raise CodecError(f"int4 needs an even block, got {block}")
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    nb = _nblocks(numel, block)
+    if packed.dtype != torch.int8:
+        raise CodecError(f"packed 4-bit values must be int8, got {packed.dtype}")
+    if scale.dtype != torch.float32:
+        raise CodecError(f"scales must be float32, got {scale.dtype}")
+    if packed.numel() != (numel + 1) // 2:
+        raise CodecError(f"expected {(numel + 1) // 2} packed bytes for shape {shape}, got "
+                         f"{packed.numel()}")
+    if scale.numel() != nb:
+        raise CodecError(f"expected {nb} scales for {numel} values (block {block}), "
+                         f"got {scale.numel()}")
+    values = unpack_int4(packed.reshape(-1))
+    padded = torch.zeros(nb * block, dtype=torch.int8)
+    padded[:numel] = values[:numel]
+    out = padded.view(nb, block).to(torch.float32) * scale.reshape(-1)[:, None]
+    return out.reshape(-1)[:numel].reshape(shape)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 values in [-8, 7] of packed 4-bit bytes: two per byte, low nibble first."""
+    u = packed.view(torch.uint8).to(torch.int16)
+    return torch.stack([(u & 0xF) - 8, (u >> 4) - 8], dim=1).reshape(-1).to(torch.int8)
+
+
 def encode(
-    tensors: Mapping[str, torch.Tensor], codec: str, block: int = BLOCK
+    tensors: Mapping[str, torch.Tensor], codec: str, block: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Wire tensors for `tensors` (name -> float tensor of any shape).
 
     int8: name -> `name:q` (int8, flat) and `name:scale` (float32); fp16: name -> float16;
-    fp32: name -> float32. Outputs are fresh contiguous CPU tensors. Non-finite inputs, and
+    fp32: name -> float32; int4: as int8 with two values per byte. `block` defaults to
+    `default_block(codec)`. Outputs are fresh contiguous CPU tensors. Non-finite inputs, and
     fp16 values that overflow, raise CodecError.
     """
     _check_codec(codec)
-    _check_block(block)
+    block = default_block(codec) if block is None else block
+    _check_block(block, codec)
     wire: dict[str, torch.Tensor] = {}
 
     def put(key: str, value: torch.Tensor) -> None:
@@ -141,8 +211,8 @@ def encode(
             raise CodecError(f"tensor {name} must be a floating-point tensor")
         if not bool(torch.isfinite(t).all()):
             raise CodecError(f"tensor {name} has non-finite values")
-        if codec == "int8":
-            q, scale = quantize_int8(t, block)
+        if codec in QUANTIZED:
+            q, scale = (quantize_int8 if codec == "int8" else quantize_int4)(t, block)
             put(name + _Q_SUFFIX, q)
             put(name + _SCALE_SUFFIX, scale)
         elif codec == "fp16":
@@ -169,7 +239,7 @@ def decode(
     wire: Mapping[str, torch.Tensor],
     codec: str,
     shapes: Mapping[str, Sequence[int]],
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inverse of `encode`: float32 tensors of `shapes` (name -> shape) from wire tensors.
 
@@ -177,8 +247,9 @@ def decode(
     shapes, that scales are finite and >= 0, and that every decoded value is finite.
     """
     _check_codec(codec)
-    _check_block(block)
-    if codec == "int8":
+    block = default_block(codec) if block is None else block
+    _check_block(block, codec)
+    if codec in QUANTIZED:
         expected = {n + sfx for n in shapes for sfx in (_Q_SUFFIX, _SCALE_SUFFIX)}
     else:
         expected = set(shapes)
@@ -189,7 +260,7 @@ def decode(
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         shape = tuple(int(s) for s in shape)
-        if codec == "int8":
+        if codec in QUANTIZED:
             q = wire[name + _Q_SUFFIX]
             scale = wire[name + _SCALE_SUFFIX]
             if q.dtype != torch.int8:
@@ -199,9 +270,10 @@ def decode(
                     f"tensor {name}{_SCALE_SUFFIX} must be float32, got {scale.dtype}")
             numel = math.prod(shape)
             nb = _nblocks(numel, block)
-            if q.dim() != 1 or q.numel() != numel:
+            length = numel if codec == "int8" else (numel + 1) // 2
+            if q.dim() != 1 or q.numel() != length:
                 raise CodecError(f"tensor {name}{_Q_SUFFIX} has shape {tuple(q.shape)}, "
-                                 f"expected ({numel},) for parameter shape {shape}")
+                                 f"expected ({length},) for parameter shape {shape}")
             if scale.dim() != 1 or scale.numel() != nb:
                 raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has shape "
                                  f"{tuple(scale.shape)}, expected ({nb},)")
@@ -209,7 +281,8 @@ def decode(
                 raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has non-finite values")
             if bool((scale < 0).any()):
                 raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has negative values")
-            value = dequantize_int8(q, scale, shape, block)
+            value = (dequantize_int8 if codec == "int8" else dequantize_int4)(
+                q, scale, shape, block)
         else:
             t = wire[name]
             want = torch.float16 if codec == "fp16" else torch.float32
@@ -228,11 +301,13 @@ def to_bytes(
     tensors: Mapping[str, torch.Tensor],
     codec: str,
     meta: Mapping[str, str] | None = None,
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> bytes:
-    """safetensors bytes of `encode(tensors, codec, block)`, with metadata
+    """safetensors bytes of `encode(tensors, codec, block)` (block: `default_block(codec)`
+    unless given), with metadata
     {"codec": codec, "block": str(block), **meta}. `meta` must be str -> str and may not set
     "codec" or "block"."""
+    block = default_block(codec) if block is None else block
     wire = encode(tensors, codec, block)
     extra = dict(meta or {})
     for k, v in extra.items():
@@ -287,6 +362,8 @@ def _check_header(header: dict) -> tuple[dict[str, str], str, int]:
     block = int(raw_block)
     if not _MIN_BLOCK <= block <= _MAX_BLOCK:
         raise CodecError(f"payload metadata block {block} outside [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    if codec == "int4" and block % 2:
+        raise CodecError(f"payload metadata block {block} is odd; int4 needs an even block")
     for name, info in header.items():  # only the dtypes our codecs produce; before parsing
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if name != "__metadata__" and (not isinstance(dtype, str) or dtype not in _WIRE_DTYPES):
@@ -337,11 +414,14 @@ def read_file_header(path: str | os.PathLike, max_bytes: int | None = None) -> d
     return _check_header(_read_header(head, size))[0]
 
 
-def payload_bytes(numel: int, codec: str, block: int = BLOCK) -> int:
+def payload_bytes(numel: int, codec: str, block: int | None = None) -> int:
     """Approximate tensor bytes on the wire for `numel` parameters, excluding the header."""
     _check_codec(codec)
+    block = default_block(codec) if block is None else block
     if codec == "int8":
         return numel + 4 * _nblocks(numel, block)
+    if codec == "int4":
+        return (numel + 1) // 2 + 4 * _nblocks(numel, block)
     return (2 if codec == "fp16" else 4) * numel
 
 
@@ -354,9 +434,10 @@ class ErrorFeedback:
     what was given, off by at most the latest residual.
     """
 
-    def __init__(self, codec: str, block: int = BLOCK) -> None:
+    def __init__(self, codec: str, block: int | None = None) -> None:
         _check_codec(codec)
-        _check_block(block)
+        block = default_block(codec) if block is None else block
+        _check_block(block, codec)
         self.codec = codec
         self.block = block
         self.residual: dict[str, torch.Tensor] = {}

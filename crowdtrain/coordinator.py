@@ -192,7 +192,8 @@ class Coordinator:
                                    inner_steps_growth=self.cfg.inner_steps_growth,
                                    round_seconds=self.cfg.round_seconds, rounds=self.cfg.rounds,
                                    min_contributions=self.cfg.min_contributions,
-                                   codec=self.cfg.codec, block=compress.BLOCK),
+                                   codec=self.cfg.codec,
+                                   block=compress.default_block(self.cfg.codec)),
             dtype=self.run.index.dtype,
             train_shards=[ShardInfo(name=e.name, sha256=e.sha256, tokens=e.tokens)
                           for e in self.run.index.train],

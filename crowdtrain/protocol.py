@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-API_VERSION = 1
+API_VERSION = 2  # v2: int4 contributions, LeaseRequest.resume (v1 workers still serve int8 runs)
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -50,9 +50,14 @@ INT64_MAX = 2**63 - 1  # what SQLite stores; larger numbers are refused at the b
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
-def upgrade_message(client_version: int | None) -> str:
+def min_api_version(codec: str) -> int:
+    """The oldest worker API that can send contributions in `codec` (int4 came with v2)."""
+    return 2 if codec == "int4" else MIN_API_VERSION
+
+
+def upgrade_message(client_version: int | None, minimum: int = MIN_API_VERSION) -> str:
     """What a worker whose API version is not accepted is told."""
-    return (f"this coordinator speaks crowdtrain API v{MIN_API_VERSION}..v{API_VERSION}, your "
+    return (f"this run takes workers of crowdtrain API v{minimum}..v{API_VERSION}, your "
             f"worker speaks v{client_version if client_version is not None else '?'}: upgrade "
             "with `pip install -U crowdtrain` and join again")
 

@@ -14,7 +14,7 @@ clipping large ones to a multiple of the round's median norm) and then aggregate
 Deltas are never loaded whole: a `DeltaSource` yields a flat float32 slice of one parameter,
 and `robust_aggregate` makes passes over the model in blocks of `block_elems` elements, so
 beyond the output itself, peak memory is O(workers x block_elems), not O(workers x model).
-`SafetensorsInt8Source` reads a contribution file written by `compress.to_bytes(..., "int8")`
+`SafetensorsQuantSource` reads a contribution file written by `compress.to_bytes` (int8 or int4)
 through a memory map, one slice at a time, bit-identical to `compress.from_bytes`.
 
 The default method was chosen by measurement, `python bench/poisoning.py --rounds 10
@@ -187,12 +187,14 @@ class _MappedFile:
         self.close()
 
 
-class SafetensorsInt8Source(_MappedFile):
-    """A DeltaSource over an int8 payload file made by `compress.to_bytes(..., "int8")`.
+class SafetensorsQuantSource(_MappedFile):
+    """A DeltaSource over an int8 or int4 payload file (`compress.to_bytes(..., "int8")` or
+    "int4").
 
-    The file is memory-mapped with `safetensors.safe_open`; `read` touches only the int8
-    values and the scales of the requested range, and dequantizes them with the same single
-    float32 multiply as `compress.dequantize_int8`, so slices are bit-identical to
+    The file is memory-mapped with `safetensors.safe_open`; `read` touches only the quantized
+    values (4-bit ones unpacked) and the scales of the requested range, and dequantizes them
+    with the same single float32 multiply as `compress.dequantize_int8`, so slices are
+    bit-identical to
     `compress.from_bytes`. The header (codec, block, names, dtypes, lengths) is checked
     against `shapes` on opening; scales and values are checked finite per slice. Problems
     raise ValueError naming the file and tensor. Use as a context manager or call `close()`.
@@ -208,10 +210,12 @@ class SafetensorsInt8Source(_MappedFile):
 
     def _check_header(self, shapes: Mapping[str, Sequence[int]]) -> None:
         meta = self._f.metadata() or {}
-        if meta.get("codec") != "int8":
-            raise ValueError(f"{self.path}: codec is {meta.get('codec')!r}, expected 'int8'")
+        self.codec = meta.get("codec")
+        if self.codec not in compress.QUANTIZED:
+            raise ValueError(f"{self.path}: codec is {self.codec!r}, expected 'int8' or 'int4'")
         raw = meta.get("block", "")
-        if not raw.isdigit() or not 16 <= int(raw) <= 65536:
+        if not raw.isdigit() or not 16 <= int(raw) <= 65536 or (
+                self.codec == "int4" and int(raw) % 2):
             raise ValueError(f"{self.path}: invalid block {raw!r}")
         self.block = int(raw)
         keys = set(self._f.keys())
@@ -224,7 +228,8 @@ class SafetensorsInt8Source(_MappedFile):
         for name, shape in shapes.items():
             numel = math.prod(int(s) for s in shape)
             nb = (numel + self.block - 1) // self.block
-            for key, dtype, length in ((name + ":q", "I8", numel),
+            nq = numel if self.codec == "int8" else (numel + 1) // 2
+            for key, dtype, length in ((name + ":q", "I8", nq),
                                        (name + ":scale", "F32", nb)):
                 sl = self._f.get_slice(key)
                 _check_slice(self.path, key, sl, dtype, (length,))
@@ -245,7 +250,12 @@ class SafetensorsInt8Source(_MappedFile):
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
                              "values")
-        q = self._f.get_slice(name + ":q")[b0 * bs:min(b1 * bs, numel)]
+        lo, hi = b0 * bs, min(b1 * bs, numel)
+        if self.codec == "int8":
+            q = self._f.get_slice(name + ":q")[lo:hi]
+        else:  # two values a byte; blocks are even, so lo is a byte boundary
+            q = compress.unpack_int4(self._f.get_slice(name + ":q")[lo // 2:(hi + 1) // 2])
+            q = q[:hi - lo]
         padded = torch.zeros((b1 - b0) * bs, dtype=torch.int8)
         padded[: q.numel()] = q
         vals = padded.view(b1 - b0, bs).to(torch.float32) * scale[:, None]
@@ -306,7 +316,7 @@ class SafetensorsFloatSource(_MappedFile):
 
 def open_payload(
     path: str | Path, shapes: Mapping[str, Sequence[int]]
-) -> SafetensorsInt8Source | SafetensorsFloatSource:
+) -> SafetensorsQuantSource | SafetensorsFloatSource:
     """The streaming DeltaSource for a payload file of any codec, chosen by the codec in the
     file's own metadata (so a contribution whose codec differs from the run's still opens).
     ValueError if the file is not a payload for `shapes`. Close it when done."""
@@ -315,8 +325,8 @@ def open_payload(
             codec = (f.metadata() or {}).get("codec")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot open payload: {e}") from None
-    if codec == "int8":
-        return SafetensorsInt8Source(path, shapes)
+    if codec in compress.QUANTIZED:
+        return SafetensorsQuantSource(path, shapes)
     return SafetensorsFloatSource(path, shapes)
 
 

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from crowdtrain import __version__
 from crowdtrain.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from crowdtrain.compress import CODECS
 from crowdtrain.data import (
     DataConfig,
     ShardIndex,
@@ -86,7 +87,7 @@ class SwarmConfig:
             "round_seconds": self.round_seconds >= 1,
             "rounds": self.rounds >= 0,
             "min_contributions": self.min_contributions >= 1,
-            "codec": self.codec in ("int8", "fp16", "fp32"),
+            "codec": self.codec in CODECS,
             "outer_lr": 0 < self.outer_lr <= 10,
             "outer_momentum": 0 <= self.outer_momentum < 1,
             "keep_last": self.keep_last >= 1,

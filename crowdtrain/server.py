@@ -78,16 +78,18 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
         return Response(body, status_code=422, media_type="application/json")
 
+    oldest = protocol.min_api_version(coord.cfg.codec)
+
     @app.middleware("http")
     async def api_version(request: Request, call_next):
         v = request.headers.get(protocol.API_HEADER)
         if v is not None and request.url.path.startswith("/v1/"):
             try:
-                ok = protocol.MIN_API_VERSION <= int(v) <= protocol.API_VERSION
+                ok = oldest <= int(v) <= protocol.API_VERSION
             except ValueError:
                 ok, v = False, None
             if not ok:
-                return JSONResponse({"detail": protocol.upgrade_message(v and int(v))},
+                return JSONResponse({"detail": protocol.upgrade_message(v and int(v), oldest)},
                                     status_code=426)
         return await call_next(request)
 
@@ -118,8 +120,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
 
     @app.post(protocol.JOIN, response_model=protocol.JoinResponse)
     def join(req: protocol.JoinRequest, request: Request) -> protocol.JoinResponse:
-        if not protocol.MIN_API_VERSION <= req.api_version <= protocol.API_VERSION:
-            raise Refused(426, protocol.upgrade_message(req.api_version))
+        if not oldest <= req.api_version <= protocol.API_VERSION:
+            raise Refused(426, protocol.upgrade_message(req.api_version, oldest))
         if coord.cfg.access == "open":
             limited(join_limit, request.client.host if request.client else "?", "joins from "
                     "this address")

@@ -13,15 +13,20 @@ from safetensors.torch import save as st_save
 from crowdtrain.compress import (
     BLOCK,
     CODECS,
+    INT4_BLOCK,
     CodecError,
     ErrorFeedback,
     decode,
+    default_block,
+    dequantize_int4,
     dequantize_int8,
     encode,
     from_bytes,
     payload_bytes,
+    quantize_int4,
     quantize_int8,
     to_bytes,
+    unpack_int4,
 )
 
 
@@ -79,6 +84,36 @@ def test_int8_all_zero_tensor():
     assert torch.equal(out["z"], x)
 
 
+@pytest.mark.parametrize("numel", [1, 2, 63, 64, 65, 1001])
+def test_int4_packs_two_values_a_byte_within_half_a_step(numel):
+    x = _rand(numel, seed=numel)
+    q, scale = quantize_int4(x)
+    assert q.dtype == torch.int8 and q.shape == ((numel + 1) // 2,)
+    assert scale.shape == ((numel + INT4_BLOCK - 1) // INT4_BLOCK,)
+    values = unpack_int4(q)[:numel]
+    assert int(values.abs().max()) == 7 and int(values.min()) >= -7
+    y = dequantize_int4(q, scale, (numel,))
+    for b in range(scale.numel()):
+        sl = slice(b * INT4_BLOCK, (b + 1) * INT4_BLOCK)
+        assert float((y[sl] - x[sl]).abs().max()) <= float(x[sl].abs().max()) / 14 * 1.0001
+    # nibble order: element 2i low, 2i+1 high, each stored as value + 8
+    assert torch.equal(unpack_int4(torch.tensor([0x3C], dtype=torch.uint8).view(torch.int8)),
+                       torch.tensor([4, -5], dtype=torch.int8))
+
+
+def test_int4_wire_about_half_a_byte_per_parameter_and_odd_blocks_refused():
+    ts = {"a": _rand(1000, 77, seed=8), "b": _rand(2321, seed=9)}
+    numel = sum(v.numel() for v in ts.values())
+    blob = to_bytes(ts, "int4")
+    assert 0.5 < len(blob) / numel < 0.6 and payload_bytes(numel, "int4") <= len(blob)
+    assert len(blob) < 0.6 * len(to_bytes(ts, "int8"))
+    with pytest.raises(CodecError, match="even block"):
+        to_bytes(ts, "int4", block=65)
+    wire = encode({"w": torch.ones(100)}, "int4", block=64)
+    with pytest.raises(CodecError, match="even block"):
+        from_bytes(_blob(wire, "int4", block=63), {"w": (100,)})
+
+
 def test_fp32_roundtrip_exact(tensors):
     out = decode(encode(tensors, "fp32"), "fp32", _shapes(tensors))
     for k, v in tensors.items():
@@ -97,10 +132,12 @@ def test_fp16_roundtrip_within_precision(tensors):
 def test_bytes_roundtrip_all_codecs(tensors, codec):
     blob = to_bytes(tensors, codec, meta={"round": "12", "worker": "w1"})
     out, meta = from_bytes(blob, _shapes(tensors), max_bytes=len(blob))
-    assert meta == {"codec": codec, "block": str(BLOCK), "round": "12", "worker": "w1"}
+    assert meta == {"codec": codec, "block": str(default_block(codec)), "round": "12",
+                    "worker": "w1"}
     assert out.keys() == tensors.keys()
     for k, v in tensors.items():
-        tol = {"int8": float(v.abs().max()) / 254 * 1.001, "fp16": 1e-2, "fp32": 0.0}[codec]
+        tol = {"int8": float(v.abs().max()) / 254 * 1.001,
+               "int4": float(v.abs().max()) / 14 * 1.001, "fp16": 1e-2, "fp32": 0.0}[codec]
         assert float((out[k] - v).abs().max()) <= tol, (codec, k)
 
 
@@ -129,8 +166,9 @@ def test_payload_bytes():
     assert payload_bytes(1024, "int8") == 1024 + 4 * 4
     assert payload_bytes(1000, "fp16") == 2000
     assert payload_bytes(1000, "fp32") == 4000
+    assert payload_bytes(1001, "int4") == 501 + 4 * 16
     with pytest.raises(CodecError):
-        payload_bytes(10, "int4")
+        payload_bytes(10, "int2")
 
 
 # ---- determinism ---------------------------------------------------------------------------
@@ -350,13 +388,13 @@ def test_encode_rejects_non_finite_and_fp16_overflow():
 
 def test_unknown_codec():
     with pytest.raises(CodecError, match="unknown codec"):
-        encode({"w": torch.ones(3)}, "int4")
+        encode({"w": torch.ones(3)}, "int2")
     with pytest.raises(CodecError, match="unknown codec"):
         decode({"w": torch.ones(3)}, "bf16", {"w": (3,)})
     with pytest.raises(CodecError, match="unknown codec"):
-        from_bytes(_blob({"w": torch.ones(3)}, "int4"), {"w": (3,)})
+        from_bytes(_blob({"w": torch.ones(3)}, "int2"), {"w": (3,)})
     with pytest.raises(CodecError, match="unknown codec"):
-        ErrorFeedback("int4")
+        ErrorFeedback("int2")
 
 
 @pytest.mark.parametrize("meta", [{}, {"codec": "fp32"}, {"codec": "fp32", "block": "abc"},

@@ -377,3 +377,30 @@ def test_a_restarted_worker_gets_its_own_lease_back_while_its_round_is_open(coor
     # a lease of a closed round is not handed back: a fresh lease on the open round
     fresh = coord.lease(a, LeaseRequest(resume=other.lease_id)).lease
     assert fresh.round == 1 and fresh.lease_id != other.lease_id
+
+
+def test_an_int4_run_aggregates_4_bit_contributions_exactly_and_refuses_int8(tiny_run,
+                                                                            tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run4", inner_steps=5, rounds=3, round_seconds=60,
+                   codec="int4", outer_lr=1.0, outer_momentum=0.0)
+    coord = Coordinator(run, evaluate_rounds=False)
+    try:
+        a, b = volunteer(coord, "a"), volunteer(coord, "b")
+        la, lb = lease(coord, a), lease(coord, b)
+        with pytest.raises(Refused, match="not this run's 'int4'"):
+            coord.submit(a, la.lease_id, payload(la, coord.shapes, codec="int8"))
+        # a refused payload bars a from the round (and voids its lease): b alone now
+        assert coord.lease(a, LeaseRequest()).status == "wait"
+        blob = payload(lb, coord.shapes, seed=2, codec="int4")
+        assert len(blob) < 0.6 * coord.wire_params
+        theta0 = {k: v.clone() for k, v in coord.theta.items()}
+        coord.submit(b, lb.lease_id, blob)
+        assert coord.tick() and coord.round == 1
+        # plain averaging of one contribution: theta_1 = theta_0 - its decoded 4-bit delta,
+        # to the int8 quantisation of the published update
+        sent, _ = compress.from_bytes(blob, coord.shapes)
+        k = "model.embed_tokens.weight"
+        step = float(sent[k].abs().max()) / 127
+        assert torch.allclose(coord.theta[k], theta0[k] - sent[k], atol=step * 0.51)
+    finally:
+        coord.close()

@@ -257,8 +257,9 @@ def test_decoder_valid_header_wrong_dtypes_and_shapes(codec, data):
         numel = 1
         for s in shape:
             numel *= s
-        if codec == "int8":
-            want[name + ":q"] = (torch.int8, (numel,))
+        if codec in compress.QUANTIZED:
+            nq = numel if codec == "int8" else (numel + 1) // 2  # int4: two values a byte
+            want[name + ":q"] = (torch.int8, (nq,))
             want[name + ":scale"] = (torch.float32, ((numel + SMALL_BLOCK - 1) // SMALL_BLOCK,))
         else:
             want[name] = (torch.float16 if codec == "fp16" else torch.float32, shape)
@@ -616,7 +617,7 @@ def test_hostile_requests_are_refused_and_leave_the_run_unchanged(client):
     expect(client.post(protocol.JOIN, content=b"{", headers={"Content-Type": "application/json"}),
            422, "json")
     expect(client.get(protocol.INFO, headers={protocol.API_HEADER: "abc"}), 426, "upgrade")
-    expect(client.get(protocol.INFO, headers={protocol.API_HEADER: "2"}), 426, "upgrade", "v2")
+    expect(client.get(protocol.INFO, headers={protocol.API_HEADER: "3"}), 426, "upgrade", "v3")
 
     # nothing changed but the one contribution made on purpose; every refusal is on record
     assert coord.round == 0

@@ -20,7 +20,7 @@ from crowdtrain.robust import (
     DeltaSource,
     RobustConfig,
     SafetensorsFloatSource,
-    SafetensorsInt8Source,
+    SafetensorsQuantSource,
     TensorSource,
     open_payload,
     robust_aggregate,
@@ -43,11 +43,11 @@ def _delta(seed, scale=1.0):
     return {k: _rand(s, seed * 10 + i) * scale for i, (k, s) in enumerate(SHAPES.items())}
 
 
-def _write(tmp_path, deltas, block=compress.BLOCK):
-    """int8 payload files for `deltas`, and the deltas as the coordinator decodes them."""
+def _write(tmp_path, deltas, block=compress.BLOCK, codec="int8"):
+    """Payload files for `deltas`, and the deltas as the coordinator decodes them."""
     paths, decoded = [], []
     for i, d in enumerate(deltas):
-        blob = compress.to_bytes(d, "int8", meta={"stats": "{}"}, block=block)
+        blob = compress.to_bytes(d, codec, meta={"stats": "{}"}, block=block)
         p = tmp_path / f"c{i}.safetensors"
         p.write_bytes(blob)
         paths.append(p)
@@ -115,13 +115,14 @@ def test_screen_leaves_alone_when_not_meaningful():
     assert screen([1.0, 1.0, 1.0, 1.9], RobustConfig(method="clip_mean"))[3] == (1.0, None)
 
 
-# ---- SafetensorsInt8Source -----------------------------------------------------------------
+# ---- SafetensorsQuantSource -----------------------------------------------------------------
 
-@pytest.mark.parametrize("block", [compress.BLOCK, 64])
-def test_int8_source_slices_equal_full_decode(tmp_path, block):
-    (path,), (full,) = _write(tmp_path, [_delta(3)], block=block)
+@pytest.mark.parametrize("codec,block", [("int8", compress.BLOCK), ("int8", 64),
+                                         ("int4", 64), ("int4", 18)])
+def test_quantized_source_slices_equal_full_decode(tmp_path, codec, block):
+    (path,), (full,) = _write(tmp_path, [_delta(3)], block=block, codec=codec)
     g = torch.Generator().manual_seed(0)
-    with SafetensorsInt8Source(path, SHAPES) as src:
+    with SafetensorsQuantSource(path, SHAPES) as src:
         assert isinstance(src, DeltaSource)
         for name, t in full.items():
             flat = t.reshape(-1)
@@ -143,26 +144,26 @@ def test_int8_source_slices_equal_full_decode(tmp_path, block):
 def test_int8_source_rejects_mismatching_files(tmp_path):
     (path,), _ = _write(tmp_path, [_delta(1)])
     with pytest.raises(ValueError, match="do not match"):
-        SafetensorsInt8Source(path, {**SHAPES, "extra": (3,)})
+        SafetensorsQuantSource(path, {**SHAPES, "extra": (3,)})
     with pytest.raises(ValueError, match="emb:q"):
-        SafetensorsInt8Source(path, {**SHAPES, "emb": (29, 38)})
+        SafetensorsQuantSource(path, {**SHAPES, "emb": (29, 38)})
     fp16 = tmp_path / "h.safetensors"
     fp16.write_bytes(compress.to_bytes(_delta(1), "fp16"))
     with pytest.raises(ValueError, match="codec"):
-        SafetensorsInt8Source(fp16, SHAPES)
+        SafetensorsQuantSource(fp16, SHAPES)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a payload")
     with pytest.raises(ValueError, match="cannot open"):
-        SafetensorsInt8Source(junk, SHAPES)
+        SafetensorsQuantSource(junk, SHAPES)
 
 
-@pytest.mark.parametrize("codec", ["fp16", "fp32", "int8"])
+@pytest.mark.parametrize("codec", compress.CODECS)
 def test_open_payload_streams_any_codec_exactly(tmp_path, codec):
     blob = compress.to_bytes(_delta(4), codec)
     full = compress.from_bytes(blob, SHAPES)[0]
     path = tmp_path / f"{codec}.safetensors"
     path.write_bytes(blob)
-    want = SafetensorsInt8Source if codec == "int8" else SafetensorsFloatSource
+    want = SafetensorsQuantSource if codec in compress.QUANTIZED else SafetensorsFloatSource
     with open_payload(path, SHAPES) as src:
         assert isinstance(src, want)
         for name, t in full.items():
@@ -186,7 +187,7 @@ def test_mean_equals_weighted_mean_from_files(tmp_path, block_elems):
     paths, decoded = _write(tmp_path, [_delta(s) for s in range(4)])
     weights = [1024.0, 512.0, 3.0, 2048.0]
     ref = weighted_mean(decoded, weights)
-    srcs = [Recording(SafetensorsInt8Source(p, SHAPES), block_elems) for p in paths]
+    srcs = [Recording(SafetensorsQuantSource(p, SHAPES), block_elems) for p in paths]
     out, screening = robust_aggregate(srcs, weights, SHAPES, RobustConfig(method="mean"),
                                       block_elems=block_elems)
     assert screening == [(1.0, None)] * 4
@@ -347,6 +348,8 @@ def _bad_payloads() -> dict[str, bytes]:
     neg = wire["w:scale"].clone()
     neg[0] = -1.0
     fp32 = compress.encode(_delta(2), "fp32")
+    int4 = compress.encode(_delta(2), "int4")
+    meta4 = {"codec": "int4", "block": str(compress.INT4_BLOCK)}
     nan32 = {**fp32, "big": fp32["big"].clone()}
     nan32["big"][1, 2] = float("inf")
     return {
@@ -364,6 +367,11 @@ def _bad_payloads() -> dict[str, bytes]:
         "inf value": save(nan32, metadata={"codec": "fp32", "block": "256"}),
         "no codec": save(wire, metadata={"block": "256"}),
         "bad block": save(wire, metadata={"codec": "int8", "block": "3"}),
+        "int4 odd block": save(compress.encode(_delta(2), "int4", block=64),
+                               metadata={"codec": "int4", "block": "63"}),
+        "int4 int8-length values": save({**int4, "w:q": wire["w:q"]}, metadata=meta4),
+        "int4 short values": save({**int4, "w:q": int4["w:q"][:-1].clone()}, metadata=meta4),
+        "int8 labelled int4": save(wire, metadata={"codec": "int4", "block": "256"}),
         "transposed": save({**fp32, "emb": fp32["emb"].t().contiguous()},
                            metadata={"codec": "fp32", "block": "256"}),
     }

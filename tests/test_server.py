@@ -42,6 +42,20 @@ def test_old_worker_is_told_to_upgrade(client):
     assert r.status_code == 426 and "pip install -U crowdtrain" in r.json()["detail"]
 
 
+def test_an_int4_run_takes_only_workers_that_speak_int4(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run4", codec="int4", rounds=2)
+    with TestClient(create_app(Coordinator(run, evaluate_rounds=False))) as c:
+        r = c.get(protocol.INFO, headers={protocol.API_HEADER: "1"})
+        assert r.status_code == 426 and "API v2..v" in r.json()["detail"]
+        r = c.post(protocol.JOIN, json={"name": "old", "device": "cpu", "api_version": 1})
+        assert r.status_code == 426
+        info = c.get(protocol.INFO, headers={protocol.API_HEADER: str(protocol.API_VERSION)})
+        schedule = protocol.RunInfo.model_validate(info.json()).schedule
+        assert (schedule.codec, schedule.block) == ("int4", 64)
+        r = c.post(protocol.JOIN, json={"name": "new", "device": "cpu", "api_version": 2})
+        assert r.status_code == 200
+
+
 def test_auth_and_input_validation(client):
     assert client.post(protocol.LEASE, json={}).status_code == 401
     r = client.post(protocol.LEASE, json={}, headers={"Authorization": "Bearer nope"})

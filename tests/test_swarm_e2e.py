@@ -86,6 +86,21 @@ def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
     assert hf.num_parameters() > 0
 
 
+def test_an_int4_run_with_real_workers_uploads_half_a_byte_per_parameter(swarm):
+    s = swarm(inner_steps=10, rounds=2, round_seconds=60, min_contributions=2, codec="int4")
+    s.serve()
+    for name in ("a", "b"):
+        s.join(name)
+    for name in ("a", "b"):
+        assert s.wait(name) == 0, s.log(name)
+        assert "2 rounds, 2 accepted, 0 refused" in s.log(name)
+    st = get_status(s.url)
+    assert st.finished and sum(r.contributions for r in st.rounds) == 4
+    per_param = [r.bytes_in / r.contributions / st.params for r in st.rounds if r.contributions]
+    assert all(0.5 < x < 0.6 for x in per_param), per_param
+    assert val_loss(s.run, 2) < val_loss(s.run, 0)
+
+
 def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
     # rounds bounded by time; enough of them that a newcomer started on a loaded machine
     # still finds the run going
