@@ -269,7 +269,7 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
     for h in a.conv_h:
         recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
         recipes.append(recipe_of(f"defaults H={h}", new, t, h))
-    if a.conv_int4:  # the codec question: 4-bit (simulated) against the int8 default
+    if a.conv_int4:  # the codec question: int4 against the int8 default
         recipes.append(recipe_of(f"defaults, 4-bit H={a.conv_int4}", new, t, a.conv_int4,
                                  codec="int4"))
     out = {r.name: work / f"conv-{r.name.replace(' ', '-').replace('=', '')}.json"
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="convergence: corpus characters (default: all of it)")
     p.add_argument("--conv-eval-tokens", type=int, default=65536)
     p.add_argument("--conv-int4", type=int, default=100, metavar="H",
-                   help="convergence: also the defaults with a simulated 4-bit codec at this "
+                   help="convergence: also the defaults with the int4 codec at this "
                         "H (0: not)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
     p.add_argument("--up-mbit", type=float, default=10.0)

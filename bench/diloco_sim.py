@@ -10,7 +10,7 @@ A `Recipe` is one way of running the swarm: the inner steps of every round (fixe
 H), the outer optimizer and its learning-rate schedule, the codecs, and an optional warm start
 (the run owner trains the first steps alone on the swarm's global batch before the volunteers
 join; those steps come out of the same token budget and are reported separately). Codecs are
-the wire's (int8, fp16, fp32) or a simulated 4-bit one ("int4") to measure against int8.
+the wire's (int8, int4, fp16, fp32), measured against each other.
 
     python bench/diloco_sim.py RUN_DIR --workers 4 --steps 1500 --h 100 \
         --recipe plain:0.7:0.9 --recipe plain:1.0:0.0
@@ -77,29 +77,11 @@ def schedule(train: TrainConfig, steps: int) -> TrainConfig:
                                warmup_steps=max(1, min(50, steps // 10)))
 
 
-def int4(x: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """`x` through blockwise absmax 4-bit quantization (levels -7..7, one fp32 scale per
-    `block` values): what a 4-bit codec would deliver. Simulation only: not a wire codec."""
-    flat = x.detach().to(torch.float32).reshape(-1)
-    n = flat.numel()
-    nb = (n + block - 1) // block
-    padded = torch.zeros(nb * block)
-    padded[:n] = flat
-    blocks = padded.view(nb, block)
-    scale = blocks.abs().amax(dim=1, keepdim=True) / 7.0
-    q = torch.where(scale > 0, torch.round(blocks / scale.clamp_min(1e-30)).clamp(-7, 7), 0.0)
-    return (q * scale).reshape(-1)[:n].reshape(x.shape)
-
-
 def transmit(tensors: dict[str, torch.Tensor], codec: str,
              shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], int]:
-    """(what the receiver decodes, bytes on the wire): the real codec, or the simulated
-    "int4" (half a byte per value plus a 4-byte scale per 64 values)."""
-    if codec != "int4":
-        blob = compress.to_bytes(tensors, codec)
-        return compress.from_bytes(blob, shapes)[0], len(blob)
-    return ({k: int4(v) for k, v in tensors.items()},
-            sum((t.numel() + 1) // 2 + 4 * ((t.numel() + 63) // 64) for t in tensors.values()))
+    """(what the receiver decodes, bytes on the wire) through the real codec."""
+    blob = compress.to_bytes(tensors, codec)
+    return compress.from_bytes(blob, shapes)[0], len(blob)
 
 
 def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
