@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -65,9 +66,10 @@ def test_bad_inputs_print_one_line(tmp_path, corpus, capsys):
 @pytest.mark.slow
 def test_init_train_export_generate(tmp_path, corpus):
     run = tmp_path / "run"
-    r = crowdtrain("init", run, "--data", corpus, "--preset", "tiny", "-q")
+    r = crowdtrain("init", run, "--data", corpus, "--preset", "tiny", "-q", "--codec", "int4")
     assert r.returncode == 0, r.stderr
-    assert "created run" in r.stdout
+    assert "created run" in r.stdout and "int4" in r.stdout
+    assert json.loads((run / "run.json").read_text())["swarm"]["codec"] == "int4"
     assert_one_line_error(crowdtrain("init", run, "--data", corpus), "already holds a run")
     r = crowdtrain("train", run, "--steps", "60", "--threads", "1", "-q", "--eval-every", "30")
     assert r.returncode == 0, r.stderr
