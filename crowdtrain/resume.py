@@ -2,7 +2,7 @@
 crash, a reboot, SIGKILL, a laptop lid) picks the round up where it stopped.
 
 While it trains, the worker snapshots its local parameters, its AdamW state and the steps done
-so far (`RoundSnapshots`: written atomically, as often as keeps their cost under ~2% of the
+so far (`RoundSnapshots`: written atomically, as often as keeps their cost under ~1% of the
 training time, at most every `min_interval` seconds, and once more when training ends, so a
 worker killed while uploading resends instead of retraining). On restart it asks for that lease
 back (`LeaseRequest.resume`); if the round is still open, the coordinator hands the same lease
@@ -105,7 +105,7 @@ class RoundSnapshots:
 
     def __init__(self, path: Path, lease: protocol.Lease, theta_round: int,
                  state: Callable[[], tuple[dict, dict]], before: StepStats | None = None,
-                 min_interval: float = 2.0, max_overhead: float = 0.02):
+                 min_interval: float = 2.0, max_overhead: float = 0.01):
         self.path, self.lease, self.theta_round = path, lease, theta_round
         self.state = state  # () -> (parameters, optimizer tensors), both on the CPU
         self.before = before  # what an earlier life of this worker did of the lease
