@@ -50,6 +50,7 @@ class ChaosOutcome:
     coordinator_kills: int = 0
     accepted: int = 0
     acknowledged: int = 0
+    resumed: int = 0  # leases a restarted worker took up again from its snapshot
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -153,6 +154,7 @@ def chaos_run(base: Run, work: Path, *, chaos: bool, workers: int = 4, rounds: i
         if not st.finished:
             out.problems.append(f"the run did not finish: round {st.round} of {rounds}")
         out.accepted, out.acknowledged, problems = audit(run, swarm, names, rounds)
+        out.resumed = sum(swarm.log(w).count("resuming lease") for w in names)
         out.problems += problems
     out.seconds = time.monotonic() - t0
     out.loss, out.initial = held_out(run, rounds), held_out(run, 0)
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{ref.accepted} contributions, {ref.seconds:.0f}s")
     o = chaos_run(base, work, chaos=True, **kw)
     print(f"chaos:       held-out {o.loss:.4f}, {o.accepted} contributions, {o.seconds:.0f}s; "
-          f"{o.worker_kills} worker kills, {o.coordinator_kills} coordinator kills; "
+          f"{o.worker_kills} worker kills, {o.coordinator_kills} coordinator kills, "
+          f"{o.resumed} leases resumed after a kill; "
           f"{o.acknowledged} acknowledgements, all in the ledger: {not o.problems}")
     ratio = o.loss / ref.loss
     print(f"ratio to undisturbed: {ratio:.3f} "
