@@ -204,13 +204,14 @@ PLAIN = SwarmConfig(inner_steps_growth=1.0, outer_lr=0.7, outer_momentum=0.9, ne
 def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, codec: str | None = None
               ) -> Recipe:
     """What a run with these swarm settings does over `steps` inner steps in all (the owner's
-    warm start, `warm_start` of them, then rounds of mean H `h`)."""
+    warm start, `warm_start` of them, then rounds of mean H `h`); `codec`: the uploads' (the
+    coordinator's updates are int8)."""
     warm = round(swarm.warm_start * steps)
     rounds = max(1, (steps - warm) // h)
     return Recipe(name, tuple(inner_steps_schedule(steps - warm, rounds,
                                                    swarm.inner_steps_growth)),
                   swarm.outer_lr, swarm.outer_momentum, swarm.nesterov,
-                  up=codec or swarm.codec, down=codec or "int8", warm=warm)
+                  up=codec or swarm.codec, down="int8", warm=warm)  # updates: always int8
 
 
 def _sim_job(run_dir: str, workers: int, recipe_json: str, out: str) -> None:
@@ -270,8 +271,8 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
         recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
         recipes.append(recipe_of(f"defaults H={h}", new, t, h))
     if a.conv_int4:  # the codec question: int4 against the int8 default
-        recipes.append(recipe_of(f"defaults, 4-bit H={a.conv_int4}", new, t, a.conv_int4,
-                                 codec="int4"))
+        recipes.append(recipe_of(f"defaults, int4 uploads H={a.conv_int4}", new, t,
+                                 a.conv_int4, codec="int4"))
     out = {r.name: work / f"conv-{r.name.replace(' ', '-').replace('=', '')}.json"
            for r in recipes}
     jobs = [("floor", [sys.executable, str(HERE), "_floor", str(run.dir), str(t),
