@@ -4,11 +4,11 @@ crash, a reboot, SIGKILL, a laptop lid) picks the round up where it stopped.
 While it trains, the worker snapshots its local parameters, its AdamW state and the steps done
 so far (`RoundSnapshots`: written atomically, as often as keeps their cost under ~1% of the
 training time, at most every `min_interval` seconds, and when training ends if one is due, so
-a worker killed while uploading usually resends instead of retraining). On restart it asks for that lease
-back (`LeaseRequest.resume`); if the round is still open, the coordinator hands the same lease
-back and the worker trains only the steps that remain: the same batches, the same schedule
-positions, and the same pseudo-gradient a worker that never died would have sent. Otherwise
-the snapshot is dropped.
+a worker killed while uploading usually resends instead of retraining). On restart it asks for
+that lease back (`LeaseRequest.resume`); if the round is still open, the coordinator hands the
+same lease back and the worker trains only the steps that remain: the same batches, the same
+schedule positions, and the same pseudo-gradient a worker that never died would have sent.
+Otherwise the snapshot is dropped.
 
 The file is this machine's own (never sent, never received), read with safetensors only.
 """
