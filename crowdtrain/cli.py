@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-targets", metavar="NAMES",
                    help="comma-separated layers to adapt, from q_proj,k_proj,v_proj,o_proj,"
                         "gate_proj,up_proj,down_proj, or 'all' (default q_proj,v_proj)")
+    d = s.add_argument_group("distilling a teacher (the swarm trains a smaller student)")
+    d.add_argument("--teacher", metavar="DIR",
+                   help="a local Hugging Face Llama folder (with tokenizer.json): a fresh "
+                        "--preset student with the teacher's tokenizer learns from the "
+                        "teacher's logits in every inner step, the volunteers' included "
+                        "(they fetch the teacher once, sha256-checked)")
+    d.add_argument("--distill-alpha", type=float, default=0.9, metavar="A",
+                   help="weight of the KL term against the text's cross-entropy (default 0.9)")
+    d.add_argument("--distill-temperature", type=float, default=1.0, metavar="T",
+                   help="softmax temperature of both models (default 1)")
 
     s = sub.add_parser("train", help="train a run on this machine (the one-machine baseline)",
                        description="Train the run on this machine from its latest checkpoint "

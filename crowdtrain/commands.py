@@ -43,16 +43,19 @@ def cmd_init(a: argparse.Namespace) -> None:
     run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
                    vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
                    progress=not a.quiet, train_overrides=overrides, swarm=swarm,
-                   from_pretrained=a.from_pretrained, lora=lora)
+                   from_pretrained=a.from_pretrained, lora=lora, teacher=a.teacher,
+                   distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature)
     idx = run.index
     what = (f"from {run.config.base_model}" if run.config.base_model else
             f"preset {run.config.preset}")
     print(f"created run {run.dir}: {what}, vocab {idx.vocab_size}, "
           f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
           f"{len(idx.train) + len(idx.val)} shards")
-    sw = run.config.swarm
+    sw, t = run.config.swarm, run.config.teacher
     print(f"swarm: {sw.rounds or 'open-ended'} rounds of {sw.inner_steps} inner steps, "
-          f"{sw.codec} contributions, {sw.aggregation} aggregation, {sw.access} access")
+          f"{sw.codec} contributions, {sw.aggregation} aggregation, {sw.access} access"
+          + (f"; distilling {t.name} (alpha {t.alpha:g}, temperature {t.temperature:g})"
+             if t else ""))
     if lora is not None:
         from crowdtrain.checkpoint import load_checkpoint
         from crowdtrain.compress import payload_bytes

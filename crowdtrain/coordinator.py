@@ -64,6 +64,7 @@ from crowdtrain.protocol import (
     SubmitResponse,
     SubmitStats,
     SwarmSchedule,
+    TeacherInfo,
 )
 from crowdtrain.robust import (
     RobustConfig,
@@ -72,7 +73,7 @@ from crowdtrain.robust import (
     open_payload,
     robust_aggregate,
 )
-from crowdtrain.rundir import Run
+from crowdtrain.rundir import TEACHER_CONFIG, TEACHER_WEIGHTS, Run
 from crowdtrain.runstatus import run_status
 from crowdtrain.train import evaluate
 
@@ -200,7 +201,18 @@ class Coordinator:
             round=self.round, finished=self.finished, params=self.params,
             lora=rc.lora.to_dict() if rc.lora is not None else None,
             base_sha256=rc.base_sha256 if rc.lora is not None else None,
-            base_bytes=self.base_path.stat().st_size if self.base_path is not None else None)
+            base_bytes=self.base_path.stat().st_size if self.base_path is not None else None,
+            teacher=self._teacher_info())
+
+    def _teacher_info(self) -> TeacherInfo | None:
+        t = self.run.config.teacher
+        if t is None:
+            return None
+        md = self.run.model_dir
+        return TeacherInfo(name=t.name, sha256=t.sha256,
+                           bytes=(md / TEACHER_WEIGHTS).stat().st_size,
+                           config_json=json.loads((md / TEACHER_CONFIG).read_text()),
+                           alpha=t.alpha, temperature=t.temperature)
 
     # ------------------------------------------------------------------ model downloads
 
@@ -214,6 +226,12 @@ class Coordinator:
         if self.base_path is None:
             raise Refused(404, "this run trains every parameter: it has no separate base weights")
         return self.base_path, self.run.config.base_sha256
+
+    def teacher_file(self) -> tuple[Path, str]:
+        """A distillation run's teacher weights and their sha256 (as recorded at init)."""
+        if self.run.config.teacher is None:
+            raise Refused(404, "this run distils no teacher")
+        return self.run.model_dir / TEACHER_WEIGHTS, self.run.config.teacher.sha256
 
     def update_file(self, rnd: int) -> Path:
         p = self.updates_dir / f"update-{rnd:06d}.safetensors"

@@ -7,7 +7,8 @@ minimises
 
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
 
-with the same AdamW loop, schedule and clipping as `crowdtrain train` (train.InnerLoop).
+with the same AdamW loop, schedule and clipping as `crowdtrain train` (train.InnerLoop with a
+`Teacher`; `crowdtrain init --teacher DIR` runs the same loss on the swarm's volunteers).
 `alpha = 0` trains the same student on the text alone: the baseline distillation is measured
 against. The last `val_fraction` of the text's bytes is held out; the student and the teacher
 are both evaluated on it in bits per byte (evaluate.py). The student is exported like any
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from crowdtrain import __version__
@@ -34,7 +34,7 @@ from crowdtrain.data import EOT, file_sha256, get_batch
 from crowdtrain.errors import CrowdtrainError, check_settings
 from crowdtrain.evaluate import EvalResult, document_ids, evaluate_texts, read_texts
 from crowdtrain.model import build_model, count_params, get_preset, load_pretrained, preset_config
-from crowdtrain.train import PRESET_TRAINING, InnerLoop, TrainConfig, pick_device
+from crowdtrain.train import PRESET_TRAINING, InnerLoop, Teacher, TrainConfig, pick_device
 
 
 @dataclass(frozen=True)
@@ -100,32 +100,6 @@ def split_texts(texts: Sequence[str], val_fraction: float) -> tuple[list[str], l
     return train, val
 
 
-class DistillLoop(InnerLoop):
-    """InnerLoop whose loss mixes the teacher's softened distribution (KL) with the text (CE)."""
-
-    def __init__(self, model, cfg: TrainConfig, device, teacher, alpha: float, temperature: float):
-        super().__init__(model, cfg, device)
-        self.teacher = teacher.to(device).eval() if teacher is not None and alpha > 0 else None
-        self.alpha, self.temperature = alpha, temperature
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=x).logits
-        logits = logits.float().reshape(-1, logits.size(-1))
-        ce = F.cross_entropy(logits, y.reshape(-1))
-        if self.teacher is None:
-            return ce
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                             enabled=self.autocast_dtype is not None):
-            t = self.teacher(input_ids=x).logits
-        t = t.float().reshape(-1, t.size(-1))
-        temp = self.temperature
-        kl = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(t / temp, -1),
-                      log_target=True, reduction="batchmean") * temp * temp
-        return self.alpha * kl + (1 - self.alpha) * ce
-
-
 def _load_teacher(teacher_dir: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
     model = load_pretrained(teacher_dir).eval()
     for p in model.parameters():
@@ -176,7 +150,8 @@ def distill(teacher_dir: str | os.PathLike, data: Sequence[str | os.PathLike],
                    warmup_steps=min(base.warmup_steps, max(cfg.steps // 10, 1)))
     dev = pick_device(device)
     student = build_model(student_cfg, seed=cfg.seed)
-    loop = DistillLoop(student, tcfg, dev, teacher, cfg.alpha, cfg.temperature)
+    loop = InnerLoop(student, tcfg, dev, teacher=Teacher(teacher, cfg.alpha, cfg.temperature)
+                     if cfg.alpha > 0 else None)
     t0 = time.perf_counter()
     st = loop.run(lambda s: get_batch([stream], tcfg.batch_size, tcfg.seq_len, cfg.seed, s),
                   0, cfg.steps, on_step=on_step)

@@ -212,7 +212,7 @@ def card_metadata(record: dict) -> dict:
     meta["pipeline_tag"] = "text-generation"
     meta["license"] = "apache-2.0"
     tags = ["crowdtrain", "llama", "text-generation"]
-    if record.get("distillation"):
+    if record.get("distillation") or (record.get("training") or {}).get("teacher"):
         tags.append("distillation")
     if record.get("run", {}).get("trained_by") == "swarm":
         tags.append("volunteer-computing")
@@ -265,6 +265,10 @@ def model_card(record: dict) -> str:
                    f"(https://pypi.org/project/crowdtrain/) (version "
                    f"{record.get('crowdtrain_version', __version__)}), from run `{name}`, "
                    f"checkpoint round {m.get('checkpoint_round', 'n/a')}.\n")
+        if t := (record.get("training") or {}).get("teacher"):
+            out.append(f"Every inner step distilled the teacher `{t['name']}` (weights sha256 "
+                       f"`{t['sha256']}`): KL on its logits at temperature {t['temperature']} "
+                       f"with weight {t['alpha']}, plus the text's cross-entropy.\n")
     if "params" in m:
         out.append("## Architecture\n")
         out.append(_table([

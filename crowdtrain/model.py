@@ -135,3 +135,25 @@ def config_from_dict(d: dict):
         return AutoConfig.for_model(model_type, **d)
     except (ValueError, KeyError) as e:
         raise CrowdtrainError(f"cannot build a {model_type!r} model config: {e}") from None
+
+
+def load_frozen(config: dict, weights: Path, sha256: str) -> PreTrainedModel:
+    """A model that is not trained (a distillation run's teacher) from its config and a
+    safetensors file of `state_dict_for_save` tensors, after checking the file's sha256."""
+    from safetensors.torch import load_file
+
+    from crowdtrain.data import file_sha256
+    from crowdtrain.errors import CorruptDataError
+
+    if file_sha256(weights) != sha256:
+        raise CorruptDataError(f"{weights}: sha256 differs from the run's record; fetch it "
+                               "again")
+    model = build_model(config_from_dict(config))
+    tensors = load_file(str(weights))
+    expected = state_dict_for_save(model)
+    if set(tensors) != set(expected) or any(
+            tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
+        raise CorruptDataError(f"{weights}: tensors do not match the model's config")
+    load_into(model, tensors)
+    return model.eval().requires_grad_(False)
+

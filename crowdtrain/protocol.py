@@ -33,6 +33,7 @@ JOIN = "/v1/join"
 TOKENIZER = "/v1/tokenizer"
 MODEL = "/v1/model"
 BASE = "/v1/base"
+TEACHER = "/v1/teacher"
 UPDATE = "/v1/updates/{round}"
 SHARD = "/v1/shards/{sha256}"
 LEASE = "/v1/lease"
@@ -79,6 +80,17 @@ class SwarmSchedule(BaseModel):
     block: int
 
 
+class TeacherInfo(BaseModel):
+    """A distillation run's teacher: its weights (GET TEACHER, safetensors) and config."""
+
+    name: str
+    sha256: str
+    bytes: int
+    config_json: dict = Field(description="Hugging Face config.json of the teacher")
+    alpha: float = Field(description="weight of the KL term against the text's cross-entropy")
+    temperature: float
+
+
 class RunInfo(BaseModel):
     api_version: int
     run_name: str
@@ -96,6 +108,8 @@ class RunInfo(BaseModel):
     base_sha256: str | None = Field(None, description="sha256 of the base weights (GET BASE) "
                                     "of a LoRA run")
     base_bytes: int | None = Field(None, description="size of the base weights file")
+    teacher: TeacherInfo | None = Field(None, description="a distillation run's teacher: "
+                                        "every inner step learns from its logits")
 
 
 class JoinRequest(BaseModel):

@@ -212,7 +212,9 @@ def build_provenance(run: Run, meta: dict, params: int, evaluation: dict | None 
         "hyperparameters": hyperparameters(run),
         "training": {"tokens_trained": tokens, "inner_steps": int(meta.get("steps", 0)),
                      "rounds": len(swarm["rounds"]) if swarm else 0,
-                     "warm_start": warm},
+                     "warm_start": warm,
+                     # a distillation run: every inner step learned from this teacher
+                     "teacher": asdict(cfg.teacher) if getattr(cfg, "teacher", None) else None},
         "rounds": swarm["rounds"] if swarm else [],
         "chain": swarm["chain"] if swarm else None,
         "contributors": swarm["contributors"] if swarm else [],

@@ -31,6 +31,7 @@ from crowdtrain.data import (
     build_shards,
     check_sources,
     eval_windows,
+    file_sha256,
     load_split,
     load_tokenizer,
     train_tokenizer,
@@ -42,13 +43,14 @@ from crowdtrain.model import (
     count_params,
     get_preset,
     load_config,
+    load_frozen,
     load_into,
     load_pretrained,
     preset_config,
     state_dict_for_save,
 )
 from crowdtrain.schedule import inner_steps_schedule
-from crowdtrain.train import PRESET_TRAINING, TrainConfig, evaluate
+from crowdtrain.train import PRESET_TRAINING, Teacher, TrainConfig, evaluate
 
 RUN_FILE = "run.json"
 
@@ -122,6 +124,23 @@ class SwarmConfig:
 
 
 PRETRAINED = "pretrained"  # the `preset` of a run started from a pretrained folder
+TEACHER_WEIGHTS, TEACHER_CONFIG = "teacher.safetensors", "teacher.json"  # in model/
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """A distillation run's teacher: every volunteer's inner loop learns from its logits
+    (train.distillation_loss), weighted `alpha` against the text at `temperature`."""
+
+    name: str  # the teacher folder's name, for the record
+    sha256: str  # of model/teacher.safetensors, checked wherever it is loaded
+    alpha: float = 0.9
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_settings("distillation", {"alpha": 0 < self.alpha <= 1,
+                                        "temperature": self.temperature > 0,
+                                        "sha256": len(self.sha256) == 64}, self)
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class RunConfig:
     base_model: str | None = None
     base_sha256: str | None = None
     lora: LoraSettings | None = None
+    teacher: TeacherSettings | None = None
 
     def __post_init__(self) -> None:
         if self.preset != PRETRAINED or self.base_model is None:
@@ -164,6 +184,8 @@ class RunConfig:
         d["swarm"] = SwarmConfig(**d.get("swarm", {}))
         if d.get("lora") is not None:
             d["lora"] = LoraSettings(**d["lora"])
+        if d.get("teacher") is not None:
+            d["teacher"] = TeacherSettings(**d["teacher"])
         return cls(**d)
 
 
@@ -222,6 +244,15 @@ class Run:
         load_into(model, ckpt.tensors)
         return model, ckpt
 
+    def load_teacher(self) -> Teacher | None:
+        """A distillation run's teacher (weights sha256-checked), or None."""
+        t = self.config.teacher
+        if t is None:
+            return None
+        config = json.loads((self.model_dir / TEACHER_CONFIG).read_text())
+        return Teacher(load_frozen(config, self.model_dir / TEACHER_WEIGHTS, t.sha256),
+                       t.alpha, t.temperature)
+
     def val_windows(self):
         return eval_windows(load_split(self.data_dir, self.index, "val"),
                             self.config.train.seq_len, self.config.eval_tokens)
@@ -240,17 +271,30 @@ def init_run(
     swarm: SwarmConfig | None = None,
     from_pretrained: str | os.PathLike | None = None,
     lora: LoraSettings | None = None,
+    teacher: str | os.PathLike | None = None,
+    distill_alpha: float = 0.9,
+    distill_temperature: float = 1.0,
 ) -> Run:
     """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0).
 
     With `from_pretrained` (a local Hugging Face Llama folder with a tokenizer.json) the run
     uses that folder's tokenizer, config and weights (checkpoint 0), and `preset` only picks
     the training defaults; with `lora` too, the weights are frozen in model/base.safetensors
-    and the run trains (and the swarm moves) LoRA adapters only."""
+    and the run trains (and the swarm moves) LoRA adapters only. With `teacher` (a local
+    Hugging Face Llama folder) the run distils it: a fresh `preset` student with the teacher's
+    tokenizer, every inner step (the owner's warm start and the volunteers') learning from the
+    teacher's logits; the teacher's weights are kept in model/ for the volunteers to fetch."""
     run_dir = Path(run_dir)
     p = get_preset(preset)
     sources = check_sources(data)
-    pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
+    if teacher is not None and from_pretrained is not None:
+        raise CrowdtrainError("--teacher trains a fresh student: drop --from-pretrained")
+    if teacher is not None:  # settings first: nothing is written for a run that cannot be
+        TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)
+    pretrained = _check_pretrained(teacher if teacher is not None else from_pretrained, lora,
+                                   tokenizer, vocab_size, "--teacher" if teacher else None)
+    if teacher is not None:  # only the teacher's tokenizer is the run's
+        teacher_cfg, pretrained = pretrained[0], (None, pretrained[1])
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             what = "a run" if (run_dir / RUN_FILE).exists() else "files"
@@ -263,11 +307,14 @@ def init_run(
     train_cfg = PRESET_TRAINING[preset]
     if train_overrides:
         train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
-    if pretrained is not None:
+    if pretrained is not None and pretrained[0] is not None:
         model_cfg, tok = pretrained
         context, what = model_cfg.max_position_embeddings, f"{Path(from_pretrained).name} model"
     else:
-        model_cfg, tok, context, what = None, None, p.context, preset
+        model_cfg, tok, context, what = None, pretrained and pretrained[1], p.context, preset
+    if teacher is not None:
+        context = min(context, teacher_cfg.max_position_embeddings)
+        pretrained = None  # from here on, a fresh model like any preset run
     cfg = RunConfig(
         name=run_dir.name,
         preset=PRETRAINED if pretrained else preset,
@@ -287,7 +334,8 @@ def init_run(
     tok.save(str(run_dir / "tokenizer.json"))
     index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
     if model_cfg is None:
-        model_cfg = preset_config(preset, tok.get_vocab_size(), index.eot_id)
+        vocab = teacher_cfg.vocab_size if teacher is not None else tok.get_vocab_size()
+        model_cfg = preset_config(preset, vocab, index.eot_id)
     model_cfg.save_pretrained(str(run_dir / "model"))
     if pretrained is None:
         model = build_model(model_cfg, seed=seed)
@@ -303,13 +351,18 @@ def init_run(
                   metadata={"base_model": cfg.base_model})
         cfg = replace(cfg, lora=lora, base_sha256=base_sha256(run_dir / "model" / BASE_FILE))
         model = wrap(model, lora, seed=seed)
+    teach = None
+    if teacher is not None:
+        teach = _keep_teacher(teacher, run_dir / "model", distill_alpha, distill_temperature)
+        cfg = replace(cfg, teacher=teach.settings)
     meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source}
     warm = cfg.swarm.warm_start_steps() if pretrained is None else 0
     if warm:  # a fresh model only: a pretrained one is its own warm start
         from crowdtrain.warmstart import warm_start
 
         record = warm_start(model, run_dir / "data", index, cfg.train, warm,
-                            cfg.swarm.warm_start_batch, seed, progress=progress)
+                            cfg.swarm.warm_start_batch, seed, progress=progress,
+                            teacher=teach and teach.teacher)
         meta.update(steps=record["steps"], tokens_trained=record["tokens"],
                     source="warm start", warm_start=record)
     val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
@@ -320,18 +373,42 @@ def init_run(
     return Run(run_dir)
 
 
-def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size):
-    """(config, tokenizer) of a pretrained folder to start from, each checked; None without."""
+@dataclass
+class _KeptTeacher:
+    settings: TeacherSettings
+    teacher: Teacher
+
+
+def _keep_teacher(src, model_dir: Path, alpha: float, temperature: float) -> _KeptTeacher:
+    """Copy a teacher folder's weights and config into the run (model/teacher.*), as the
+    volunteers will load them: safetensors of `state_dict_for_save` plus the config as JSON."""
+    from safetensors.torch import save_file
+
+    model = load_pretrained(src)
+    weights = model_dir / TEACHER_WEIGHTS
+    save_file(state_dict_for_save(model), str(weights))
+    (model_dir / TEACHER_CONFIG).write_text(json.dumps(model.config.to_dict()))
+    settings = TeacherSettings(Path(src).name, file_sha256(weights), alpha, temperature)
+    return _KeptTeacher(settings, Teacher(model, alpha, temperature))
+
+
+def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size,
+                      flag: str | None = None):
+    """(config, tokenizer) of a pretrained folder to start from (or, `flag` "--teacher", to
+    distil), each checked; None without."""
+    flag = flag or "--from-pretrained"
     if src is None:
         if lora is not None:
             raise CrowdtrainError("LoRA adapts a pretrained model: pass --from-pretrained DIR")
         return None
+    if flag == "--teacher" and lora is not None:
+        raise CrowdtrainError("a distillation run trains a fresh student: drop --lora")
     if tokenizer is not None or vocab_size is not None:
-        raise CrowdtrainError("--from-pretrained uses the model's own tokenizer: drop "
+        raise CrowdtrainError(f"{flag} uses the model's own tokenizer: drop "
                               "--tokenizer and --vocab-size")
     src = Path(src)
     if not src.is_dir():
-        raise CrowdtrainError(f"--from-pretrained {src}: not a folder")
+        raise CrowdtrainError(f"{flag} {src}: not a folder")
     config = load_config(src)
     if config.model_type != "llama":
         raise CrowdtrainError(f"{src} holds a {config.model_type!r} model; crowdtrain fine-tunes "

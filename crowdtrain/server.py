@@ -153,6 +153,12 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         coord.count_bytes_out(path.stat().st_size)
         return FileResponse(path, media_type=SAFETENSORS, headers={protocol.SHA256_HEADER: sha})
 
+    @app.get(protocol.TEACHER, responses={200: {"content": {SAFETENSORS: {}}}})
+    def teacher(vol: Volunteer = Depends(volunteer)) -> FileResponse:
+        path, sha = coord.teacher_file()
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type=SAFETENSORS, headers={protocol.SHA256_HEADER: sha})
+
     @app.get(protocol.UPDATE, responses={200: {"content": {SAFETENSORS: {}}}})
     def update(round: int, vol: Volunteer = Depends(volunteer)) -> Response:
         data = coord.update_file(round).read_bytes()

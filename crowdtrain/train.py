@@ -113,19 +113,42 @@ class Snapshots(Protocol):
     def save(self, stats: StepStats) -> None: ...
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen model the student learns from (distillation): its softened distribution at
+    `temperature`, weighted `alpha` against the text's cross-entropy (1 - alpha)."""
+
+    model: torch.nn.Module
+    alpha: float
+    temperature: float
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE.
+
+    `logits` and `teacher_logits` are (tokens, vocab) float32, `y` the (tokens,) targets."""
+    ce = F.cross_entropy(logits, y)
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                  log_target=True, reduction="batchmean") * t * t
+    return alpha * kl + (1 - alpha) * ce
+
+
 class InnerLoop:
     """AdamW on a model, with schedule, clipping and bf16 autocast on CUDA."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
                  micro_batch: int | None = None, ranks: int = 1, rank: int = 0,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, teacher: Teacher | None = None):
         """`micro_batch`: rows per forward/backward (gradient accumulation up to the batch;
         default: the whole batch; halved automatically on out-of-memory). `ranks > 1`: this
         process is rank `rank` of a torch.distributed group (already initialised): each rank
         takes its contiguous 1/ranks of every batch and DDP averages the gradients, so the
         update equals one process on the whole batch. `compile_backend` (e.g. "inductor"): the
         forward runs through `torch.compile` with that backend; the parameters (checkpoints,
-        deltas, optimizer state) are the model's own either way."""
+        deltas, optimizer state) are the model's own either way. `teacher`: the loss is
+        `distillation_loss` against its logits instead of the text's cross-entropy alone."""
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
@@ -155,6 +178,9 @@ class InnerLoop:
             fused=device.type == "cuda",
         )
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.model.to(device).eval().requires_grad_(False)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW state as named CPU tensors (saved with safetensors, never pickled)."""
@@ -183,10 +209,17 @@ class InnerLoop:
             self.optimizer.state[p] = st
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                  enabled=self.autocast_dtype is not None)
+        with autocast:
             logits = self.net(input_ids=x).logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        logits = logits.float().view(-1, logits.size(-1))
+        if self.teacher is None:
+            return F.cross_entropy(logits, y.reshape(-1))
+        with torch.no_grad(), autocast:
+            t = self.teacher.model(input_ids=x).logits
+        return distillation_loss(logits, t.float().view(-1, t.size(-1)), y.reshape(-1),
+                                 self.teacher.alpha, self.teacher.temperature)
 
     def _gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of the mean loss over the rows of (x, y), accumulated `micro_batch` rows

@@ -19,18 +19,18 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crowdtrain.data import ShardIndex, get_batch, load_split
-from crowdtrain.train import InnerLoop, TrainConfig, pick_device
+from crowdtrain.train import InnerLoop, Teacher, TrainConfig, pick_device
 
 
 def warm_start(model: torch.nn.Module, data_dir: Path, index: ShardIndex, cfg: TrainConfig,
                steps: int, batch_multiple: int, seed: int, device: str = "auto",
-               progress: bool = True) -> dict:
+               progress: bool = True, teacher: Teacher | None = None) -> dict:
     """Train `model` in place for schedule steps [0, `steps`) on `batch_multiple` x the batch;
     returns the record for checkpoint 0's metadata (steps, tokens, seconds, device, batch)."""
     big = dataclasses.replace(cfg, batch_size=cfg.batch_size * batch_multiple)
     dev = pick_device(device)
     train = load_split(data_dir, index, "train")
-    loop = InnerLoop(model, big, dev)
+    loop = InnerLoop(model, big, dev, teacher=teacher)  # a distillation run distils here too
     columns = [TextColumn("[bold]warm start"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     t0 = time.perf_counter()

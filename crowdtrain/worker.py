@@ -34,14 +34,20 @@ from crowdtrain import compress, protocol
 from crowdtrain.aggregate import apply_update
 from crowdtrain.checkpoint import atomic_write, check_tensors_match, decode_tensors
 from crowdtrain.client import Client, CoordinatorRefused, Heartbeat
-from crowdtrain.data import get_batch, verify_sha256
+from crowdtrain.data import file_sha256, get_batch, verify_sha256
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.interrupt import GracefulInterrupt
 from crowdtrain.localstate import LocalState, user_home
-from crowdtrain.model import build_model, config_from_dict, load_into, state_dict_for_save
+from crowdtrain.model import (
+    build_model,
+    config_from_dict,
+    load_frozen,
+    load_into,
+    state_dict_for_save,
+)
 from crowdtrain.ranks import Ranks
 from crowdtrain.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
-from crowdtrain.train import InnerLoop, StepStats, TrainConfig, pick_device
+from crowdtrain.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +123,13 @@ class Worker:
         self._join()
         self.tcfg = TrainConfig(**self.info.train)
         self.model = self._build_model()
+        self.teacher = self._teacher()
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
                               micro_batch=self._remembered_micro_batch(),
                               ranks=ranks.world if ranks else 1,
-                              compile_backend="inductor" if cfg.compile else None)
+                              compile_backend="inductor" if cfg.compile else None,
+                              teacher=self.teacher)
         self.theta, self.theta_round = self._load_params()
         self._load_optimizer()
         # a round this worker was training when it last stopped (one process only: ranks > 1
@@ -181,6 +189,23 @@ class Worker:
         atomic_write(p, r.content)
         log.info("downloaded the base weights (%.1f MB)", len(r.content) / 1e6)
         return p
+
+    def _teacher(self) -> Teacher | None:
+        """A distillation run's teacher: cached by sha256, else downloaded once and checked
+        (safetensors only); the other ranks of this volunteer read the same cached file."""
+        t = self.info.teacher
+        if t is None:
+            return None
+        p = self.local.home / "teachers" / f"{t.sha256}.safetensors"
+        if not (p.is_file() and file_sha256(p) == t.sha256):
+            r = self.client.call("GET", protocol.TEACHER)
+            verify_sha256(r.content, t.sha256, "downloaded teacher")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(p, r.content)
+            log.info("downloaded the teacher %s (%.1f MB)", t.name, len(r.content) / 1e6)
+        if self.ranks is not None:
+            self.ranks.bcast_json({"teacher": str(p)})
+        return Teacher(load_frozen(t.config_json, p, t.sha256), t.alpha, t.temperature)
 
     # -- local persistence
     def _params_file(self) -> Path:
@@ -516,8 +541,13 @@ def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
         model = build_lora_model(config_from_dict(info.model_config_json),
                                  LoraSettings(**info.lora), base)
     shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
+    teacher = None
+    if info.teacher is not None:  # rank 0 names the teacher weights it cached (and checked)
+        t = info.teacher
+        teacher = Teacher(load_frozen(t.config_json, Path(ranks.bcast_json()["teacher"]),
+                                      t.sha256), t.alpha, t.temperature)
     loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank,
-                     compile_backend="inductor" if cfg.compile else None)
+                     compile_backend="inductor" if cfg.compile else None, teacher=teacher)
     rounds = 0
     while True:
         msg = ranks.bcast_json()

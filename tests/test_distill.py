@@ -68,3 +68,59 @@ def test_bad_settings_are_refused():
         split_texts(["x"], 0.1)
     train, val = split_texts(["a\n" * 50], 0.1)
     assert "".join(train + val) == "a\n" * 50 and val == ["a\n" * 4]  # cut after a newline
+
+
+@pytest.mark.slow
+def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
+    """`init --teacher`: real volunteers fetch the teacher (sha256-checked) and learn from its
+    logits; the swarm's student ends closer to the teacher than the same swarm, on the same
+    tokens and tokenizer, without it; the export records the teacher."""
+    from crowdtrain.localswarm import LocalSwarm
+    from crowdtrain.rundir import SwarmConfig, init_run
+    from crowdtrain.train import evaluate
+
+    swarm = SwarmConfig(rounds=3, inner_steps=30, warm_start=0.0, min_contributions=2,
+                        round_seconds=300, outer_lr=1.0, outer_momentum=0.0)
+    loss, runs = {}, {}
+    for case in ("teacher", "alone"):
+        run = init_run(tmp_path / case, [corpus], preset="tiny", progress=False, swarm=swarm,
+                       train_overrides={"total_steps": 90, "warmup_steps": 10},
+                       **({"teacher": teacher} if case == "teacher" else
+                          {"tokenizer": teacher / "tokenizer.json"}))
+        with LocalSwarm(run.dir, tmp_path / f"{case}-logs") as s:
+            s.serve()
+            for name in ("v1", "v2"):
+                s.join(name)
+            for name in ("v1", "v2"):
+                assert s.wait(name) == 0, s.log(name)
+            assert ("downloaded the teacher" in s.log("v1")) == (case == "teacher")
+            assert s.status().finished
+        model, _ = run.load_model()
+        loss[case], runs[case] = evaluate(model, run.val_windows(), torch.device("cpu")), run
+    t = runs["teacher"].load_teacher()
+    assert runs["alone"].load_teacher() is None and t.alpha == 0.9
+    # both runs hold the same held-out windows: the teacher's loss on them is the target
+    assert runs["teacher"].index.val == runs["alone"].index.val
+    target = evaluate(t.model, runs["teacher"].val_windows(), torch.device("cpu"))
+    assert target < loss["teacher"] < loss["alone"] - 0.05, (target, loss)
+    out = export_model(runs["teacher"], tmp_path / "student", evaluate=False)
+    rec = load_provenance(out)["training"]["teacher"]
+    assert rec["sha256"] == runs["teacher"].config.teacher.sha256 and rec["name"] == "teacher"
+    assert "distilled the teacher `teacher`" in (out / "README.md").read_text()
+
+
+def test_a_distillation_run_refuses_settings_it_cannot_honour(teacher, corpus, tmp_path):
+    from crowdtrain.lora import LoraSettings
+    from crowdtrain.rundir import init_run
+
+    with pytest.raises(CrowdtrainError, match="drop --from-pretrained"):
+        init_run(tmp_path / "a", [corpus], preset="tiny", teacher=teacher,
+                 from_pretrained=teacher)
+    with pytest.raises(CrowdtrainError, match="drop --lora"):
+        init_run(tmp_path / "b", [corpus], preset="tiny", teacher=teacher, lora=LoraSettings())
+    with pytest.raises(CrowdtrainError, match="--teacher .*not a folder"):
+        init_run(tmp_path / "c", [corpus], preset="tiny", teacher=tmp_path / "nowhere")
+    with pytest.raises(CrowdtrainError, match="alpha"):
+        init_run(tmp_path / "d", [corpus], preset="tiny", teacher=teacher, distill_alpha=1.5,
+                 progress=False)
+    assert not (tmp_path / "d").exists()  # refused before anything was written

@@ -149,3 +149,20 @@ def test_a_compiled_loop_trains_the_same_parameters(tiny_run):
     assert b.mean_loss == pytest.approx(a.mean_loss, abs=1e-4)
     _assert_same_params(plain, compiled)
     assert set(compiled.optimizer_tensors()) == set(plain.optimizer_tensors())
+
+
+def test_distillation_loss_weighs_the_teachers_kl_against_the_text():
+    from crowdtrain.train import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, other = torch.randn(12, 7, generator=g), torch.randn(12, 7, generator=g)
+    y = torch.randint(0, 7, (12,), generator=g)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    # a teacher that agrees with the student adds nothing: only (1 - alpha) of the text's CE
+    assert torch.allclose(distillation_loss(logits, logits, y, 0.9, 2.0), 0.1 * ce)
+    assert torch.allclose(distillation_loss(logits, other, y, 0.0, 1.0), ce)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits / 2, -1),
+                                    torch.log_softmax(other / 2, -1), log_target=True,
+                                    reduction="batchmean")
+    assert torch.allclose(distillation_loss(logits, other, y, 0.9, 2.0),
+                          0.9 * 4 * kl + 0.1 * ce)
