@@ -102,7 +102,7 @@ def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
     # both runs hold the same held-out windows: the teacher's loss on them is the target
     assert runs["teacher"].index.val == runs["alone"].index.val
     target = evaluate(t.model, runs["teacher"].val_windows(), torch.device("cpu"))
-    assert target < loss["teacher"] < loss["alone"] - 0.05, (target, loss)
+    assert target < loss["teacher"] < loss["alone"] - 0.03, (target, loss)
     out = export_model(runs["teacher"], tmp_path / "student", evaluate=False)
     rec = load_provenance(out)["training"]["teacher"]
     assert rec["sha256"] == runs["teacher"].config.teacher.sha256 and rec["name"] == "teacher"
