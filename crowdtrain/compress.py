@@ -81,6 +81,47 @@ def _copy_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _absmax_quantize(x: torch.Tensor, block: int, levels: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization of `x` (flattened as float32) to integers in
+    [-levels, levels]: per block scale = absmax / levels (0 for an all-zero block; its values
+    0). Returns (values: float32 of length numel, scale: float32 per block)."""
+    flat = _copy_as(x, torch.float32).reshape(-1)
+    numel = flat.numel()
+    nb = _nblocks(numel, block)
+    padded = torch.zeros(nb * block, dtype=torch.float32)
+    padded[:numel] = flat
+    blocks = padded.view(nb, block)
+    scale = blocks.abs().amax(dim=1) / levels if nb else torch.zeros(0, dtype=torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-levels, levels)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+    return q.reshape(-1)[:numel], scale.contiguous()
+
+
+def _dequantize(values: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
+                block: int) -> torch.Tensor:
+    """float32 tensor of `shape` from int8 `values` (one per element) and per-block `scale`,
+    as one float32 multiply per element: bit-for-bit reproducible across calls and machines."""
+    numel = math.prod(shape)
+    nb = _nblocks(numel, block)
+    padded = torch.zeros(nb * block, dtype=torch.int8)
+    padded[:numel] = values.reshape(-1)[:numel]
+    out = padded.view(nb, block).to(torch.float32) * scale.reshape(-1)[:, None]
+    return out.reshape(-1)[:numel].reshape(shape)
+
+
+def _check_quantized(n_values: int, want_values: int, scale: torch.Tensor, numel: int,
+                     block: int, what: str, shape: tuple[int, ...]) -> None:
+    if scale.dtype != torch.float32:
+        raise CodecError(f"scales must be float32, got {scale.dtype}")
+    if n_values != want_values:
+        raise CodecError(f"expected {want_values} {what} for shape {shape}, got {n_values}")
+    if scale.numel() != _nblocks(numel, block):
+        raise CodecError(f"expected {_nblocks(numel, block)} scales for {numel} values (block "
+                         f"{block}), got {scale.numel()}")
+
+
 def quantize_int8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax int8 quantization of `x` (any shape, flattened as float32).
 
@@ -90,18 +131,8 @@ def quantize_int8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, to
     """
     if block < 1:
         raise CodecError(f"block must be positive, got {block}")
-    flat = _copy_as(x, torch.float32).reshape(-1)
-    numel = flat.numel()
-    nb = _nblocks(numel, block)
-    padded = torch.zeros(nb * block, dtype=torch.float32)
-    padded[:numel] = flat
-    blocks = padded.view(nb, block)
-    scale = blocks.abs().amax(dim=1) / 127.0 if nb else torch.zeros(0, dtype=torch.float32)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).to(torch.int8)
-    q = q.reshape(-1)[:numel].clone()
-    return q, scale.contiguous()
+    q, scale = _absmax_quantize(x, block, 127)
+    return q.to(torch.int8).clone(), scale
 
 
 def dequantize_int8(
@@ -116,20 +147,10 @@ def dequantize_int8(
         raise CodecError(f"block must be positive, got {block}")
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
-    nb = _nblocks(numel, block)
     if q.dtype != torch.int8:
         raise CodecError(f"quantized values must be int8, got {q.dtype}")
-    if scale.dtype != torch.float32:
-        raise CodecError(f"scales must be float32, got {scale.dtype}")
-    if q.numel() != numel:
-        raise CodecError(f"expected {numel} quantized values for shape {shape}, got {q.numel()}")
-    if scale.numel() != nb:
-        raise CodecError(f"expected {nb} scales for {numel} values (block {block}), "
-                         f"got {scale.numel()}")
-    padded = torch.zeros(nb * block, dtype=torch.int8)
-    padded[:numel] = q.reshape(-1)
-    out = padded.view(nb, block).to(torch.float32) * scale.reshape(-1)[:, None]
-    return out.reshape(-1)[:numel].reshape(shape)
+    _check_quantized(q.numel(), numel, scale, numel, block, "quantized values", shape)
+    return _dequantize(q, scale, shape, block)
 
 
 def quantize_int4(x: torch.Tensor, block: int = INT4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,19 +159,12 @@ def quantize_int4(x: torch.Tensor, block: int = INT4_BLOCK) -> tuple[torch.Tenso
     Returns (packed: int8 of length ceil(numel / 2), scale: float32 per block)."""
     if block < 2 or block % 2:
         raise CodecError(f"int4 needs an even block, got {block}")
-    flat = _copy_as(x, torch.float32).reshape(-1)
-    numel = flat.numel()
-    nb = _nblocks(numel, block)
-    padded = torch.zeros(nb * block, dtype=torch.float32)
-    padded[:numel] = flat
-    blocks = padded.view(nb, block)
-    scale = blocks.abs().amax(dim=1) / 7.0 if nb else torch.zeros(0, dtype=torch.float32)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None]).clamp_(-7, 7)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).to(torch.int16) + 8
-    pairs = q.reshape(-1)[: numel + numel % 2].view(-1, 2)
+    q, scale = _absmax_quantize(x, block, 7)
+    nibbles = torch.full((q.numel() + q.numel() % 2,), 8, dtype=torch.int16)
+    nibbles[: q.numel()] += q.to(torch.int16)
+    pairs = nibbles.view(-1, 2)
     packed = (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8).view(torch.int8)
-    return packed.clone(), scale.contiguous()
+    return packed.clone(), scale
 
 
 def dequantize_int4(
@@ -162,22 +176,11 @@ def dequantize_int4(
         raise CodecError(f"int4 needs an even block, got {block}")
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
-    nb = _nblocks(numel, block)
     if packed.dtype != torch.int8:
         raise CodecError(f"packed 4-bit values must be int8, got {packed.dtype}")
-    if scale.dtype != torch.float32:
-        raise CodecError(f"scales must be float32, got {scale.dtype}")
-    if packed.numel() != (numel + 1) // 2:
-        raise CodecError(f"expected {(numel + 1) // 2} packed bytes for shape {shape}, got "
-                         f"{packed.numel()}")
-    if scale.numel() != nb:
-        raise CodecError(f"expected {nb} scales for {numel} values (block {block}), "
-                         f"got {scale.numel()}")
-    values = unpack_int4(packed.reshape(-1))
-    padded = torch.zeros(nb * block, dtype=torch.int8)
-    padded[:numel] = values[:numel]
-    out = padded.view(nb, block).to(torch.float32) * scale.reshape(-1)[:, None]
-    return out.reshape(-1)[:numel].reshape(shape)
+    _check_quantized(packed.numel(), (numel + 1) // 2, scale, numel, block, "packed bytes",
+                     shape)
+    return _dequantize(unpack_int4(packed.reshape(-1)), scale, shape, block)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
