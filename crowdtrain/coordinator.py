@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -288,11 +289,16 @@ class Coordinator:
             deadline_in=remaining))
 
     def _new_lease(self, vol: Volunteer, rnd: int, deadline: float):
-        """Record a fresh lease on round `rnd`: the next shard in turn, a new batch seed, the
-        round's step budget from the schedule position of the current checkpoint."""
+        """Record a fresh lease on round `rnd`: the shard this round has used least (voided
+        leases do not count, so a worker that died and came back does not skew the round's
+        data), the next in turn among those; a new batch seed; the round's step budget from
+        the schedule position of the current checkpoint."""
         shards = self.run.index.train
         n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
-        shard = shards[n_leases % len(shards)]
+        used = Counter(name for r in self.ledger.leases_of_round(rnd) if r["state"] != "expired"
+                       for name in json.loads(r["shards"]))
+        turn = n_leases % len(shards)
+        shard = min(shards, key=lambda s: (used[s.name], (shards.index(s) - turn) % len(shards)))
         max_steps = self.cfg.round_steps(rnd)
         lease_id = self.ledger.add_lease(
             vol.id, rnd, deadline, int(self.ckpt_meta.get("steps", 0)), max_steps,

@@ -404,3 +404,18 @@ def test_an_int4_run_aggregates_4_bit_contributions_exactly_and_refuses_int8(tin
         assert torch.allclose(coord.theta[k], theta0[k] - sent[k], atol=step * 0.51)
     finally:
         coord.close()
+
+
+def test_a_round_covers_every_shard_however_often_workers_restart(coord):
+    import json
+
+    names = [s.name for s in coord.run.index.train]
+    assert len(names) >= 2
+    vols = [volunteer(coord, f"v{i}") for i in range(len(names))]
+    for v in vols:
+        lease(coord, v)
+    for _ in range(2):  # v0 dies and comes back twice without a snapshot: its lease is
+        lease(coord, vols[0])  # voided and replaced each time
+    open_leases = coord.ledger.leases_of_round(0, "open")
+    assert len(open_leases) == len(names)
+    assert sorted(n for r in open_leases for n in json.loads(r["shards"])) == sorted(names)
