@@ -115,9 +115,11 @@ class Coordinator:
         # the model's parameters (a LoRA run: the frozen base's) and those that travel
         self.wire_params = sum(v.numel() for v in self.theta.values())
         self.params = count_params(model) - (self.wire_params if run.config.lora else 0)
-        # largest accepted upload: everything that travels in fp32 plus header room
-        self.upload_limit = compress.payload_bytes(self.wire_params, "fp32") + (1 << 20)
+        # largest accepted upload: everything that travels, in the run's codec, plus header room
+        self.upload_limit = compress.payload_bytes(self.wire_params, self.cfg.codec) + (1 << 20)
         self.base_path = run.base_path if run.config.lora is not None else None
+        if run.config.teacher is not None:  # what volunteers will fetch must be there, intact
+            run.check_teacher()
         self.momentum, self.residual = self._load_outer_state(self.round)
         self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
         self._recover_ledger()
@@ -359,15 +361,16 @@ class Coordinator:
                              "'accepted'", (sha,)):
             raise refuse(409, "replayed payload: this exact contribution was already accepted")
         try:
+            codec = compress.read_file_header(path).get("codec")  # before scanning the file
+            if codec != self.cfg.codec:
+                raise refuse(422, f"payload codec {codec!r} is not this run's "
+                                  f"{self.cfg.codec!r}")
             meta = check_payload_file(path, self.shapes, self.upload_limit)
             stats = SubmitStats.model_validate_json(meta.get("stats", ""))
         except compress.CodecError as e:
             raise refuse(422, f"invalid payload: {e}") from None
         except ValueError as e:  # pydantic's ValidationError is a ValueError
             raise refuse(422, f"invalid stats in payload metadata: {e}") from None
-        if meta.get("codec") != self.cfg.codec:
-            raise refuse(422, f"payload codec {meta.get('codec')!r} is not this run's "
-                              f"{self.cfg.codec!r}")
         if stats.lease_id != lease_id or stats.round != lease["round"]:
             raise refuse(422, f"payload is for lease {stats.lease_id} round {stats.round}, "
                               f"not lease {lease_id} round {lease['round']}")
@@ -375,6 +378,11 @@ class Coordinator:
         if weight <= 0:
             raise refuse(422, "contribution reports no tokens trained")
         with self.lock:  # the round must not close between this check and the ledger write
+            # read again under the lock: while the file was checked, the lease may have been
+            # voided (a newer lease, a resume) or taken by a concurrent upload
+            lease = self.ledger.lease(lease_id)
+            if lease["state"] == "submitted":
+                raise refuse(409, f"lease {lease_id} already has an accepted contribution")
             if lease["round"] == self.round and lease["state"] == "expired" \
                     and lease["alive_at"] is not None:
                 raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "

@@ -53,7 +53,7 @@ def train_local(
     train = load_split(run.data_dir, run.index, "train")
     unigram = unigram_loss(train, load_split(run.data_dir, run.index, "val"),
                            run.index.vocab_size)
-    loop = InnerLoop(model, cfg, dev)
+    loop = InnerLoop(model, cfg, dev, teacher=run.load_teacher())  # a distillation run: KD
     deadline = time.monotonic() + minutes * 60 if minutes else None
     done = tokens = 0
     loss_sum = seconds = 0.0

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-API_VERSION = 2  # v2: int4 contributions, LeaseRequest.resume (v1 workers still serve int8 runs)
+API_VERSION = 2  # v2: int4 contributions, distillation runs, LeaseRequest.resume
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -51,9 +51,10 @@ INT64_MAX = 2**63 - 1  # what SQLite stores; larger numbers are refused at the b
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
-def min_api_version(codec: str) -> int:
-    """The oldest worker API that can send contributions in `codec` (int4 came with v2)."""
-    return 2 if codec == "int4" else MIN_API_VERSION
+def min_api_version(codec: str, teacher: bool = False) -> int:
+    """The oldest worker API that can take part in a run whose contributions are in `codec`
+    and that distils a `teacher` (both came with v2; a v1 worker would ignore the teacher)."""
+    return 2 if codec == "int4" or teacher else MIN_API_VERSION
 
 
 def upgrade_message(client_version: int | None, minimum: int = MIN_API_VERSION) -> str:
@@ -84,7 +85,7 @@ class TeacherInfo(BaseModel):
     """A distillation run's teacher: its weights (GET TEACHER, safetensors) and config."""
 
     name: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int
     config_json: dict = Field(description="Hugging Face config.json of the teacher")
     alpha: float = Field(description="weight of the KL term against the text's cross-entropy")

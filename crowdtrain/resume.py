@@ -2,12 +2,14 @@
 crash, a reboot, SIGKILL, a laptop lid) picks the round up where it stopped.
 
 While it trains, the worker snapshots its local parameters, its AdamW state and the steps done
-so far (`RoundSnapshots`: written atomically, as often as keeps their cost under ~1% of the
-training time, at most every `min_interval` seconds, and when training ends if one is due, so
+so far (`RoundSnapshots`: written atomically; the first after `min_interval` seconds, then as
+often as keeps their cost under ~1% of the training time, and when training ends if one is due, so
 a worker killed while uploading usually resends instead of retraining). On restart it asks for
 that lease back (`LeaseRequest.resume`); if the round is still open, the coordinator hands the
 same lease back and the worker trains only the steps that remain: the same batches, the same
-schedule positions, and the same pseudo-gradient a worker that never died would have sent.
+schedule positions, and the same local training a worker that never died would have done (its
+upload is the same bit for bit in the worker's first round; later, the int8 error-feedback
+residual the worker kept in memory is lost with the process, as on any restart).
 Otherwise the snapshot is dropped.
 
 The file is this machine's own (never sent, never received), read with safetensors only.
@@ -73,7 +75,10 @@ def save_partial(path: Path, part: PartialRound) -> None:
 
 def load_partial(path: Path, model_params: dict[str, torch.Tensor]) -> PartialRound | None:
     """The snapshot at `path` if there is one and it fits this model; None otherwise (a
-    damaged or foreign file is logged and ignored: the worker then starts the round afresh)."""
+    damaged or foreign file is logged and ignored: the worker then starts the round afresh).
+    Temporary files of a snapshot whose writing was interrupted are removed."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     if not path.is_file():
         return None
     try:

@@ -244,6 +244,19 @@ class Run:
         load_into(model, ckpt.tensors)
         return model, ckpt
 
+    def check_teacher(self) -> None:
+        """CrowdtrainError unless a distillation run's teacher files are present and intact."""
+        t = self.config.teacher
+        weights, config = self.model_dir / TEACHER_WEIGHTS, self.model_dir / TEACHER_CONFIG
+        if t is None:
+            return
+        if not weights.is_file() or not config.is_file():
+            raise CrowdtrainError(f"this run distils {t.name}, but {weights.name} or "
+                                  f"{config.name} is missing from {self.model_dir}")
+        if file_sha256(weights) != t.sha256:
+            raise CrowdtrainError(f"{weights} does not match the sha256 in run.json: the "
+                                  "teacher was altered or damaged")
+
     def load_teacher(self) -> Teacher | None:
         """A distillation run's teacher (weights sha256-checked), or None."""
         t = self.config.teacher

@@ -78,7 +78,7 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
         return Response(body, status_code=422, media_type="application/json")
 
-    oldest = protocol.min_api_version(coord.cfg.codec)
+    oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None)
 
     @app.middleware("http")
     async def api_version(request: Request, call_next):

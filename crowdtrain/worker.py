@@ -248,8 +248,14 @@ class Worker:
         if not part.matches(lease, self.theta_round):
             self._partial_file().unlink(missing_ok=True)
             return None
+        try:  # the optimizer first: it is left as it was if the snapshot's does not fit
+            self.loop.load_optimizer_tensors(part.optimizer)
+        except CrowdtrainError as e:
+            log.warning("ignoring the saved round in progress (%s); starting the lease afresh",
+                        e)
+            self._partial_file().unlink(missing_ok=True)
+            return None
         load_into(self.model, part.params)
-        self.loop.load_optimizer_tensors(part.optimizer)
         log.info("resuming lease %d of round %d after step %d of %d", lease.lease_id,
                  lease.round, part.stats.steps, lease.max_steps)
         return part.stats
@@ -347,29 +353,32 @@ class Worker:
 
     # -- one round
     def round(self, lease: protocol.Lease, stop, bar=None) -> None:
-        self._sync(lease.round)
-        if self.theta_round != lease.round:
-            log.info("round %d closed while syncing; asking for a new lease", lease.round)
-            return
-        shards = self._shards(lease.shards)
-        load_into(self.model, self.theta)
-        self._save_params()
-        if self.ranks is not None:
-            self._brief_ranks(lease)
-
-        def batches(step: int):
-            return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed, step)
-
-        def on_step(step: int, loss: float) -> None:
-            beat.step = step - lease.start_step + 1
-            if bar is not None:
-                bar(lease, step - lease.start_step + 1, loss)
-
-        before = self._resume(lease)
-        done = before.steps if before else 0
-        snaps = None if self.ranks is not None else RoundSnapshots(
-            self._partial_file(), lease, lease.round, self._train_state, before)
+        # heartbeats from the start: syncing, loading shards and saving parameters can take
+        # longer than the coordinator's silence allowance on a large model or a slow disk
         with Heartbeat(self.client, lease.lease_id) as beat:
+            self._sync(lease.round)
+            if self.theta_round != lease.round:
+                log.info("round %d closed while syncing; asking for a new lease", lease.round)
+                return
+            shards = self._shards(lease.shards)
+            load_into(self.model, self.theta)
+            self._save_params()
+            if self.ranks is not None:
+                self._brief_ranks(lease)
+
+            def batches(step: int):
+                return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed,
+                                 step)
+
+            def on_step(step: int, loss: float) -> None:
+                beat.step = step - lease.start_step + 1
+                if bar is not None:
+                    bar(lease, step - lease.start_step + 1, loss)
+
+            before = self._resume(lease)
+            done = before.steps if before else 0
+            snaps = None if self.ranks is not None else RoundSnapshots(
+                self._partial_file(), lease, lease.round, self._train_state, before)
             beat.step = done
             st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,

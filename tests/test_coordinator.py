@@ -419,3 +419,29 @@ def test_a_round_covers_every_shard_however_often_workers_restart(coord):
     open_leases = coord.ledger.leases_of_round(0, "open")
     assert len(open_leases) == len(names)
     assert sorted(n for r in open_leases for n in json.loads(r["shards"])) == sorted(names)
+
+
+def test_a_lease_voided_while_its_upload_is_checked_is_not_accepted(coord, monkeypatch):
+    """The upload's check runs outside the coordinator's lock (it can take seconds): a new
+    lease (or a resume) that voids the lease meanwhile must win, and one lease never gets
+    two accepted contributions."""
+    import crowdtrain.coordinator as cmod
+
+    a = volunteer(coord, "a")
+    first = lease(coord, a)
+    real_check, newer = cmod.check_payload_file, {}
+
+    def check_while_a_restarts(*args, **kw):
+        newer["lease"] = coord.lease(a, LeaseRequest()).lease  # voids `first`
+        return real_check(*args, **kw)
+
+    monkeypatch.setattr(cmod, "check_payload_file", check_while_a_restarts)
+    with pytest.raises(Refused, match="given up|stale") as e:
+        coord.submit(a, first.lease_id, payload(first, coord.shapes, seed=1))
+    assert e.value.status == 409
+    monkeypatch.setattr(cmod, "check_payload_file", real_check)
+    second = newer["lease"]
+    coord.submit(a, second.lease_id, payload(second, coord.shapes, seed=2))
+    with pytest.raises(Refused, match="already has an accepted"):
+        coord.submit(a, second.lease_id, payload(second, coord.shapes, seed=3))
+    assert [r["lease_id"] for r in coord.ledger.accepted(0)] == [second.lease_id]

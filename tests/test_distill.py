@@ -107,6 +107,24 @@ def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
     rec = load_provenance(out)["training"]["teacher"]
     assert rec["sha256"] == runs["teacher"].config.teacher.sha256 and rec["name"] == "teacher"
     assert "distilled the teacher `teacher`" in (out / "README.md").read_text()
+    # a worker that would ignore the teacher (API v1) is turned away; a damaged teacher stops
+    # the coordinator at its start, in words
+    from fastapi.testclient import TestClient
+
+    from crowdtrain import protocol
+    from crowdtrain.coordinator import Coordinator
+    from crowdtrain.server import create_app
+
+    coord = Coordinator(runs["teacher"], evaluate_rounds=False)
+    with TestClient(create_app(coord)) as c:
+        assert c.get(protocol.INFO, headers={protocol.API_HEADER: "1"}).status_code == 426
+        info = protocol.RunInfo.model_validate(c.get(protocol.INFO).json())
+        assert info.teacher.sha256 == rec["sha256"] and info.teacher.alpha == 0.9
+    coord.close()
+    weights = runs["teacher"].model_dir / "teacher.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CrowdtrainError, match="does not match the sha256"):
+        Coordinator(runs["teacher"], evaluate_rounds=False)
 
 
 def test_a_distillation_run_refuses_settings_it_cannot_honour(teacher, corpus, tmp_path):
