@@ -7,9 +7,8 @@ often as keeps their cost under ~1% of the training time, and when training ends
 a worker killed while uploading usually resends instead of retraining). On restart it asks for
 that lease back (`LeaseRequest.resume`); if the round is still open, the coordinator hands the
 same lease back and the worker trains only the steps that remain: the same batches, the same
-schedule positions, and the same local training a worker that never died would have done (its
-upload is the same bit for bit in the worker's first round; later, the int8 error-feedback
-residual the worker kept in memory is lost with the process, as on any restart).
+schedule positions, the same int8 error-feedback residual: the same upload, bit for bit, as a
+worker that never died would have sent.
 Otherwise the snapshot is dropped.
 
 The file is this machine's own (never sent, never received), read with safetensors only.
@@ -35,7 +34,7 @@ from crowdtrain.train import StepStats
 
 log = logging.getLogger(__name__)
 
-PARAM, OPT = "param/", "opt/"
+PARAM, OPT, RESIDUAL = "param/", "opt/", "residual/"
 
 
 @dataclass
@@ -47,6 +46,8 @@ class PartialRound:
     stats: StepStats  # steps, tokens, mean loss and seconds trained so far
     params: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
+    # the int8 error-feedback residual the worker carried into this round (None: none yet)
+    residual: dict[str, torch.Tensor] | None = None
 
     def matches(self, lease: protocol.Lease, theta_round: int | None) -> bool:
         """Whether `lease` (from the coordinator) is this snapshot's lease, resumable from
@@ -67,6 +68,7 @@ def save_partial(path: Path, part: PartialRound) -> None:
     tensors = {PARAM + k: v.detach().to("cpu").float().contiguous()
                for k, v in part.params.items()}
     tensors.update({OPT + k: v for k, v in part.optimizer.items()})
+    tensors.update({RESIDUAL + k: v.contiguous() for k, v in (part.residual or {}).items()})
     meta = {"lease": part.lease.model_dump_json(), "theta_round": str(part.theta_round),
             "stats": json.dumps([part.stats.steps, part.stats.tokens, part.stats.mean_loss,
                                  part.stats.seconds])}
@@ -91,9 +93,13 @@ def load_partial(path: Path, model_params: dict[str, torch.Tensor]) -> PartialRo
         params = {k[len(PARAM):]: v for k, v in tensors.items() if k.startswith(PARAM)}
         check_tensors_match(params, model_params, "saved round in progress")
         opt = {k[len(OPT):]: v for k, v in tensors.items() if k.startswith(OPT)}
+        residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
+        if residual:
+            check_tensors_match(residual, model_params, "saved error-feedback residual")
         if stats.steps < 1:
             raise ValueError("no steps recorded")
-        return PartialRound(lease, int(meta["theta_round"]), stats, params, opt)
+        return PartialRound(lease, int(meta["theta_round"]), stats, params, opt,
+                            residual or None)
     except (CrowdtrainError, SafetensorError, KeyError, ValueError, TypeError, OSError) as e:
         log.warning("ignoring the saved round in progress at %s (%s)", path, e)
         path.unlink(missing_ok=True)
@@ -109,10 +115,11 @@ class RoundSnapshots:
     every `min_interval` seconds)."""
 
     def __init__(self, path: Path, lease: protocol.Lease, theta_round: int,
-                 state: Callable[[], tuple[dict, dict]], before: StepStats | None = None,
+                 state: Callable[[], tuple[dict, dict, dict | None]],
+                 before: StepStats | None = None,
                  min_interval: float = 2.0, max_overhead: float = 0.01):
         self.path, self.lease, self.theta_round = path, lease, theta_round
-        self.state = state  # () -> (parameters, optimizer tensors), both on the CPU
+        self.state = state  # () -> (parameters, optimizer tensors, residual or None), on CPU
         self.before = before  # what an earlier life of this worker did of the lease
         self.min_interval, self.max_overhead = min_interval, max_overhead
         self.interval = min_interval
@@ -124,11 +131,11 @@ class RoundSnapshots:
 
     def save(self, stats: StepStats) -> None:
         t0 = time.monotonic()
-        params, opt = self.state()
+        params, opt, residual = self.state()
         total = stats if self.before is None else merge_stats(self.before, stats)
         try:
             save_partial(self.path, PartialRound(self.lease, self.theta_round, total, params,
-                                                 opt))
+                                                 opt, residual))
         except OSError as e:  # a full disk must not stop the training itself
             log.warning("cannot save the round in progress (%s); training goes on", e)
         cost = time.monotonic() - t0

@@ -236,8 +236,9 @@ class Worker:
     def _partial_file(self) -> Path:
         return self.run_dir / "in-progress.safetensors"
 
-    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return state_dict_for_save(self.model), self.loop.optimizer_tensors()
+    def _train_state(self) -> tuple[dict, dict, dict | None]:
+        """What a snapshot of the round in progress keeps (crowdtrain.resume)."""
+        return state_dict_for_save(self.model), self.loop.optimizer_tensors(), self.residual
 
     def _resume(self, lease: protocol.Lease) -> StepStats | None:
         """Pick up `lease` where an earlier life of this worker stopped, if the snapshot is of
@@ -256,6 +257,7 @@ class Worker:
             self._partial_file().unlink(missing_ok=True)
             return None
         load_into(self.model, part.params)
+        self.residual = part.residual
         log.info("resuming lease %d of round %d after step %d of %d", lease.lease_id,
                  lease.round, part.stats.steps, lease.max_steps)
         return part.stats

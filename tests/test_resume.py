@@ -24,12 +24,14 @@ def params(seed=0):
 def test_a_snapshot_round_trips_and_matches_only_its_own_lease(tmp_path):
     p = tmp_path / "in-progress.safetensors"
     opt = {"w:exp_avg": torch.ones(4, 3), "w:step": torch.tensor(12.0)}
-    save_partial(p, PartialRound(LEASE, 3, StepStats(12, 6144, 4.25, 3.5), params(), opt))
+    save_partial(p, PartialRound(LEASE, 3, StepStats(12, 6144, 4.25, 3.5), params(), opt,
+                                 residual=params(2)))
     back = load_partial(p, params(1))
     assert back.lease == LEASE and back.theta_round == 3
     assert back.stats == StepStats(12, 6144, 4.25, 3.5)
     assert all(torch.equal(back.params[k], v) for k, v in params().items())
     assert torch.equal(back.optimizer["w:step"], opt["w:step"])
+    assert all(torch.equal(back.residual[k], v) for k, v in params(2).items())
     assert back.matches(LEASE.model_copy(update={"seconds": 20.0}), 3)  # handed back later
     assert not back.matches(LEASE.model_copy(update={"lease_id": 8}), 3)  # a fresh lease
     assert not back.matches(LEASE, 2)  # parameters of another round
@@ -57,7 +59,7 @@ def test_stats_of_a_lease_trained_in_two_lives_add_up():
 def test_snapshots_keep_their_cost_a_small_share_of_training(tmp_path):
     def slow_state():
         time.sleep(0.05)  # a large model on a slow disk
-        return params(), {}
+        return params(), {}, None
 
     snaps = RoundSnapshots(tmp_path / "s.safetensors", LEASE, 3, slow_state,
                            before=StepStats(10, 1000, 4.0, 2.0), min_interval=0.0,
