@@ -541,7 +541,13 @@ def test_hostile_requests_are_refused_and_leave_the_run_unchanged(client):
     wrong = {k: torch.zeros(s[::-1] if len(s) == 2 else (s[0] + 1,)) for k, s in shapes.items()}
     expect(client.post(submit(lease_id=lease.lease_id),
                        content=_raw_payload(wrong, "fp32", st_ok), headers=alice),
-           422, "invalid payload", "has shape")
+           422, "payload codec 'fp32' is not this run's 'int8'")  # before any tensor is read
+    refusals += 1
+    longer = compress.encode({k: torch.zeros(s[0] + 1 if len(s) == 1 else s[0] * s[1] + 1)
+                              for k, s in shapes.items()}, "int8")
+    expect(client.post(submit(lease_id=lease.lease_id),
+                       content=_raw_payload(longer, "int8", st_ok), headers=alice),
+           422, "invalid payload", "shape")
     refusals += 1
     key = next(iter(shapes))
     expect(client.post(submit(lease_id=lease.lease_id),
