@@ -19,7 +19,6 @@ Outbound HTTP(S) only: works behind any NAT, on any OS.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import platform
 import sys
@@ -119,23 +118,28 @@ class Worker:
         self.device = ranks.device if ranks is not None else pick_device(cfg.device)
         if cfg.max_memory and self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(cfg.max_memory, self.device)
-        self.run_dir = self.local.run_dir(self.info.run_name)
+        self.folder = self.local.run_folder(self.info.run_name)
         self._join()
         self.tcfg = TrainConfig(**self.info.train)
         self.model = self._build_model()
         self.teacher = self._teacher()
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
-                              micro_batch=self._remembered_micro_batch(),
+                              micro_batch=self.folder.micro_batch(str(self.device)),
                               ranks=ranks.world if ranks else 1,
                               compile_backend="inductor" if cfg.compile else None,
                               teacher=self.teacher)
-        self.theta, self.theta_round = self._load_params()
-        self._load_optimizer()
+        self.theta, self.theta_round = self.folder.load_params(state_dict_for_save(self.model))
+        if (opt := self.folder.load_optimizer()) is not None:
+            try:
+                self.loop.load_optimizer_tensors(opt)
+                log.info("resumed AdamW state from %s", self.folder.optimizer)
+            except CrowdtrainError as e:
+                log.warning("ignoring saved optimizer state (%s)", e)
         # a round this worker was training when it last stopped (one process only: ranks > 1
         # start their rounds afresh)
         self.partial: PartialRound | None = None if ranks is not None else load_partial(
-            self._partial_file(), state_dict_for_save(self.model))
+            self.folder.in_progress, state_dict_for_save(self.model))
         self._ranks_have_optimizer = False
         self.residual: dict[str, torch.Tensor] | None = None
         self.shard_data: dict[str, np.ndarray] = {}
@@ -207,34 +211,9 @@ class Worker:
             self.ranks.bcast_json({"teacher": str(p)})
         return Teacher(load_frozen(t.config_json, p, t.sha256), t.alpha, t.temperature)
 
-    # -- local persistence
-    def _params_file(self) -> Path:
-        return self.run_dir / "params.safetensors"
-
-    def _load_params(self) -> tuple[dict | None, int | None]:
-        p = self._params_file()
-        if not p.is_file():
-            return None, None
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(p), "pt") as f:
-                rnd = int((f.metadata() or {})["round"])
-            tensors = decode_tensors(p.read_bytes(), "local parameters")
-            check_tensors_match(tensors, state_dict_for_save(self.model), "local parameters")
-            return tensors, rnd
-        except (CrowdtrainError, SafetensorError, KeyError, ValueError, OSError) as e:
-            log.warning("ignoring local parameters (%s); will download the model", e)
-            return None, None
-
+    # -- local persistence (localstate.RunFolder)
     def _save_params(self) -> None:
-        from safetensors.torch import save as st_save
-
-        atomic_write(self._params_file(), st_save(self.theta,
-                                                  metadata={"round": str(self.theta_round)}))
-
-    def _partial_file(self) -> Path:
-        return self.run_dir / "in-progress.safetensors"
+        self.folder.save_params(self.theta, self.theta_round)
 
     def _train_state(self) -> tuple[dict, dict, dict | None]:
         """What a snapshot of the round in progress keeps (crowdtrain.resume)."""
@@ -247,14 +226,14 @@ class Worker:
         if part is None:
             return None
         if not part.matches(lease, self.theta_round):
-            self._partial_file().unlink(missing_ok=True)
+            self.folder.in_progress.unlink(missing_ok=True)
             return None
         try:  # the optimizer first: it is left as it was if the snapshot's does not fit
             self.loop.load_optimizer_tensors(part.optimizer)
         except CrowdtrainError as e:
             log.warning("ignoring the saved round in progress (%s); starting the lease afresh",
                         e)
-            self._partial_file().unlink(missing_ok=True)
+            self.folder.in_progress.unlink(missing_ok=True)
             return None
         load_into(self.model, part.params)
         self.residual = part.residual
@@ -262,38 +241,8 @@ class Worker:
                  lease.round, part.stats.steps, lease.max_steps)
         return part.stats
 
-    def _load_optimizer(self) -> None:
-        p = self.run_dir / "optimizer.safetensors"
-        if p.is_file():
-            try:
-                self.loop.load_optimizer_tensors(decode_tensors(p.read_bytes(), "optimizer"))
-                log.info("resumed AdamW state from %s", p)
-            except CrowdtrainError as e:
-                log.warning("ignoring saved optimizer state (%s)", e)
-
     def _save_optimizer(self) -> None:
-        from safetensors.torch import save as st_save
-
-        atomic_write(self.run_dir / "optimizer.safetensors",
-                     st_save(self.loop.optimizer_tensors()))
-
-    def _device_file(self) -> Path:
-        return self.run_dir / "device.json"
-
-    def _remembered_micro_batch(self) -> int | None:
-        """The micro-batch that fit this device last time (halved on out-of-memory)."""
-        try:
-            d = json.loads(self._device_file().read_text())
-            if d.get("device") == str(self.device) and int(d["micro_batch"]) >= 1:
-                return int(d["micro_batch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return None
-
-    def _remember_micro_batch(self) -> None:
-        if self.loop.micro_batch != self._remembered_micro_batch():
-            atomic_write(self._device_file(), json.dumps(
-                {"device": str(self.device), "micro_batch": self.loop.micro_batch}).encode())
+        self.folder.save_optimizer(self.loop.optimizer_tensors())
 
     # -- parameters and data
     def _sync(self, target: int) -> None:
@@ -380,7 +329,7 @@ class Worker:
             before = self._resume(lease)
             done = before.steps if before else 0
             snaps = None if self.ranks is not None else RoundSnapshots(
-                self._partial_file(), lease, lease.round, self._train_state, before)
+                self.folder.in_progress, lease, lease.round, self._train_state, before)
             beat.step = done
             st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,
@@ -417,7 +366,7 @@ class Worker:
         if snaps is not None:
             snaps.discard()
         self._save_optimizer()
-        self._remember_micro_batch()
+        self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
         self.summary.last_round = lease.round
         log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB, %s", lease.round,
                  st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6, verdict)
@@ -473,7 +422,7 @@ class Worker:
                 resp = protocol.LeaseResponse.model_validate(r.json())
                 if resp.status == "done":
                     self.summary.reason = resp.message
-                    self._partial_file().unlink(missing_ok=True)
+                    self.folder.in_progress.unlink(missing_ok=True)
                     break
                 if resp.status == "wait":
                     end = time.monotonic() + resp.retry_after

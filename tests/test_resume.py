@@ -71,3 +71,19 @@ def test_snapshots_keep_their_cost_a_small_share_of_training(tmp_path):
     assert saved.stats.steps == 15 and saved.stats.tokens == 1500  # this life + the earlier
     snaps.discard()
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_the_run_folder_keeps_parameters_and_optimizer_and_ignores_damaged_files(tmp_path):
+    from crowdtrain.localstate import RunFolder
+
+    folder = RunFolder(tmp_path)
+    assert folder.load_params(params()) == (None, None) and folder.load_optimizer() is None
+    folder.save_params(params(1), 7)
+    folder.save_optimizer({"w:exp_avg": torch.ones(4, 3)})
+    theta, rnd = folder.load_params(params())
+    assert rnd == 7 and all(torch.equal(theta[k], v) for k, v in params(1).items())
+    assert torch.equal(folder.load_optimizer()["w:exp_avg"], torch.ones(4, 3))
+    assert folder.load_params({"w": torch.zeros(5, 3), "b": torch.zeros(3)}) == (None, None)
+    folder.params.write_bytes(b"\x00" * 32)
+    folder.optimizer.write_bytes(folder.optimizer.read_bytes()[:-3])
+    assert folder.load_params(params()) == (None, None) and folder.load_optimizer() is None

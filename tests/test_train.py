@@ -122,20 +122,15 @@ def test_a_run_batch_that_does_not_split_across_processes_is_refused(tiny_run):
 
 
 def test_worker_remembers_the_micro_batch_that_fit_its_device(tmp_path):
-    from types import SimpleNamespace
+    from crowdtrain.localstate import RunFolder
 
-    from crowdtrain.worker import Worker
-
-    w = Worker.__new__(Worker)  # only the device memory, no coordinator
-    w.run_dir, w.device = tmp_path, torch.device("cpu")
-    assert w._remembered_micro_batch() is None
-    w.loop = SimpleNamespace(micro_batch=4)  # what InnerLoop settled on after an OOM
-    w._remember_micro_batch()
-    assert w._remembered_micro_batch() == 4
-    w.device = torch.device("cuda", 0)  # another device starts from the whole batch again
-    assert w._remembered_micro_batch() is None
+    folder = RunFolder(tmp_path)  # the volunteer's files for one run
+    assert folder.micro_batch("cpu") is None
+    folder.remember_micro_batch("cpu", 4)  # what InnerLoop settled on after an OOM
+    assert folder.micro_batch("cpu") == 4
+    assert folder.micro_batch("cuda:0") is None  # another device starts from the whole batch
     (tmp_path / "device.json").write_text("{not json")
-    assert w._remembered_micro_batch() is None
+    assert folder.micro_batch("cpu") is None
 
 
 def test_a_compiled_loop_trains_the_same_parameters(tiny_run):
