@@ -142,6 +142,7 @@ def load_frozen(config: dict, weights: Path, sha256: str) -> PreTrainedModel:
     safetensors file of `state_dict_for_save` tensors, after checking the file's sha256."""
     from safetensors.torch import load_file
 
+    from crowdtrain.checkpoint import check_tensors_match
     from crowdtrain.data import file_sha256
     from crowdtrain.errors import CorruptDataError
 
@@ -150,10 +151,7 @@ def load_frozen(config: dict, weights: Path, sha256: str) -> PreTrainedModel:
                                "again")
     model = build_model(config_from_dict(config))
     tensors = load_file(str(weights))
-    expected = state_dict_for_save(model)
-    if set(tensors) != set(expected) or any(
-            tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
-        raise CorruptDataError(f"{weights}: tensors do not match the model's config")
+    check_tensors_match(tensors, state_dict_for_save(model), str(weights))
     load_into(model, tensors)
     return model.eval().requires_grad_(False)
 

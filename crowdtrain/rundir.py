@@ -304,10 +304,11 @@ def init_run(
         raise CrowdtrainError("--teacher trains a fresh student: drop --from-pretrained")
     if teacher is not None:  # settings first: nothing is written for a run that cannot be
         TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)
-    pretrained = _check_pretrained(teacher if teacher is not None else from_pretrained, lora,
-                                   tokenizer, vocab_size, "--teacher" if teacher else None)
-    if teacher is not None:  # only the teacher's tokenizer is the run's
-        teacher_cfg, pretrained = pretrained[0], (None, pretrained[1])
+    teacher_cfg = teacher_tok = None
+    if teacher is not None:  # the teacher's tokenizer is the run's; the model is a fresh one
+        teacher_cfg, teacher_tok = _check_pretrained(teacher, lora, tokenizer, vocab_size,
+                                                     "--teacher")
+    pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             what = "a run" if (run_dir / RUN_FILE).exists() else "files"
@@ -320,14 +321,13 @@ def init_run(
     train_cfg = PRESET_TRAINING[preset]
     if train_overrides:
         train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
-    if pretrained is not None and pretrained[0] is not None:
+    if pretrained is not None:
         model_cfg, tok = pretrained
         context, what = model_cfg.max_position_embeddings, f"{Path(from_pretrained).name} model"
     else:
-        model_cfg, tok, context, what = None, pretrained and pretrained[1], p.context, preset
-    if teacher is not None:
+        model_cfg, tok, context, what = None, teacher_tok, p.context, preset
+    if teacher_cfg is not None:
         context = min(context, teacher_cfg.max_position_embeddings)
-        pretrained = None  # from here on, a fresh model like any preset run
     cfg = RunConfig(
         name=run_dir.name,
         preset=PRETRAINED if pretrained else preset,
@@ -347,7 +347,7 @@ def init_run(
     tok.save(str(run_dir / "tokenizer.json"))
     index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
     if model_cfg is None:
-        vocab = teacher_cfg.vocab_size if teacher is not None else tok.get_vocab_size()
+        vocab = teacher_cfg.vocab_size if teacher_cfg is not None else tok.get_vocab_size()
         model_cfg = preset_config(preset, vocab, index.eot_id)
     model_cfg.save_pretrained(str(run_dir / "model"))
     if pretrained is None:
