@@ -142,6 +142,20 @@ def decode_tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
         raise CorruptDataError(f"{what} is not valid safetensors ({e})") from None
 
 
+def read_tensor_file(path: str | os.PathLike, what: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the str -> str metadata of a safetensors file of this machine's own
+    (CorruptDataError, naming `what`, if it is not valid safetensors)."""
+    from safetensors import safe_open
+
+    tensors = decode_tensors(Path(path).read_bytes(), what)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return tensors, f.metadata() or {}
+    except SafetensorError as e:
+        raise CorruptDataError(f"{what} is not valid safetensors ({e})") from None
+
+
 def check_tensors_match(
     got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
 ) -> None:

@@ -10,7 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-from crowdtrain.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.checkpoint import (
+    atomic_write,
+    check_tensors_match,
+    decode_tensors,
+    read_tensor_file,
+)
 from crowdtrain.errors import CrowdtrainError
 
 log = logging.getLogger(__name__)
@@ -87,15 +92,11 @@ class RunFolder:
         """(tensors, round) of the saved parameters if they fit `expected`; (None, None)."""
         if not self.params.is_file():
             return None, None
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(self.params), "pt") as f:
-                rnd = int((f.metadata() or {})["round"])
-            tensors = decode_tensors(self.params.read_bytes(), "local parameters")
+            tensors, meta = read_tensor_file(self.params, "local parameters")
             check_tensors_match(tensors, expected, "local parameters")
-            return tensors, rnd
-        except (CrowdtrainError, SafetensorError, KeyError, ValueError, OSError) as e:
+            return tensors, int(meta["round"])
+        except (CrowdtrainError, KeyError, ValueError, OSError) as e:
             log.warning("ignoring local parameters (%s); will download the model", e)
             return None, None
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from crowdtrain import protocol
-from crowdtrain.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.checkpoint import atomic_write, check_tensors_match, read_tensor_file
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.train import StepStats
 
@@ -84,12 +83,10 @@ def load_partial(path: Path, model_params: dict[str, torch.Tensor]) -> PartialRo
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        tensors, meta = read_tensor_file(path, "saved round in progress")
         lease = protocol.Lease.model_validate_json(meta["lease"])
         steps, tokens, loss, seconds = json.loads(meta["stats"])
         stats = StepStats(int(steps), int(tokens), float(loss), float(seconds))
-        tensors = decode_tensors(path.read_bytes(), "saved round in progress")
         params = {k[len(PARAM):]: v for k, v in tensors.items() if k.startswith(PARAM)}
         check_tensors_match(params, model_params, "saved round in progress")
         opt = {k[len(OPT):]: v for k, v in tensors.items() if k.startswith(OPT)}
@@ -100,7 +97,7 @@ def load_partial(path: Path, model_params: dict[str, torch.Tensor]) -> PartialRo
             raise ValueError("no steps recorded")
         return PartialRound(lease, int(meta["theta_round"]), stats, params, opt,
                             residual or None)
-    except (CrowdtrainError, SafetensorError, KeyError, ValueError, TypeError, OSError) as e:
+    except (CrowdtrainError, KeyError, ValueError, TypeError, OSError) as e:
         log.warning("ignoring the saved round in progress at %s (%s)", path, e)
         path.unlink(missing_ok=True)
         return None
