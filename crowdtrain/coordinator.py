@@ -120,6 +120,7 @@ class Coordinator:
         self.base_path = run.base_path if run.config.lora is not None else None
         if run.config.teacher is not None:  # what volunteers will fetch must be there, intact
             run.check_teacher()
+        self.teacher_info = self._teacher_info()  # fixed for the run: read once
         self.momentum, self.residual = self._load_outer_state(self.round)
         self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
         self._recover_ledger()
@@ -205,7 +206,7 @@ class Coordinator:
             lora=rc.lora.to_dict() if rc.lora is not None else None,
             base_sha256=rc.base_sha256 if rc.lora is not None else None,
             base_bytes=self.base_path.stat().st_size if self.base_path is not None else None,
-            teacher=self._teacher_info())
+            teacher=self.teacher_info)
 
     def _teacher_info(self) -> TeacherInfo | None:
         t = self.run.config.teacher
