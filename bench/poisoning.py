@@ -47,12 +47,8 @@ from crowdtrain import compress  # noqa: E402
 from crowdtrain.aggregate import OuterConfig, apply_update, outer_step  # noqa: E402
 from crowdtrain.data import default_corpus, get_batch, load_split  # noqa: E402
 from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
-from crowdtrain.robust import (  # noqa: E402
-    METHODS,
-    RobustConfig,
-    SafetensorsQuantSource,
-    robust_aggregate,
-)
+from crowdtrain.payloads import SafetensorsQuantSource  # noqa: E402
+from crowdtrain.robust import METHODS, RobustConfig, robust_aggregate  # noqa: E402
 from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
 from crowdtrain.train import InnerLoop, evaluate  # noqa: E402
 

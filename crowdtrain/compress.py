@@ -99,10 +99,12 @@ def _absmax_quantize(x: torch.Tensor, block: int, levels: int
     return q.reshape(-1)[:numel], scale.contiguous()
 
 
-def _dequantize(values: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
+def dequantize_values(values: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
                 block: int) -> torch.Tensor:
-    """float32 tensor of `shape` from int8 `values` (one per element) and per-block `scale`,
-    as one float32 multiply per element: bit-for-bit reproducible across calls and machines."""
+    """float32 tensor of `shape` from int8 `values` (one per element, unpacked; extra trailing
+    values are ignored) and per-block `scale`, as one float32 multiply per element: bit-for-bit
+    reproducible across calls and machines. The one dequantization of int8 and int4, also
+    for the slices payloads.py reads from payload files."""
     numel = math.prod(shape)
     nb = _nblocks(numel, block)
     padded = torch.zeros(nb * block, dtype=torch.int8)
@@ -150,7 +152,7 @@ def dequantize_int8(
     if q.dtype != torch.int8:
         raise CodecError(f"quantized values must be int8, got {q.dtype}")
     _check_quantized(q.numel(), numel, scale, numel, block, "quantized values", shape)
-    return _dequantize(q, scale, shape, block)
+    return dequantize_values(q, scale, shape, block)
 
 
 def quantize_int4(x: torch.Tensor, block: int = INT4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +182,7 @@ def dequantize_int4(
         raise CodecError(f"packed 4-bit values must be int8, got {packed.dtype}")
     _check_quantized(packed.numel(), (numel + 1) // 2, scale, numel, block, "packed bytes",
                      shape)
-    return _dequantize(unpack_int4(packed.reshape(-1)), scale, shape, block)
+    return dequantize_values(unpack_int4(packed.reshape(-1)), scale, shape, block)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -405,7 +407,7 @@ def from_bytes(
 def read_file_header(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, str]:
     """The metadata of the payload file at `path`, with the same header checks as `from_bytes`
     (size, header length and JSON, codec, block, dtypes) and without reading any tensor data.
-    The tensors themselves are checked block by block by `robust.check_payload_file`."""
+    The tensors themselves are checked block by block by `payloads.check_payload_file`."""
     size = os.path.getsize(path)
     if max_bytes is not None and size > max_bytes:
         raise CodecError(f"payload too large: {size} bytes (max {max_bytes})")

@@ -48,6 +48,7 @@ from crowdtrain.checkpoint import (
 from crowdtrain.errors import Refused
 from crowdtrain.ledger import Ledger
 from crowdtrain.model import count_params, load_into
+from crowdtrain.payloads import check_payload_file, open_payload
 from crowdtrain.protocol import (
     API_VERSION,
     INT64_MAX,
@@ -67,13 +68,7 @@ from crowdtrain.protocol import (
     SwarmSchedule,
     TeacherInfo,
 )
-from crowdtrain.robust import (
-    RobustConfig,
-    block_for,
-    check_payload_file,
-    open_payload,
-    robust_aggregate,
-)
+from crowdtrain.robust import RobustConfig, block_for, robust_aggregate
 from crowdtrain.rundir import TEACHER_CONFIG, TEACHER_WEIGHTS, Run
 from crowdtrain.runstatus import run_status
 from crowdtrain.train import evaluate

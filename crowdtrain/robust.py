@@ -14,13 +14,13 @@ clipping large ones to a multiple of the round's median norm) and then aggregate
 Deltas are never loaded whole: a `DeltaSource` yields a flat float32 slice of one parameter,
 and `robust_aggregate` makes passes over the model in blocks of `block_elems` elements, so
 beyond the output itself, peak memory is O(workers x block_elems), not O(workers x model).
-`SafetensorsQuantSource` reads a contribution file written by `compress.to_bytes` (int8 or int4)
-through a memory map, one slice at a time, bit-identical to `compress.from_bytes`.
+Contribution files on disk are read as DeltaSources by crowdtrain.payloads (memory-mapped,
+one slice at a time, bit-identical to `compress.from_bytes`).
 
 The default method was chosen by measurement, `python bench/poisoning.py --rounds 10
 --inner-steps 30` (a fresh `tiny` run from the bundled corpus; K=4 workers of which 1 is
 malicious, H=30, 10 rounds, outer lr 1.0 without momentum, int8 payloads read from disk by
-this module; 2-core CPU, torch 2.13). Worst held-out loss over the attacks (none, scaled x100,
+payloads.py; 2-core CPU, torch 2.13). Worst held-out loss over the attacks (none, scaled x100,
 same-norm noise, sign flip, A Little Is Enough z=1, token liar), as a ratio to the honest-only
 run (3 honest workers, plain mean: 3.9115): mean 2.891 (x100 scaling: 11.31), clip_mean 1.102,
 trimmed_mean 1.046, centered_clip 1.029 (sign flip, 4.0239; every other attack <= 1.006).
@@ -34,8 +34,7 @@ The default is "centered_clip" (also the run config's `swarm.aggregation`). Unli
 3 honest workers, 5 rounds x H=30): held-out 4.477 against 4.458 with clip_mean (+0.4%),
 still below the lone-worker floor (4.547).
 
-Pure functions and small classes; imports only torch, safetensors, the standard library and
-crowdtrain.compress (the wire format).
+Pure functions and small classes; imports only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -45,13 +44,9 @@ import numbers
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors import SafetensorError, safe_open
-
-from crowdtrain import compress
 
 METHODS = ("mean", "clip_mean", "trimmed_mean", "centered_clip")
 
@@ -155,202 +150,10 @@ class TensorSource:
         return t[a:b].to(torch.float32)
 
 
-def _check_slice(path: Path, key: str, sl, dtype: str, shape: tuple[int, ...]) -> None:
-    """ValueError unless the safetensors slice `sl` has `dtype` and `shape`."""
-    if sl.get_dtype() != dtype:
-        raise ValueError(f"{path}: tensor {key} has dtype {sl.get_dtype()}, expected {dtype}")
-    if tuple(sl.get_shape()) != tuple(shape):
-        raise ValueError(f"{path}: tensor {key} has shape {tuple(sl.get_shape())}, expected "
-                         f"{tuple(shape)}")
-
-
-class _MappedFile:
-    """A payload file memory-mapped with `safetensors.safe_open`, as a context manager."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._f = safe_open(str(self.path), "pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{self.path}: cannot open payload: {e}") from None
-
-    def close(self) -> None:
-        """Release the memory map (idempotent)."""
-        if getattr(self, "_f", None) is not None:
-            self._f.__exit__(None, None, None)
-            self._f = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class SafetensorsQuantSource(_MappedFile):
-    """A DeltaSource over an int8 or int4 payload file (`compress.to_bytes(..., "int8")` or
-    "int4").
-
-    The file is memory-mapped with `safetensors.safe_open`; `read` touches only the quantized
-    values (4-bit ones unpacked) and the scales of the requested range, and dequantizes them
-    with the same single float32 multiply as `compress.dequantize_int8`, so slices are
-    bit-identical to
-    `compress.from_bytes`. The header (codec, block, names, dtypes, lengths) is checked
-    against `shapes` on opening; scales and values are checked finite per slice. Problems
-    raise ValueError naming the file and tensor. Use as a context manager or call `close()`.
-    """
-
-    def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
-        super().__init__(path)
-        try:
-            self._check_header(shapes)
-        except Exception:
-            self.close()
-            raise
-
-    def _check_header(self, shapes: Mapping[str, Sequence[int]]) -> None:
-        meta = self._f.metadata() or {}
-        self.codec = meta.get("codec")
-        if self.codec not in compress.QUANTIZED:
-            raise ValueError(f"{self.path}: codec is {self.codec!r}, expected 'int8' or 'int4'")
-        raw = meta.get("block", "")
-        if not raw.isdigit() or not 16 <= int(raw) <= 65536 or (
-                self.codec == "int4" and int(raw) % 2):
-            raise ValueError(f"{self.path}: invalid block {raw!r}")
-        self.block = int(raw)
-        keys = set(self._f.keys())
-        want = {n + s for n in shapes for s in (":q", ":scale")}
-        if keys != want:
-            missing, extra = sorted(want - keys)[:3], sorted(keys - want)[:3]
-            raise ValueError(f"{self.path}: tensors do not match the model: missing {missing}, "
-                             f"unexpected {extra}")
-        self.numel: dict[str, int] = {}
-        for name, shape in shapes.items():
-            numel = math.prod(int(s) for s in shape)
-            nb = (numel + self.block - 1) // self.block
-            nq = numel if self.codec == "int8" else (numel + 1) // 2
-            for key, dtype, length in ((name + ":q", "I8", nq),
-                                       (name + ":scale", "F32", nb)):
-                sl = self._f.get_slice(key)
-                _check_slice(self.path, key, sl, dtype, (length,))
-            self.numel[name] = numel
-
-    def read(self, name: str, a: int, b: int) -> torch.Tensor:
-        """Flat float32 elements [a, b) of `name`, dequantized exactly as `from_bytes`."""
-        if self._f is None:
-            raise ValueError(f"{self.path}: source is closed")
-        numel = self.numel[name]
-        if not 0 <= a <= b <= numel:
-            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
-        if a == b:
-            return torch.zeros(0, dtype=torch.float32)
-        bs = self.block
-        b0, b1 = a // bs, (b + bs - 1) // bs  # the scale blocks covering [a, b)
-        scale = self._f.get_slice(name + ":scale")[b0:b1]
-        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-            raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
-                             "values")
-        lo, hi = b0 * bs, min(b1 * bs, numel)
-        if self.codec == "int8":
-            q = self._f.get_slice(name + ":q")[lo:hi]
-        else:  # two values a byte; blocks are even, so lo is a byte boundary
-            q = compress.unpack_int4(self._f.get_slice(name + ":q")[lo // 2:(hi + 1) // 2])
-            q = q[:hi - lo]
-        padded = torch.zeros((b1 - b0) * bs, dtype=torch.int8)
-        padded[: q.numel()] = q
-        vals = padded.view(b1 - b0, bs).to(torch.float32) * scale[:, None]
-        out = vals.reshape(-1)[a - b0 * bs: b - b0 * bs].clone()
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
-        return out
-
-
-
-class SafetensorsFloatSource(_MappedFile):
-    """A DeltaSource over an fp16 or fp32 payload file (`compress.to_bytes(..., "fp16")` or
-    "fp32"): tensors keep their shapes there, so `read` loads the rows of the leading
-    dimension that cover [a, b) and converts them to float32, bit-identical to
-    `compress.from_bytes`. Header checked on opening, values checked finite per slice."""
-
-    def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
-        super().__init__(path)
-        try:
-            codec = (self._f.metadata() or {}).get("codec")
-            if codec not in ("fp16", "fp32"):
-                raise ValueError(f"{self.path}: codec is {codec!r}, expected 'fp16' or 'fp32'")
-            keys = set(self._f.keys())
-            if keys != set(shapes):
-                missing, extra = sorted(set(shapes) - keys)[:3], sorted(keys - set(shapes))[:3]
-                raise ValueError(f"{self.path}: tensors do not match the model: missing "
-                                 f"{missing}, unexpected {extra}")
-            want = "F16" if codec == "fp16" else "F32"
-            self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
-            for name, shape in self.shapes.items():
-                _check_slice(self.path, name, self._f.get_slice(name), want, shape)
-        except Exception:
-            self.close()
-            raise
-
-    def read(self, name: str, a: int, b: int) -> torch.Tensor:
-        """Flat float32 elements [a, b) of `name`, converted exactly as `from_bytes`."""
-        if self._f is None:
-            raise ValueError(f"{self.path}: source is closed")
-        shape = self.shapes[name]
-        numel = math.prod(shape)
-        if not 0 <= a <= b <= numel:
-            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
-        if a == b:
-            return torch.zeros(0, dtype=torch.float32)
-        if len(shape) == 0:
-            flat, start = self._f.get_tensor(name).reshape(-1), 0
-        else:
-            row = numel // shape[0] if shape[0] else 1
-            r0, r1 = a // row, (b + row - 1) // row
-            flat, start = self._f.get_slice(name)[r0:r1].reshape(-1), r0 * row
-        out = flat[a - start: b - start].to(torch.float32).clone()
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
-        return out
-
-
-
-def open_payload(
-    path: str | Path, shapes: Mapping[str, Sequence[int]]
-) -> SafetensorsQuantSource | SafetensorsFloatSource:
-    """The streaming DeltaSource for a payload file of any codec, chosen by the codec in the
-    file's own metadata (so a contribution whose codec differs from the run's still opens).
-    ValueError if the file is not a payload for `shapes`. Close it when done."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            codec = (f.metadata() or {}).get("codec")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot open payload: {e}") from None
-    if codec in compress.QUANTIZED:
-        return SafetensorsQuantSource(path, shapes)
-    return SafetensorsFloatSource(path, shapes)
-
-
-def check_payload_file(path: str | Path, shapes: Mapping[str, Sequence[int]],
-                       max_bytes: int | None = None,
-                       block_elems: int = 1 << 20) -> dict[str, str]:
-    """Validate the payload file at `path` as `compress.from_bytes` validates bytes (header,
-    codec, block, names, dtypes, shapes, finite values), holding at most `block_elems` decoded
-    values at a time, so checking an upload costs memory ~ one block, not one model.
-    Returns the payload's metadata; any problem raises `compress.CodecError`."""
-    meta = compress.read_file_header(path, max_bytes)
-    try:
-        with open_payload(path, shapes) as src:
-            for name, a, b in _blocks(shapes, block_elems):
-                _read(src, name, a, b)
-    except ValueError as e:
-        raise compress.CodecError(str(e).replace(f"{path}: ", "")) from None
-    return meta
-
-
 # ---------------------------------------------------------------------------- aggregation
 
 
-def _blocks(names_shapes: Mapping[str, Sequence[int]],
+def param_blocks(names_shapes: Mapping[str, Sequence[int]],
             block_elems: int) -> Iterator[tuple[str, int, int]]:
     """(name, a, b) covering every parameter in order, b - a <= block_elems."""
     for name, shape in names_shapes.items():
@@ -359,7 +162,8 @@ def _blocks(names_shapes: Mapping[str, Sequence[int]],
             yield name, a, min(a + block_elems, numel)
 
 
-def _read(src: DeltaSource, name: str, a: int, b: int) -> torch.Tensor:
+def read_slice(src: DeltaSource, name: str, a: int, b: int) -> torch.Tensor:
+    """`src.read(name, a, b)`, checked to be the flat slice asked for, as float32."""
     t = src.read(name, a, b)
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != b - a:
         raise ValueError(f"source returned a bad slice for {name}[{a}:{b}]")
@@ -433,7 +237,7 @@ def robust_aggregate(
         ws.append(float(w))
     if isinstance(block_elems, bool) or not isinstance(block_elems, int) or block_elems < 1:
         raise ValueError(f"block_elems must be a positive int, got {block_elems!r}")
-    blocks = list(_blocks(names_shapes, block_elems))
+    blocks = list(param_blocks(names_shapes, block_elems))
 
     if cfg.method == "mean":
         screening: Screening = [(1.0, None)] * n
@@ -441,7 +245,7 @@ def robust_aggregate(
         parts: list[list[float]] = [[] for _ in range(n)]
         for name, a, b in blocks:
             for i, src in enumerate(sources):
-                parts[i].append(float(_read(src, name, a, b).to(torch.float64).pow(2).sum()))
+                parts[i].append(float(read_slice(src, name, a, b).to(torch.float64).pow(2).sum()))
         screening = screen([math.sqrt(math.fsum(p)) for p in parts], cfg)
 
     keep = [i for i in range(n) if screening[i][0] > 0]
@@ -452,7 +256,7 @@ def robust_aggregate(
            for name, shape in names_shapes.items()}
 
     def scaled(j: int, name: str, a: int, b: int) -> torch.Tensor:
-        t = _read(sources[keep[j]], name, a, b)
+        t = read_slice(sources[keep[j]], name, a, b)
         return t if mult[j] == 1.0 else t * mult[j]
 
     if cfg.method in ("trimmed_mean", "centered_clip"):
@@ -460,9 +264,9 @@ def robust_aggregate(
         wt = torch.tensor([ws[i] for i in keep], dtype=torch.float64)
         for name, a, b in blocks:
             if k == 0:
-                acc = _read(sources[keep[0]], name, a, b) * coef[0]
+                acc = read_slice(sources[keep[0]], name, a, b) * coef[0]
                 for j in range(1, len(keep)):
-                    acc = acc + _read(sources[keep[j]], name, a, b) * coef[j]
+                    acc = acc + read_slice(sources[keep[j]], name, a, b) * coef[j]
                 out[name][a:b] = acc
             else:
                 x = torch.stack([scaled(j, name, a, b) for j in range(len(keep))])
@@ -472,9 +276,9 @@ def robust_aggregate(
     else:
         # weighted mean of the screened deltas, same order and arithmetic as weighted_mean
         for name, a, b in blocks:
-            acc = _read(sources[keep[0]], name, a, b) * coef[0]
+            acc = read_slice(sources[keep[0]], name, a, b) * coef[0]
             for j in range(1, len(keep)):
-                acc = acc + _read(sources[keep[j]], name, a, b) * coef[j]
+                acc = acc + read_slice(sources[keep[j]], name, a, b) * coef[j]
             out[name][a:b] = acc
     result = {name: out[name].reshape(tuple(int(s) for s in shape))
               for name, shape in names_shapes.items()}

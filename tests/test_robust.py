@@ -15,14 +15,12 @@ import torch
 
 from crowdtrain import compress
 from crowdtrain.aggregate import delta_norm, weighted_mean
+from crowdtrain.payloads import SafetensorsFloatSource, SafetensorsQuantSource, open_payload
 from crowdtrain.robust import (
     METHODS,
     DeltaSource,
     RobustConfig,
-    SafetensorsFloatSource,
-    SafetensorsQuantSource,
     TensorSource,
-    open_payload,
     robust_aggregate,
     screen,
 )
@@ -379,7 +377,7 @@ def _bad_payloads() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", list(_bad_payloads()))
 def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
-    from crowdtrain.robust import check_payload_file
+    from crowdtrain.payloads import check_payload_file
 
     blob = _bad_payloads()[case]
     path = tmp_path / "upload"
