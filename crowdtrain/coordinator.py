@@ -12,7 +12,8 @@ A round r, top to bottom:
 4. `close_round()`: token-weighted mean of the deltas -> outer Nesterov SGD -> the update,
    quantised to int8 with coordinator-side error feedback, published as `updates/update-r`;
    theta_{r+1} = theta_r + dequant(update_r) exactly as every worker computes it; checkpoint
-   r+1 written atomically; round r+1 opened; the new model evaluated in the background.
+   r+1 written atomically; round r+1 opened; the new model evaluated in the background
+   (roundeval.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -47,10 +47,9 @@ from crowdtrain.checkpoint import (
 )
 from crowdtrain.errors import Refused
 from crowdtrain.ledger import Ledger
-from crowdtrain.model import count_params, load_into
+from crowdtrain.model import count_params
 from crowdtrain.payloads import check_payload_file, open_payload
 from crowdtrain.protocol import (
-    API_VERSION,
     INT64_MAX,
     LEASE_SILENCE_SECONDS,
     Alive,
@@ -61,17 +60,14 @@ from crowdtrain.protocol import (
     LeaseRequest,
     LeaseResponse,
     RunInfo,
-    ShardInfo,
     Status,
     SubmitResponse,
     SubmitStats,
-    SwarmSchedule,
-    TeacherInfo,
 )
 from crowdtrain.robust import RobustConfig, block_for, robust_aggregate
-from crowdtrain.rundir import TEACHER_CONFIG, TEACHER_WEIGHTS, Run
-from crowdtrain.runstatus import run_status
-from crowdtrain.train import evaluate
+from crowdtrain.roundeval import RoundEvaluator
+from crowdtrain.rundir import TEACHER_WEIGHTS, Run
+from crowdtrain.runstatus import run_info, run_status, teacher_info
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +111,14 @@ class Coordinator:
         self.base_path = run.base_path if run.config.lora is not None else None
         if run.config.teacher is not None:  # what volunteers will fetch must be there, intact
             run.check_teacher()
-        self.teacher_info = self._teacher_info()  # fixed for the run: read once
+        self.teacher_info = teacher_info(run)  # fixed for the run: read once
         self.momentum, self.residual = self._load_outer_state(self.round)
         self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
         self._recover_ledger()
-        self._eval_queue: queue.Queue[int | None] = queue.Queue()
-        self._eval_thread = None
-        if evaluate_rounds:
-            self._eval_thread = threading.Thread(target=self._eval_loop, daemon=True,
-                                                 name="crowdtrain-eval")
-            self._eval_thread.start()
-            if self.ledger.round_row(self.round)["val_loss"] is None:
-                self._eval_queue.put(self.round)
+        self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
+            else None
+        if self.evaluator is not None and self.ledger.round_row(self.round)["val_loss"] is None:
+            self.evaluator.submit(self.round)
 
     # ------------------------------------------------------------------ state on disk
 
@@ -183,35 +175,8 @@ class Coordinator:
         return Volunteer(row["id"], row["name"], bool(row["banned"]))
 
     def info(self) -> RunInfo:
-        rc = self.run.config
-        return RunInfo(
-            api_version=API_VERSION, run_name=rc.name, preset=rc.preset,
-            model_config_json=self.run.model_config().to_dict(),
-            train=rc.train.__dict__,
-            schedule=SwarmSchedule(inner_steps=self.cfg.round_steps(self.round),
-                                   inner_steps_growth=self.cfg.inner_steps_growth,
-                                   round_seconds=self.cfg.round_seconds, rounds=self.cfg.rounds,
-                                   min_contributions=self.cfg.min_contributions,
-                                   codec=self.cfg.codec,
-                                   block=compress.default_block(self.cfg.codec)),
-            dtype=self.run.index.dtype,
-            train_shards=[ShardInfo(name=e.name, sha256=e.sha256, tokens=e.tokens)
-                          for e in self.run.index.train],
-            round=self.round, finished=self.finished, params=self.params,
-            lora=rc.lora.to_dict() if rc.lora is not None else None,
-            base_sha256=rc.base_sha256 if rc.lora is not None else None,
-            base_bytes=self.base_path.stat().st_size if self.base_path is not None else None,
-            teacher=self.teacher_info)
-
-    def _teacher_info(self) -> TeacherInfo | None:
-        t = self.run.config.teacher
-        if t is None:
-            return None
-        md = self.run.model_dir
-        return TeacherInfo(name=t.name, sha256=t.sha256,
-                           bytes=(md / TEACHER_WEIGHTS).stat().st_size,
-                           config_json=json.loads((md / TEACHER_CONFIG).read_text()),
-                           alpha=t.alpha, temperature=t.temperature)
+        return run_info(self.run, round=self.round, finished=self.finished, params=self.params,
+                        teacher=self.teacher_info)
 
     # ------------------------------------------------------------------ model downloads
 
@@ -488,7 +453,8 @@ class Coordinator:
             self._prune()
         log.info("round %d closed: %d contributions, %d tokens; round %d open",
                  rnd, len(rows), tokens, rnd + 1)
-        self._eval_queue.put(rnd + 1)
+        if self.evaluator is not None:
+            self.evaluator.submit(rnd + 1)
 
     def _aggregate(self, rnd: int, rows) -> dict[str, torch.Tensor]:
         """Robust token-weighted mean of the round's deltas, read block by block from disk;
@@ -523,32 +489,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _eval_loop(self) -> None:
-        model = self.model
-        while (rnd := self._eval_queue.get()) is not None:
-            if not self._eval_queue.empty():
-                continue  # a newer round is waiting: evaluate that one instead
-            try:
-                from crowdtrain.checkpoint import load_checkpoint
-
-                ck = load_checkpoint(self.run.ckpt_dir, rnd)
-                load_into(model, ck.tensors)
-                loss = evaluate(model, self.run.val_windows(), torch.device("cpu"))
-                self.ledger.set_val_loss(rnd, loss)
-                log.info("round %d: held-out loss %.4f", rnd, loss)
-            except Exception as e:  # evaluation must never take the coordinator down
-                log.warning("evaluation of round %d failed: %s", rnd, e)
-
     def wait_for_eval(self, timeout: float = 60.0) -> None:
         """Block until queued evaluations are done (for tests and the demo's summary)."""
-        end = time.time() + timeout
-        while not self._eval_queue.empty() and time.time() < end:
-            time.sleep(0.05)
+        if self.evaluator is not None:
+            self.evaluator.wait(timeout)
 
     def close(self) -> None:
-        if self._eval_thread is not None:
-            self._eval_queue.put(None)
-            self._eval_thread.join(timeout=30)
+        if self.evaluator is not None:
+            self.evaluator.close()
         self.ledger.close()
 
     # ------------------------------------------------------------------ status

@@ -1,11 +1,61 @@
-"""The run's public status (`GET /v1/status`: the dashboard, `/metrics` and `crowdtrain status`
-read it), assembled from the ledger: rounds, volunteers (by display name, or "anonymous"),
-the latest refusals and the open round's deadline."""
+"""What the coordinator publishes about its run: `RunInfo` (`GET /v1/info`: what a worker needs
+to take part: model, schedule, shards, LoRA base, teacher) from the run directory, and the
+public status (`GET /v1/status`: the dashboard, `/metrics` and `crowdtrain status` read it)
+from the ledger: rounds, volunteers (by display name, or "anonymous"), the latest refusals and
+the open round's deadline."""
 
 from __future__ import annotations
 
+import json
+
+from crowdtrain import compress
 from crowdtrain.ledger import Ledger
-from crowdtrain.protocol import API_VERSION, Refusal, RoundSummary, Status, VolunteerSummary
+from crowdtrain.protocol import (
+    API_VERSION,
+    Refusal,
+    RoundSummary,
+    RunInfo,
+    ShardInfo,
+    Status,
+    SwarmSchedule,
+    TeacherInfo,
+    VolunteerSummary,
+)
+from crowdtrain.rundir import TEACHER_CONFIG, TEACHER_WEIGHTS, Run
+
+
+def run_info(run: Run, *, round: int, finished: bool, params: int,
+             teacher: TeacherInfo | None) -> RunInfo:
+    """The run as a worker sees it with round `round` open (H may depend on the round)."""
+    rc, sw = run.config, run.config.swarm
+    lora = rc.lora is not None
+    return RunInfo(
+        api_version=API_VERSION, run_name=rc.name, preset=rc.preset,
+        model_config_json=run.model_config().to_dict(), train=rc.train.__dict__,
+        schedule=SwarmSchedule(inner_steps=sw.round_steps(round),
+                               inner_steps_growth=sw.inner_steps_growth,
+                               round_seconds=sw.round_seconds, rounds=sw.rounds,
+                               min_contributions=sw.min_contributions, codec=sw.codec,
+                               block=compress.default_block(sw.codec)),
+        dtype=run.index.dtype,
+        train_shards=[ShardInfo(name=e.name, sha256=e.sha256, tokens=e.tokens)
+                      for e in run.index.train],
+        round=round, finished=finished, params=params,
+        lora=rc.lora.to_dict() if lora else None,
+        base_sha256=rc.base_sha256 if lora else None,
+        base_bytes=run.base_path.stat().st_size if lora else None,
+        teacher=teacher)
+
+
+def teacher_info(run: Run) -> TeacherInfo | None:
+    """A distillation run's teacher as workers fetch it (None for other runs)."""
+    t = run.config.teacher
+    if t is None:
+        return None
+    md = run.model_dir
+    return TeacherInfo(name=t.name, sha256=t.sha256, bytes=(md / TEACHER_WEIGHTS).stat().st_size,
+                       config_json=json.loads((md / TEACHER_CONFIG).read_text()),
+                       alpha=t.alpha, temperature=t.temperature)
 
 
 def run_status(ledger: Ledger, *, run_name: str, round: int, finished: bool, params: int,
