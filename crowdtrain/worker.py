@@ -44,6 +44,7 @@ from crowdtrain.model import (
     load_into,
     state_dict_for_save,
 )
+from crowdtrain.progress import RoundProgress
 from crowdtrain.ranks import Ranks
 from crowdtrain.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
 from crowdtrain.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
@@ -441,45 +442,6 @@ class Worker:
         self.summary.bytes_received = self.client.bytes_in
         self.client.close()
         return self.summary
-
-
-class RoundProgress:
-    """A rich progress bar per round: round, inner step, loss, tokens/s, bytes sent."""
-
-    def __init__(self, enabled: bool, name: str):
-        self.enabled, self.name = enabled, name
-        self.progress = None
-        self.task = None
-        self.sent = 0
-
-    def __enter__(self) -> RoundProgress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def __call__(self, lease: protocol.Lease, step: int, loss: float) -> None:
-        if self.progress is None:
-            return
-        desc = f"{self.name} round {lease.round}"
-        if self.task is None or self.progress.tasks[-1].description != desc:
-            self.task = self.progress.add_task(desc, total=lease.max_steps, info="")
-        self.progress.update(self.task, completed=step,
-                             info=f"loss {loss:.3f}  sent {self.sent / 1e6:.1f} MB")
-
-    def done(self, lease, st, nbytes: int, verdict: str) -> None:
-        self.sent += nbytes
-        if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=st.steps, info=(
-                f"loss {st.mean_loss:.3f}  {st.tokens_per_s:,.0f} tok/s  "
-                f"sent {self.sent / 1e6:.1f} MB  {verdict}"))
 
 
 def _batch(shards: list[np.ndarray], tcfg: TrainConfig, seed: int, step: int):
