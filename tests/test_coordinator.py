@@ -314,13 +314,19 @@ def test_a_silent_lease_is_given_up_and_the_round_closes_without_it(coord):
         coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=4))
 
 
-def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
+def fall_silent(coord, vol, held):
+    """The worker training `held` sends a heartbeat, then dies: the beat is older than the
+    coordinator's silence allowance."""
     from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
 
+    coord.alive(vol, held.lease_id, Alive(step=1))
+    coord.ledger.lease_alive(held.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
+
+
+def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     _, lb = lease(coord, a), lease(coord, b)
-    coord.alive(b, lb.lease_id, Alive(step=1))
-    coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
+    fall_silent(coord, b, lb)
     assert not coord.tick() and coord.ledger.lease(lb.lease_id)["state"] == "expired"
     with pytest.raises(Refused, match="given up: no heartbeat") as e:
         coord.submit(b, lb.lease_id, payload(lb, coord.shapes))
@@ -351,13 +357,10 @@ def test_the_workers_heartbeat_keeps_its_lease_alive_and_hears_when_it_closes(co
 
 
 def test_a_restarted_worker_gets_its_own_lease_back_while_its_round_is_open(coord):
-    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
-
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     la, lb = lease(coord, a), lease(coord, b)
     # b dies: silent past the allowance, its lease is given up, the round stays open for a
-    coord.alive(b, lb.lease_id, Alive(step=3))
-    coord.ledger.lease_alive(lb.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
+    fall_silent(coord, b, lb)
     assert not coord.tick() and coord.ledger.lease(lb.lease_id)["state"] == "expired"
     # b restarts and asks for its lease back: the same batches, schedule and budget
     back = coord.lease(b, LeaseRequest(resume=lb.lease_id)).lease
