@@ -218,7 +218,9 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
                             meta = f.metadata()
                         if json.loads(meta["lease"])["round"] == 1:
                             done = json.loads(meta["stats"])[0]
-                    except (OSError, ValueError, KeyError):  # not there (yet, or any more)
+                    # not there (yet, or any more): safe_open raises RuntimeError for a
+                    # missing file, OSError/ValueError/KeyError for one half-replaced
+                    except (OSError, ValueError, KeyError, RuntimeError):
                         pass
                     time.sleep(0.02)
                 s.kill("vol")
