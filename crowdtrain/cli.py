@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time budget and deadline of a round (default 120)")
     s.add_argument("--min-contributions", type=int,
                    help="contributions a round needs before it closes (default 1)")
+    s.add_argument("--max-extensions", type=int,
+                   help="times a round short of --min-contributions has its deadline extended "
+                        "by --round-seconds before it closes with what it has; a round with "
+                        "no contribution then leaves the model unchanged (default 3)")
     s.add_argument("--outer-lr", type=float, help="outer SGD learning rate (default 0.7)")
     s.add_argument("--outer-momentum", type=float,
                    help="outer Nesterov momentum (default 0.9; 0 for plain averaging)")

@@ -26,7 +26,8 @@ def cmd_init(a: argparse.Namespace) -> None:
     swarm = SwarmConfig(**{k: v for k, v in (
         ("rounds", a.rounds), ("inner_steps", a.inner_steps),
         ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
-        ("min_contributions", a.min_contributions), ("outer_lr", a.outer_lr),
+        ("min_contributions", a.min_contributions),
+        ("max_extensions", a.max_extensions), ("outer_lr", a.outer_lr),
         ("outer_momentum", a.outer_momentum), ("access", a.access),
         ("warm_start", a.warm_start), ("codec", a.codec)) if v is not None})
     steps = a.steps if a.steps is not None else (

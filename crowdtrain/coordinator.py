@@ -131,7 +131,9 @@ class Coordinator:
         if not p.is_file():
             return None, residual
         t = st_load(p.read_bytes())  # our own file, written atomically by close_round
-        momentum = {k: t[f"momentum:{k}"] for k in self.theta}
+        # no momentum yet when every round so far was empty
+        momentum = {k: t[f"momentum:{k}"] for k in self.theta} if any(
+            name.startswith("momentum:") for name in t) else None
         residual = {k: t[f"residual:{k}"] for k in self.theta}
         return momentum, residual
 
@@ -226,10 +228,10 @@ class Coordinator:
                     f"your contribution to round {rnd} is in; waiting for the round to close"))
             if mine:  # a restarted worker: its earlier lease is void unless resumed below
                 self.ledger.expire_leases(rnd, vol.id)
-            if self.ledger.query("SELECT 1 FROM contributions WHERE volunteer_id = ? AND "
-                                 "round = ? AND status = 'refused' LIMIT 1", (vol.id, rnd)):
-                # no second try in a round it sent a refused payload to: a broken or hostile
-                # worker must not hold the round open until its deadline by re-leasing
+            if self.ledger.refused_for_cause(vol.id, rnd):
+                # no second try in a round it sent a bad payload to: a broken or hostile
+                # worker must not hold the round open until its deadline by re-leasing (a
+                # refusal it did not cause, a voided or replaced lease, does not count)
                 return LeaseResponse(status="wait", retry_after=min(
                     max(row["deadline"] - now, 0.5), 5.0), message=(
                     f"your contribution to round {rnd} was refused; you can take part again "
@@ -306,9 +308,9 @@ class Coordinator:
         lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
         rnd = lease["round"] if lease is not None else self.round
 
-        def refuse(status: int, reason: str) -> Refused:
+        def refuse(status: int, reason: str, blameless: bool = False) -> Refused:
             self.ledger.refuse(lease_id if lease is not None else None, vol.id, rnd, sha,
-                               size, reason)
+                               size, reason, blameless)
             log.info("refused contribution from %s: %s", vol.name, reason)
             return Refused(status, reason)
 
@@ -343,16 +345,16 @@ class Coordinator:
             # voided (a newer lease, a resume) or taken by a concurrent upload
             lease = self.ledger.lease(lease_id)
             if lease["state"] == "submitted":
-                raise refuse(409, f"lease {lease_id} already has an accepted contribution")
-            if lease["round"] == self.round and lease["state"] == "expired" \
-                    and lease["alive_at"] is not None:
+                raise refuse(409, f"lease {lease_id} already has an accepted contribution",
+                             blameless=True)
+            if lease["round"] == self.round and lease["state"] == "expired":
                 raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "
                                   f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); "
-                                  "it was not applied")
+                                  "it was not applied", blameless=True)
             if lease["round"] != self.round or lease["state"] == "expired":
                 raise refuse(409, f"stale: round {lease['round']} closed before this "
                                   f"contribution arrived (the open round is {self.round}); "
-                                  "it was not applied")
+                                  "it was not applied", blameless=True)
             d = self.contrib_dir / f"r{rnd:06d}"
             d.mkdir(exist_ok=True)
             stored = d / f"lease-{lease_id}.safetensors"
@@ -413,33 +415,51 @@ class Coordinator:
             if n >= self.cfg.min_contributions and (now >= row["deadline"] or not open_leases):
                 self.close_round()
                 return True
-            if now >= row["deadline"]:
-                self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
-                log.info("round %d reached its deadline with %d of %d contributions needed; "
-                         "extended", rnd, n, self.cfg.min_contributions)
+            if now < row["deadline"]:
+                return False
+            if row["extensions"] >= self.cfg.max_extensions:  # no round waits for ever
+                log.warning("round %d: %d of %d contributions needed after %d extension(s) of "
+                            "its deadline; closing with what it has%s", rnd, n,
+                            self.cfg.min_contributions, row["extensions"],
+                            "" if n else " (nothing: the model stays as it is)")
+                self.close_round()
+                return True
+            done = self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
+            log.warning("round %d reached its deadline with %d of %d contributions needed; "
+                        "extended by %.0fs (%d of %d extensions; then it closes with what it "
+                        "has)", rnd, n, self.cfg.min_contributions, self.cfg.round_seconds,
+                        done, self.cfg.max_extensions)
             return False
 
     def close_round(self) -> None:
         with self.lock:
             rnd = self.round
             rows = self.ledger.accepted(rnd)
-            mean = self._aggregate(rnd, rows)
-            ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
-            update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
-            target = {k: update[k] + self.residual[k] for k in update}
+            if rows:
+                mean = self._aggregate(rnd, rows)
+                ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum,
+                                   self.cfg.nesterov)
+                update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
+                target = {k: update[k] + self.residual[k] for k in update}
+            else:  # an empty round (closed after its extensions): publish a zero update, so
+                # the model, the outer momentum and the residual stay as they are
+                momentum = self.momentum
+                target = {k: torch.zeros_like(v) for k, v in self.theta.items()}
             blob = compress.to_bytes(target, "int8", meta={"round": str(rnd)})
             applied, _ = compress.from_bytes(blob, self.shapes)
-            residual = {k: target[k] - applied[k] for k in target}
+            residual = {k: target[k] - applied[k] for k in target} if rows else self.residual
             theta = apply_update(self.theta, applied)
             atomic_write(self.updates_dir / f"update-{rnd:06d}.safetensors", blob)
-            outer = {f"momentum:{k}": v for k, v in momentum.items()}
+            outer = {f"momentum:{k}": v for k, v in (momentum or {}).items()}
             outer.update({f"residual:{k}": v for k, v in residual.items()})
             atomic_write(self._outer_path(rnd + 1), st_save(outer))
             rows = [r for r in self.ledger.accepted(rnd) if not r["excluded"]]
             tokens = int(sum(r["weight"] for r in rows))
             meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
                 "source": "swarm",
-                "steps": int(self.ckpt_meta.get("steps", 0)) + self.cfg.round_steps(rnd),
+                # an empty round trained nothing: the schedule does not move
+                "steps": int(self.ckpt_meta.get("steps", 0)) + (
+                    self.cfg.round_steps(rnd) if rows else 0),
                 "tokens_trained": int(self.ckpt_meta.get("tokens_trained", 0)) + tokens,
                 "params": self.params,
                 "contributions": len(rows),
@@ -504,4 +524,6 @@ class Coordinator:
     def status(self) -> Status:
         return run_status(self.ledger, run_name=self.run.config.name, round=self.round,
                           finished=self.finished, params=self.params,
-                          payload_bytes=compress.payload_bytes(self.wire_params, self.cfg.codec))
+                          payload_bytes=compress.payload_bytes(self.wire_params, self.cfg.codec),
+                          min_contributions=self.cfg.min_contributions,
+                          max_extensions=self.cfg.max_extensions)

@@ -105,6 +105,10 @@ ADDED_COLUMNS = (
     ("rounds", "checkpoint_sha256", "TEXT"),
     ("rounds", "chain_link", "TEXT"),
     ("leases", "alive_at", "REAL"),  # the worker's last heartbeat (NULL: none yet)
+    # a refusal the volunteer did not cause (its lease was voided, replaced or outlived by
+    # its round): it may lease again in the same round
+    ("contributions", "blameless", "INTEGER NOT NULL DEFAULT 0"),
+    ("rounds", "extensions", "INTEGER NOT NULL DEFAULT 0"),  # deadline extensions so far
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -259,9 +263,13 @@ class Ledger:
         rows = self.query("SELECT * FROM rounds WHERE round = ?", (rnd,))
         return rows[0] if rows else None
 
-    def extend_round(self, rnd: int, deadline: float) -> None:
+    def extend_round(self, rnd: int, deadline: float) -> int:
+        """Move the open round's deadline; returns how often it has been extended now."""
         with self.tx() as db:
-            db.execute("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, rnd))
+            db.execute("UPDATE rounds SET deadline = ?, extensions = extensions + 1 "
+                       "WHERE round = ?", (deadline, rnd))
+            return int(db.execute("SELECT extensions FROM rounds WHERE round = ?",
+                                  (rnd,)).fetchone()["extensions"])
 
     def close_round(self, rnd: int, update_sha256: str, checkpoint_sha256: str | None = None,
                     base_sha256: str | None = None) -> None:
@@ -406,13 +414,22 @@ class Ledger:
         return int(cur.lastrowid)
 
     def refuse(self, lease_id: int | None, volunteer_id: int, rnd: int, sha256: str,
-               nbytes: int, reason: str) -> int:
+               nbytes: int, reason: str, blameless: bool = False) -> int:
+        """Record a refused upload; `blameless` when the volunteer did not cause it (its
+        lease was voided or replaced, or its round closed first)."""
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO contributions (lease_id, volunteer_id, round, received_at, sha256, "
-                "bytes, status, reason) VALUES (?, ?, ?, ?, ?, ?, 'refused', ?)",
-                (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, reason))
+                "bytes, status, reason, blameless) VALUES (?, ?, ?, ?, ?, ?, 'refused', ?, ?)",
+                (lease_id, volunteer_id, rnd, time.time(), sha256, nbytes, reason,
+                 int(blameless)))
         return int(cur.lastrowid)
+
+    def refused_for_cause(self, volunteer_id: int, rnd: int) -> bool:
+        """Whether the volunteer sent round `rnd` a payload refused through its own fault."""
+        return bool(self.query(
+            "SELECT 1 FROM contributions WHERE volunteer_id = ? AND round = ? AND "
+            "status = 'refused' AND blameless = 0 LIMIT 1", (volunteer_id, rnd)))
 
     def annotate(self, contribution_id: int, note: str, excluded: bool = False) -> None:
         """Record why aggregation clipped a contribution, or left it out (no credit then).

@@ -84,6 +84,12 @@ class LocalSwarm:
     def home(self, name: str) -> Path:
         return self.log_dir / "home" / name
 
+    def run_folder(self, name: str, run_name: str) -> Path:
+        """Volunteer `name`'s own folder for run `run_name` (crowdtrain.localstate)."""
+        from crowdtrain.localstate import LocalState
+
+        return LocalState(self.home(name), self.url).run_folder(run_name, name).path
+
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         """Start `argv` as process `name`, appending its output to `<name>.log`."""
         with self.logfile(name).open("a") as log:

@@ -249,3 +249,6 @@ class Status(BaseModel):
     refusals: list[Refusal] = Field(default_factory=list,
                                     description="the most recent refused contributions")
     round_deadline: float | None = Field(None, description="unix time the open round closes")
+    round_extensions: int = Field(0, description="times the open round's deadline was extended")
+    round_waiting: str | None = Field(None, description=(
+        "why the open round has not closed yet, when it is short of contributions"))

@@ -69,6 +69,9 @@ class SwarmConfig:
     round_seconds: float = 120.0
     rounds: int = 10
     min_contributions: int = 1
+    # a round still short of min_contributions at its deadline is extended by round_seconds,
+    # at most this many times; then it closes with what it has (nothing: the model stays)
+    max_extensions: int = 3
     codec: str = "int8"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -89,6 +92,7 @@ class SwarmConfig:
             "round_seconds": self.round_seconds >= 1,
             "rounds": self.rounds >= 0,
             "min_contributions": self.min_contributions >= 1,
+            "max_extensions": self.max_extensions >= 0,
             "codec": self.codec in CODECS,
             "outer_lr": 0 < self.outer_lr <= 10,
             "outer_momentum": 0 <= self.outer_momentum < 1,

@@ -59,9 +59,11 @@ def teacher_info(run: Run) -> TeacherInfo | None:
 
 
 def run_status(ledger: Ledger, *, run_name: str, round: int, finished: bool, params: int,
-               payload_bytes: int) -> Status:
+               payload_bytes: int, min_contributions: int = 1, max_extensions: int = 3
+               ) -> Status:
     """`round` is the open round; `params` the model's parameters; `payload_bytes` one
-    contribution's size on the wire."""
+    contribution's size on the wire; the round's closing rule (`min_contributions`,
+    `max_extensions`) explains a round that waits."""
     rounds = [RoundSummary(
         round=r["round"], state=r["state"], opened_at=r["opened_at"],
         closed_at=r["closed_at"], contributions=r["contributions"], refused=r["refused"],
@@ -79,9 +81,18 @@ def run_status(ledger: Ledger, *, run_name: str, round: int, finished: bool, par
         "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
         "ORDER BY c.id DESC LIMIT 50")]
     current = ledger.round_row(round)
+    live = current is not None and not finished
+    waiting = None
+    if live and (n := len(ledger.accepted(round))) < min_contributions:
+        left = max_extensions - current["extensions"]
+        waiting = (f"{n} of {min_contributions} contribution(s) needed; deadline extended "
+                   f"{current['extensions']} of {max_extensions} time(s)"
+                   + (", then it closes with what it has" if left <= 0 else
+                      f"; {left} more extension(s) at most, then it closes with what it has"))
     return Status(
         api_version=API_VERSION, run_name=run_name, round=round, finished=finished,
         params=params, payload_bytes=payload_bytes, full_model_bytes=4 * params, rounds=rounds,
         volunteers=vols, initial_val_loss=first["val_loss"] if first else None,
         refusals=refusals,
-        round_deadline=None if finished or current is None else current["deadline"])
+        round_deadline=current["deadline"] if live else None,
+        round_extensions=current["extensions"] if live else 0, round_waiting=waiting)

@@ -109,6 +109,8 @@ def _header(st: Status, now: float) -> Text:
         if st.round_deadline is not None:
             t.append(f" (closes within {fmt_seconds(max(0.0, st.round_deadline - now))})",
                      style="cyan")
+        if st.round_waiting:
+            t.append(f"  ·  waiting: {st.round_waiting}", style="yellow")
     per_param = st.payload_bytes / st.params if st.params else 0.0
     t.append(f"  ·  {fmt_int(st.params)} params  ·  {per_param:.2f} bytes/param per upload "
              f"({fmt_bytes(st.payload_bytes)})", style="dim")

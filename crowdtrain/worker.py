@@ -119,7 +119,10 @@ class Worker:
         self.device = ranks.device if ranks is not None else pick_device(cfg.device)
         if cfg.max_memory and self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(cfg.max_memory, self.device)
-        self.folder = self.local.run_folder(self.info.run_name)
+        self.name = self.local.default_name(
+            f"volunteer-{platform.node()[:20] or 'anon'}") if cfg.name is None else cfg.name
+        self.local.claim(self.name)  # one process per volunteer (and run folder)
+        self.folder = self.local.run_folder(self.info.run_name, self.name)
         self._join()
         self.tcfg = TrainConfig(**self.info.train)
         self.model = self._build_model()
@@ -149,10 +152,9 @@ class Worker:
 
     # -- identity
     def _join(self, force: bool = False) -> None:
-        ident = None if force else self.local.identity()
+        ident = None if force else self.local.identity(self.name)
         if ident is None:
-            name = self.cfg.name or f"volunteer-{platform.node()[:20] or 'anon'}"
-            req = protocol.JoinRequest(name=name, device=self.device.type,
+            req = protocol.JoinRequest(name=self.name, device=self.device.type,
                                        api_version=protocol.API_VERSION,
                                        invite=self.cfg.invite, anonymous=self.cfg.anonymous)
             r = self.client.call("POST", protocol.JOIN, json_body=req.model_dump())
@@ -161,7 +163,6 @@ class Worker:
             self.local.save_identity(ident)
             log.info("joined %s as %s (volunteer %d)", self.cfg.url, resp.name, resp.volunteer_id)
         self.client.token = ident["token"]
-        self.name = ident["name"]
 
     # -- the model
     def _build_model(self) -> torch.nn.Module:
@@ -393,6 +394,7 @@ class Worker:
         try:
             return self._run()
         finally:
+            self.local.release()
             if self.ranks is not None:  # release the other ranks
                 self.ranks.bcast_json({"cmd": "exit"})
 

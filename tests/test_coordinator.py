@@ -448,3 +448,59 @@ def test_a_lease_voided_while_its_upload_is_checked_is_not_accepted(coord, monke
     with pytest.raises(Refused, match="already has an accepted"):
         coord.submit(a, second.lease_id, payload(second, coord.shapes, seed=3))
     assert [r["lease_id"] for r in coord.ledger.accepted(0)] == [second.lease_id]
+
+
+def test_a_refusal_the_volunteer_did_not_cause_lets_it_lease_again_in_the_round(coord):
+    a = volunteer(coord, "a")
+    first = lease(coord, a)
+    second = lease(coord, a)  # e.g. a second process under the same identity: voids `first`
+    with pytest.raises(Refused, match="newer lease replaced it") as e:
+        coord.submit(a, first.lease_id, payload(first, coord.shapes))
+    assert e.value.status == 409
+    row = coord.ledger.query("SELECT blameless FROM contributions WHERE status = 'refused'")
+    assert [r["blameless"] for r in row] == [1]
+    third = lease(coord, a)  # not its fault: it may lease again in the same round
+    assert third.round == 0 and third.lease_id not in (first.lease_id, second.lease_id)
+    coord.submit(a, third.lease_id, payload(third, coord.shapes))
+    assert coord.tick() and coord.round == 1
+
+
+def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(tiny_run,
+                                                                            tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=2, round_seconds=60,
+                   min_contributions=2, max_extensions=2)
+    coord = Coordinator(run, evaluate_rounds=False)
+    try:
+        theta0 = {k: v.clone() for k, v in coord.theta.items()}
+        a = volunteer(coord, "a")
+        la = lease(coord, a)
+        with pytest.raises(Refused):  # every volunteer of round 0 is refused
+            coord.submit(a, la.lease_id, poisoned_payload(la, coord.shapes, "model.norm.weight"))
+        st = coord.status()
+        assert st.round_extensions == 0 and "0 of 2 contribution(s) needed" in st.round_waiting
+        for ext in (1, 2):  # the deadline passes: extended, and the status says so
+            coord.ledger.extend_round(0, time.time() - 1)
+            coord.ledger.query("UPDATE rounds SET extensions = ? WHERE round = 0", (ext - 1,))
+            assert not coord.tick() and coord.round == 0
+            st = coord.status()
+            assert st.round_extensions == ext and f"extended {ext} of 2" in st.round_waiting
+        assert "then it closes with what it has" in st.round_waiting
+        coord.ledger.query("UPDATE rounds SET deadline = ? WHERE round = 0", (time.time() - 1,))
+        assert coord.tick() and coord.round == 1  # closed with nothing: the model stays
+        ck = load_checkpoint(run.ckpt_dir, 1)
+        assert all(torch.equal(ck.tensors[k], theta0[k]) for k in theta0)
+        assert ck.meta["contributions"] == 0 and ck.meta["steps"] == 0
+        assert coord.ledger.round_row(0)["state"] == "closed"
+        coord.close()  # a restart after an empty first round (no outer momentum yet)
+        coord = Coordinator(run, evaluate_rounds=False)
+        assert coord.round == 1 and coord.momentum is None
+        # round 1 gets one contribution of the two needed: it closes with what it has
+        lb = lease(coord, a)
+        coord.submit(a, lb.lease_id, payload(lb, coord.shapes))
+        coord.ledger.query("UPDATE rounds SET deadline = ?, extensions = 2 WHERE round = 1",
+                           (time.time() - 1,))
+        assert coord.tick() and coord.finished  # the run reached its last round
+        assert not all(torch.equal(coord.theta[k], theta0[k]) for k in theta0)
+        assert coord.status().round_waiting is None
+    finally:
+        coord.close()

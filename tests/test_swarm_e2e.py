@@ -75,7 +75,7 @@ def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
     assert 1.0 < update / st.params < 1.1
     # every worker's parameters equal the coordinator's checkpoint bit for bit
     for name in ("alice", "bob", "carol"):
-        p = tmp_path / "home" / name / "runs" / s.run.config.name / "params.safetensors"
+        p = s.run_folder(name, s.run.config.name) / "params.safetensors"
         with safe_open(str(p), "pt") as f:
             rnd = int(f.metadata()["round"])
         mine, ck = load_file(str(p)), load_checkpoint(s.run.ckpt_dir, rnd)
@@ -208,7 +208,7 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
             s.serve()
             s.join("vol")
             if case == "killed":
-                snap = s.home("vol") / "runs" / s.run.config.name / "in-progress.safetensors"
+                snap = s.run_folder("vol", s.run.config.name) / "in-progress.safetensors"
                 end, done = time.time() + 240, None
                 while done is None:  # the first snapshot of round 1's lease
                     if time.time() > end or not s.alive("vol"):
@@ -249,5 +249,6 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
     # the same batches, schedule positions, AdamW state and residual: bit for bit
     for kd, rd in zip(killed["delta"], ref["delta"], strict=True):
         assert all(torch.equal(kd[name], rd[name]) for name in rd)
-    assert not (tmp_path / "killed" / "home" / "vol" / "runs" / tiny_run.config.name /
-                "in-progress.safetensors").exists()  # dropped once its work was accepted
+    folders = list((tmp_path / "killed" / "home" / "vol" / "runs").glob("*/vol"))
+    assert len(folders) == 1 and (folders[0] / "params.safetensors").is_file()
+    assert not (folders[0] / "in-progress.safetensors").exists()  # dropped once accepted

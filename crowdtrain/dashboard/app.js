@@ -452,6 +452,9 @@
       rightText = left == null ? "" : left > 0 ? `closes within ${fmtDur(left)}` : "deadline passed, waiting for contributions";
       frac = left == null ? 0 : elapsed / Math.max(1e-6, elapsed + Math.max(0, left));
       setText("round-sub", left == null ? "open" : left > 0 ? `open · ≤ ${fmtDur(left)} left` : "open · waiting for work");
+      if (st.round_waiting) {  // short of contributions: say why and what happens next
+        rightText = `waiting: ${st.round_waiting}` + (left != null && left > 0 ? ` · next check in ${fmtDur(left)}` : "");
+      }
     } else {
       leftText = "Waiting for the first round to open"; rightText = ""; frac = 0;
       setText("round-sub", "not started");
