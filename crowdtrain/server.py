@@ -1,26 +1,32 @@
 """HTTP transport of the coordinator: FastAPI routes over `Coordinator`, run by uvicorn.
 
 Decode -> authenticate -> size-check -> hand to the coordinator -> encode. Routes and messages
-come from protocol.py; refusals become 4xx with `{"detail": reason}`. Uploads are streamed
-to a spool file on disk as they arrive (never held whole in memory) and cut off at the payload
-limit. A background thread ticks
+come from protocol.py; refusals become 4xx with `{"detail": reason}` as ASCII JSON, whatever
+bytes the request held (a body that is not UTF-8 or not JSON, odd path or header bytes: a 4xx
+that names the part, never a 5xx), and the unread rest of a refused request's body is drained
+so that the answer reaches the client. Uploads are streamed to a spool file on disk as they
+arrive (never held whole in memory) and cut off at the payload limit. A background thread ticks
 the coordinator so rounds close on time even when nobody is calling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from crowdtrain import __version__, owner, protocol
@@ -32,6 +38,94 @@ from crowdtrain.web import mount_web
 log = logging.getLogger(__name__)
 
 SAFETENSORS = "application/octet-stream"
+ECHO_CHARS = 200  # of a refused input echoed back in a validation error
+DRAIN_IDLE_SECONDS = 5.0  # an unread request body is drained while it keeps coming
+FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's words for a body that
+# json.loads raised something other than JSONDecodeError on (not UTF-8, nested too deep)
+
+
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    """`{"detail": ...}` as ASCII JSON: request bytes echoed in it cannot make it unencodable
+    (lone surrogates, raw bytes) or non-ASCII."""
+    return Response(json.dumps({"detail": detail}, ensure_ascii=True), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _echo(value: Any) -> Any:
+    """A validation error's `input`/`ctx`, made JSON-safe: bytes (a body that was not parsed as
+    JSON) become their ASCII repr, long values are cut, non-finite floats and unknown objects
+    become text."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        cut = repr(raw[:ECHO_CHARS])
+        return cut + (f"... ({len(raw)} bytes)" if len(raw) > ECHO_CHARS else "")
+    if isinstance(value, str):
+        return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "..."
+    if isinstance(value, dict):
+        return {str(k): _echo(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_echo(v) for v in value]
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return _echo(str(value))
+
+
+def validation_detail(errors: Any) -> list[dict]:
+    """FastAPI's list of validation errors, JSON-safe (see `_echo`). A body that was not read as
+    JSON (a Content-Type other than application/json) is validated as raw bytes: say so."""
+    out = []
+    for err in errors:
+        err = dict(err)
+        if isinstance(err.get("input"), (bytes, bytearray)) and tuple(err.get("loc", ()))[:1] \
+                == ("body",):
+            err["msg"] = (f"{err.get('msg', 'invalid body')}: the body was not read as JSON; "
+                          "send a JSON object with Content-Type: application/json")
+        out.append({str(k): _echo(v) for k, v in err.items()})
+    return out
+
+
+class DrainUnreadBody:
+    """ASGI middleware: before a response starts, read and drop what is left of the request
+    body (while it keeps arriving, up to `limit` bytes of body in all). A request refused
+    before its body is read (401 for a stale token, 422 for a bad lease id, in front of a whole
+    upload) would otherwise be answered and closed with the body unread, and the kernel then
+    resets the connection: the client often loses the answer it was sent and sees "connection
+    reset"."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        # nothing to drain: a body larger than we read anyway, or one not sent until we say so
+        done = (declared.isdigit() and int(declared) > self.limit) \
+            or b"100-continue" in headers.get(b"expect", b"").lower()
+
+        received = 0
+
+        async def tracked_receive():
+            nonlocal done, received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                done = True
+            return message
+
+        async def draining_send(message) -> None:
+            if message["type"] == "http.response.start":
+                while not done and received <= self.limit:
+                    try:
+                        await asyncio.wait_for(tracked_receive(), DRAIN_IDLE_SECONDS)
+                    except TimeoutError:  # the client stopped sending: answer anyway
+                        break
+            await send(message)
+
+        await self.app(scope, tracked_receive, draining_send)
 
 
 def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
@@ -69,14 +163,28 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     submit_limit = RateLimiter(rate=1.0, burst=20)  # per volunteer
 
     @app.exception_handler(Refused)
-    async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+    async def refused(request: Request, exc: Refused) -> Response:
+        return error_response(exc.status, exc.reason)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's own handler echoes the input, which fails on lone surrogates: ASCII-escape
-        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
-        return Response(body, status_code=422, media_type="application/json")
+        # FastAPI's own handler echoes the input, which fails on lone surrogates and on a raw
+        # body that is not UTF-8 (jsonable_encoder decodes bytes): echo it JSON- and ASCII-safe
+        return error_response(422, validation_detail(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        cause = exc.__cause__
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR and cause is not None:
+            # a JSON body json.loads could not even tokenize: say why (ASCII: the codec's or
+            # the parser's own words, e.g. "'utf-8' codec can't decode byte 0xff in position 0")
+            why = str(cause).encode("ascii", "backslashreplace").decode()[:ECHO_CHARS]
+            if isinstance(cause, UnicodeDecodeError):
+                why = f"it is not UTF-8 ({why})"
+            elif isinstance(cause, RecursionError):
+                why = "it is nested too deeply"
+            return error_response(400, f"request body is not valid JSON: {why}")
+        return await http_exception_handler(request, exc)
 
     oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None)
 
@@ -84,14 +192,24 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     async def api_version(request: Request, call_next):
         v = request.headers.get(protocol.API_HEADER)
         if v is not None and request.url.path.startswith("/v1/"):
-            try:
-                ok = oldest <= int(v) <= protocol.API_VERSION
-            except ValueError:
-                ok, v = False, None
-            if not ok:
-                return JSONResponse({"detail": protocol.upgrade_message(v and int(v), oldest)},
-                                    status_code=426)
+            v = v.strip(" \t")  # a version is ASCII digits, nothing else (int() takes
+            # "²", "1_0", "+2", and strips NEL and NBSP around them)
+            version = int(v) if v.isascii() and v.isdigit() and len(v) <= 9 else None
+            if version is None or not oldest <= version <= protocol.API_VERSION:
+                return error_response(426, protocol.upgrade_message(version, oldest))
+        # a declared body larger than any route takes is refused before anything waits for it
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                return error_response(400, "invalid Content-Length header: not a number of "
+                                           "bytes")
+            if int(declared) > limit:
+                size = declared if len(declared) <= 20 else "over 10**20"
+                return error_response(413, f"request body of {size} bytes exceeds the limit "
+                                           f"of {limit} bytes")
         return await call_next(request)
+
+    app.add_middleware(DrainUnreadBody, limit=limit)  # added last: the outermost
 
     def bearer(authorization: str | None, what: str) -> str:
         if not authorization or not authorization.startswith("Bearer "):
@@ -185,7 +303,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                      vol: Volunteer = Depends(volunteer)) -> protocol.SubmitResponse:
         limited(submit_limit, str(vol.id), "submissions from this volunteer")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and (not (declared.isascii() and declared.isdigit())
+                                     or int(declared) > limit):
             raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
                                "bytes for this model")
         try:
