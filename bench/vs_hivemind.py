@@ -3,10 +3,12 @@ side by side on this machine: same model, same data, same batch per peer, 2 and 
 loopback, one torch thread per process.
 
 hivemind runs in a virtualenv of its own (made by this script, never in the project's
-dependencies): `python -m venv --system-site-packages VENV`, then `pip install torch==2.13.0`
-(already satisfied by the system's CPU build: nothing is downloaded) and
-`pip install hivemind==1.1.12` (its wheel ships the p2pd daemon). crowdtrain's model and
-batches are imported in the hivemind peers from this checkout.
+dependencies), with its own packages only: `python -m venv VENV`, then with the lock
+(`-c constraints.txt`, the versions CI tests on) `pip install torch==2.13.0` (the CPU wheel),
+`pip install -e .` (crowdtrain's dependencies) and `pip install hivemind==1.1.12` (its wheel
+ships the p2pd daemon). crowdtrain's model and batches are imported in the hivemind peers from
+this checkout. (Not `--system-site-packages`: run from a virtualenv, that sees the base
+interpreter's packages instead of this one's, and every peer dies on `import tokenizers`.)
 
 Per system and peer count, each in a network namespace of its own (so the `lo` byte counters
 of /proc/net/dev count only that system's traffic):
@@ -172,13 +174,19 @@ class Outcome:
 
 
 def ensure_venv(venv: Path) -> Path:
+    """hivemind's virtualenv, made if missing, with everything its peers import installed in it
+    (whichever interpreter, virtualenv or not, runs this script). One made by an earlier version
+    of this script with --system-site-packages is made again."""
     py = venv / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                       check=True)
-    if subprocess.run([str(py), "-c", "import hivemind"], capture_output=True).returncode:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "hivemind==1.1.12"], check=True)
+    cfg = venv / "pyvenv.cfg"
+    if not cfg.is_file() or "include-system-site-packages = true" in cfg.read_text():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    needed = "import hivemind, tokenizers, transformers, torch, crowdtrain.train"
+    if subprocess.run([str(py), "-c", needed], capture_output=True).returncode:
+        pip = [str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: not a CUDA build
+        subprocess.run([*pip, "-e", str(ROOT)], check=True)
+        subprocess.run([*pip, "hivemind==1.1.12"], check=True)
     return py
 
 
