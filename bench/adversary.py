@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain import compress, protocol  # noqa: E402
-from crowdtrain.worker import Worker, WorkerConfig  # noqa: E402
+from crowdtrain.volunteer.worker import Worker, WorkerConfig  # noqa: E402
+from crowdtrain.wire import codecs, protocol  # noqa: E402
 
 ATTACKS = ("scaled_x100", "noise", "sign_flip", "alie", "liar", "nan")
 log = logging.getLogger("crowdtrain.adversary")
@@ -92,7 +92,7 @@ class Adversary(Worker):
             time.sleep(0.1)
         else:
             files = sorted(d.glob("lease-*.safetensors")) if d.is_dir() else []
-        return [compress.from_bytes(f.read_bytes(), self.shapes)[0] for f in files]
+        return [codecs.from_bytes(f.read_bytes(), self.shapes)[0] for f in files]
 
     def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
         peers = self._peers(stats.round) if self.attack == "alie" else []
@@ -103,13 +103,13 @@ class Adversary(Worker):
                  self.attack, norm(delta), norm(bad))
         if self.attack == "nan":  # the encoder refuses NaN; a hostile client writes its own
             from safetensors.torch import save
-            wire = compress.encode(delta, self.info.schedule.codec)
+            wire = codecs.encode(delta, self.info.schedule.codec)
             first = next(k for k in sorted(wire) if wire[k].is_floating_point())
             wire[first].view(-1)[0] = float("nan")
             return save(wire, metadata={"codec": self.info.schedule.codec,
-                                        "block": str(compress.BLOCK),
+                                        "block": str(codecs.BLOCK),
                                         "stats": stats.model_dump_json()})
-        return compress.to_bytes(bad, self.info.schedule.codec,
+        return codecs.to_bytes(bad, self.info.schedule.codec,
                                  meta={"stats": stats.model_dump_json()})
 
 

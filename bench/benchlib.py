@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain import compress, protocol  # noqa: E402
-from crowdtrain.checkpoint import save_checkpoint  # noqa: E402
-from crowdtrain.data import default_corpus, eval_windows, load_split  # noqa: E402
-from crowdtrain.model import build_model, count_params, state_dict_for_save  # noqa: E402
-from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
-from crowdtrain.train import evaluate  # noqa: E402
+from crowdtrain.run.checkpoint import save_checkpoint  # noqa: E402
+from crowdtrain.run.data import default_corpus, eval_windows, load_split  # noqa: E402
+from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
+from crowdtrain.run.model import build_model, count_params, state_dict_for_save  # noqa: E402
+from crowdtrain.run.train import evaluate  # noqa: E402
+from crowdtrain.wire import codecs, protocol  # noqa: E402
 
 # Llama shapes (hidden, layers, heads, intermediate, vocab) by nominal size. The vocabulary of
 # the config may exceed the tokenizer's (the extra rows are never hit): it keeps the parameter
@@ -176,7 +176,7 @@ def make_run(base: Run, dst: Path, shape: str | None = None, *, train: dict | No
 def serve(swarm, *args: object, timeout: float = 900.0):
     """Start the coordinator of a LocalSwarm like `swarm.serve()`, with a start-up allowance
     for a loaded machine (a large model is built, loaded and evaluated before it answers)."""
-    from crowdtrain.localswarm import wait_until_up
+    from crowdtrain.cli.processes import wait_until_up
 
     p = swarm.cli("coordinator", "serve", swarm.run_dir, "--port", swarm.port, *args)
     wait_until_up(swarm.url, p, swarm.logfile("coordinator"), timeout)
@@ -196,7 +196,7 @@ class Payloads:
         for v in range(variants):
             g = torch.Generator().manual_seed(v)
             delta = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
-            blob = compress.to_bytes(delta, "int8")
+            blob = codecs.to_bytes(delta, "int8")
             (n,) = struct.unpack("<Q", blob[:8])
             self.bodies.append((json.loads(blob[8:8 + n]), blob[8 + n:]))
 
@@ -265,11 +265,11 @@ class WorkerTimes:
 
 def run_instrumented_worker(url: str, home: Path, name: str, max_rounds: int,
                             threads: int = 1) -> WorkerTimes:
-    """Run the real `crowdtrain join` worker (crowdtrain.worker.Worker) in this process for
+    """Run the real `crowdtrain join` worker (volunteer.worker.Worker) in this process for
     `max_rounds` rounds, timing each of its phases by wrapping its methods (no change to its
     behaviour)."""
-    from crowdtrain import protocol
-    from crowdtrain.worker import Worker, WorkerConfig
+    from crowdtrain.volunteer.worker import Worker, WorkerConfig
+    from crowdtrain.wire import protocol
 
     t = WorkerTimes()
     t0 = time.perf_counter()

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poisoning_swarm import held_out, prepare  # noqa: E402
 
-from crowdtrain.checkpoint import load_checkpoint  # noqa: E402
-from crowdtrain.data import default_corpus  # noqa: E402
-from crowdtrain.ledger import Ledger  # noqa: E402
-from crowdtrain.localswarm import LocalSwarm  # noqa: E402
-from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.run.checkpoint import load_checkpoint  # noqa: E402
+from crowdtrain.run.data import default_corpus  # noqa: E402
+from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
+from crowdtrain.run.ledger import Ledger  # noqa: E402
 
 TOLERANCE = 0.03
 

@@ -68,11 +68,11 @@ from benchlib import (  # noqa: E402
 )
 from diloco_sim import Recipe, schedule, simulate  # noqa: E402
 
-from crowdtrain.data import get_batch, load_split  # noqa: E402
-from crowdtrain.localswarm import LocalSwarm, free_port  # noqa: E402
-from crowdtrain.rundir import Run, SwarmConfig  # noqa: E402
-from crowdtrain.schedule import inner_steps_schedule  # noqa: E402
-from crowdtrain.train import InnerLoop, evaluate  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm, free_port  # noqa: E402
+from crowdtrain.run.data import get_batch, load_split  # noqa: E402
+from crowdtrain.run.folder import Run, SwarmConfig  # noqa: E402
+from crowdtrain.run.schedule import inner_steps_schedule  # noqa: E402
+from crowdtrain.run.train import InnerLoop, evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve()
 

@@ -5,7 +5,7 @@ parameters.
 Each simulated volunteer is an asyncio httpx client with its own loopback source address
 (127.0.x.y, as volunteers come from their own addresses): it joins, then for each round asks
 for a lease, "trains" for a random 0..--spread seconds, and uploads a well-formed int8 payload
-(a random delta of the model's shapes, quantized by crowdtrain.compress, with the lease's
+(a random delta of the model's shapes, quantized by crowdtrain.wire.codecs, with the lease's
 stats), then polls for the next lease as the real worker does. The run needs all N
 contributions per round (min_contributions = N), so every round aggregates N deltas with the
 run's default robust aggregation, block by block from the files on disk.
@@ -57,12 +57,12 @@ from benchlib import (  # noqa: E402
     serve,
 )
 
-from crowdtrain import protocol  # noqa: E402
-from crowdtrain.ledger import Ledger  # noqa: E402
-from crowdtrain.localswarm import LocalSwarm  # noqa: E402
-from crowdtrain.model import build_model, config_from_dict, state_dict_for_save  # noqa: E402
-from crowdtrain.robust import block_for  # noqa: E402
-from crowdtrain.rundir import Run  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.coordinator.aggregation import block_for  # noqa: E402
+from crowdtrain.run.folder import Run  # noqa: E402
+from crowdtrain.run.ledger import Ledger  # noqa: E402
+from crowdtrain.run.model import build_model, config_from_dict, state_dict_for_save  # noqa: E402
+from crowdtrain.wire import protocol  # noqa: E402
 
 BLOCK_ELEMS = 1 << 20  # robust_aggregate's default block
 OCTETS = "application/octet-stream"

@@ -3,7 +3,7 @@
 K simulated workers train in turn (each with its own persistent AdamW state, its own shard and
 batch seed per lease, as the coordinator assigns them), send their deltas through the real
 codec with worker-side error feedback, and the coordinator's own math merges them: token-
-weighted mean -> outer SGD (crowdtrain.aggregate) -> the update through the codec with
+weighted mean -> outer SGD (crowdtrain.wire.outer) -> the update through the codec with
 coordinator-side error feedback -> `apply_update`. No HTTP, so a sweep costs only compute.
 
 A `Recipe` is one way of running the swarm: the inner steps of every round (fixed or growing
@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain import compress  # noqa: E402
-from crowdtrain.aggregate import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
-from crowdtrain.data import get_batch, load_split  # noqa: E402
-from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
-from crowdtrain.rundir import Run  # noqa: E402
-from crowdtrain.schedule import inner_steps_schedule  # noqa: E402
-from crowdtrain.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
+from crowdtrain.run.data import get_batch, load_split  # noqa: E402
+from crowdtrain.run.folder import Run  # noqa: E402
+from crowdtrain.run.model import load_into, state_dict_for_save  # noqa: E402
+from crowdtrain.run.schedule import inner_steps_schedule  # noqa: E402
+from crowdtrain.run.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
+from crowdtrain.wire import codecs  # noqa: E402
+from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,8 @@ def schedule(train: TrainConfig, steps: int) -> TrainConfig:
 def transmit(tensors: dict[str, torch.Tensor], codec: str,
              shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], int]:
     """(what the receiver decodes, bytes on the wire) through the real codec."""
-    blob = compress.to_bytes(tensors, codec)
-    return compress.from_bytes(blob, shapes)[0], len(blob)
+    blob = codecs.to_bytes(tensors, codec)
+    return codecs.from_bytes(blob, shapes)[0], len(blob)
 
 
 def simulate(run: Run, workers: int, recipe: Recipe) -> Result:

@@ -7,7 +7,7 @@ the median over pairs, so a load that changes during the run hits both sides ali
 - plain: `crowdtrain train RUN --steps R*H --threads T` (a subprocess, on a copy of the run);
   its tokens/s over the training loop (evaluation excluded).
 - swarm: a coordinator (`crowdtrain serve`, its own process) and one volunteer, the real
-  `crowdtrain join` worker (crowdtrain.worker.Worker, run in this process with its methods
+  `crowdtrain join` worker (crowdtrain.volunteer.worker.Worker, run in this process with its methods
   wrapped by timers), for R rounds of H inner steps. A newcomer each time: it joins, downloads
   the model and its shard in round 1.
 
@@ -55,8 +55,8 @@ from benchlib import (  # noqa: E402
     serve,
 )
 
-from crowdtrain.localswarm import LocalSwarm, cli_command  # noqa: E402
-from crowdtrain.rundir import Run  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm, cli_command  # noqa: E402
+from crowdtrain.run.folder import Run  # noqa: E402
 
 TARGET = 0.95
 

@@ -1,4 +1,4 @@
-"""Poisoning benchmark: how each aggregation method of crowdtrain.robust holds up when one of
+"""Poisoning benchmark: how each aggregation method of coordinator.aggregation holds up when one of
 K volunteers is malicious; picks `RobustConfig.method`'s default.
 
 DiLoCo in one process (as bench/diloco_sim.py: persistent AdamW per worker, int8 deltas with
@@ -43,14 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain import compress  # noqa: E402
-from crowdtrain.aggregate import OuterConfig, apply_update, outer_step  # noqa: E402
-from crowdtrain.data import default_corpus, get_batch, load_split  # noqa: E402
-from crowdtrain.model import load_into, state_dict_for_save  # noqa: E402
-from crowdtrain.payloads import SafetensorsQuantSource  # noqa: E402
-from crowdtrain.robust import METHODS, RobustConfig, robust_aggregate  # noqa: E402
-from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
-from crowdtrain.train import InnerLoop, evaluate  # noqa: E402
+from crowdtrain.coordinator.aggregation import METHODS, RobustConfig, robust_aggregate  # noqa: E402
+from crowdtrain.coordinator.payloads import SafetensorsQuantSource  # noqa: E402
+from crowdtrain.run.data import default_corpus, get_batch, load_split  # noqa: E402
+from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
+from crowdtrain.run.model import load_into, state_dict_for_save  # noqa: E402
+from crowdtrain.run.train import InnerLoop, evaluate  # noqa: E402
+from crowdtrain.wire import codecs  # noqa: E402
+from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step  # noqa: E402
 
 ATTACKS = ("none", "scaled_x100", "noise", "sign_flip", "alie", "liar")
 TOLERANCE = 0.03
@@ -131,7 +131,7 @@ def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int,
             if w < workers - 1:  # honest: error feedback as a real worker does
                 if worker_residual[w] is not None:
                     delta = {k: delta[k] + worker_residual[w][k] for k in delta}
-                sent, _ = compress.from_bytes(compress.to_bytes(delta, "int8"), shapes)
+                sent, _ = codecs.from_bytes(codecs.to_bytes(delta, "int8"), shapes)
                 worker_residual[w] = {k: delta[k] - sent[k] for k in delta}
                 sent_all.append(sent)
                 weights.append(min(st.tokens, max_tokens))
@@ -146,7 +146,7 @@ def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int,
         paths = []
         for i, d in enumerate(sent_all):
             p = rdir / f"c{i}.safetensors"
-            p.write_bytes(compress.to_bytes(d, "int8"))
+            p.write_bytes(codecs.to_bytes(d, "int8"))
             paths.append(p)
         sources = [SafetensorsQuantSource(p, shapes) for p in paths]
         try:
@@ -165,7 +165,7 @@ def simulate(run: Run, attack: str, method: str, workers: int, inner_steps: int,
             res.honest_screened += sum(m != 1.0 for m, _ in screening)
         update, momentum = outer_step(theta, agg, momentum, outer)
         target = {k: update[k] + residual[k] for k in update}
-        applied, _ = compress.from_bytes(compress.to_bytes(target, "int8"), shapes)
+        applied, _ = codecs.from_bytes(codecs.to_bytes(target, "int8"), shapes)
         residual = {k: target[k] - applied[k] for k in target}
         theta = apply_update(theta, applied)
     load_into(global_model, theta)

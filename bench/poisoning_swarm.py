@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain.data import default_corpus  # noqa: E402
-from crowdtrain.ledger import Ledger  # noqa: E402
-from crowdtrain.localswarm import LocalSwarm  # noqa: E402
-from crowdtrain.rundir import Run, SwarmConfig, init_run  # noqa: E402
-from crowdtrain.train import evaluate  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.run.data import default_corpus  # noqa: E402
+from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
+from crowdtrain.run.ledger import Ledger  # noqa: E402
+from crowdtrain.run.train import evaluate  # noqa: E402
 
 ATTACKS = ("scaled_x100", "noise", "sign_flip", "alie", "liar", "nan")
 ADVERSARY = Path(__file__).resolve().parent / "adversary.py"

@@ -8,7 +8,7 @@ Per model size (Llama shapes of bench/benchlib.py SHAPES; batch 8 x 64 tokens th
   ledger) and closes the round (`close_round`: robust aggregation block by block from the
   files, outer step, int8 update with error feedback, atomic checkpoint). Reported: submit
   time per contribution and close time, and both per parameter (ns).
-- worker: the real `crowdtrain join` worker (crowdtrain.worker.Worker, one torch thread)
+- worker: the real `crowdtrain join` worker (crowdtrain.volunteer.worker.Worker, one torch thread)
   against a coordinator process on loopback, 2 rounds of H inner steps (H shrinks with size:
   the 100M point uses 2); round 2 (steady state) is reported: its wall time, the training
   part per step and per parameter-token, and everything else (update download and replay,
@@ -46,10 +46,10 @@ from benchlib import (  # noqa: E402
     serve,
 )
 
-from crowdtrain import protocol  # noqa: E402
-from crowdtrain.coordinator import Coordinator, Volunteer  # noqa: E402
-from crowdtrain.localswarm import LocalSwarm  # noqa: E402
-from crowdtrain.rundir import Run  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.coordinator.rules import Coordinator, Volunteer  # noqa: E402
+from crowdtrain.run.folder import Run  # noqa: E402
+from crowdtrain.wire import protocol  # noqa: E402
 
 STEPS = {"1M": 10, "3M": 8, "10M": 5, "30M": 3, "100M": 2}
 FULL_SIZES = ("1M", "3M", "10M", "30M", "100M")

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from crowdtrain.data import get_batch, load_split
-from crowdtrain.rundir import Run
-from crowdtrain.train import InnerLoop, evaluate
+from crowdtrain.run.data import get_batch, load_split
+from crowdtrain.run.folder import Run
+from crowdtrain.run.train import InnerLoop, evaluate
 
 
 def plain_loop(run: Run, batch_size: int, steps: int) -> tuple[float, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdtrain.data import default_corpus
+from crowdtrain.run.data import default_corpus
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus):
     """A run with the tiny preset, created once per session; treat it as read-only."""
-    from crowdtrain.rundir import SwarmConfig, init_run
+    from crowdtrain.run.folder import SwarmConfig, init_run
 
     # no warm start: the tests reason about a fresh model (test_warmstart.py covers it)
     return init_run(tmp_path_factory.mktemp("runs") / "tiny", [corpus], preset="tiny",

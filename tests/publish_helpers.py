@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from swarm_helpers import copy_run
 
-from crowdtrain import compress
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import Refused
-from crowdtrain.protocol import JoinRequest, LeaseRequest, SubmitStats
-from crowdtrain.rundir import Run
+from crowdtrain.run.folder import Run
+from crowdtrain.wire import codecs
+from crowdtrain.wire.protocol import JoinRequest, LeaseRequest, SubmitStats
 
 
 def contribution(lease, shapes: dict, tokens: int, seed: int) -> bytes:
@@ -20,7 +20,7 @@ def contribution(lease, shapes: dict, tokens: int, seed: int) -> bytes:
     delta = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
     st = SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=5, tokens=tokens,
                      mean_loss=4.0, seconds=2.0)
-    return compress.to_bytes(delta, "int8", meta={"stats": st.model_dump_json()})
+    return codecs.to_bytes(delta, "int8", meta={"stats": st.model_dump_json()})
 
 
 def run_swarm(tiny_run: Run, dst: Path, rounds: int = 3) -> Run:
@@ -56,7 +56,7 @@ def run_swarm(tiny_run: Run, dst: Path, rounds: int = 3) -> Run:
 
 
 def train_briefly(tiny_run: Run, dst: Path, steps: int) -> Run:
-    from crowdtrain.local import train_local
+    from crowdtrain.run.solo import train_local
 
     run = copy_run(tiny_run, dst)
     train_local(run, steps=steps, eval_every=steps, progress=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from crowdtrain import compress
-from crowdtrain.localswarm import LocalSwarm
-from crowdtrain.protocol import Lease, SubmitStats
-from crowdtrain.rundir import Run
+from crowdtrain.cli.processes import LocalSwarm
+from crowdtrain.run.folder import Run
+from crowdtrain.wire import codecs
+from crowdtrain.wire.protocol import Lease, SubmitStats
 
 
 def copy_run(src: Run, dst: Path, **swarm) -> Run:
@@ -36,7 +36,7 @@ def payload(lease: Lease, shapes: dict, tokens: int = 1000, seed: int = 0,
     st = SubmitStats(lease_id=stats.pop("lease_id", lease.lease_id),
                      round=stats.pop("round", lease.round), steps=5, tokens=tokens,
                      mean_loss=stats.pop("mean_loss", 5.0), seconds=stats.pop("seconds", 1.0))
-    return compress.to_bytes(delta or make_delta(shapes, seed=seed), codec,
+    return codecs.to_bytes(delta or make_delta(shapes, seed=seed), codec,
                              meta={"stats": st.model_dump_json()})
 
 
@@ -45,16 +45,16 @@ def poisoned_payload(lease: Lease, shapes: dict, key: str) -> bytes:
     client could send, bypassing the encoder's own checks."""
     from safetensors.torch import save
 
-    wire = compress.encode(make_delta(shapes), "int8")
+    wire = codecs.encode(make_delta(shapes), "int8")
     wire[f"{key}:scale"][0] = float("nan")
     st = SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=5, tokens=1000,
                      mean_loss=5.0, seconds=1.0)
-    return save(wire, metadata={"codec": "int8", "block": str(compress.BLOCK),
+    return save(wire, metadata={"codec": "int8", "block": str(codecs.BLOCK),
                                 "stats": st.model_dump_json()})
 
 
 class Swarm(LocalSwarm):
-    """The run's processes, logging to the test's tmp_path (see crowdtrain.localswarm)."""
+    """The run's processes, logging to the test's tmp_path (see crowdtrain.cli.processes)."""
 
     def __init__(self, run: Run, tmp_path: Path):
         super().__init__(run.dir, tmp_path)
@@ -67,8 +67,8 @@ def serving(coord):
     to the root logger (log_config=None), so caplog sees them."""
     import uvicorn
 
-    from crowdtrain.localswarm import free_port
-    from crowdtrain.server import create_app
+    from crowdtrain.cli.processes import free_port
+    from crowdtrain.coordinator.server import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port,

@@ -7,13 +7,14 @@ import pytest
 from fastapi.testclient import TestClient
 from swarm_helpers import copy_run, payload
 
-from crowdtrain import owner, protocol
-from crowdtrain.admin import run_admin
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.cli.admin import run_admin
+from crowdtrain.coordinator import owner
+from crowdtrain.coordinator.ratelimit import RateLimiter
+from crowdtrain.coordinator.rules import Coordinator
+from crowdtrain.coordinator.server import create_app
 from crowdtrain.errors import CrowdtrainError, Refused
-from crowdtrain.protocol import JoinRequest, LeaseRequest
-from crowdtrain.ratelimit import RateLimiter
-from crowdtrain.server import create_app
+from crowdtrain.wire import protocol
+from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_ban_and_end_through_http(make):
 
 
 def test_admin_command_on_the_run_directory(make, capsys):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     coord = make()
     eve = join(coord, "eve")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from crowdtrain.aggregate import OuterConfig, delta_norm, outer_step, weighted_mean
+from crowdtrain.wire.outer import OuterConfig, delta_norm, outer_step, weighted_mean
 
 
 def _rand(*shape, seed=0):
@@ -171,12 +171,12 @@ def test_outer_config_defaults_and_validation():
             OuterConfig(**kwargs)
 
 
-# ---- round schedules (crowdtrain.schedule) -------------------------------------------------
+# ---- round schedules (crowdtrain.run.schedule) -------------------------------------------------
 
 @pytest.mark.parametrize("total,rounds,growth", [(1500, 15, 1.0), (1500, 15, 8.0), (100, 7, 3.0),
                                                  (10, 10, 50.0), (7, 1, 4.0), (301, 5, 2.5)])
 def test_inner_steps_schedule_keeps_the_total_and_grows(total, rounds, growth):
-    from crowdtrain.schedule import inner_steps_schedule
+    from crowdtrain.run.schedule import inner_steps_schedule
 
     hs = inner_steps_schedule(total, rounds, growth)
     assert len(hs) == rounds and sum(hs) == total and min(hs) >= 1
@@ -193,7 +193,7 @@ def test_inner_steps_schedule_keeps_the_total_and_grows(total, rounds, growth):
 
 def test_swarm_config_round_steps_follow_the_schedule():
     from crowdtrain.errors import CrowdtrainError
-    from crowdtrain.rundir import SwarmConfig
+    from crowdtrain.run.folder import SwarmConfig
 
     fixed = SwarmConfig(inner_steps=40, rounds=5)
     assert [fixed.round_steps(r) for r in range(7)] == [40] * 7

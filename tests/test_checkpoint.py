@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crowdtrain.checkpoint import (
+from crowdtrain.errors import CorruptDataError, CrowdtrainError
+from crowdtrain.run.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     meta_path,
     save_checkpoint,
     tensor_path,
 )
-from crowdtrain.errors import CorruptDataError, CrowdtrainError
 
 
 @pytest.fixture

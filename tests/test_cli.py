@@ -12,7 +12,7 @@ COMMANDS = ["init", "train", "export", "generate", "serve", "join", "demo", "sta
 
 
 def crowdtrain(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "crowdtrain.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "crowdtrain", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -37,7 +37,7 @@ def test_help_for_every_command():
 
 def run_main(capsys, *args):
     """The CLI's `main()` in this process (same code path, no interpreter start-up)."""
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from crowdtrain.compress import (
+from crowdtrain.wire.codecs import (
     BLOCK,
     CODECS,
     INT4_BLOCK,

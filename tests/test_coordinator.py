@@ -8,12 +8,12 @@ import pytest
 import torch
 from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
 
-from crowdtrain import compress
-from crowdtrain.aggregate import apply_update
-from crowdtrain.checkpoint import list_checkpoints, load_checkpoint
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import Refused
-from crowdtrain.protocol import JoinRequest, LeaseRequest
+from crowdtrain.run.checkpoint import list_checkpoints, load_checkpoint
+from crowdtrain.wire import codecs
+from crowdtrain.wire.outer import apply_update
+from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_round_closes_when_every_leased_worker_reported_and_is_bit_exact(coord):
     assert coord.tick() and coord.round == 1
     # theta_1 is exactly theta_0 + dequant(published update 0), as a worker computes it
     blob = (coord.run.dir / "updates" / "update-000000.safetensors").read_bytes()
-    upd, _ = compress.from_bytes(blob, coord.shapes)
+    upd, _ = codecs.from_bytes(blob, coord.shapes)
     replay = apply_update(theta0, upd)
     ck = load_checkpoint(coord.run.ckpt_dir, 1)
     assert all(torch.equal(replay[k], ck.tensors[k]) for k in replay)
@@ -192,7 +192,7 @@ def test_disk_full_while_checkpointing_keeps_state_and_resumes(coord, monkeypatc
     import builtins
     import errno
 
-    from crowdtrain import checkpoint
+    from crowdtrain.run import checkpoint
 
     class FullDisk:
         """A real file whose writes fail as on a full disk."""
@@ -293,7 +293,7 @@ def test_a_growing_h_schedule_drives_leases_and_checkpoint_steps(tiny_run, tmp_p
 
 
 def test_a_silent_lease_is_given_up_and_the_round_closes_without_it(coord):
-    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
+    from crowdtrain.wire.protocol import LEASE_SILENCE_SECONDS, Alive
 
     a, b, c = volunteer(coord, "a"), volunteer(coord, "b"), volunteer(coord, "c")
     la, lb, _ = lease(coord, a), lease(coord, b), lease(coord, c)
@@ -317,7 +317,7 @@ def test_a_silent_lease_is_given_up_and_the_round_closes_without_it(coord):
 def fall_silent(coord, vol, held):
     """The worker training `held` sends a heartbeat, then dies: the beat is older than the
     coordinator's silence allowance."""
-    from crowdtrain.protocol import LEASE_SILENCE_SECONDS, Alive
+    from crowdtrain.wire.protocol import LEASE_SILENCE_SECONDS, Alive
 
     coord.alive(vol, held.lease_id, Alive(step=1))
     coord.ledger.lease_alive(held.lease_id, time.time() - LEASE_SILENCE_SECONDS - 1)
@@ -336,7 +336,7 @@ def test_a_silent_lease_cannot_submit_in_its_open_round(coord):
 def test_the_workers_heartbeat_keeps_its_lease_alive_and_hears_when_it_closes(coord):
     from swarm_helpers import serving
 
-    from crowdtrain.client import Client, Heartbeat
+    from crowdtrain.volunteer.client import Client, Heartbeat
 
     with serving(coord) as port:
         client = Client(f"http://127.0.0.1:{port}", retry_for=10)
@@ -401,7 +401,7 @@ def test_an_int4_run_aggregates_4_bit_contributions_exactly_and_refuses_int8(tin
         assert coord.tick() and coord.round == 1
         # plain averaging of one contribution: theta_1 = theta_0 - its decoded 4-bit delta,
         # to the int8 quantisation of the published update
-        sent, _ = compress.from_bytes(blob, coord.shapes)
+        sent, _ = codecs.from_bytes(blob, coord.shapes)
         k = "model.embed_tokens.weight"
         step = float(sent[k].abs().max()) / 127
         assert torch.allclose(coord.theta[k], theta0[k] - sent[k], atol=step * 0.51)
@@ -428,7 +428,7 @@ def test_a_lease_voided_while_its_upload_is_checked_is_not_accepted(coord, monke
     """The upload's check runs outside the coordinator's lock (it can take seconds): a new
     lease (or a resume) that voids the lease meanwhile must win, and one lease never gets
     two accepted contributions."""
-    import crowdtrain.coordinator as cmod
+    import crowdtrain.coordinator.rules as cmod
 
     a = volunteer(coord, "a")
     first = lease(coord, a)

@@ -16,10 +16,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from swarm_helpers import Swarm, copy_run
 
-from crowdtrain import protocol
-from crowdtrain.protocol import Refusal, RoundSummary, Status, VolunteerSummary
-from crowdtrain.statusview import fetch_status
-from crowdtrain.web import mount_web
+from crowdtrain.cli.status import fetch_status
+from crowdtrain.coordinator.dashboard import mount_web
+from crowdtrain.wire import protocol
+from crowdtrain.wire.protocol import Refusal, RoundSummary, Status, VolunteerSummary
 
 pytestmark = pytest.mark.slow
 

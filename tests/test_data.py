@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from crowdtrain.data import (
+from crowdtrain.errors import CorruptDataError, CrowdtrainError
+from crowdtrain.run.data import (
     EOT,
     DataConfig,
     ShardIndex,
@@ -23,7 +24,6 @@ from crowdtrain.data import (
     train_tokenizer,
     unigram_loss,
 )
-from crowdtrain.errors import CorruptDataError, CrowdtrainError
 
 
 def decode_split(tok, data_dir, index, split):

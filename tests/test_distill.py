@@ -7,10 +7,10 @@ import pytest
 import torch
 from publish_helpers import train_briefly
 
-from crowdtrain.distill import DistillConfig, distill, split_texts
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.export import export_model
-from crowdtrain.provenance import load_provenance
+from crowdtrain.publish.distill import DistillConfig, distill, split_texts
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.provenance import load_provenance
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_distillation_brings_the_student_closer_to_the_teacher(teacher, corpus, 
 
 
 def test_distill_cli_reports_student_and_teacher(teacher, corpus, tmp_path, capsys):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     code = main(["distill", str(teacher), "--preset", "tiny", "--data", str(corpus), "--out",
                  str(tmp_path / "s"), "--steps", "3", "-q", "--threads", "1"])
@@ -75,9 +75,9 @@ def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
     """`init --teacher`: real volunteers fetch the teacher (sha256-checked) and learn from its
     logits; the swarm's student ends closer to the teacher than the same swarm, on the same
     tokens and tokenizer, without it; the export records the teacher."""
-    from crowdtrain.localswarm import LocalSwarm
-    from crowdtrain.rundir import SwarmConfig, init_run
-    from crowdtrain.train import evaluate
+    from crowdtrain.cli.processes import LocalSwarm
+    from crowdtrain.run.folder import SwarmConfig, init_run
+    from crowdtrain.run.train import evaluate
 
     swarm = SwarmConfig(rounds=3, inner_steps=30, warm_start=0.0, min_contributions=2,
                         round_seconds=300, outer_lr=1.0, outer_momentum=0.0)
@@ -111,9 +111,9 @@ def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
     # the coordinator at its start, in words
     from fastapi.testclient import TestClient
 
-    from crowdtrain import protocol
-    from crowdtrain.coordinator import Coordinator
-    from crowdtrain.server import create_app
+    from crowdtrain.coordinator.rules import Coordinator
+    from crowdtrain.coordinator.server import create_app
+    from crowdtrain.wire import protocol
 
     coord = Coordinator(runs["teacher"], evaluate_rounds=False)
     with TestClient(create_app(coord)) as c:
@@ -128,8 +128,8 @@ def test_a_swarm_distils_its_teacher_into_a_student(teacher, corpus, tmp_path):
 
 
 def test_a_distillation_run_refuses_settings_it_cannot_honour(teacher, corpus, tmp_path):
-    from crowdtrain.lora import LoraSettings
-    from crowdtrain.rundir import init_run
+    from crowdtrain.run.folder import init_run
+    from crowdtrain.run.lora import LoraSettings
 
     with pytest.raises(CrowdtrainError, match="drop --from-pretrained"):
         init_run(tmp_path / "a", [corpus], preset="tiny", teacher=teacher,

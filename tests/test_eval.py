@@ -11,20 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.evaluate import (
+from crowdtrain.publish.evaluate import (
     evaluate_model,
     evaluate_texts,
     heldout_texts,
     read_texts,
     score_documents,
 )
-from crowdtrain.export import export_model
+from crowdtrain.publish.export import export_model
 
 TEXTS = ["ROMEO:\nWhat light through yonder window breaks?\n", "Naïve café: ünïcödé bytes €\n"]
 
 
 def run_cli(capsys, *args):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()

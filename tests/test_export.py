@@ -8,8 +8,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.export import export_model
-from crowdtrain.generate import generate_text
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.generate import generate_text
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_generate_is_seeded_and_continues_the_prompt(exported):
 def test_export_cli_reports_the_evaluation_and_can_skip_it(tiny_run, tmp_path, capsys):
     import json
 
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     assert main(["export", str(tiny_run.dir), str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out

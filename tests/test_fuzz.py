@@ -26,11 +26,12 @@ from safetensors.torch import save as st_save
 from schemathesis.checks import not_a_server_error
 from swarm_helpers import copy_run, make_delta, payload, poisoned_payload, serving
 
-from crowdtrain import compress, owner, protocol
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.coordinator import owner
+from crowdtrain.coordinator.rules import Coordinator
+from crowdtrain.coordinator.server import create_app
 from crowdtrain.errors import Refused
-from crowdtrain.protocol import LeaseRequest, SubmitStats
-from crowdtrain.server import create_app
+from crowdtrain.wire import codecs, protocol
+from crowdtrain.wire.protocol import LeaseRequest, SubmitStats
 
 # Every dtype name the safetensors (Rust) header parser accepts, and its width in bits
 ST_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
@@ -69,7 +70,7 @@ def _stats_json(lease_id: int, rnd: int = 0, **kw) -> str:
     return json.dumps(fields)
 
 
-def _raw_payload(wire: dict, codec: str, stats: str | None, block: int = compress.BLOCK) -> bytes:
+def _raw_payload(wire: dict, codec: str, stats: str | None, block: int = codecs.BLOCK) -> bytes:
     meta = {"codec": codec, "block": str(block)}
     if stats is not None:
         meta["stats"] = stats
@@ -81,8 +82,8 @@ def check_decode(blob: bytes, shapes: dict, max_bytes: int | None = None):
     float32 tensors and a str -> str metadata dict; anything else propagates and fails."""
     t0 = time.monotonic()
     try:
-        tensors, meta = compress.from_bytes(blob, shapes, max_bytes=max_bytes)
-    except compress.CodecError:
+        tensors, meta = codecs.from_bytes(blob, shapes, max_bytes=max_bytes)
+    except codecs.CodecError:
         return None
     finally:
         assert time.monotonic() - t0 < MAX_SECONDS, "from_bytes took too long"
@@ -106,7 +107,7 @@ def tiny_shapes(tiny_run):
 @pytest.fixture(scope="module")
 def valid_blobs(tiny_shapes):
     delta = make_delta(tiny_shapes)
-    return {c: compress.to_bytes(delta, c, meta={"stats": "{}"}) for c in compress.CODECS}
+    return {c: codecs.to_bytes(delta, c, meta={"stats": "{}"}) for c in codecs.CODECS}
 
 
 def _coordinator(tiny_run, tmp_path) -> Coordinator:
@@ -145,7 +146,7 @@ fuzz_entry = (st.fixed_dictionaries({"dtype": fuzz_dtype, "shape": fuzz_shape,
               | json_values)
 tensor_names = (st.sampled_from(["a", "b", "a:q", "a:scale", "b:q", "b:scale", ""])
                 | st.text(max_size=6))
-meta_values = (st.sampled_from(list(compress.CODECS))
+meta_values = (st.sampled_from(list(codecs.CODECS))
                | st.sampled_from(["16", "256", "0", "15", "65537", "1e3", " 256", "0256",
                                   "９", "-16", "999999"])
                | st.text(max_size=10) | json_values)
@@ -159,7 +160,7 @@ header_lengths = (st.none() | st.integers(0, 2**64 - 1)
 def _valid_small_header(codec: str) -> tuple[dict, bytes]:
     """The parsed header and data section of a valid payload for SMALL."""
     delta = {k: torch.full(s, 0.5) for k, s in SMALL.items()}
-    blob = compress.to_bytes(delta, codec, block=SMALL_BLOCK)
+    blob = codecs.to_bytes(delta, codec, block=SMALL_BLOCK)
     (n,) = struct.unpack("<Q", blob[:8])
     return json.loads(blob[8:8 + n]), blob[8 + n:]
 
@@ -183,7 +184,7 @@ mutations = st.lists(
 
 
 @settings(FAST, max_examples=120)
-@given(codec=st.sampled_from(compress.CODECS), ops=mutations)
+@given(codec=st.sampled_from(codecs.CODECS), ops=mutations)
 def test_decoder_mutated_valid_payload(tiny_shapes, valid_blobs, codec, ops):
     blob = bytearray(valid_blobs[codec])
     (n,) = struct.unpack("<Q", bytes(blob[:8]))
@@ -212,7 +213,7 @@ def test_decoder_fuzzed_header(tensors, metadata, data, length, pad):
 
 
 @settings(FAST, max_examples=300)
-@given(codec=st.sampled_from(compress.CODECS), data=st.data())
+@given(codec=st.sampled_from(codecs.CODECS), data=st.data())
 def test_decoder_valid_header_with_one_fuzzed_field(codec, data):
     header, body = _valid_small_header(codec)
     names = sorted(k for k in header if k != "__metadata__")
@@ -248,7 +249,7 @@ _WRONG_DTYPES = [torch.float32, torch.float16, torch.float64, torch.int32, torch
 
 
 @settings(FAST, max_examples=150)
-@given(codec=st.sampled_from(compress.CODECS), data=st.data())
+@given(codec=st.sampled_from(codecs.CODECS), data=st.data())
 def test_decoder_valid_header_wrong_dtypes_and_shapes(codec, data):
     """A well-formed safetensors file whose tensors have a dtype or shape other than the codec
     needs: accepted only if every dtype and shape is right, else CodecError."""
@@ -257,7 +258,7 @@ def test_decoder_valid_header_wrong_dtypes_and_shapes(codec, data):
         numel = 1
         for s in shape:
             numel *= s
-        if codec in compress.QUANTIZED:
+        if codec in codecs.QUANTIZED:
             nq = numel if codec == "int8" else (numel + 1) // 2  # int4: two values a byte
             want[name + ":q"] = (torch.int8, (nq,))
             want[name + ":scale"] = (torch.float32, ((numel + SMALL_BLOCK - 1) // SMALL_BLOCK,))
@@ -301,7 +302,7 @@ def coord(tiny_run, tmp_path):
 
 @pytest.fixture
 def wire_int8(tiny_shapes):
-    return compress.encode(make_delta(tiny_shapes), "int8")
+    return codecs.encode(make_delta(tiny_shapes), "int8")
 
 
 stats_strings = (st.text(max_size=200)
@@ -543,7 +544,7 @@ def test_hostile_requests_are_refused_and_leave_the_run_unchanged(client):
                        content=_raw_payload(wrong, "fp32", st_ok), headers=alice),
            422, "payload codec 'fp32' is not this run's 'int8'")  # before any tensor is read
     refusals += 1
-    longer = compress.encode({k: torch.zeros(s[0] + 1 if len(s) == 1 else s[0] * s[1] + 1)
+    longer = codecs.encode({k: torch.zeros(s[0] + 1 if len(s) == 1 else s[0] * s[1] + 1)
                               for k, s in shapes.items()}, "int8")
     expect(client.post(submit(lease_id=lease.lease_id),
                        content=_raw_payload(longer, "int8", st_ok), headers=alice),
@@ -573,7 +574,7 @@ def test_hostile_requests_are_refused_and_leave_the_run_unchanged(client):
     expect(r, 422, "no tokens")
     refusals += 1
     r = client.post(submit(lease_id=lease.lease_id),
-                    content=_raw_payload(compress.encode(make_delta(shapes), "int8"), "int8",
+                    content=_raw_payload(codecs.encode(make_delta(shapes), "int8"), "int8",
                                          "{not json"), headers=alice)
     expect(r, 422, "invalid stats")
     refusals += 1

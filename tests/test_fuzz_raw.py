@@ -28,10 +28,11 @@ from urllib.parse import quote
 import pytest
 from swarm_helpers import copy_run, payload, serving
 
-from crowdtrain import owner, protocol
-from crowdtrain.coordinator import Coordinator
-from crowdtrain.protocol import JoinRequest, LeaseRequest
-from crowdtrain.server import create_app
+from crowdtrain.coordinator import owner
+from crowdtrain.coordinator.rules import Coordinator
+from crowdtrain.coordinator.server import create_app
+from crowdtrain.wire import protocol
+from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
 SEED = 0
 RANDOM_SAMPLES = 6  # per operation and part, besides the fixed edge cases

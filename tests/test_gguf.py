@@ -8,11 +8,11 @@ import pytest
 import torch
 from publish_helpers import train_briefly
 
-from crowdtrain.data import file_sha256
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.export import export_model
-from crowdtrain.gguf_export import permute_qk
-from crowdtrain.provenance import load_provenance
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.gguf_file import permute_qk
+from crowdtrain.publish.provenance import load_provenance
+from crowdtrain.run.data import file_sha256
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
@@ -93,7 +93,7 @@ def test_qk_permutation_is_what_transformers_reverses():
 
 
 def test_a_model_folder_converts_and_evaluates(trained, tmp_path, capsys):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     hf = export_model(trained, tmp_path / "hf", evaluate=False)
     data = tmp_path / "t.txt"

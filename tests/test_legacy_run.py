@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from swarm_helpers import Swarm
 
-from crowdtrain.export import export_model
-from crowdtrain.rundir import Run
-from crowdtrain.verify import verify_model
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.verify import verify_model
+from crowdtrain.run.folder import Run
 
 pytestmark = pytest.mark.slow
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from swarm_helpers import Swarm
 
-from crowdtrain import compress
-from crowdtrain.checkpoint import load_checkpoint
-from crowdtrain.data import DataConfig, get_batch, train_tokenizer
+from crowdtrain.cli.processes import get_status
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.ledger import Ledger
-from crowdtrain.localswarm import get_status
-from crowdtrain.lora import LoraSettings
-from crowdtrain.model import build_model, count_params, preset_config, state_dict_for_save
-from crowdtrain.rundir import PRETRAINED, Run, SwarmConfig, init_run
-from crowdtrain.train import InnerLoop, TrainConfig, evaluate
+from crowdtrain.run.checkpoint import load_checkpoint
+from crowdtrain.run.data import DataConfig, get_batch, train_tokenizer
+from crowdtrain.run.folder import PRETRAINED, Run, SwarmConfig, init_run
+from crowdtrain.run.ledger import Ledger
+from crowdtrain.run.lora import LoraSettings
+from crowdtrain.run.model import build_model, count_params, preset_config, state_dict_for_save
+from crowdtrain.run.train import InnerLoop, TrainConfig, evaluate
+from crowdtrain.wire import codecs
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_fine_tune_settings_are_checked(pretrained, new_text, tmp_path, capsys):
     with pytest.raises(CrowdtrainError, match="unknown LoRA target"):
         LoraSettings.parse_targets("q_proj,attn")
     assert LoraSettings.parse_targets("all")[-1] == "down_proj"
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     assert main(["init", str(tmp_path / "d"), "--data", str(new_text), "--from-pretrained",
                  str(pretrained), "--lora-targets", "q_proj,attn"]) == 2
@@ -101,7 +101,7 @@ def test_lora_fine_tuning_swarm_end_to_end(pretrained, new_text, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from crowdtrain.export import export_model
+    from crowdtrain.publish.export import export_model
 
     lora = LoraSettings(rank=8, alpha=16, targets=("q_proj", "v_proj"))
     run = init_run(tmp_path / "lora", [new_text], preset="tiny", from_pretrained=pretrained,
@@ -129,7 +129,7 @@ def test_lora_fine_tuning_swarm_end_to_end(pretrained, new_text, tmp_path):
     # (and under 10% of what a full-model int8 contribution would be)
     per_round = [r.bytes_in / r.contributions for r in st.rounds if r.contributions]
     assert len(per_round) == 4 and sum(r.contributions for r in st.rounds) == 8
-    full_fp32, full_int8 = 4 * full_params, compress.payload_bytes(full_params, "int8")
+    full_fp32, full_int8 = 4 * full_params, codecs.payload_bytes(full_params, "int8")
     assert all(b < 0.05 * full_fp32 and b < 0.10 * full_int8 for b in per_round), \
         (per_round, full_fp32)
     update = (run.dir / "updates" / "update-000003.safetensors").stat().st_size
@@ -137,7 +137,7 @@ def test_lora_fine_tuning_swarm_end_to_end(pretrained, new_text, tmp_path):
     assert all(r["status"] == "accepted" for r in Ledger(run.dir / "ledger.sqlite")
                .contributions())
     # the frozen base never moved; the held-out loss on the new text fell
-    from crowdtrain.lora import base_sha256
+    from crowdtrain.run.lora import base_sha256
 
     assert base_sha256(run.base_path) == run.config.base_sha256
     assert all("lora_" in k for k in load_checkpoint(run.ckpt_dir, 4).tensors)

@@ -9,10 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from swarm_helpers import copy_run
 
-from crowdtrain.coordinator import Coordinator
-from crowdtrain.metrics import metrics_text
-from crowdtrain.protocol import Refusal, RoundSummary, Status, VolunteerSummary
-from crowdtrain.server import create_app
+from crowdtrain.coordinator.metrics import metrics_text
+from crowdtrain.coordinator.rules import Coordinator
+from crowdtrain.coordinator.server import create_app
+from crowdtrain.wire.protocol import Refusal, RoundSummary, Status, VolunteerSummary
 
 NOW = 1_700_000_000.0
 

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.model import (
+from crowdtrain.run.model import (
     PRESETS,
     build_model,
     count_params,

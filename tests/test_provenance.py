@@ -9,11 +9,11 @@ import sqlite3
 import pytest
 from publish_helpers import run_swarm, train_briefly
 
-from crowdtrain.data import file_sha256
-from crowdtrain.export import export_model, read_card_metadata
-from crowdtrain.ledger import Ledger, chain_genesis, chain_link
-from crowdtrain.protocol import JoinRequest
-from crowdtrain.provenance import load_provenance, refusal_category
+from crowdtrain.publish.export import export_model, read_card_metadata
+from crowdtrain.publish.provenance import load_provenance, refusal_category
+from crowdtrain.run.data import file_sha256
+from crowdtrain.run.ledger import Ledger, chain_genesis, chain_link
+from crowdtrain.wire.protocol import JoinRequest
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_a_local_run_has_a_card_without_swarm_sections(tiny_run, tmp_path):
 
 
 def test_anonymous_is_opt_in_at_join():
-    from crowdtrain.cli import build_parser
+    from crowdtrain.cli.main import build_parser
 
     assert JoinRequest(name="x", device="cpu", api_version=1).anonymous is False
     a = build_parser().parse_args(["join", "http://h:1", "--anonymous"])

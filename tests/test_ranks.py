@@ -8,8 +8,8 @@ import pytest
 import torch
 from swarm_helpers import Swarm, copy_run
 
-from crowdtrain import compress
-from crowdtrain.ledger import Ledger
+from crowdtrain.run.ledger import Ledger
+from crowdtrain.wire import codecs
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def contribute(tiny_run, tmp_path, *join_args: str) -> tuple[dict[str, torch.Ten
     rows = Ledger(run.dir / "ledger.sqlite").contributions()
     assert [r["status"] for r in rows] == ["accepted"], rows
     shapes = {k: tuple(v.shape) for k, v in run.load_model(0)[1].tensors.items()}
-    delta, _ = compress.from_bytes((run.dir / rows[0]["path"]).read_bytes(), shapes)
+    delta, _ = codecs.from_bytes((run.dir / rows[0]["path"]).read_bytes(), shapes)
     return delta, s.log("v")
 
 

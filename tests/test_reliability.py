@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from chaos import chaos_run  # noqa: E402
 from poisoning_swarm import swarm_run  # noqa: E402
 
-from crowdtrain.rundir import SwarmConfig  # noqa: E402
+from crowdtrain.run.folder import SwarmConfig  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

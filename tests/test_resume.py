@@ -1,4 +1,4 @@
-"""The round-in-progress snapshot a worker keeps on its own disk (crowdtrain.resume): what it
+"""The round-in-progress snapshot a worker keeps on its own disk (volunteer.resume): what it
 records, what it refuses to read back, how often it is written."""
 
 from __future__ import annotations
@@ -8,9 +8,15 @@ import time
 import pytest
 import torch
 
-from crowdtrain.protocol import Lease
-from crowdtrain.resume import PartialRound, RoundSnapshots, load_partial, merge_stats, save_partial
-from crowdtrain.train import StepStats
+from crowdtrain.run.train import StepStats
+from crowdtrain.volunteer.resume import (
+    PartialRound,
+    RoundSnapshots,
+    load_partial,
+    merge_stats,
+    save_partial,
+)
+from crowdtrain.wire.protocol import Lease
 
 LEASE = Lease(lease_id=7, round=3, shards=["train-000"], seed=11, start_step=90, max_steps=30,
               seconds=50.0, deadline_in=60.0)
@@ -74,7 +80,7 @@ def test_snapshots_keep_their_cost_a_small_share_of_training(tmp_path):
 
 
 def test_the_run_folder_keeps_parameters_and_optimizer_and_ignores_damaged_files(tmp_path):
-    from crowdtrain.localstate import RunFolder
+    from crowdtrain.volunteer.files import RunFolder
 
     folder = RunFolder(tmp_path)
     assert folder.load_params(params()) == (None, None) and folder.load_optimizer() is None

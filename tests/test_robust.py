@@ -1,4 +1,4 @@
-"""Poisoning-robust aggregation (crowdtrain.robust): config validation, norm screening,
+"""Poisoning-robust aggregation (coordinator.aggregation): config validation, norm screening,
 block-wise aggregation equal to the full-tensor references for any block size, exact int8
 slices from payload files, robustness to a scaled attack, and the poisoning benchmark."""
 
@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdtrain import compress
-from crowdtrain.aggregate import delta_norm, weighted_mean
-from crowdtrain.payloads import SafetensorsFloatSource, SafetensorsQuantSource, open_payload
-from crowdtrain.robust import (
+from crowdtrain.coordinator.aggregation import (
     METHODS,
     DeltaSource,
     RobustConfig,
@@ -24,6 +21,13 @@ from crowdtrain.robust import (
     robust_aggregate,
     screen,
 )
+from crowdtrain.coordinator.payloads import (
+    SafetensorsFloatSource,
+    SafetensorsQuantSource,
+    open_payload,
+)
+from crowdtrain.wire import codecs
+from crowdtrain.wire.outer import delta_norm, weighted_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,15 +45,15 @@ def _delta(seed, scale=1.0):
     return {k: _rand(s, seed * 10 + i) * scale for i, (k, s) in enumerate(SHAPES.items())}
 
 
-def _write(tmp_path, deltas, block=compress.BLOCK, codec="int8"):
+def _write(tmp_path, deltas, block=codecs.BLOCK, codec="int8"):
     """Payload files for `deltas`, and the deltas as the coordinator decodes them."""
     paths, decoded = [], []
     for i, d in enumerate(deltas):
-        blob = compress.to_bytes(d, codec, meta={"stats": "{}"}, block=block)
+        blob = codecs.to_bytes(d, codec, meta={"stats": "{}"}, block=block)
         p = tmp_path / f"c{i}.safetensors"
         p.write_bytes(blob)
         paths.append(p)
-        decoded.append(compress.from_bytes(blob, SHAPES)[0])
+        decoded.append(codecs.from_bytes(blob, SHAPES)[0])
     return paths, decoded
 
 
@@ -115,7 +119,7 @@ def test_screen_leaves_alone_when_not_meaningful():
 
 # ---- SafetensorsQuantSource -----------------------------------------------------------------
 
-@pytest.mark.parametrize("codec,block", [("int8", compress.BLOCK), ("int8", 64),
+@pytest.mark.parametrize("codec,block", [("int8", codecs.BLOCK), ("int8", 64),
                                          ("int4", 64), ("int4", 18)])
 def test_quantized_source_slices_equal_full_decode(tmp_path, codec, block):
     (path,), (full,) = _write(tmp_path, [_delta(3)], block=block, codec=codec)
@@ -146,7 +150,7 @@ def test_int8_source_rejects_mismatching_files(tmp_path):
     with pytest.raises(ValueError, match="emb:q"):
         SafetensorsQuantSource(path, {**SHAPES, "emb": (29, 38)})
     fp16 = tmp_path / "h.safetensors"
-    fp16.write_bytes(compress.to_bytes(_delta(1), "fp16"))
+    fp16.write_bytes(codecs.to_bytes(_delta(1), "fp16"))
     with pytest.raises(ValueError, match="codec"):
         SafetensorsQuantSource(fp16, SHAPES)
     junk = tmp_path / "junk.safetensors"
@@ -155,13 +159,13 @@ def test_int8_source_rejects_mismatching_files(tmp_path):
         SafetensorsQuantSource(junk, SHAPES)
 
 
-@pytest.mark.parametrize("codec", compress.CODECS)
+@pytest.mark.parametrize("codec", codecs.CODECS)
 def test_open_payload_streams_any_codec_exactly(tmp_path, codec):
-    blob = compress.to_bytes(_delta(4), codec)
-    full = compress.from_bytes(blob, SHAPES)[0]
+    blob = codecs.to_bytes(_delta(4), codec)
+    full = codecs.from_bytes(blob, SHAPES)[0]
     path = tmp_path / f"{codec}.safetensors"
     path.write_bytes(blob)
-    want = SafetensorsQuantSource if codec in compress.QUANTIZED else SafetensorsFloatSource
+    want = SafetensorsQuantSource if codec in codecs.QUANTIZED else SafetensorsFloatSource
     with open_payload(path, SHAPES) as src:
         assert isinstance(src, want)
         for name, t in full.items():
@@ -334,9 +338,9 @@ def _bad_payloads() -> dict[str, bytes]:
     """Payloads (good and broken) of SHAPES, by name."""
     from safetensors.torch import save
 
-    good = {c: compress.to_bytes(_delta(2), c, meta={"stats": "{}"}) for c in compress.CODECS}
-    wire = compress.encode(_delta(2), "int8")
-    meta = {"codec": "int8", "block": str(compress.BLOCK)}
+    good = {c: codecs.to_bytes(_delta(2), c, meta={"stats": "{}"}) for c in codecs.CODECS}
+    wire = codecs.encode(_delta(2), "int8")
+    meta = {"codec": "int8", "block": str(codecs.BLOCK)}
 
     def with_wire(**change):
         return save({**wire, **change}, metadata=meta)
@@ -345,9 +349,9 @@ def _bad_payloads() -> dict[str, bytes]:
     nan_q[0] = float("nan")
     neg = wire["w:scale"].clone()
     neg[0] = -1.0
-    fp32 = compress.encode(_delta(2), "fp32")
-    int4 = compress.encode(_delta(2), "int4")
-    meta4 = {"codec": "int4", "block": str(compress.INT4_BLOCK)}
+    fp32 = codecs.encode(_delta(2), "fp32")
+    int4 = codecs.encode(_delta(2), "int4")
+    meta4 = {"codec": "int4", "block": str(codecs.INT4_BLOCK)}
     nan32 = {**fp32, "big": fp32["big"].clone()}
     nan32["big"][1, 2] = float("inf")
     return {
@@ -365,7 +369,7 @@ def _bad_payloads() -> dict[str, bytes]:
         "inf value": save(nan32, metadata={"codec": "fp32", "block": "256"}),
         "no codec": save(wire, metadata={"block": "256"}),
         "bad block": save(wire, metadata={"codec": "int8", "block": "3"}),
-        "int4 odd block": save(compress.encode(_delta(2), "int4", block=64),
+        "int4 odd block": save(codecs.encode(_delta(2), "int4", block=64),
                                metadata={"codec": "int4", "block": "63"}),
         "int4 int8-length values": save({**int4, "w:q": wire["w:q"]}, metadata=meta4),
         "int4 short values": save({**int4, "w:q": int4["w:q"][:-1].clone()}, metadata=meta4),
@@ -377,26 +381,26 @@ def _bad_payloads() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", list(_bad_payloads()))
 def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
-    from crowdtrain.payloads import check_payload_file
+    from crowdtrain.coordinator.payloads import check_payload_file
 
     blob = _bad_payloads()[case]
     path = tmp_path / "upload"
     path.write_bytes(blob)
     try:
-        _, want = compress.from_bytes(blob, SHAPES)
-    except compress.CodecError:
-        with pytest.raises(compress.CodecError):
+        _, want = codecs.from_bytes(blob, SHAPES)
+    except codecs.CodecError:
+        with pytest.raises(codecs.CodecError):
             check_payload_file(path, SHAPES, block_elems=100)
         assert case != "good" and not case.startswith("good"), case
     else:
         assert case.startswith("good"), case
         assert check_payload_file(path, SHAPES, block_elems=100) == want
-    with pytest.raises(compress.CodecError, match="too large"):
+    with pytest.raises(codecs.CodecError, match="too large"):
         check_payload_file(path, SHAPES, max_bytes=len(blob) - 1)
 
 
 def test_aggregation_blocks_shrink_as_contributions_grow():
-    from crowdtrain.robust import block_for
+    from crowdtrain.coordinator.aggregation import block_for
 
     assert block_for(1) == 1 << 20 and block_for(0) == 1 << 20
     sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]

@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from swarm_helpers import copy_run, payload
 
-from crowdtrain import protocol
-from crowdtrain.coordinator import Coordinator
-from crowdtrain.server import create_app
+from crowdtrain.coordinator.rules import Coordinator
+from crowdtrain.coordinator.server import create_app
+from crowdtrain.wire import protocol
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import pytest
 from rich.console import Console
 from swarm_helpers import copy_run, serving
 
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.cli.status import fetch_status, render_status
+from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.protocol import Refusal, RoundSummary, Status, VolunteerSummary
-from crowdtrain.statusview import fetch_status, render_status
+from crowdtrain.wire.protocol import Refusal, RoundSummary, Status, VolunteerSummary
 
 NOW = 1_700_000_000.0
 
@@ -124,7 +124,7 @@ def test_fetch_status_from_a_live_coordinator(live):
 
 
 def test_status_command_prints_json_that_round_trips(live, capsys):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     url, _ = live
     assert main(["status", url, "--json"]) == 0

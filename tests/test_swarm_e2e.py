@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from swarm_helpers import Swarm, copy_run
 from transformers import AutoModelForCausalLM
 
-from crowdtrain import compress
-from crowdtrain.checkpoint import load_checkpoint
-from crowdtrain.export import export_model
-from crowdtrain.ledger import Ledger
-from crowdtrain.localswarm import get_status
-from crowdtrain.train import evaluate
+from crowdtrain.cli.processes import get_status
+from crowdtrain.publish.export import export_model
+from crowdtrain.run.checkpoint import load_checkpoint
+from crowdtrain.run.ledger import Ledger
+from crowdtrain.run.train import evaluate
+from crowdtrain.wire import codecs
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +235,7 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
             assert [x["id"] for x in leases] == [r["lease_id"] for r in rows]
             shapes = {k: tuple(v.shape)
                       for k, v in load_checkpoint(s.run.ckpt_dir, 0).tensors.items()}
-            sent[case] = dict(rows=rows, log=s.log("vol"), delta=[compress.from_bytes(
+            sent[case] = dict(rows=rows, log=s.log("vol"), delta=[codecs.from_bytes(
                 (s.run.dir / r["path"]).read_bytes(), shapes)[0] for r in rows])
         finally:
             s.stop()

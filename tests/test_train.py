@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from crowdtrain.data import get_batch, load_split
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.train import InnerLoop, TrainConfig, evaluate, lr_at, pick_device
+from crowdtrain.run.data import get_batch, load_split
+from crowdtrain.run.train import InnerLoop, TrainConfig, evaluate, lr_at, pick_device
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -122,7 +122,7 @@ def test_a_run_batch_that_does_not_split_across_processes_is_refused(tiny_run):
 
 
 def test_worker_remembers_the_micro_batch_that_fit_its_device(tmp_path):
-    from crowdtrain.localstate import RunFolder
+    from crowdtrain.volunteer.files import RunFolder
 
     folder = RunFolder(tmp_path)  # the volunteer's files for one run
     assert folder.micro_batch("cpu") is None
@@ -147,7 +147,7 @@ def test_a_compiled_loop_trains_the_same_parameters(tiny_run):
 
 
 def test_distillation_loss_weighs_the_teachers_kl_against_the_text():
-    from crowdtrain.train import distillation_loss
+    from crowdtrain.run.train import distillation_loss
 
     g = torch.Generator().manual_seed(0)
     logits, other = torch.randn(12, 7, generator=g), torch.randn(12, 7, generator=g)

@@ -14,8 +14,8 @@ from publish_helpers import run_swarm, train_briefly
 from safetensors.torch import load_file, save_file
 
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.export import export_model
-from crowdtrain.verify import verify_model
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.verify import verify_model
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def copies(published, tmp_path):
 
 
 def run_cli(capsys, *args):
-    from crowdtrain.cli import main
+    from crowdtrain.cli.main import main
 
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -104,15 +104,15 @@ def test_a_consistently_forged_chain_still_fails_the_replay(copies):
     access to the run would: the links agree, but the replay gives other weights."""
     import hashlib
 
-    from crowdtrain import compress
-    from crowdtrain.ledger import Ledger, chain_genesis, chain_link
+    from crowdtrain.run.ledger import Ledger, chain_genesis, chain_link
+    from crowdtrain.wire import codecs
 
     run_dir, model_dir = copies
     up = run_dir / "updates" / "update-000001.safetensors"
     shapes = {k: tuple(v.shape) for k, v in load_file(model_dir / "model.safetensors").items()}
-    forged, _ = compress.from_bytes(up.read_bytes(), shapes)
+    forged, _ = codecs.from_bytes(up.read_bytes(), shapes)
     forged = {k: v * 1.01 for k, v in forged.items()}
-    up.write_bytes(compress.to_bytes(forged, "int8"))
+    up.write_bytes(codecs.to_bytes(forged, "int8"))
     led = Ledger(run_dir / "ledger.sqlite")
     prev = chain_genesis(led.chain_genesis()["checkpoint_sha256"])
     for row in led.rounds()[:3]:
@@ -144,7 +144,7 @@ def test_a_consistently_forged_chain_still_fails_the_replay(copies):
 
 def test_an_altered_initial_checkpoint_fails_at_the_genesis(copies):
     run_dir, model_dir = copies
-    from crowdtrain.checkpoint import save_checkpoint
+    from crowdtrain.run.checkpoint import save_checkpoint
 
     ck = load_file(run_dir / "checkpoints" / "ckpt-000000.safetensors")
     ck["model.norm.weight"] = ck["model.norm.weight"] * 1.001
@@ -166,8 +166,8 @@ def test_missing_pieces_are_named(copies):
 
 def test_replay_is_bit_exact_with_the_coordinators_checkpoints(published):
     """The replay reproduces every checkpoint the coordinator kept, bit for bit."""
-    from crowdtrain.checkpoint import list_checkpoints, load_checkpoint
-    from crowdtrain.rundir import Run
+    from crowdtrain.run.checkpoint import list_checkpoints, load_checkpoint
+    from crowdtrain.run.folder import Run
 
     run_dir, model_dir = published
     run = Run(run_dir)
@@ -198,10 +198,10 @@ def test_pruned_checkpoints_restarts_and_crash_recovery_still_verify(tiny_run, t
     was lost in a crash (recovered without its link, completed at the next close)."""
     from publish_helpers import contribution, copy_run
 
-    from crowdtrain.checkpoint import list_checkpoints
-    from crowdtrain.coordinator import Coordinator
-    from crowdtrain.ledger import Ledger
-    from crowdtrain.protocol import JoinRequest, LeaseRequest
+    from crowdtrain.coordinator.rules import Coordinator
+    from crowdtrain.run.checkpoint import list_checkpoints
+    from crowdtrain.run.ledger import Ledger
+    from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
     run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=10, round_seconds=60,
                    keep_last=1, keep_every=100)
@@ -228,7 +228,7 @@ def test_pruned_checkpoints_restarts_and_crash_recovery_still_verify(tiny_run, t
 
 def test_an_earlier_checkpoint_verifies_up_to_its_round(published, tmp_path):
     run_dir, _ = published
-    from crowdtrain.rundir import Run
+    from crowdtrain.run.folder import Run
 
     out = export_model(Run(run_dir), tmp_path / "m2", rnd=2, evaluate=False)
     rep = verify_model(out, run_dir)
@@ -236,8 +236,8 @@ def test_an_earlier_checkpoint_verifies_up_to_its_round(published, tmp_path):
 
 
 def test_a_checkpoint_trained_locally_after_the_swarm_is_refused(published, tmp_path):
-    from crowdtrain.local import train_local
-    from crowdtrain.rundir import Run
+    from crowdtrain.run.folder import Run
+    from crowdtrain.run.solo import train_local
 
     run_dir, _ = published
     shutil.copytree(run_dir, tmp_path / "run")
@@ -252,8 +252,8 @@ def test_a_lora_run_verifies_its_adapter_and_merged_weights(tiny_run, corpus, tm
     pytest.importorskip("peft")
     from publish_helpers import close_rounds
 
-    from crowdtrain.lora import LoraSettings
-    from crowdtrain.rundir import SwarmConfig, init_run
+    from crowdtrain.run.folder import SwarmConfig, init_run
+    from crowdtrain.run.lora import LoraSettings
 
     pre = export_model(tiny_run, tmp_path / "pretrained", evaluate=False)
     run = init_run(tmp_path / "lora", [corpus], from_pretrained=pre, progress=False,

@@ -1,4 +1,4 @@
-"""The run owner's warm start (crowdtrain.warmstart, SwarmConfig.warm_start): `init` trains the
+"""The run owner's warm start (crowdtrain.run.warmstart, SwarmConfig.warm_start): `init` trains the
 first steps of the schedule on K x the batch, checkpoint 0 records them, the swarm continues
 the schedule from there, and the published record reports them apart from the volunteers'."""
 
@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from crowdtrain.coordinator import Coordinator
+from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.export import export_model
-from crowdtrain.protocol import JoinRequest, LeaseRequest
-from crowdtrain.rundir import SwarmConfig, init_run
+from crowdtrain.publish.export import export_model
+from crowdtrain.run.folder import SwarmConfig, init_run
+from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
 
 def test_warm_start_settings_and_step_counts():

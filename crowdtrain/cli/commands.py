@@ -1,0 +1,280 @@
+"""What each `crowdtrain` subcommand does, given its parsed arguments (cli.py owns the parsers,
+`main` and the one-line errors). Each command imports its modules when it runs, so that
+`crowdtrain --help` and light commands start fast."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from crowdtrain.errors import CrowdtrainError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(fn: Callable[[argparse.Namespace], int | None]):
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+@command
+def cmd_init(a: argparse.Namespace) -> None:
+    from crowdtrain.run.data import default_corpus
+    from crowdtrain.run.folder import SwarmConfig, init_run
+    from crowdtrain.run.lora import LoraSettings
+
+    swarm = SwarmConfig(**{k: v for k, v in (
+        ("rounds", a.rounds), ("inner_steps", a.inner_steps),
+        ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
+        ("min_contributions", a.min_contributions),
+        ("max_extensions", a.max_extensions), ("outer_lr", a.outer_lr),
+        ("outer_momentum", a.outer_momentum), ("access", a.access),
+        ("warm_start", a.warm_start), ("codec", a.codec)) if v is not None})
+    steps = a.steps if a.steps is not None else (
+        swarm.total_steps() if a.rounds or a.inner_steps else None)
+    overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
+                                   ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
+    lora = None
+    opts = {k: v for k, v in (("rank", a.lora_rank), ("alpha", a.lora_alpha),
+                              ("dropout", a.lora_dropout)) if v is not None}
+    if a.lora_targets is not None:
+        opts["targets"] = LoraSettings.parse_targets(a.lora_targets)
+    if a.lora or opts:
+        lora = LoraSettings(**opts)
+    run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
+                   vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
+                   progress=not a.quiet, train_overrides=overrides, swarm=swarm,
+                   from_pretrained=a.from_pretrained, lora=lora, teacher=a.teacher,
+                   distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature)
+    idx = run.index
+    what = (f"from {run.config.base_model}" if run.config.base_model else
+            f"preset {run.config.preset}")
+    print(f"created run {run.dir}: {what}, vocab {idx.vocab_size}, "
+          f"{idx.train_tokens:,} train + {idx.val_tokens:,} val tokens in "
+          f"{len(idx.train) + len(idx.val)} shards")
+    sw, t = run.config.swarm, run.config.teacher
+    print(f"swarm: {sw.rounds or 'open-ended'} rounds of {sw.inner_steps} inner steps, "
+          f"{sw.codec} contributions, {sw.aggregation} aggregation, {sw.access} access"
+          + (f"; distilling {t.name} (alpha {t.alpha:g}, temperature {t.temperature:g})"
+             if t else ""))
+    if lora is not None:
+        from crowdtrain.run.checkpoint import load_checkpoint
+        from crowdtrain.wire.codecs import payload_bytes
+
+        ck = load_checkpoint(run.ckpt_dir, 0)
+        n, codec = sum(t.numel() for t in ck.tensors.values()), run.config.swarm.codec
+        print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: "
+              f"{n:,} adapter parameters travel (~{payload_bytes(n, codec):,} bytes per {codec} "
+              f"upload) instead of {ck.meta['params']:,} "
+              f"(~{payload_bytes(ck.meta['params'], codec):,} bytes)")
+    print(f"next: crowdtrain serve {run.dir}   (host it)   or   crowdtrain train {run.dir}   "
+          "(one machine)")
+
+
+@command
+def cmd_train(a: argparse.Namespace) -> None:
+    from crowdtrain.run.folder import Run
+    from crowdtrain.run.solo import set_threads, train_local
+
+    set_threads(a.threads)
+    run = Run(a.run_dir)
+    r = train_local(run, steps=a.steps, minutes=a.minutes, device=a.device,
+                    eval_every=a.eval_every, progress=not a.quiet)
+    print(f"{'stopped early' if r.interrupted else 'done'}: {r.steps} steps, {r.tokens:,} tokens "
+          f"in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s); train loss {r.train_loss:.3f}, "
+          f"held-out loss {r.val_loss:.3f} (unigram baseline {r.unigram_loss:.3f}, "
+          f"{1 - r.val_loss / r.unigram_loss:.0%} below)")
+    print(f"saved checkpoint round {r.round}; next: crowdtrain export {run.dir} OUT_DIR")
+
+
+@command
+def cmd_export(a: argparse.Namespace) -> None:
+    import json
+
+    from crowdtrain.publish.export import export_model
+
+    out = export_model(a.run_dir, a.out_dir, rnd=a.round, force=a.force, fmt=a.format,
+                       quant=a.quant, eval_data=a.eval_data, evaluate=not a.no_eval)
+    prov = json.loads((out / "provenance.json").read_text())
+    ev = prov.get("evaluation")
+    if ev and ev.get("bits_per_byte") is not None:
+        print(f"held-out: loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
+              f"{ev['bits_per_byte']:.4f} bits/byte ({ev['bytes']:,} bytes of {ev['data']})")
+    if a.format == "gguf":
+        g = prov["gguf"]
+        gev = g.get("evaluation")
+        bpb = f", {gev['bits_per_byte']:.4f} bits/byte" if gev else ""
+        print(f"wrote {out / g['file']}: {g['quant']}, {g['bytes']:,} bytes (float32 weights "
+              f"{g['original_fp32_bytes']:,}){bpb}")
+        print(f"try: llama-cli -m {out / g['file']} -p \"ROMEO:\"")
+    else:
+        chain = prov.get("chain") or {}
+        if chain.get("head"):
+            print(f"provenance chain head {chain['head'][:16]}...; check it with: "
+                  f"crowdtrain verify {out} {a.run_dir}")
+        print(f"exported to {out}; try: crowdtrain generate {out} \"ROMEO:\"")
+
+
+@command
+def cmd_verify(a: argparse.Namespace) -> int:
+    from crowdtrain.publish.verify import verify_model
+
+    rep = verify_model(a.model_dir, a.run_dir, on_line=None if a.quiet else print)
+    if rep.ok:
+        print(f"verified: {a.model_dir} is exactly the replay of {rep.rounds} round(s) of "
+              f"{a.run_dir}")
+        return 0
+    print(f"FAILED: {rep.failure}")
+    return 1
+
+
+@command
+def cmd_eval(a: argparse.Namespace) -> None:
+    import json
+
+    from crowdtrain.publish.evaluate import evaluate_model
+
+    if a.max_bytes is not None and a.max_bytes < 1:
+        raise CrowdtrainError("--max-bytes must be at least 1")
+    r = evaluate_model(a.model, a.data, max_bytes=a.max_bytes)
+    if a.json:
+        print(json.dumps(r.to_dict(), indent=1))
+        return
+    print(f"{a.model}: {r.tokens:,} tokens, {r.bytes:,} bytes; loss {r.loss:.4f} nats/token, "
+          f"perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits per byte")
+
+
+@command
+def cmd_distill(a: argparse.Namespace) -> None:
+    from crowdtrain.publish.distill import DistillConfig, distill
+    from crowdtrain.run.solo import set_threads
+
+    set_threads(a.threads)
+    cfg = DistillConfig(preset=a.preset, steps=a.steps, alpha=0.0 if a.no_teacher else a.alpha,
+                        temperature=a.temperature, lr=a.lr, batch_size=a.batch_size,
+                        seq_len=a.seq_len, seed=a.seed)
+    def on_step(step: int, loss: float) -> None:
+        if not a.quiet and (step + 1) % max(a.steps // 10, 1) == 0:
+            print(f"step {step + 1}/{a.steps}: loss {loss:.4f}", flush=True)
+
+    r = distill(a.teacher_dir, a.data, cfg, out_dir=a.out, device=a.device, force=a.force,
+                on_step=on_step)
+    print(f"trained {r.steps} steps ({r.tokens:,} tokens) in {r.seconds:.0f}s")
+    print(f"teacher: {r.teacher_params:,} parameters, {r.teacher_bytes:,} bytes, "
+          f"{r.teacher.bits_per_byte:.4f} bits/byte held-out")
+    print(f"student: {r.student_params:,} parameters, {r.student_bytes:,} bytes, "
+          f"{r.student.bits_per_byte:.4f} bits/byte held-out "
+          f"({r.student_bytes / r.teacher_bytes:.1%} of the teacher's size)")
+    print(f"exported to {r.out_dir}; try: crowdtrain generate {r.out_dir} \"ROMEO:\"")
+
+
+@command
+def cmd_generate(a: argparse.Namespace) -> None:
+    from crowdtrain.publish.generate import generate_text
+
+    print(generate_text(a.model_dir, a.prompt, max_new_tokens=a.max_tokens,
+                        temperature=a.temperature, top_k=a.top_k, seed=a.seed))
+
+
+@command
+def cmd_serve(a: argparse.Namespace) -> None:
+    import torch
+
+    from crowdtrain.coordinator import owner
+    from crowdtrain.coordinator.rules import Coordinator
+    from crowdtrain.coordinator.server import serve
+    from crowdtrain.run.folder import Run
+
+    torch.set_num_threads(a.threads)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise CrowdtrainError("--tls-cert and --tls-key go together")
+    coord = Coordinator(Run(a.run_dir))
+    token = owner.new_admin_token(coord.ledger, rotate=a.new_admin_token)
+    if token:
+        print(f"admin token (shown once, stored only as a hash; keep it to manage the run "
+              f"with `crowdtrain admin URL --token ...`): {token}", flush=True)
+    scheme = "https" if a.tls_cert else "http"
+    print(f"serving run {coord.run.config.name} (round {coord.round}) at "
+          f"{scheme}://{a.host}:{a.port}  status: {protocol_path('STATUS')}  docs: /docs",
+          flush=True)
+    serve(coord, a.host, a.port, ssl_certfile=a.tls_cert, ssl_keyfile=a.tls_key)
+
+
+def protocol_path(name: str) -> str:
+    from crowdtrain.wire import protocol
+
+    return getattr(protocol, name)
+
+
+@command
+def cmd_join(a: argparse.Namespace) -> int:
+    from crowdtrain.volunteer.launch import run_worker
+    from crowdtrain.volunteer.worker import WorkerConfig
+
+    cfg = WorkerConfig(url=a.url, name=a.name, invite=a.invite, device=a.device,
+                       threads=a.threads, anonymous=a.anonymous,
+                       max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
+                       error_feedback=not a.no_error_feedback, progress=not a.quiet,
+                       nproc=a.nproc, compile=a.compile)
+    s = run_worker(cfg)
+    if s.reason.startswith("rank "):  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    print(f"{s.reason or 'stopped'}: {s.rounds} rounds, {s.accepted} accepted, {s.refused} "
+          f"refused, {s.tokens:,} tokens trained, sent {s.bytes_sent / 1e6:.1f} MB, received "
+          f"{s.bytes_received / 1e6:.1f} MB")
+    return 0
+
+
+@command
+def cmd_invite(a: argparse.Namespace) -> None:
+    from crowdtrain.run.folder import Run
+    from crowdtrain.run.ledger import Ledger
+
+    run = Run(a.run_dir)
+    if a.uses < 1:
+        raise CrowdtrainError("--uses must be at least 1")
+    key = Ledger(run.dir / "ledger.sqlite").add_invite(a.uses)
+    note = "" if run.config.swarm.access == "invite" else (
+        " (note: this run is open to anyone; invite keys matter for runs made with "
+        "`crowdtrain init --access invite`)")
+    print(f"invite key for {a.uses} volunteer(s): {key}{note}")
+    print(f"they join with: crowdtrain join URL --invite {key}")
+
+
+@command
+def cmd_admin(a: argparse.Namespace) -> None:
+    from crowdtrain.cli.admin import run_admin
+
+    print(run_admin(a.target, a.action, a.who, token=a.token))
+
+
+@command
+def cmd_demo(a: argparse.Namespace) -> None:
+    from crowdtrain.cli.demo import run_demo
+
+    r = run_demo(a.out, workers=a.workers, rounds=a.rounds, inner_steps=a.inner_steps,
+                 preset=a.preset)
+    st = r.status
+    first, last = st.initial_val_loss, st.rounds[-1].val_loss
+    print(f"\ndone in {r.seconds:.0f}s: {len(st.volunteers)} volunteers, "
+          f"{sum(v.tokens for v in st.volunteers):,} tokens; held-out loss "
+          f"{first or float('nan'):.3f} -> {last or float('nan'):.3f}; "
+          f"{st.payload_bytes / st.params:.2f} bytes/parameter per upload")
+    print(f"model exported to {r.model_dir}\n\n--- sample ---\n{r.sample}\n--------------")
+    print(f"try: crowdtrain generate {r.model_dir} \"ROMEO:\"")
+
+
+@command
+def cmd_status(a: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from crowdtrain.cli.status import fetch_status, render_status
+
+    st = fetch_status(a.url)
+    if a.json:
+        print(st.model_dump_json(indent=1))
+    else:
+        Console().print(render_status(st))
+
+
+# --------------------------------------------------------------------------- parser

@@ -1,0 +1,205 @@
+"""Contribution files on the coordinator's disk, read without loading them whole: each payload
+file (`codecs.to_bytes`, any codec) is memory-mapped with safetensors and read as a
+`robust.DeltaSource`, one slice at a time, decoded bit-identically to `codecs.from_bytes`;
+`check_payload_file` validates an upload the way `from_bytes` validates bytes, one block at a
+time, so checking costs memory ~ one block whatever the model size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from crowdtrain.coordinator.aggregation import param_blocks, read_slice
+from crowdtrain.wire import codecs
+
+
+def _check_slice(path: Path, key: str, sl, dtype: str, shape: tuple[int, ...]) -> None:
+    """ValueError unless the safetensors slice `sl` has `dtype` and `shape`."""
+    if sl.get_dtype() != dtype:
+        raise ValueError(f"{path}: tensor {key} has dtype {sl.get_dtype()}, expected {dtype}")
+    if tuple(sl.get_shape()) != tuple(shape):
+        raise ValueError(f"{path}: tensor {key} has shape {tuple(sl.get_shape())}, expected "
+                         f"{tuple(shape)}")
+
+
+class _MappedFile:
+    """A payload file memory-mapped with `safetensors.safe_open`, as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = safe_open(str(self.path), "pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: cannot open payload: {e}") from None
+
+    def close(self) -> None:
+        """Release the memory map (idempotent)."""
+        if getattr(self, "_f", None) is not None:
+            self._f.__exit__(None, None, None)
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsQuantSource(_MappedFile):
+    """A DeltaSource over an int8 or int4 payload file (`codecs.to_bytes(..., "int8")` or
+    "int4").
+
+    The file is memory-mapped with `safetensors.safe_open`; `read` touches only the quantized
+    values (4-bit ones unpacked) and the scales of the requested range, and dequantizes them
+    with `codecs.dequantize_values`, as `codecs.from_bytes` does, so slices are
+    bit-identical to it. The header (codec, block, names, dtypes, lengths) is checked
+    against `shapes` on opening; scales and values are checked finite per slice. Problems
+    raise ValueError naming the file and tensor. Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
+        super().__init__(path)
+        try:
+            self._check_header(shapes)
+        except Exception:
+            self.close()
+            raise
+
+    def _check_header(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        meta = self._f.metadata() or {}
+        self.codec = meta.get("codec")
+        if self.codec not in codecs.QUANTIZED:
+            raise ValueError(f"{self.path}: codec is {self.codec!r}, expected 'int8' or 'int4'")
+        raw = meta.get("block", "")
+        if not raw.isdigit() or not 16 <= int(raw) <= 65536 or (
+                self.codec == "int4" and int(raw) % 2):
+            raise ValueError(f"{self.path}: invalid block {raw!r}")
+        self.block = int(raw)
+        keys = set(self._f.keys())
+        want = {n + s for n in shapes for s in (":q", ":scale")}
+        if keys != want:
+            missing, extra = sorted(want - keys)[:3], sorted(keys - want)[:3]
+            raise ValueError(f"{self.path}: tensors do not match the model: missing {missing}, "
+                             f"unexpected {extra}")
+        self.numel: dict[str, int] = {}
+        for name, shape in shapes.items():
+            numel = math.prod(int(s) for s in shape)
+            nb = (numel + self.block - 1) // self.block
+            nq = numel if self.codec == "int8" else (numel + 1) // 2
+            for key, dtype, length in ((name + ":q", "I8", nq),
+                                       (name + ":scale", "F32", nb)):
+                sl = self._f.get_slice(key)
+                _check_slice(self.path, key, sl, dtype, (length,))
+            self.numel[name] = numel
+
+    def read(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Flat float32 elements [a, b) of `name`, dequantized exactly as `from_bytes`."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: source is closed")
+        numel = self.numel[name]
+        if not 0 <= a <= b <= numel:
+            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        if a == b:
+            return torch.zeros(0, dtype=torch.float32)
+        bs = self.block
+        b0, b1 = a // bs, (b + bs - 1) // bs  # the scale blocks covering [a, b)
+        scale = self._f.get_slice(name + ":scale")[b0:b1]
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
+                             "values")
+        lo, hi = b0 * bs, min(b1 * bs, numel)
+        if self.codec == "int8":
+            q = self._f.get_slice(name + ":q")[lo:hi]
+        else:  # two values a byte; blocks are even, so lo is a byte boundary
+            q = codecs.unpack_int4(self._f.get_slice(name + ":q")[lo // 2:(hi + 1) // 2])
+        vals = codecs.dequantize_values(q, scale, (hi - lo,), bs)
+        out = vals[a - lo: b - lo].clone()
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
+        return out
+
+
+
+class SafetensorsFloatSource(_MappedFile):
+    """A DeltaSource over an fp16 or fp32 payload file (`codecs.to_bytes(..., "fp16")` or
+    "fp32"): tensors keep their shapes there, so `read` loads the rows of the leading
+    dimension that cover [a, b) and converts them to float32, bit-identical to
+    `codecs.from_bytes`. Header checked on opening, values checked finite per slice."""
+
+    def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
+        super().__init__(path)
+        try:
+            codec = (self._f.metadata() or {}).get("codec")
+            if codec not in ("fp16", "fp32"):
+                raise ValueError(f"{self.path}: codec is {codec!r}, expected 'fp16' or 'fp32'")
+            keys = set(self._f.keys())
+            if keys != set(shapes):
+                missing, extra = sorted(set(shapes) - keys)[:3], sorted(keys - set(shapes))[:3]
+                raise ValueError(f"{self.path}: tensors do not match the model: missing "
+                                 f"{missing}, unexpected {extra}")
+            want = "F16" if codec == "fp16" else "F32"
+            self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
+            for name, shape in self.shapes.items():
+                _check_slice(self.path, name, self._f.get_slice(name), want, shape)
+        except Exception:
+            self.close()
+            raise
+
+    def read(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Flat float32 elements [a, b) of `name`, converted exactly as `from_bytes`."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: source is closed")
+        shape = self.shapes[name]
+        numel = math.prod(shape)
+        if not 0 <= a <= b <= numel:
+            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        if a == b:
+            return torch.zeros(0, dtype=torch.float32)
+        if len(shape) == 0:
+            flat, start = self._f.get_tensor(name).reshape(-1), 0
+        else:
+            row = numel // shape[0] if shape[0] else 1
+            r0, r1 = a // row, (b + row - 1) // row
+            flat, start = self._f.get_slice(name)[r0:r1].reshape(-1), r0 * row
+        out = flat[a - start: b - start].to(torch.float32).clone()
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
+        return out
+
+
+
+def open_payload(
+    path: str | Path, shapes: Mapping[str, Sequence[int]]
+) -> SafetensorsQuantSource | SafetensorsFloatSource:
+    """The streaming DeltaSource for a payload file of any codec, chosen by the codec in the
+    file's own metadata (so a contribution whose codec differs from the run's still opens).
+    ValueError if the file is not a payload for `shapes`. Close it when done."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            codec = (f.metadata() or {}).get("codec")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot open payload: {e}") from None
+    if codec in codecs.QUANTIZED:
+        return SafetensorsQuantSource(path, shapes)
+    return SafetensorsFloatSource(path, shapes)
+
+
+def check_payload_file(path: str | Path, shapes: Mapping[str, Sequence[int]],
+                       max_bytes: int | None = None,
+                       block_elems: int = 1 << 20) -> dict[str, str]:
+    """Validate the payload file at `path` as `codecs.from_bytes` validates bytes (header,
+    codec, block, names, dtypes, shapes, finite values), holding at most `block_elems` decoded
+    values at a time, so checking an upload costs memory ~ one block, not one model.
+    Returns the payload's metadata; any problem raises `codecs.CodecError`."""
+    meta = codecs.read_file_header(path, max_bytes)
+    try:
+        with open_payload(path, shapes) as src:
+            for name, a, b in param_blocks(shapes, block_elems):
+                read_slice(src, name, a, b)
+    except ValueError as e:
+        raise codecs.CodecError(str(e).replace(f"{path}: ", "")) from None
+    return meta

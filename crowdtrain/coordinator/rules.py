@@ -1,0 +1,529 @@
+"""The coordinator's logic: rounds, leases, contributions, the DiLoCo outer step. No HTTP here
+(server.py is the transport), so every rule is testable by calling methods.
+
+A round r, top to bottom:
+1. `lease()` hands each volunteer a lease on round r: shards to sample, a batch seed, the global
+   schedule position, a budget of inner steps and seconds (whichever first) ending before the
+   round's deadline. A volunteer joining mid-round gets the rest of the open round.
+2. `submit()` validates the compressed pseudo-gradient (shapes, finiteness, lease, round,
+   replay), writes it to disk, records it in the ledger, and only then says OK.
+3. `tick()` closes the round at its deadline, or as soon as every leased volunteer has reported,
+   provided at least `min_contributions` were accepted (otherwise the deadline is extended).
+4. `close_round()`: token-weighted mean of the deltas -> outer Nesterov SGD -> the update,
+   quantised to int8 with coordinator-side error feedback, published as `updates/update-r`;
+   theta_{r+1} = theta_r + dequant(update_r) exactly as every worker computes it; checkpoint
+   r+1 written atomically; round r+1 opened; the new model evaluated in the background
+   (roundeval.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from crowdtrain.coordinator.aggregation import RobustConfig, block_for, robust_aggregate
+from crowdtrain.coordinator.payloads import check_payload_file, open_payload
+from crowdtrain.coordinator.reports import run_info, run_status, teacher_info
+from crowdtrain.coordinator.roundeval import RoundEvaluator
+from crowdtrain.errors import Refused
+from crowdtrain.run.checkpoint import (
+    atomic_move,
+    atomic_write,
+    list_checkpoints,
+    meta_path,
+    save_checkpoint,
+    tensor_path,
+)
+from crowdtrain.run.folder import TEACHER_WEIGHTS, Run
+from crowdtrain.run.ledger import Ledger
+from crowdtrain.run.model import count_params
+from crowdtrain.wire import codecs
+from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step
+from crowdtrain.wire.protocol import (
+    INT64_MAX,
+    LEASE_SILENCE_SECONDS,
+    Alive,
+    AliveResponse,
+    JoinRequest,
+    JoinResponse,
+    Lease,
+    LeaseRequest,
+    LeaseResponse,
+    RunInfo,
+    Status,
+    SubmitResponse,
+    SubmitStats,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_LEASE_SECONDS = 2.0
+
+
+@dataclass
+class Volunteer:
+    id: int
+    name: str
+    banned: bool = False
+
+
+class Coordinator:
+    def __init__(self, run: Run, evaluate_rounds: bool = True):
+        self.run = run
+        self.cfg = run.config.swarm
+        self.tcfg = run.config.train
+        self.lock = threading.RLock()
+        self.ledger = Ledger(run.dir / "ledger.sqlite")
+        self.updates_dir = run.dir / "updates"
+        self.contrib_dir = run.dir / "contributions"
+        self.updates_dir.mkdir(exist_ok=True)
+        self.contrib_dir.mkdir(exist_ok=True)
+        # uploads are spooled here while they arrive and are checked; never read back after a
+        # restart (a half-received upload was never acknowledged)
+        self.spool_dir = self.contrib_dir / "incoming"
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self.spool_dir.mkdir()
+        model, ckpt = run.load_model()
+        self.model = model.eval()
+        self.round = ckpt.round
+        self.ckpt_meta = ckpt.meta
+        self.theta = {k: v.clone() for k, v in ckpt.tensors.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
+        # the model's parameters (a LoRA run: the frozen base's) and those that travel
+        self.wire_params = sum(v.numel() for v in self.theta.values())
+        self.params = count_params(model) - (self.wire_params if run.config.lora else 0)
+        # largest accepted upload: everything that travels, in the run's codec, plus header room
+        self.upload_limit = codecs.payload_bytes(self.wire_params, self.cfg.codec) + (1 << 20)
+        self.base_path = run.base_path if run.config.lora is not None else None
+        if run.config.teacher is not None:  # what volunteers will fetch must be there, intact
+            run.check_teacher()
+        self.teacher_info = teacher_info(run)  # fixed for the run: read once
+        self.momentum, self.residual = self._load_outer_state(self.round)
+        self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
+        self._recover_ledger()
+        self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
+            else None
+        if self.evaluator is not None and self.ledger.round_row(self.round)["val_loss"] is None:
+            self.evaluator.submit(self.round)
+
+    # ------------------------------------------------------------------ state on disk
+
+    def _outer_path(self, rnd: int) -> Path:
+        return self.run.ckpt_dir / f"outer-{rnd:06d}.safetensors"
+
+    def _load_outer_state(self, rnd: int):
+        p = self._outer_path(rnd)
+        residual = {k: torch.zeros_like(v) for k, v in self.theta.items()}
+        if not p.is_file():
+            return None, residual
+        t = st_load(p.read_bytes())  # our own file, written atomically by close_round
+        # no momentum yet when every round so far was empty
+        momentum = {k: t[f"momentum:{k}"] for k in self.theta} if any(
+            name.startswith("momentum:") for name in t) else None
+        residual = {k: t[f"residual:{k}"] for k in self.theta}
+        return momentum, residual
+
+    def _recover_ledger(self) -> None:
+        """Make the ledger agree with the checkpoints after a restart or a crash mid-close."""
+        for row in self.ledger.rounds():
+            if row["state"] == "open" and row["round"] < self.round:
+                upd = self.updates_dir / f"update-{row['round']:06d}.safetensors"
+                sha = hashlib.sha256(upd.read_bytes()).hexdigest() if upd.exists() else ""
+                self.ledger.close_round(row["round"], sha)
+        if self.ledger.round_row(self.round) is None:
+            self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
+
+    @property
+    def finished(self) -> bool:
+        return (bool(self.cfg.rounds) and self.round >= self.cfg.rounds) or self.ended is not None
+
+    @property
+    def ended(self) -> str | None:
+        """Why the owner ended the run, or None."""
+        return self.ledger.get_meta("ended")
+
+    # ------------------------------------------------------------------ join and info
+
+    def join(self, req: JoinRequest) -> JoinResponse:
+        if self.cfg.access == "invite":
+            if not req.invite or not self.ledger.use_invite(req.invite):
+                raise Refused(403, "this run is invite-only and the key is missing, unknown or "
+                                   "used up: ask the owner for one (`crowdtrain invite RUN_DIR`) "
+                                   "and join with --invite KEY")
+        vid, token = self.ledger.add_volunteer(req.name, req.device, anonymous=req.anonymous)
+        log.info("volunteer %d (%s, %s) joined", vid, req.name, req.device)
+        return JoinResponse(volunteer_id=vid, name=req.name, token=token)
+
+    def authenticate(self, token: str) -> Volunteer:
+        row = self.ledger.volunteer_by_token(token)
+        if row is None:
+            raise Refused(401, "unknown volunteer token: join again with `crowdtrain join URL`")
+        if row["banned"]:
+            raise Refused(403, "this volunteer is banned from the run")
+        return Volunteer(row["id"], row["name"], bool(row["banned"]))
+
+    def info(self) -> RunInfo:
+        return run_info(self.run, round=self.round, finished=self.finished, params=self.params,
+                        teacher=self.teacher_info)
+
+    # ------------------------------------------------------------------ model downloads
+
+    def model_file(self) -> tuple[int, Path, str]:
+        """The current round, its checkpoint's tensor file and that file's sha256."""
+        with self.lock:
+            return self.round, tensor_path(self.run.ckpt_dir, self.round), self.ckpt_meta["sha256"]
+
+    def base_file(self) -> tuple[Path, str]:
+        """A LoRA run's frozen base weights and their sha256 (checked when the run loaded)."""
+        if self.base_path is None:
+            raise Refused(404, "this run trains every parameter: it has no separate base weights")
+        return self.base_path, self.run.config.base_sha256
+
+    def teacher_file(self) -> tuple[Path, str]:
+        """A distillation run's teacher weights and their sha256 (as recorded at init)."""
+        if self.run.config.teacher is None:
+            raise Refused(404, "this run distils no teacher")
+        return self.run.model_dir / TEACHER_WEIGHTS, self.run.config.teacher.sha256
+
+    def update_file(self, rnd: int) -> Path:
+        p = self.updates_dir / f"update-{rnd:06d}.safetensors"
+        if not p.is_file():
+            if rnd >= self.round:
+                raise Refused(404, f"round {rnd} is not closed yet (the open round is "
+                                   f"{self.round}); its update does not exist")
+            raise Refused(404, f"the update of round {rnd} is not kept; download the model")
+        return p
+
+    def count_bytes_out(self, n: int) -> None:
+        self.ledger.add_bytes_out(self.round, n)
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, vol: Volunteer, req: LeaseRequest) -> LeaseResponse:
+        self.ledger.touch(vol.id, req.device, req.tokens_per_s)
+        with self.lock:
+            if self.finished:
+                why = self.ended or f"the run finished at round {self.round}"
+                return LeaseResponse(status="done", message=f"{why}; thank you for contributing")
+            rnd = self.round
+            row = self.ledger.round_row(rnd)
+            now = time.time()
+            mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
+            if any(r["state"] == "submitted" for r in mine):
+                return LeaseResponse(status="wait", retry_after=0.5, message=(
+                    f"your contribution to round {rnd} is in; waiting for the round to close"))
+            if mine:  # a restarted worker: its earlier lease is void unless resumed below
+                self.ledger.expire_leases(rnd, vol.id)
+            if self.ledger.refused_for_cause(vol.id, rnd):
+                # no second try in a round it sent a bad payload to: a broken or hostile
+                # worker must not hold the round open until its deadline by re-leasing (a
+                # refusal it did not cause, a voided or replaced lease, does not count)
+                return LeaseResponse(status="wait", retry_after=min(
+                    max(row["deadline"] - now, 0.5), 5.0), message=(
+                    f"your contribution to round {rnd} was refused; you can take part again "
+                    f"from round {rnd + 1}"))
+            remaining = row["deadline"] - now
+            if remaining < MIN_LEASE_SECONDS + 1:
+                return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
+                                     message=f"round {rnd} is closing; the next opens soon")
+            seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
+            held = next((r for r in mine if r["id"] == req.resume), None)
+            if held is not None:  # the same batches and budget, from where its worker stopped
+                self.ledger.revive_lease(held["id"], now)
+                log.info("volunteer %d (%s) resumes lease %d of round %d", vol.id, vol.name,
+                         held["id"], rnd)
+            else:
+                held = self._new_lease(vol, rnd, row["deadline"])
+        return LeaseResponse(status="lease", lease=Lease(
+            lease_id=held["id"], round=rnd, shards=json.loads(held["shards"]), seed=held["seed"],
+            start_step=held["start_step"], max_steps=held["max_steps"], seconds=seconds,
+            deadline_in=remaining))
+
+    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float):
+        """Record a fresh lease on round `rnd`: the shard this round has used least (voided
+        leases do not count, so a worker that died and came back does not skew the round's
+        data), the next in turn among those; a new batch seed; the round's step budget from
+        the schedule position of the current checkpoint."""
+        shards = self.run.index.train
+        n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
+        used = Counter(name for r in self.ledger.leases_of_round(rnd) if r["state"] != "expired"
+                       for name in json.loads(r["shards"]))
+        turn = n_leases % len(shards)
+        shard = min(shards, key=lambda s: (used[s.name], (shards.index(s) - turn) % len(shards)))
+        max_steps = self.cfg.round_steps(rnd)
+        lease_id = self.ledger.add_lease(
+            vol.id, rnd, deadline, int(self.ckpt_meta.get("steps", 0)), max_steps,
+            max_steps * self.tcfg.batch_size * self.tcfg.seq_len,
+            self.run.config.seed * 1_000_003 + n_leases, [shard.name])
+        return self.ledger.lease(lease_id)
+
+    # ------------------------------------------------------------------ contributions
+
+    def spool(self) -> tuple[Path, BinaryIO]:
+        """A fresh file to receive one upload into (on the contributions' filesystem, so an
+        accepted one is moved into place, not copied). The caller writes, closes, and hands
+        the path to `submit_file`, which always consumes it."""
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".upload")
+        return Path(name), os.fdopen(fd, "wb")
+
+    def submit(self, vol: Volunteer, lease_id: int, blob: bytes) -> SubmitResponse:
+        """`submit_file` for a payload held in memory (tools and tests)."""
+        path, f = self.spool()
+        with f:
+            try:
+                f.write(blob)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
+        return self.submit_file(vol, lease_id, path, hashlib.sha256(blob).hexdigest())
+
+    def submit_file(self, vol: Volunteer, lease_id: int, path: Path, sha: str
+                    ) -> SubmitResponse:
+        """Check the spooled upload at `path` (sha256 `sha`) and accept it for its lease, or
+        refuse it (`Refused`, with the reason recorded in the ledger). The payload is checked
+        block by block from the file, so memory stays ~ one block whatever the model size;
+        on acceptance the file becomes the stored contribution, otherwise it is deleted."""
+        try:
+            return self._submit_file(vol, lease_id, path, sha)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _submit_file(self, vol: Volunteer, lease_id: int, path: Path, sha: str
+                     ) -> SubmitResponse:
+        size = path.stat().st_size
+        lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
+        rnd = lease["round"] if lease is not None else self.round
+
+        def refuse(status: int, reason: str, blameless: bool = False) -> Refused:
+            self.ledger.refuse(lease_id if lease is not None else None, vol.id, rnd, sha,
+                               size, reason, blameless)
+            log.info("refused contribution from %s: %s", vol.name, reason)
+            return Refused(status, reason)
+
+        if lease is None:
+            raise refuse(404, f"unknown lease {lease_id}")
+        if lease["volunteer_id"] != vol.id:
+            raise refuse(403, f"lease {lease_id} belongs to another volunteer")
+        if lease["state"] == "submitted":
+            raise refuse(409, f"lease {lease_id} already has an accepted contribution")
+        if self.ledger.query("SELECT 1 FROM contributions WHERE sha256 = ? AND status = "
+                             "'accepted'", (sha,)):
+            raise refuse(409, "replayed payload: this exact contribution was already accepted")
+        try:
+            codec = codecs.read_file_header(path).get("codec")  # before scanning the file
+            if codec != self.cfg.codec:
+                raise refuse(422, f"payload codec {codec!r} is not this run's "
+                                  f"{self.cfg.codec!r}")
+            meta = check_payload_file(path, self.shapes, self.upload_limit)
+            stats = SubmitStats.model_validate_json(meta.get("stats", ""))
+        except codecs.CodecError as e:
+            raise refuse(422, f"invalid payload: {e}") from None
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise refuse(422, f"invalid stats in payload metadata: {e}") from None
+        if stats.lease_id != lease_id or stats.round != lease["round"]:
+            raise refuse(422, f"payload is for lease {stats.lease_id} round {stats.round}, "
+                              f"not lease {lease_id} round {lease['round']}")
+        weight = min(stats.tokens, lease["max_tokens"])
+        if weight <= 0:
+            raise refuse(422, "contribution reports no tokens trained")
+        with self.lock:  # the round must not close between this check and the ledger write
+            # read again under the lock: while the file was checked, the lease may have been
+            # voided (a newer lease, a resume) or taken by a concurrent upload
+            lease = self.ledger.lease(lease_id)
+            if lease["state"] == "submitted":
+                raise refuse(409, f"lease {lease_id} already has an accepted contribution",
+                             blameless=True)
+            if lease["round"] == self.round and lease["state"] == "expired":
+                raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "
+                                  f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); "
+                                  "it was not applied", blameless=True)
+            if lease["round"] != self.round or lease["state"] == "expired":
+                raise refuse(409, f"stale: round {lease['round']} closed before this "
+                                  f"contribution arrived (the open round is {self.round}); "
+                                  "it was not applied", blameless=True)
+            d = self.contrib_dir / f"r{rnd:06d}"
+            d.mkdir(exist_ok=True)
+            stored = d / f"lease-{lease_id}.safetensors"
+            try:
+                atomic_move(path, stored)
+            except OSError as e:
+                log.error("cannot store a contribution: %s", e)
+                raise Refused.cannot_store(e) from None
+            cid = self.ledger.accept(lease_id, vol.id, rnd, sha, size, stats.steps,
+                                     stats.tokens, float(weight), stats.mean_loss,
+                                     stats.seconds, str(stored.relative_to(self.run.dir)),
+                                     note=self._throughput_flag(vol, stats))
+        log.info("round %d: accepted contribution %d from %s (%d tokens, loss %.3f)",
+                 rnd, cid, vol.name, weight, stats.mean_loss)
+        return SubmitResponse(accepted=True, contribution_id=cid, round=rnd,
+                              message=f"accepted for round {rnd}")
+
+    def _throughput_flag(self, vol: Volunteer, stats: SubmitStats) -> str | None:
+        """A note when the reported throughput is far beyond this volunteer's history."""
+        if stats.seconds <= 0:
+            return "flagged: reports zero seconds of training"
+        rate = stats.tokens / stats.seconds
+        past = self.ledger.query(
+            "SELECT MAX(tokens / seconds) best, COUNT(*) n FROM contributions WHERE "
+            "volunteer_id = ? AND status = 'accepted' AND seconds > 0", (vol.id,))[0]
+        if past["n"] >= 3 and rate > 10 * past["best"]:
+            log.warning("volunteer %s reports %.0f tok/s, %.0fx its best", vol.name, rate,
+                        rate / past["best"])
+            return (f"flagged: throughput {rate:,.0f} tok/s is {rate / past['best']:.0f}x this "
+                    "volunteer's best")
+        return None
+
+    def alive(self, vol: Volunteer, lease_id: int, msg: Alive) -> AliveResponse:
+        """A heartbeat of the worker training `lease_id`; ok=False once the lease is closed."""
+        lease = self.ledger.lease(lease_id) if 0 <= lease_id <= INT64_MAX else None
+        if lease is None:
+            raise Refused(404, f"unknown lease {lease_id}")
+        if lease["volunteer_id"] != vol.id:
+            raise Refused(403, f"lease {lease_id} belongs to another volunteer")
+        return AliveResponse(ok=self.ledger.lease_alive(lease_id, time.time()))
+
+    # ------------------------------------------------------------------ closing rounds
+
+    def tick(self) -> bool:
+        """Close the open round if it is due; returns whether a round closed."""
+        with self.lock:
+            if self.finished:
+                return False
+            rnd = self.round
+            row = self.ledger.round_row(rnd)
+            n = len(self.ledger.accepted(rnd))
+            now = time.time()
+            silent = self.ledger.expire_silent_leases(rnd, now - LEASE_SILENCE_SECONDS)
+            if silent:  # their workers died or lost the network: close without them
+                log.info("round %d: gave up lease(s) %s, silent for %.0fs", rnd, silent,
+                         LEASE_SILENCE_SECONDS)
+            open_leases = self.ledger.leases_of_round(rnd, "open")
+            if n >= self.cfg.min_contributions and (now >= row["deadline"] or not open_leases):
+                self.close_round()
+                return True
+            if now < row["deadline"]:
+                return False
+            if row["extensions"] >= self.cfg.max_extensions:  # no round waits for ever
+                log.warning("round %d: %d of %d contributions needed after %d extension(s) of "
+                            "its deadline; closing with what it has%s", rnd, n,
+                            self.cfg.min_contributions, row["extensions"],
+                            "" if n else " (nothing: the model stays as it is)")
+                self.close_round()
+                return True
+            done = self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
+            log.warning("round %d reached its deadline with %d of %d contributions needed; "
+                        "extended by %.0fs (%d of %d extensions; then it closes with what it "
+                        "has)", rnd, n, self.cfg.min_contributions, self.cfg.round_seconds,
+                        done, self.cfg.max_extensions)
+            return False
+
+    def close_round(self) -> None:
+        with self.lock:
+            rnd = self.round
+            rows = self.ledger.accepted(rnd)
+            if rows:
+                mean = self._aggregate(rnd, rows)
+                ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum,
+                                   self.cfg.nesterov)
+                update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
+                target = {k: update[k] + self.residual[k] for k in update}
+            else:  # an empty round (closed after its extensions): publish a zero update, so
+                # the model, the outer momentum and the residual stay as they are
+                momentum = self.momentum
+                target = {k: torch.zeros_like(v) for k, v in self.theta.items()}
+            blob = codecs.to_bytes(target, "int8", meta={"round": str(rnd)})
+            applied, _ = codecs.from_bytes(blob, self.shapes)
+            residual = {k: target[k] - applied[k] for k in target} if rows else self.residual
+            theta = apply_update(self.theta, applied)
+            atomic_write(self.updates_dir / f"update-{rnd:06d}.safetensors", blob)
+            outer = {f"momentum:{k}": v for k, v in (momentum or {}).items()}
+            outer.update({f"residual:{k}": v for k, v in residual.items()})
+            atomic_write(self._outer_path(rnd + 1), st_save(outer))
+            rows = [r for r in self.ledger.accepted(rnd) if not r["excluded"]]
+            tokens = int(sum(r["weight"] for r in rows))
+            meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
+                "source": "swarm",
+                # an empty round trained nothing: the schedule does not move
+                "steps": int(self.ckpt_meta.get("steps", 0)) + (
+                    self.cfg.round_steps(rnd) if rows else 0),
+                "tokens_trained": int(self.ckpt_meta.get("tokens_trained", 0)) + tokens,
+                "params": self.params,
+                "contributions": len(rows),
+                "update_sha256": hashlib.sha256(blob).hexdigest(),
+            })
+            self.ledger.close_round(rnd, meta["update_sha256"], checkpoint_sha256=meta["sha256"],
+                                    base_sha256=self.ckpt_meta.get("sha256"))
+            self.theta, self.momentum, self.residual = theta, momentum, residual
+            self.round, self.ckpt_meta = rnd + 1, meta
+            self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
+            self._prune()
+        log.info("round %d closed: %d contributions, %d tokens; round %d open",
+                 rnd, len(rows), tokens, rnd + 1)
+        if self.evaluator is not None:
+            self.evaluator.submit(rnd + 1)
+
+    def _aggregate(self, rnd: int, rows) -> dict[str, torch.Tensor]:
+        """Robust token-weighted mean of the round's deltas, read block by block from disk;
+        clipped or refused contributions get the reason in the ledger (refused: weight 0)."""
+        sources = []
+        try:
+            for r in rows:  # memory-mapped, read block by block: the blocks shrink as workers
+                # grow, so the working memory stays ~ a fixed budget (robust.block_for)
+                sources.append(open_payload(self.run.dir / r["path"], self.shapes))
+            mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
+                                               self.shapes, RobustConfig(self.cfg.aggregation),
+                                               block_elems=block_for(len(rows)))
+        finally:
+            for src in sources:
+                src.close()
+        for r, (mult, reason) in zip(rows, screening, strict=True):
+            if reason:
+                self.ledger.annotate(r["id"], reason, excluded=mult == 0.0)
+                log.warning("round %d: contribution %d: %s", rnd, r["id"], reason)
+        return mean
+
+    def _prune(self) -> None:
+        """Keep round 0, the last `keep_last` checkpoints and every `keep_every`-th."""
+        rounds = list_checkpoints(self.run.ckpt_dir)
+        keep = set(rounds[-self.cfg.keep_last:]) | {0}
+        for r in rounds:
+            if r in keep or r % self.cfg.keep_every == 0:
+                continue
+            for p in (meta_path(self.run.ckpt_dir, r), tensor_path(self.run.ckpt_dir, r),
+                      self._outer_path(r)):
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def wait_for_eval(self, timeout: float = 60.0) -> None:
+        """Block until queued evaluations are done (for tests and the demo's summary)."""
+        if self.evaluator is not None:
+            self.evaluator.wait(timeout)
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+        self.ledger.close()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> Status:
+        return run_status(self.ledger, run_name=self.run.config.name, round=self.round,
+                          finished=self.finished, params=self.params,
+                          payload_bytes=codecs.payload_bytes(self.wire_params, self.cfg.codec),
+                          min_contributions=self.cfg.min_contributions,
+                          max_extensions=self.cfg.max_extensions)

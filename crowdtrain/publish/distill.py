@@ -1,0 +1,238 @@
+"""`crowdtrain distill`: train a smaller student on a teacher's logits, locally, and export it.
+
+The student is a fresh Llama of a named preset with the teacher's tokenizer (distilling on
+logits needs the same vocabulary). Each step it sees a batch of the given text (deterministic
+batches, `data.get_batch`, so a run with and one without the teacher see the same tokens) and
+minimises
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
+
+with the same AdamW loop, schedule and clipping as `crowdtrain train` (train.InnerLoop with a
+`Teacher`; `crowdtrain init --teacher DIR` runs the same loss on the swarm's volunteers).
+`alpha = 0` trains the same student on the text alone: the baseline distillation is measured
+against. The last `val_fraction` of the text's bytes is held out; the student and the teacher
+are both evaluated on it in bits per byte (evaluate.py). The student is exported like any
+model: a Hugging Face folder with README.md and provenance.json (teacher, data hashes,
+settings, both evaluations).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from crowdtrain import __version__
+from crowdtrain.errors import CrowdtrainError, check_settings
+from crowdtrain.publish.evaluate import EvalResult, document_ids, evaluate_texts, read_texts
+from crowdtrain.run.data import EOT, file_sha256, get_batch
+from crowdtrain.run.model import (
+    build_model,
+    count_params,
+    get_preset,
+    load_pretrained,
+    preset_config,
+)
+from crowdtrain.run.train import PRESET_TRAINING, InnerLoop, Teacher, TrainConfig, pick_device
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    preset: str = "tiny"
+    steps: int = 300
+    alpha: float = 0.5  # weight of the KL term; 0 = no teacher (plain cross-entropy)
+    temperature: float = 2.0
+    lr: float | None = None  # default: the preset's
+    batch_size: int | None = None
+    seq_len: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        check_settings("distillation", {
+            "steps": self.steps >= 1,
+            "alpha": 0.0 <= self.alpha <= 1.0,
+            "temperature": self.temperature > 0,
+            "lr": self.lr is None or 0 < self.lr < 1,
+            "batch_size": self.batch_size is None or self.batch_size >= 1,
+            "seq_len": self.seq_len is None or self.seq_len >= 8,
+            "val_fraction": 0 < self.val_fraction < 0.5,
+        }, self)
+
+
+@dataclass
+class DistillResult:
+    out_dir: Path | None
+    student: EvalResult
+    teacher: EvalResult
+    student_params: int
+    teacher_params: int
+    student_bytes: int  # float32 weights
+    teacher_bytes: int
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float
+
+
+def split_texts(texts: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: the last `val_fraction` of the bytes, cut at a newline."""
+    total = sum(len(t.encode("utf-8")) for t in texts)
+    start = int(total * (1 - val_fraction))
+    train, val, pos = [], [], 0
+    for t in texts:
+        n = len(t.encode("utf-8"))
+        if pos + n <= start:
+            train.append(t)
+        elif pos >= start:
+            val.append(t)
+        else:
+            raw = t.encode("utf-8")
+            cut = raw.find(b"\n", start - pos) + 1 or len(raw)
+            a, b = raw[:cut].decode("utf-8", "ignore"), raw[cut:].decode("utf-8", "ignore")
+            train += [a] if a else []
+            val += [b] if b else []
+        pos += n
+    if not train or not val:
+        raise CrowdtrainError("the text is too small to hold out a validation part; give more")
+    return train, val
+
+
+def _load_teacher(teacher_dir: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
+    model = load_pretrained(teacher_dir).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok_path = teacher_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CrowdtrainError(f"{teacher_dir} has no tokenizer.json")
+    tok = Tokenizer.from_file(str(tok_path))
+    eot = tok.token_to_id(EOT)
+    if eot is None:
+        raise CrowdtrainError(f"the teacher's tokenizer has no {EOT} token")
+    if tok.get_vocab_size() != model.config.vocab_size:
+        raise CrowdtrainError(f"the teacher's tokenizer has {tok.get_vocab_size()} tokens, its "
+                              f"model {model.config.vocab_size}")
+    return model, tok, eot
+
+
+def distill(teacher_dir: str | os.PathLike, data: Sequence[str | os.PathLike],
+            cfg: DistillConfig | None = None, out_dir: str | os.PathLike | None = None,
+            device: str = "cpu", force: bool = False,
+            on_step: Callable[[int, float], None] | None = None) -> DistillResult:
+    """Distil the model in `teacher_dir` into a fresh `cfg.preset` student on the text files
+    `data`; export it to `out_dir` (if given) and report both models' held-out bits per byte."""
+    cfg = cfg or DistillConfig()
+    teacher_dir = Path(teacher_dir)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        if not force:
+            raise CrowdtrainError(f"{out} is not empty; choose a new folder or pass --force")
+        if not (out / "config.json").exists():
+            raise CrowdtrainError(f"refusing to --force over {out}: it is not a model folder")
+    teacher, tok, eot = _load_teacher(teacher_dir)
+    train_texts, val_texts = split_texts(read_texts(data), cfg.val_fraction)
+    ids: list[int] = []
+    for t in train_texts:
+        ids += document_ids(tok, t) + [eot]
+    stream = np.asarray(ids, dtype=np.int64)
+
+    p = get_preset(cfg.preset)
+    base = PRESET_TRAINING[cfg.preset]
+    student_cfg = preset_config(cfg.preset, teacher.config.vocab_size, eot)
+    seq = min(cfg.seq_len or base.seq_len, p.context, teacher.config.max_position_embeddings)
+    if len(stream) <= seq + 1:
+        raise CrowdtrainError(f"the training text is only {len(stream)} tokens; need more than "
+                              f"{seq + 1}")
+    tcfg = replace(base, total_steps=cfg.steps, seq_len=seq, seed=cfg.seed,
+                   lr=cfg.lr or base.lr, batch_size=cfg.batch_size or base.batch_size,
+                   warmup_steps=min(base.warmup_steps, max(cfg.steps // 10, 1)))
+    dev = pick_device(device)
+    student = build_model(student_cfg, seed=cfg.seed)
+    loop = InnerLoop(student, tcfg, dev, teacher=Teacher(teacher, cfg.alpha, cfg.temperature)
+                     if cfg.alpha > 0 else None)
+    t0 = time.perf_counter()
+    st = loop.run(lambda s: get_batch([stream], tcfg.batch_size, tcfg.seq_len, cfg.seed, s),
+                  0, cfg.steps, on_step=on_step)
+    seconds = time.perf_counter() - t0
+    student = student.to("cpu").eval()
+    teacher = teacher.to("cpu")
+    s_eval = evaluate_texts(student, tok, val_texts, eot)
+    t_eval = evaluate_texts(teacher, tok, val_texts, eot)
+    res = DistillResult(None, s_eval, t_eval, count_params(student), count_params(teacher),
+                        4 * count_params(student), 4 * count_params(teacher), st.steps,
+                        st.tokens, seconds, st.mean_loss)
+    if out is not None:
+        res.out_dir = _export_student(student, teacher_dir, out, data, cfg, tcfg, res)
+    return res
+
+
+def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillConfig,
+                    tcfg: TrainConfig, res: DistillResult) -> Path:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from crowdtrain.publish.export import model_card
+    from crowdtrain.publish.provenance import finite, load_provenance, write_provenance
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    eot = student.config.eos_token_id
+    student.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    student.save_pretrained(str(out), safe_serialization=True)
+    PreTrainedTokenizerFast.from_pretrained(str(teacher_dir)).save_pretrained(str(out))
+    try:
+        tprov = load_provenance(teacher_dir)
+    except CrowdtrainError:
+        tprov = {}
+    tweights = teacher_dir / "model.safetensors"
+    t_bytes = tweights.stat().st_size if tweights.is_file() else res.teacher_bytes
+    s_bytes = (out / "model.safetensors").stat().st_size
+    res.student_bytes, res.teacher_bytes = s_bytes, t_bytes
+    sources = [{"name": Path(p).name, "bytes": Path(p).stat().st_size,
+                "sha256": file_sha256(Path(p))} for p in data]
+    name = out.name
+    pc = student.config
+    ev = finite({"data": f"held-out last {cfg.val_fraction:.0%} of "
+                         f"{', '.join(s['name'] for s in sources)}", **res.student.to_dict()})
+    record = {
+        "format": "crowdtrain-provenance-1",
+        "crowdtrain_version": __version__,
+        "created_at": time.time(),
+        "run": {"name": name, "preset": cfg.preset, "trained_by": "distillation"},
+        "model": {"architecture": "LlamaForCausalLM", "params": res.student_params,
+                  "layers": pc.num_hidden_layers, "hidden": pc.hidden_size,
+                  "heads": pc.num_attention_heads, "context": pc.max_position_embeddings,
+                  "vocab_size": pc.vocab_size},
+        "data": {"sources": sources},
+        "distillation": {
+            "teacher": {"folder": teacher_dir.name, "params": res.teacher_params,
+                        "bytes": t_bytes, "sha256": file_sha256(tweights)
+                        if tweights.is_file() else None,
+                        "chain_head": (tprov.get("chain") or {}).get("head"),
+                        "run": (tprov.get("run") or {}).get("name"),
+                        "bits_per_byte": res.teacher.bits_per_byte,
+                        "evaluation": finite(res.teacher.to_dict())},
+            "student": {"params": res.student_params, "bytes": s_bytes,
+                        "bits_per_byte": res.student.bits_per_byte},
+            "alpha": cfg.alpha, "temperature": cfg.temperature, "steps": res.steps,
+            "tokens": res.tokens, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
+            "lr": tcfg.lr, "seconds": res.seconds, "train_loss": res.train_loss,
+            "settings": asdict(cfg), "train": asdict(tcfg),
+        },
+        "evaluation": ev,
+        "files": {},
+    }
+    record["files"] = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    write_provenance(out, record)
+    (out / "README.md").write_text(model_card(record))
+    return out

@@ -1,0 +1,439 @@
+"""A run directory: its layout, its validated config, and `init` that creates one.
+
+    RUN_DIR/
+      run.json          RunConfig (written last: its presence marks a complete init)
+      tokenizer.json    HF tokenizers file
+      model/config.json the HF model config
+      model/base.safetensors  LoRA runs only: the frozen pretrained weights (see lora.py)
+      data/             token shards + index.json (see data.py)
+      checkpoints/      ckpt-NNNNNN.safetensors + .json (see checkpoint.py); round 0 = init
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from crowdtrain import __version__
+from crowdtrain.errors import CrowdtrainError, check_settings
+from crowdtrain.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from crowdtrain.run.data import (
+    DataConfig,
+    ShardIndex,
+    build_shards,
+    check_sources,
+    eval_windows,
+    file_sha256,
+    load_split,
+    load_tokenizer,
+    train_tokenizer,
+)
+from crowdtrain.run.lora import BASE_FILE, LoraSettings
+from crowdtrain.run.model import (
+    build_model,
+    count_params,
+    get_preset,
+    load_config,
+    load_frozen,
+    load_into,
+    load_pretrained,
+    preset_config,
+    state_dict_for_save,
+)
+from crowdtrain.run.schedule import inner_steps_schedule
+from crowdtrain.run.train import PRESET_TRAINING, Teacher, TrainConfig, evaluate
+from crowdtrain.wire.codecs import CODECS
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """DiLoCo round schedule and outer optimizer of a run hosted by a coordinator."""
+
+    inner_steps: int = 50  # H; the mean H of the run when inner_steps_growth > 1
+    inner_steps_growth: float = 1.0  # last round's H / first round's (crowdtrain.run.schedule)
+    # the owner's warm start (crowdtrain.run.warmstart): this fraction of the run's steps, trained
+    # by `crowdtrain init` on warm_start_batch x the batch before anyone joins
+    warm_start: float = 0.2
+    warm_start_batch: int = 4
+    warm_start_max_steps: int = 1000  # "short": a long run's warm start is capped
+    round_seconds: float = 120.0
+    rounds: int = 10
+    min_contributions: int = 1
+    # a round still short of min_contributions at its deadline is extended by round_seconds,
+    # at most this many times; then it closes with what it has (nothing: the model stays)
+    max_extensions: int = 3
+    codec: str = "int8"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    keep_last: int = 3
+    keep_every: int = 10
+    access: str = "open"
+    aggregation: str = "centered_clip"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "inner_steps": self.inner_steps >= 1,
+            "inner_steps_growth": 1 <= self.inner_steps_growth <= 100 and (
+                self.inner_steps_growth == 1 or self.rounds >= 1),
+            "warm_start": 0 <= self.warm_start <= 0.5,
+            "warm_start_batch": 1 <= self.warm_start_batch <= 1024,
+            "warm_start_max_steps": self.warm_start_max_steps >= 0,
+            "round_seconds": self.round_seconds >= 1,
+            "rounds": self.rounds >= 0,
+            "min_contributions": self.min_contributions >= 1,
+            "max_extensions": self.max_extensions >= 0,
+            "codec": self.codec in CODECS,
+            "outer_lr": 0 < self.outer_lr <= 10,
+            "outer_momentum": 0 <= self.outer_momentum < 1,
+            "keep_last": self.keep_last >= 1,
+            "keep_every": self.keep_every >= 1,
+            "access": self.access in ("open", "invite"),
+            "aggregation": self.aggregation in ("mean", "clip_mean", "trimmed_mean",
+                                                "centered_clip"),
+        }
+        check_settings("swarm", checks, self)
+
+    def warm_start_steps(self) -> int:
+        """Steps of the owner's warm start: `warm_start` of the run's total steps (warm start
+        + rounds x inner_steps), at most `warm_start_max_steps`; 0 for a run without a fixed
+        number of rounds."""
+        if self.rounds < 1 or self.warm_start == 0 or self.warm_start_max_steps == 0:
+            return 0
+        return min(self.warm_start_max_steps, max(1, round(
+            self.warm_start / (1 - self.warm_start) * self.rounds * self.inner_steps)))
+
+    def total_steps(self) -> int:
+        """The inner learning-rate schedule's length for a run with these settings."""
+        return self.warm_start_steps() + self.rounds * self.inner_steps
+
+    def round_steps(self, rnd: int) -> int:
+        """H of round `rnd`: `inner_steps`, or its place in a growing schedule of the same
+        total (rounds x inner_steps) when `inner_steps_growth` > 1."""
+        if self.inner_steps_growth == 1 or self.rounds < 1:
+            return self.inner_steps
+        hs = inner_steps_schedule(self.rounds * self.inner_steps, self.rounds,
+                                  self.inner_steps_growth)
+        return hs[min(max(rnd, 0), self.rounds - 1)]
+
+
+PRETRAINED = "pretrained"  # the `preset` of a run started from a pretrained folder
+TEACHER_WEIGHTS, TEACHER_CONFIG = "teacher.safetensors", "teacher.json"  # in model/
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """A distillation run's teacher: every volunteer's inner loop learns from its logits
+    (train.distillation_loss), weighted `alpha` against the text at `temperature`."""
+
+    name: str  # the teacher folder's name, for the record
+    sha256: str  # of model/teacher.safetensors, checked wherever it is loaded
+    alpha: float = 0.9
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_settings("distillation", {"alpha": 0 < self.alpha <= 1,
+                                        "temperature": self.temperature > 0,
+                                        "sha256": len(self.sha256) == 64}, self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; every machine taking part reads the same copy.
+
+    A run made with `--from-pretrained DIR` has preset "pretrained", `base_model` = DIR's name
+    and checkpoint 0 = DIR's weights; with LoRA (`lora`), the frozen weights are in
+    model/base.safetensors (`base_sha256`) and the checkpoints hold the adapters only."""
+
+    name: str
+    preset: str
+    seed: int = 0
+    eval_tokens: int = 32768
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    created_at: float = 0.0
+    crowdtrain_version: str = __version__
+    base_model: str | None = None
+    base_sha256: str | None = None
+    lora: LoraSettings | None = None
+    teacher: TeacherSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset != PRETRAINED or self.base_model is None:
+            get_preset(self.preset)
+        if self.eval_tokens < 256:
+            raise CrowdtrainError(f"eval_tokens must be >= 256, got {self.eval_tokens}")
+        if self.lora is not None and (self.base_model is None or not self.base_sha256):
+            raise CrowdtrainError("a LoRA run needs a pretrained base model and its sha256")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["swarm"] = SwarmConfig(**d.get("swarm", {}))
+        if d.get("lora") is not None:
+            d["lora"] = LoraSettings(**d["lora"])
+        if d.get("teacher") is not None:
+            d["teacher"] = TeacherSettings(**d["teacher"])
+        return cls(**d)
+
+
+class Run:
+    """An opened run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        p = self.dir / RUN_FILE
+        if not p.is_file():
+            raise CrowdtrainError(
+                f"{self.dir} is not a crowdtrain run (no {RUN_FILE}); "
+                f"create one with `crowdtrain init {self.dir}`"
+            )
+        try:
+            self.config = RunConfig.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CrowdtrainError(f"{p} is not a valid run config ({e})") from None
+
+    data_dir = property(lambda self: self.dir / "data")
+    ckpt_dir = property(lambda self: self.dir / "checkpoints")
+    model_dir = property(lambda self: self.dir / "model")
+    tokenizer_path = property(lambda self: self.dir / "tokenizer.json")
+
+    @cached_property
+    def index(self) -> ShardIndex:
+        return ShardIndex.load(self.data_dir)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_path)
+
+    def model_config(self):
+        return load_config(self.model_dir)
+
+    @property
+    def base_path(self) -> Path:
+        """The frozen base weights of a LoRA run."""
+        return self.model_dir / BASE_FILE
+
+    def build_model(self) -> torch.nn.Module:
+        """The run's model before any checkpoint: a fresh init, or for a LoRA run the frozen
+        base (sha256-checked) wrapped with adapters."""
+        if self.config.lora is None:
+            return build_model(self.model_config(), seed=self.config.seed)
+        from crowdtrain.run.lora import build_lora_model, load_base
+
+        return build_lora_model(self.model_config(), self.config.lora,
+                                load_base(self.base_path, self.config.base_sha256),
+                                seed=self.config.seed)
+
+    def load_model(self, rnd: int | None = None) -> tuple[torch.nn.Module, Checkpoint]:
+        """The model with the weights of checkpoint `rnd` (default: latest)."""
+        model = self.build_model()
+        ckpt = load_checkpoint(self.ckpt_dir, rnd, expected=state_dict_for_save(model))
+        load_into(model, ckpt.tensors)
+        return model, ckpt
+
+    def check_teacher(self) -> None:
+        """CrowdtrainError unless a distillation run's teacher files are present and intact."""
+        t = self.config.teacher
+        weights, config = self.model_dir / TEACHER_WEIGHTS, self.model_dir / TEACHER_CONFIG
+        if t is None:
+            return
+        if not weights.is_file() or not config.is_file():
+            raise CrowdtrainError(f"this run distils {t.name}, but {weights.name} or "
+                                  f"{config.name} is missing from {self.model_dir}")
+        if file_sha256(weights) != t.sha256:
+            raise CrowdtrainError(f"{weights} does not match the sha256 in run.json: the "
+                                  "teacher was altered or damaged")
+
+    def load_teacher(self) -> Teacher | None:
+        """A distillation run's teacher (weights sha256-checked), or None."""
+        t = self.config.teacher
+        if t is None:
+            return None
+        config = json.loads((self.model_dir / TEACHER_CONFIG).read_text())
+        return Teacher(load_frozen(config, self.model_dir / TEACHER_WEIGHTS, t.sha256),
+                       t.alpha, t.temperature)
+
+    def val_windows(self):
+        return eval_windows(load_split(self.data_dir, self.index, "val"),
+                            self.config.train.seq_len, self.config.eval_tokens)
+
+
+def init_run(
+    run_dir: str | os.PathLike,
+    data: list[str | os.PathLike],
+    preset: str = "small",
+    vocab_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    train_overrides: dict | None = None,
+    swarm: SwarmConfig | None = None,
+    from_pretrained: str | os.PathLike | None = None,
+    lora: LoraSettings | None = None,
+    teacher: str | os.PathLike | None = None,
+    distill_alpha: float = 0.9,
+    distill_temperature: float = 1.0,
+) -> Run:
+    """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0).
+
+    With `from_pretrained` (a local Hugging Face Llama folder with a tokenizer.json) the run
+    uses that folder's tokenizer, config and weights (checkpoint 0), and `preset` only picks
+    the training defaults; with `lora` too, the weights are frozen in model/base.safetensors
+    and the run trains (and the swarm moves) LoRA adapters only. With `teacher` (a local
+    Hugging Face Llama folder) the run distils it: a fresh `preset` student with the teacher's
+    tokenizer, every inner step (the owner's warm start and the volunteers') learning from the
+    teacher's logits; the teacher's weights are kept in model/ for the volunteers to fetch."""
+    run_dir = Path(run_dir)
+    p = get_preset(preset)
+    sources = check_sources(data)
+    if teacher is not None and from_pretrained is not None:
+        raise CrowdtrainError("--teacher trains a fresh student: drop --from-pretrained")
+    if teacher is not None:  # settings first: nothing is written for a run that cannot be
+        TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)
+    teacher_cfg = teacher_tok = None
+    if teacher is not None:  # the teacher's tokenizer is the run's; the model is a fresh one
+        teacher_cfg, teacher_tok = _check_pretrained(teacher, lora, tokenizer, vocab_size,
+                                                     "--teacher")
+    pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            what = "a run" if (run_dir / RUN_FILE).exists() else "files"
+            raise CrowdtrainError(
+                f"{run_dir} already holds {what}; choose a new folder or pass --force to replace it"
+            )
+        if not (run_dir / RUN_FILE).exists():
+            raise CrowdtrainError(f"refusing to --force over {run_dir}: it is not a crowdtrain run")
+        shutil.rmtree(run_dir)
+    train_cfg = PRESET_TRAINING[preset]
+    if train_overrides:
+        train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
+    if pretrained is not None:
+        model_cfg, tok = pretrained
+        context, what = model_cfg.max_position_embeddings, f"{Path(from_pretrained).name} model"
+    else:
+        model_cfg, tok, context, what = None, teacher_tok, p.context, preset
+    if teacher_cfg is not None:
+        context = min(context, teacher_cfg.max_position_embeddings)
+    cfg = RunConfig(
+        name=run_dir.name,
+        preset=PRETRAINED if pretrained else preset,
+        seed=seed,
+        data=DataConfig(vocab_size=tok.get_vocab_size() if tok else vocab_size or p.vocab_size),
+        train=train_cfg,
+        swarm=swarm or SwarmConfig(),
+        created_at=time.time(),
+        base_model=Path(from_pretrained).name if pretrained else None,
+    )
+    if cfg.train.seq_len > context:
+        raise CrowdtrainError(
+            f"seq_len {cfg.train.seq_len} exceeds the {what} context {context}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tok is None:
+        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
+    tok.save(str(run_dir / "tokenizer.json"))
+    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
+    if model_cfg is None:
+        vocab = teacher_cfg.vocab_size if teacher_cfg is not None else tok.get_vocab_size()
+        model_cfg = preset_config(preset, vocab, index.eot_id)
+    model_cfg.save_pretrained(str(run_dir / "model"))
+    if pretrained is None:
+        model = build_model(model_cfg, seed=seed)
+    else:
+        model = load_pretrained(from_pretrained)
+    params, source = count_params(model), "init" if pretrained is None else "pretrained"
+    if lora is not None:
+        from safetensors.torch import save_file
+
+        from crowdtrain.run.lora import base_sha256, wrap
+
+        save_file(state_dict_for_save(model), str(run_dir / "model" / BASE_FILE),
+                  metadata={"base_model": cfg.base_model})
+        cfg = replace(cfg, lora=lora, base_sha256=base_sha256(run_dir / "model" / BASE_FILE))
+        model = wrap(model, lora, seed=seed)
+    teach = None
+    if teacher is not None:
+        teach = _keep_teacher(teacher, run_dir / "model", distill_alpha, distill_temperature)
+        cfg = replace(cfg, teacher=teach.settings)
+    meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source}
+    warm = cfg.swarm.warm_start_steps() if pretrained is None else 0
+    if warm:  # a fresh model only: a pretrained one is its own warm start
+        from crowdtrain.run.warmstart import warm_start
+
+        record = warm_start(model, run_dir / "data", index, cfg.train, warm,
+                            cfg.swarm.warm_start_batch, seed, progress=progress,
+                            teacher=teach and teach.teacher)
+        meta.update(steps=record["steps"], tokens_trained=record["tokens"],
+                    source="warm start", warm_start=record)
+    val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
+                       cfg.eval_tokens)
+    meta["val_loss"] = evaluate(model, val, torch.device("cpu"))
+    save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
+    (run_dir / RUN_FILE).write_text(cfg.to_json())
+    return Run(run_dir)
+
+
+@dataclass
+class _KeptTeacher:
+    settings: TeacherSettings
+    teacher: Teacher
+
+
+def _keep_teacher(src, model_dir: Path, alpha: float, temperature: float) -> _KeptTeacher:
+    """Copy a teacher folder's weights and config into the run (model/teacher.*), as the
+    volunteers will load them: safetensors of `state_dict_for_save` plus the config as JSON."""
+    from safetensors.torch import save_file
+
+    model = load_pretrained(src)
+    weights = model_dir / TEACHER_WEIGHTS
+    save_file(state_dict_for_save(model), str(weights))
+    (model_dir / TEACHER_CONFIG).write_text(json.dumps(model.config.to_dict()))
+    settings = TeacherSettings(Path(src).name, file_sha256(weights), alpha, temperature)
+    return _KeptTeacher(settings, Teacher(model, alpha, temperature))
+
+
+def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size,
+                      flag: str | None = None):
+    """(config, tokenizer) of a pretrained folder to start from (or, `flag` "--teacher", to
+    distil), each checked; None without."""
+    flag = flag or "--from-pretrained"
+    if src is None:
+        if lora is not None:
+            raise CrowdtrainError("LoRA adapts a pretrained model: pass --from-pretrained DIR")
+        return None
+    if flag == "--teacher" and lora is not None:
+        raise CrowdtrainError("a distillation run trains a fresh student: drop --lora")
+    if tokenizer is not None or vocab_size is not None:
+        raise CrowdtrainError(f"{flag} uses the model's own tokenizer: drop "
+                              "--tokenizer and --vocab-size")
+    src = Path(src)
+    if not src.is_dir():
+        raise CrowdtrainError(f"{flag} {src}: not a folder")
+    config = load_config(src)
+    if config.model_type != "llama":
+        raise CrowdtrainError(f"{src} holds a {config.model_type!r} model; crowdtrain fine-tunes "
+                              "Llama-architecture models (model_type 'llama')")
+    if not (src / "tokenizer.json").is_file():
+        raise CrowdtrainError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer)")
+    tok = load_tokenizer(src / "tokenizer.json")
+    if tok.get_vocab_size() > config.vocab_size:
+        raise CrowdtrainError(f"the tokenizer of {src} has {tok.get_vocab_size()} tokens, more "
+                              f"than the model's vocab_size {config.vocab_size}")
+    return config, tok

@@ -1,0 +1,487 @@
+"""A volunteer worker (`crowdtrain join URL`): join -> lease -> sync -> train -> upload, repeat.
+
+Top to bottom, one round:
+1. ask for a lease (round r, shards, seed, schedule position, budget of steps and seconds);
+2. bring the parameters to theta_r: apply the published int8 updates to the copy held from the
+   previous round (bit-exact, about 1 byte per parameter) or, for a newcomer, download the full
+   checkpoint; download the lease's shards once (content-addressed, sha256-checked). In a
+   LoRA run the parameters are the adapters, on frozen base weights downloaded once
+   (`GET /v1/base`, sha256-checked, cached by hash);
+3. run the inner loop from theta_r (AdamW state carries over from round to round and across
+   restarts, saved on local disk) until the step or time budget is spent;
+4. send delta = theta_r - theta_local, int8-compressed with error feedback, with the stats.
+
+Network failures are retried with exponential backoff; refusals (4xx) come back in words.
+The first Ctrl-C finishes the round early and sends the work done; a second abandons it.
+Outbound HTTP(S) only: works behind any NAT, on any OS.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.run.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.run.data import file_sha256, get_batch, verify_sha256
+from crowdtrain.run.interrupt import GracefulInterrupt
+from crowdtrain.run.model import (
+    build_model,
+    config_from_dict,
+    load_frozen,
+    load_into,
+    state_dict_for_save,
+)
+from crowdtrain.run.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
+from crowdtrain.volunteer.client import Client, CoordinatorRefused, Heartbeat
+from crowdtrain.volunteer.files import LocalState, user_home
+from crowdtrain.volunteer.progress import RoundProgress
+from crowdtrain.volunteer.ranks import Ranks
+from crowdtrain.volunteer.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
+from crowdtrain.wire import codecs, protocol
+from crowdtrain.wire.outer import apply_update
+
+log = logging.getLogger(__name__)
+
+MAX_UPDATES_TO_REPLAY = 20
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    url: str
+    name: str | None = None
+    invite: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    max_rounds: int | None = None
+    max_hours: float | None = None
+    max_memory: float | None = None  # fraction of GPU memory this process may use
+    home: Path = field(default_factory=user_home)
+    error_feedback: bool = True
+    retry_for: float = 600.0
+    progress: bool = True
+    nproc: int = 1  # processes (ranks) of this one volunteer: see crowdtrain.volunteer.ranks
+    anonymous: bool = False  # published provenance names this volunteer "anonymous"
+    compile: bool = False  # torch.compile the model (inductor): faster steps on GPUs
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise CrowdtrainError(f"coordinator URL must start with http:// or https://, "
+                                  f"got {self.url!r}")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise CrowdtrainError("--max-rounds must be at least 1")
+        if self.max_hours is not None and self.max_hours <= 0:
+            raise CrowdtrainError("--max-hours must be positive")
+        if self.max_memory is not None and not 0 < self.max_memory <= 1:
+            raise CrowdtrainError("--max-memory is a fraction of GPU memory in (0, 1]")
+        if self.threads is not None and self.threads < 1:
+            raise CrowdtrainError("--threads must be at least 1")
+        if self.nproc < 1:
+            raise CrowdtrainError("--nproc must be at least 1")
+
+
+# ---------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerSummary:
+    rounds: int = 0
+    accepted: int = 0
+    refused: int = 0
+    tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_round: int | None = None
+    reason: str = ""
+
+
+class Worker:
+    """The volunteer (or rank 0 of a multi-process volunteer: `ranks`)."""
+
+    def __init__(self, cfg: WorkerConfig, ranks: Ranks | None = None):
+        self.cfg = cfg
+        self.ranks = ranks
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.client = Client(cfg.url, cfg.retry_for)
+        self.local = LocalState(cfg.home, cfg.url)
+        self.info = protocol.RunInfo.model_validate(self.client.call("GET", protocol.INFO).json())
+        if ranks is not None:
+            ranks.bcast_json(self.info.model_dump(mode="json"))
+        self.device = ranks.device if ranks is not None else pick_device(cfg.device)
+        if cfg.max_memory and self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(cfg.max_memory, self.device)
+        self.name = self.local.default_name(
+            f"volunteer-{platform.node()[:20] or 'anon'}") if cfg.name is None else cfg.name
+        self.local.claim(self.name)  # one process per volunteer (and run folder)
+        self.folder = self.local.run_folder(self.info.run_name, self.name)
+        self._join()
+        self.tcfg = TrainConfig(**self.info.train)
+        self.model = self._build_model()
+        self.teacher = self._teacher()
+        self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
+        self.loop = InnerLoop(self.model, self.tcfg, self.device,
+                              micro_batch=self.folder.micro_batch(str(self.device)),
+                              ranks=ranks.world if ranks else 1,
+                              compile_backend="inductor" if cfg.compile else None,
+                              teacher=self.teacher)
+        self.theta, self.theta_round = self.folder.load_params(state_dict_for_save(self.model))
+        if (opt := self.folder.load_optimizer()) is not None:
+            try:
+                self.loop.load_optimizer_tensors(opt)
+                log.info("resumed AdamW state from %s", self.folder.optimizer)
+            except CrowdtrainError as e:
+                log.warning("ignoring saved optimizer state (%s)", e)
+        # a round this worker was training when it last stopped (one process only: ranks > 1
+        # start their rounds afresh)
+        self.partial: PartialRound | None = None if ranks is not None else load_partial(
+            self.folder.in_progress, state_dict_for_save(self.model))
+        self._ranks_have_optimizer = False
+        self.residual: dict[str, torch.Tensor] | None = None
+        self.shard_data: dict[str, np.ndarray] = {}
+        self.tokens_per_s: float | None = None
+        self.summary = WorkerSummary()
+
+    # -- identity
+    def _join(self, force: bool = False) -> None:
+        ident = None if force else self.local.identity(self.name)
+        if ident is None:
+            req = protocol.JoinRequest(name=self.name, device=self.device.type,
+                                       api_version=protocol.API_VERSION,
+                                       invite=self.cfg.invite, anonymous=self.cfg.anonymous)
+            r = self.client.call("POST", protocol.JOIN, json_body=req.model_dump())
+            resp = protocol.JoinResponse.model_validate(r.json())
+            ident = {"volunteer_id": resp.volunteer_id, "token": resp.token, "name": resp.name}
+            self.local.save_identity(ident)
+            log.info("joined %s as %s (volunteer %d)", self.cfg.url, resp.name, resp.volunteer_id)
+        self.client.token = ident["token"]
+
+    # -- the model
+    def _build_model(self) -> torch.nn.Module:
+        """The run's model; for a LoRA run, the cached base weights wrapped with adapters (the
+        other ranks of this volunteer read the same cached file)."""
+        config = config_from_dict(self.info.model_config_json)
+        if self.info.lora is None:
+            return build_model(config)
+        from safetensors.torch import load_file
+
+        from crowdtrain.run.lora import LoraSettings, build_lora_model
+
+        path = self._base_file()
+        if self.ranks is not None:
+            self.ranks.bcast_json({"base": str(path)})
+        return build_lora_model(config, LoraSettings(**self.info.lora), load_file(str(path)))
+
+    def _base_file(self) -> Path:
+        """The LoRA run's frozen base weights: cached by sha256, else downloaded once and
+        checked against the sha256 the run info names (safetensors only, never pickle)."""
+        from crowdtrain.run.lora import base_sha256
+
+        sha = self.info.base_sha256 or ""
+        p = self.local.home / "bases" / f"{sha}.safetensors"
+        if p.is_file() and base_sha256(p) == sha:
+            return p
+        r = self.client.call("GET", protocol.BASE)
+        verify_sha256(r.content, sha, "downloaded base weights")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(p, r.content)
+        log.info("downloaded the base weights (%.1f MB)", len(r.content) / 1e6)
+        return p
+
+    def _teacher(self) -> Teacher | None:
+        """A distillation run's teacher: cached by sha256, else downloaded once and checked
+        (safetensors only); the other ranks of this volunteer read the same cached file."""
+        t = self.info.teacher
+        if t is None:
+            return None
+        p = self.local.home / "teachers" / f"{t.sha256}.safetensors"
+        if not (p.is_file() and file_sha256(p) == t.sha256):
+            r = self.client.call("GET", protocol.TEACHER)
+            verify_sha256(r.content, t.sha256, "downloaded teacher")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(p, r.content)
+            log.info("downloaded the teacher %s (%.1f MB)", t.name, len(r.content) / 1e6)
+        if self.ranks is not None:
+            self.ranks.bcast_json({"teacher": str(p)})
+        return Teacher(load_frozen(t.config_json, p, t.sha256), t.alpha, t.temperature)
+
+    # -- local persistence (localstate.RunFolder)
+    def _save_params(self) -> None:
+        self.folder.save_params(self.theta, self.theta_round)
+
+    def _train_state(self) -> tuple[dict, dict, dict | None]:
+        """What a snapshot of the round in progress keeps (crowdtrain.volunteer.resume)."""
+        return state_dict_for_save(self.model), self.loop.optimizer_tensors(), self.residual
+
+    def _resume(self, lease: protocol.Lease) -> StepStats | None:
+        """Pick up `lease` where an earlier life of this worker stopped, if the snapshot is of
+        it; returns what was done then (None: the lease starts afresh, the snapshot goes)."""
+        part, self.partial = self.partial, None
+        if part is None:
+            return None
+        if not part.matches(lease, self.theta_round):
+            self.folder.in_progress.unlink(missing_ok=True)
+            return None
+        try:  # the optimizer first: it is left as it was if the snapshot's does not fit
+            self.loop.load_optimizer_tensors(part.optimizer)
+        except CrowdtrainError as e:
+            log.warning("ignoring the saved round in progress (%s); starting the lease afresh",
+                        e)
+            self.folder.in_progress.unlink(missing_ok=True)
+            return None
+        load_into(self.model, part.params)
+        self.residual = part.residual
+        log.info("resuming lease %d of round %d after step %d of %d", lease.lease_id,
+                 lease.round, part.stats.steps, lease.max_steps)
+        return part.stats
+
+    def _save_optimizer(self) -> None:
+        self.folder.save_optimizer(self.loop.optimizer_tensors())
+
+    # -- parameters and data
+    def _sync(self, target: int) -> None:
+        """Bring self.theta to round `target`: replay updates, or download the checkpoint."""
+        behind = None if self.theta_round is None else target - self.theta_round
+        if behind is not None and 0 <= behind <= MAX_UPDATES_TO_REPLAY:
+            try:
+                for rnd in range(self.theta_round, target):
+                    r = self.client.call("GET", protocol.UPDATE.format(round=rnd))
+                    try:
+                        upd, _ = codecs.from_bytes(r.content, self.shapes)
+                    except codecs.CodecError as e:
+                        raise CrowdtrainError(f"the coordinator sent a corrupt update for round "
+                                              f"{rnd} ({e}); try again later or tell the "
+                                              "run's owner") from None
+                    self.theta = apply_update(self.theta, upd)
+                    self.theta_round = rnd + 1
+                return
+            except CoordinatorRefused as e:
+                log.info("cannot replay updates (%s); downloading the model", e.detail)
+        r = self.client.call("GET", protocol.MODEL)
+        verify_sha256(r.content, r.headers.get(protocol.SHA256_HEADER, ""), "downloaded model")
+        tensors = decode_tensors(r.content, "downloaded model")
+        check_tensors_match(tensors, state_dict_for_save(self.model), "downloaded model")
+        self.theta = tensors
+        self.theta_round = int(r.headers[protocol.ROUND_HEADER])
+        log.info("downloaded the model of round %d (%.1f MB)", self.theta_round,
+                 len(r.content) / 1e6)
+
+    def _shards(self, names: list[str]) -> list[np.ndarray]:
+        by_name = {s.name: s for s in self.info.train_shards}
+        out = []
+        for name in names:
+            if name not in self.shard_data:
+                s = by_name[name]
+                p = self.local.shards / f"{s.sha256}.bin"
+                if p.is_file():
+                    data = p.read_bytes()
+                else:
+                    data = self.client.call("GET", protocol.SHARD.format(sha256=s.sha256)).content
+                verify_sha256(data, s.sha256, f"shard {name}")
+                if not p.is_file():
+                    self.local.shards.mkdir(parents=True, exist_ok=True)
+                    atomic_write(p, data)
+                self.shard_data[name] = np.frombuffer(data, dtype=self.info.dtype)
+            out.append(self.shard_data[name])
+        return out
+
+    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
+        codec = self.info.schedule.codec
+        if self.cfg.error_feedback and codec != "fp32":
+            if self.residual is not None:
+                delta = {k: delta[k] + self.residual[k] for k in delta}
+            blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+            sent, _ = codecs.from_bytes(blob, self.shapes)
+            self.residual = {k: delta[k] - sent[k] for k in delta}
+            return blob
+        return codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+
+    # -- one round
+    def round(self, lease: protocol.Lease, stop, bar=None) -> None:
+        # heartbeats from the start: syncing, loading shards and saving parameters can take
+        # longer than the coordinator's silence allowance on a large model or a slow disk
+        with Heartbeat(self.client, lease.lease_id) as beat:
+            self._sync(lease.round)
+            if self.theta_round != lease.round:
+                log.info("round %d closed while syncing; asking for a new lease", lease.round)
+                return
+            shards = self._shards(lease.shards)
+            load_into(self.model, self.theta)
+            self._save_params()
+            if self.ranks is not None:
+                self._brief_ranks(lease)
+
+            def batches(step: int):
+                return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed,
+                                 step)
+
+            def on_step(step: int, loss: float) -> None:
+                beat.step = step - lease.start_step + 1
+                if bar is not None:
+                    bar(lease, step - lease.start_step + 1, loss)
+
+            before = self._resume(lease)
+            done = before.steps if before else 0
+            snaps = None if self.ranks is not None else RoundSnapshots(
+                self.folder.in_progress, lease, lease.round, self._train_state, before)
+            beat.step = done
+            st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
+                               deadline=time.monotonic() + lease.seconds, on_step=on_step,
+                               stop=lambda: bool(stop) or beat.closed, snapshots=snaps)
+        if beat.closed:
+            log.info("round %d closed while training; dropping this lease's work", lease.round)
+            if snaps is not None:
+                snaps.discard()
+            return
+        if snaps is not None and st.steps and snaps.due():  # killed while uploading: resend
+            snaps.save(st)
+        if before is not None:
+            st = merge_stats(before, st)
+        if st.steps == 0:
+            return
+        self.tokens_per_s = st.tokens_per_s
+        params = state_dict_for_save(self.model)
+        delta = {k: self.theta[k] - params[k].float() for k in self.theta}
+        stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
+                                     tokens=st.tokens, mean_loss=st.mean_loss,
+                                     seconds=st.seconds, device=self.device.type)
+        blob = self._payload(delta, stats)
+        self.summary.rounds += 1
+        try:
+            r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
+                                 content=blob)
+            self.summary.accepted += 1
+            self.summary.tokens += st.tokens
+            verdict = protocol.SubmitResponse.model_validate(r.json()).message
+        except CoordinatorRefused as e:
+            self.summary.refused += 1
+            verdict = f"refused: {e.detail}"
+            log.warning("round %d: %s", lease.round, verdict)
+        if snaps is not None:
+            snaps.discard()
+        self._save_optimizer()
+        self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
+        self.summary.last_round = lease.round
+        log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB, %s", lease.round,
+                 st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6, verdict)
+        if bar is not None:
+            bar.done(lease, st, len(blob), verdict)
+
+    def _brief_ranks(self, lease: protocol.Lease) -> None:
+        """Hand the other ranks this round: the lease, where its shards are on this machine,
+        theta_r, and (once) the AdamW state this process resumed from."""
+        by_name = {s.name: s for s in self.info.train_shards}
+        opt = None if self._ranks_have_optimizer else self.loop.optimizer_tensors()
+        self.ranks.bcast_json({
+            "cmd": "round", "lease": lease.model_dump(mode="json"),
+            "shards": [str(self.local.shards / f"{by_name[n].sha256}.bin") for n in lease.shards],
+            "optimizer": {k: list(v.shape) for k, v in opt.items()} if opt else None})
+        self.ranks.bcast_tensors(self.theta, self.shapes)
+        if opt:
+            self.ranks.bcast_tensors(opt, {k: v.shape for k, v in opt.items()})
+        self._ranks_have_optimizer = True
+
+    # -- the loop
+    def run(self) -> WorkerSummary:
+        try:
+            return self._run()
+        finally:
+            self.local.release()
+            if self.ranks is not None:  # release the other ranks
+                self.ranks.bcast_json({"cmd": "exit"})
+
+    def _run(self) -> WorkerSummary:
+        started = time.monotonic()
+        with GracefulInterrupt("Ctrl-C: finishing this round early and sending the work done "
+                               "(Ctrl-C again to abandon it)") as stop, RoundProgress(
+                                   self.cfg.progress, self.name) as bar:
+            while not stop:
+                if self.cfg.max_rounds and self.summary.rounds >= self.cfg.max_rounds:
+                    self.summary.reason = f"did the {self.cfg.max_rounds} rounds asked for"
+                    break
+                if self.cfg.max_hours and time.monotonic() - started > self.cfg.max_hours * 3600:
+                    self.summary.reason = f"reached --max-hours {self.cfg.max_hours}"
+                    break
+                req = protocol.LeaseRequest(
+                    have_round=self.theta_round, device=self.device.type,
+                    tokens_per_s=self.tokens_per_s,
+                    resume=self.partial.lease.lease_id if self.partial else None)
+                try:
+                    r = self.client.call("POST", protocol.LEASE, json_body=req.model_dump())
+                except CoordinatorRefused as e:
+                    if e.status != 401:
+                        raise
+                    log.warning("the coordinator does not know our token; joining again")
+                    self._join(force=True)
+                    continue
+                resp = protocol.LeaseResponse.model_validate(r.json())
+                if resp.status == "done":
+                    self.summary.reason = resp.message
+                    self.folder.in_progress.unlink(missing_ok=True)
+                    break
+                if resp.status == "wait":
+                    end = time.monotonic() + resp.retry_after
+                    while time.monotonic() < end and not stop:
+                        time.sleep(0.05)
+                    continue
+                try:
+                    self.round(resp.lease, stop, bar)
+                except KeyboardInterrupt:
+                    print(f"abandoned round {resp.lease.round}: its work was not sent",
+                          file=sys.stderr)
+                    raise
+            if stop and not self.summary.reason:
+                self.summary.reason = "stopped by Ctrl-C after sending the round's work"
+        self.summary.bytes_sent = self.client.bytes_out
+        self.summary.bytes_received = self.client.bytes_in
+        self.client.close()
+        return self.summary
+
+
+def _batch(shards: list[np.ndarray], tcfg: TrainConfig, seed: int, step: int):
+    return get_batch(shards, tcfg.batch_size, tcfg.seq_len, seed, step)
+
+
+def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
+    """Ranks 1..N-1 of a volunteer: train what rank 0 hands over, until it says exit."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = protocol.RunInfo.model_validate(ranks.bcast_json())
+    tcfg = TrainConfig(**info.train)
+    if info.lora is None:
+        model = build_model(config_from_dict(info.model_config_json))
+    else:  # rank 0 names the base weights it cached (and checked)
+        from crowdtrain.run.lora import LoraSettings, build_lora_model, load_base
+
+        base = load_base(ranks.bcast_json()["base"], info.base_sha256 or "")
+        model = build_lora_model(config_from_dict(info.model_config_json),
+                                 LoraSettings(**info.lora), base)
+    shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
+    teacher = None
+    if info.teacher is not None:  # rank 0 names the teacher weights it cached (and checked)
+        t = info.teacher
+        teacher = Teacher(load_frozen(t.config_json, Path(ranks.bcast_json()["teacher"]),
+                                      t.sha256), t.alpha, t.temperature)
+    loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank,
+                     compile_backend="inductor" if cfg.compile else None, teacher=teacher)
+    rounds = 0
+    while True:
+        msg = ranks.bcast_json()
+        if msg["cmd"] == "exit":
+            return WorkerSummary(rounds=rounds, reason=f"rank {ranks.rank} of {ranks.world}")
+        lease = protocol.Lease.model_validate(msg["lease"])
+        load_into(model, ranks.bcast_tensors(None, shapes))
+        if msg["optimizer"]:
+            loop.load_optimizer_tensors(ranks.bcast_tensors(None, msg["optimizer"]))
+        shards = [np.fromfile(p, dtype=info.dtype) for p in msg["shards"]]
+        loop.run(functools.partial(_batch, shards, tcfg, lease.seed), lease.start_step,
+                 lease.max_steps)
+        rounds += 1
