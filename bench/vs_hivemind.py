@@ -62,9 +62,9 @@ def _steps_loop(run_dir: str, rank: int, seconds: float, out: str, step_fn_facto
     """Train for `seconds` with the step function the factory builds; write the step times."""
     import torch
 
-    from crowdtrain.data import get_batch, load_split
-    from crowdtrain.rundir import Run
-    from crowdtrain.train import evaluate
+    from crowdtrain.run.data import get_batch, load_split
+    from crowdtrain.run.folder import Run
+    from crowdtrain.run.train import evaluate
 
     torch.set_num_threads(1)
     run = Run(run_dir)
@@ -93,7 +93,7 @@ def _steps_loop(run_dir: str, rank: int, seconds: float, out: str, step_fn_facto
 
 def plain_peer(run_dir: str, rank: int, seconds: float, out: str) -> None:
     def factory(model, cfg):
-        from crowdtrain.train import InnerLoop
+        from crowdtrain.run.train import InnerLoop
 
         loop = InnerLoop(model, cfg, __import__("torch").device("cpu"))
         state = {"step": 0}
@@ -181,7 +181,7 @@ def ensure_venv(venv: Path) -> Path:
     cfg = venv / "pyvenv.cfg"
     if not cfg.is_file() or "include-system-site-packages = true" in cfg.read_text():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    needed = "import hivemind, tokenizers, transformers, torch, crowdtrain.train"
+    needed = "import hivemind, tokenizers, transformers, torch, crowdtrain.run.train"
     if subprocess.run([str(py), "-c", needed], capture_output=True).returncode:
         pip = [str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
         subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: not a CUDA build
@@ -227,7 +227,7 @@ def drive(system: str, run_dir: str, peers: int, seconds: float, work: Path, out
     t0 = time.time()
     env = {**os.environ, "BENCH_T0": str(t0), "PYTHONPATH": str(ROOT)}
     if system == "crowdtrain":
-        from crowdtrain.localswarm import LocalSwarm
+        from crowdtrain.cli.processes import LocalSwarm
 
         coord = LocalSwarm(run_dir, work / f"{tag}-logs")
         coord.serve()
@@ -269,8 +269,8 @@ def drive(system: str, run_dir: str, peers: int, seconds: float, work: Path, out
     if coord is not None:
         import torch
 
-        from crowdtrain.rundir import Run
-        from crowdtrain.train import evaluate
+        from crowdtrain.run.folder import Run
+        from crowdtrain.run.train import evaluate
 
         coord.stop()
         run = Run(run_dir)
@@ -319,7 +319,7 @@ def crowdtrain_peer(url: str, home: str, name: str, seconds: float, out: str) ->
     `optimizer.step`); it leaves after the round in progress at t0 + seconds."""
     import torch
 
-    from crowdtrain.worker import Worker, WorkerConfig
+    from crowdtrain.volunteer.worker import Worker, WorkerConfig
 
     torch.set_num_threads(1)
     w = Worker(WorkerConfig(url=url, name=name, threads=1, home=Path(home), progress=False,
