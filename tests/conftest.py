@@ -1,4 +1,5 @@
-"""Shared fixtures: a small corpus cut from the bundled one and a tiny run built from it."""
+"""Shared fixtures: a small corpus cut from the bundled one, a tiny run built from it, a small
+pretrained Hugging Face folder with new text to fine-tune it on, and a teacher to distil."""
 
 from __future__ import annotations
 
@@ -30,3 +31,46 @@ def tiny_run(tmp_path_factory, corpus):
     # no warm start: the tests reason about a fresh model (test_warmstart.py covers it)
     return init_run(tmp_path_factory.mktemp("runs") / "tiny", [corpus], preset="tiny",
                     progress=False, swarm=SwarmConfig(warm_start=0.0))
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, corpus) -> Path:
+    """A tiny Llama trained for a few steps on Shakespeare, saved as a Hugging Face folder."""
+    import numpy as np
+
+    from crowdtrain.run.data import DataConfig, get_batch, train_tokenizer
+    from crowdtrain.run.model import build_model, preset_config
+    from crowdtrain.run.train import InnerLoop, TrainConfig
+
+    d = tmp_path_factory.mktemp("pretrained") / "tiny-shakespeare"
+    tok = train_tokenizer([corpus], DataConfig(vocab_size=512))
+    eot = tok.token_to_id("<|endoftext|>")
+    model = build_model(preset_config("tiny", tok.get_vocab_size(), eot), seed=1)
+    ids = np.asarray(tok.encode(corpus.read_text(encoding="utf-8")[:60_000]).ids, np.uint16)
+    tcfg = TrainConfig(batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, total_steps=60)
+    InnerLoop(model, tcfg, torch.device("cpu")).run(
+        lambda step: get_batch([ids], 8, 64, 0, step), 0, 60)
+    model.save_pretrained(str(d))
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def new_text(tmp_path_factory) -> Path:
+    """Different text from the pretraining data: Python source (~120 kB)."""
+    src = Path(__file__).resolve().parents[1] / "crowdtrain"
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(src.rglob("*.py")))[:120_000]
+    p = tmp_path_factory.mktemp("newdata") / "code.txt"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def teacher(tiny_run, tmp_path_factory):
+    from publish_helpers import train_briefly
+
+    from crowdtrain.publish.export import export_model
+
+    base = tmp_path_factory.mktemp("distill")
+    run = train_briefly(tiny_run, base / "run", steps=200)
+    return export_model(run, base / "teacher", evaluate=False)

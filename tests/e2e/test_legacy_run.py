@@ -16,7 +16,7 @@ from crowdtrain.run.folder import Run
 
 pytestmark = pytest.mark.slow
 
-LEGACY = Path(__file__).parent / "data" / "run-v0.1-25178b3"
+LEGACY = Path(__file__).resolve().parents[1] / "data" / "run-v0.1-25178b3"
 
 
 def test_a_run_folder_made_by_the_old_code_is_served_joined_and_verified(tmp_path):

@@ -29,7 +29,7 @@ from crowdtrain.coordinator.payloads import (
 from crowdtrain.wire import codecs
 from crowdtrain.wire.outer import delta_norm, weighted_mean
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # odd sizes: not multiples of the int8 block (256) nor of the aggregation blocks tried below
 SHAPES = {"emb": (37, 29), "w": (300,), "one": (1,), "scalar": (), "big": (5, 211)}
