@@ -12,8 +12,13 @@ clipping large ones to a multiple of the round's median norm) and then aggregate
   the trimmed mean, with the clipping radius set to the median distance to the centre.
 
 Deltas are never loaded whole: a `DeltaSource` yields a flat float32 slice of one parameter,
-and `robust_aggregate` makes passes over the model in blocks of `block_elems` elements, so
-beyond the output itself, peak memory is O(workers x block_elems), not O(workers x model).
+and `robust_aggregate` reads the model in blocks of `block_elems` elements, every
+contribution's block at once, so beyond the output itself peak memory is
+O(threads x workers x block_elems), not O(workers x model). Blocks run on a thread pool (and
+on a GPU when the coordinator has one). An honest round costs one pass over the
+contributions (two for centered clipping, whose iterations run on a small Gram matrix
+instead of passes: see the notes above `robust_aggregate`); a round in which someone is
+clipped or refused costs one more.
 Contribution files on disk are read as DeltaSources by coordinator.payloads (memory-mapped,
 one slice at a time, bit-identical to `compress.from_bytes`).
 
@@ -34,7 +39,8 @@ The default is "centered_clip" (also the run config's `swarm.aggregation`). Unli
 3 honest workers, 5 rounds x H=30): held-out 4.477 against 4.458 with clip_mean (+0.4%),
 still below the lone-worker floor (4.547).
 
-Pure functions and small classes; imports only torch and the standard library.
+Pure functions and small classes; imports only torch, the standard library and the method
+names (METHODS, defined with the run's settings in crowdtrain.run.folder).
 """
 
 from __future__ import annotations
@@ -43,12 +49,13 @@ import math
 import numbers
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-METHODS = ("mean", "clip_mean", "trimmed_mean", "centered_clip")
+from crowdtrain.run.folder import AGGREGATION_METHODS as METHODS
 
 Screening = list[tuple[float, str | None]]
 
@@ -170,6 +177,24 @@ def read_slice(src: DeltaSource, name: str, a: int, b: int) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+# The work is organised in passes over the model, one block of `block_elems` coordinates at a
+# time, all contributions of the block at once (an n x L matrix): the blocks are independent,
+# so they run on a thread pool (and on a GPU when one is given), and whatever crosses blocks
+# (norms, a Gram matrix) is summed in block order afterwards, in float64, so the result does
+# not depend on which thread ran which block.
+#
+# Honest rounds take one pass (two for centered clipping): the first pass computes the norms
+# for screening and, assuming nobody is clipped, the method's result; only when screening
+# clips or refuses someone does a second pass redo it with the multipliers.
+#
+# Centered clipping needs no pass per iteration. With v0 the (trimmed-mean) start and
+# D = X - v0 (rows: contributions), every iterate is v_t = v0 + D^T a_t for a small vector
+# a_t: v_{t+1} = v_t + sum_j c_j (x_j - v_t) gives a_{t+1} = (1 - sum c) a_t + c, and the
+# distances it needs are |x_j - v_t|^2 = G_jj - 2 (G a_t)_j + a_t^T G a_t with G = D D^T.
+# One pass computes v0 and G, the iterations run on n x n numbers, and a last pass writes
+# v0 + D^T a.
+
+
 def _trim_count(n: int, fraction: float) -> int:
     """Values dropped at each end: floor(fraction * n), leaving at least one; 0 for n <= 2."""
     if n <= 2:
@@ -180,28 +205,87 @@ def _trim_count(n: int, fraction: float) -> int:
 def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
     """Coordinate-wise weighted trimmed mean of `x` (workers x elements), float32.
 
-    Per coordinate, the k lowest and k highest values (stable sort by value) are dropped and
-    the rest averaged with their workers' weights. k = 0 gives the weighted mean.
+    Per coordinate, the k lowest and k highest values are dropped (ties broken by worker
+    order, as a stable sort by value does: among equal values the first workers count as
+    lower) and the rest averaged with their workers' weights. k = 0 gives the weighted mean.
     """
     n = x.shape[0]
+    w = weights.to(device=x.device, dtype=torch.float32)
     if k == 0:
-        w = weights.to(torch.float32) / weights.sum()
-        return (x * w[:, None]).sum(0)
-    vals, idx = torch.sort(x, dim=0, stable=True)
-    vals, idx = vals[k:n - k], idx[k:n - k]
-    w = weights.to(torch.float32)[idx]
-    return (vals * w).sum(0) / w.sum(0)
+        return (w / w.sum()) @ x
+    # one int64 key per value, unique within a coordinate and ordered as (value, worker):
+    # the float's bits made monotone (-0.0 counted as +0.0), then the worker's index
+    xt = (x + 0.0).t().contiguous()  # elements x workers; + 0.0 turns -0.0 into +0.0
+    bits = xt.view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    keys = bits * n + torch.arange(n, device=x.device)
+    drop = torch.cat([torch.topk(keys, k, dim=1, largest=False, sorted=False).indices,
+                      torch.topk(keys, k, dim=1, largest=True, sorted=False).indices], dim=1)
+    kept = torch.ones_like(xt).scatter_(1, drop, 0.0) * w  # the weights of the values kept
+    return (xt * kept).sum(1) / kept.sum(1)
 
 
 def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def block_for(n: int, budget_bytes: int = 256 << 20) -> int:
-    """`block_elems` for aggregating `n` deltas within about `budget_bytes` of working memory
-    (~16 bytes per value and delta: the copies `trimmed_mean` and `centered_clip` work on), so
-    a round's memory stays flat however many volunteers report; between 4,096 and 2**20."""
-    return max(1 << 12, min(1 << 20, budget_bytes // (16 * max(n, 1))))
+def block_for(n: int, budget_bytes: int = 256 << 20, threads: int = 1) -> int:
+    """`block_elems` for aggregating `n` deltas on `threads` threads within about
+    `budget_bytes` of working memory (~32 bytes per value and delta in flight: the block, its
+    transpose, the int64 sort keys and the weights of the trimmed mean), so a round's memory
+    stays flat however many volunteers report; between 4,096 and 2**20."""
+    return max(1 << 12, min(1 << 20, budget_bytes // (32 * max(n, 1) * max(threads, 1))))
+
+
+@dataclass
+class _Block:
+    """What one pass learned about one block (summed over blocks in block order)."""
+
+    sq: torch.Tensor | None = None  # per contribution: sum of squares (float64)
+    gram: torch.Tensor | None = None  # D D^T of this block (float64)
+
+
+class _Passes:
+    """The passes of one `robust_aggregate` call: block reads, the thread pool, the device."""
+
+    def __init__(self, sources, names_shapes, block_elems, threads, device):
+        self.sources = sources
+        self.blocks = list(param_blocks(names_shapes, block_elems))
+        self.threads = max(1, threads)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.out = {name: torch.zeros(math.prod(int(s) for s in shape), dtype=torch.float32)
+                    for name, shape in names_shapes.items()}
+
+    def matrix(self, rows: Sequence[int], mult: Sequence[float], name: str, a: int,
+               b: int) -> torch.Tensor:
+        """The block [a, b) of `name` of the contributions `rows` (scaled by `mult`), as a
+        rows x (b - a) float32 matrix on the device."""
+        x = torch.stack([read_slice(self.sources[i], name, a, b) for i in rows])
+        x = x.to(self.device, non_blocking=True)
+        if any(m != 1.0 for m in mult):
+            x = x * torch.tensor(mult, dtype=torch.float32, device=self.device)[:, None]
+        return x
+
+    def run(self, fn: Callable[[str, int, int], _Block]) -> list[_Block]:
+        """`fn` over every block, on the thread pool; results in block order."""
+        if self.threads == 1 or len(self.blocks) == 1:
+            return [fn(*blk) for blk in self.blocks]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(lambda blk: fn(*blk), self.blocks))
+
+    def put(self, name: str, a: int, b: int, v: torch.Tensor) -> None:
+        self.out[name][a:b] = v.to("cpu", torch.float32)
+
+    def get(self, name: str, a: int, b: int) -> torch.Tensor:
+        return self.out[name][a:b].to(self.device)
+
+
+def _sum64(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of float64 tensors in the given (block) order: deterministic."""
+    total = torch.zeros_like(parts[0], dtype=torch.float64, device="cpu")
+    for p in parts:
+        total += p.to("cpu", torch.float64)
+    return total
 
 
 def robust_aggregate(
@@ -210,19 +294,21 @@ def robust_aggregate(
     names_shapes: Mapping[str, Sequence[int]],
     cfg: RobustConfig,
     block_elems: int = 1 << 20,
+    threads: int | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], Screening]:
     """Aggregate the deltas of `sources` (one per contribution, `weights` > 0 e.g. tokens)
     into float32 tensors of `names_shapes`, and the per-contribution screening (multiplier,
     reason) as `screen` returns it (multiplier 0.0: refused and left out of the aggregate).
 
-    Passes over the model block by block (`block_elems` elements at most, never spanning two
-    parameters): for every method but "mean", one pass computes each source's global L2 norm
-    (float64) for `screen`; then one pass aggregates (mean / trimmed mean), or 2 + cc_iters
-    passes for "centered_clip" (trimmed mean, distances, iterations). Refused contributions
-    are dropped and the weights of the rest renormalised; clipped ones keep their weight. With
-    method "mean" this equals `aggregate.weighted_mean` of the fully decoded deltas. Peak
-    memory besides the output: about n x block_elems x 16 bytes for "trimmed_mean" and
-    "centered_clip" (values, sorted values, int64 indices), one or two slices for the means.
+    Reads the model block by block (`block_elems` elements at most, never spanning two
+    parameters), every contribution's block at once, on `threads` threads (default: torch's
+    thread count) and on `device` (default: the CPU). Screening uses each source's global L2
+    norm. Refused contributions are dropped and the weights of the rest renormalised; clipped
+    ones keep their weight. With method "mean" this equals `outer.weighted_mean` of the fully
+    decoded deltas. The result is the same for any block size, thread count and device up to
+    float32 rounding, and bit-identical run to run for a given block size and thread count.
+    Peak memory besides the output: about threads x n x block_elems x 32 bytes.
     """
     n = len(sources)
     if n == 0:
@@ -237,87 +323,87 @@ def robust_aggregate(
         ws.append(float(w))
     if isinstance(block_elems, bool) or not isinstance(block_elems, int) or block_elems < 1:
         raise ValueError(f"block_elems must be a positive int, got {block_elems!r}")
-    blocks = list(param_blocks(names_shapes, block_elems))
-
-    if cfg.method == "mean":
-        screening: Screening = [(1.0, None)] * n
+    passes = _Passes(sources, names_shapes, block_elems,
+                     threads if threads is not None else torch.get_num_threads(), device)
+    screening: Screening = [(1.0, None)] * n
+    everyone = list(range(n))
+    # pass 1: the norms, and the result as if nobody were clipped
+    blocks = _combine(passes, cfg, everyone, [1.0] * n, ws, norms=cfg.method != "mean")
+    if cfg.method != "mean":
+        screening = screen([math.sqrt(float(s)) for s in blocks.sq], cfg)
+    if any(m != 1.0 for m, _ in screening):  # pass 2: again, with the multipliers
+        keep = [i for i in range(n) if screening[i][0] > 0]
+        mult = [screening[i][0] for i in keep]
+        blocks = _combine(passes, cfg, keep, mult, ws, norms=False)
     else:
-        parts: list[list[float]] = [[] for _ in range(n)]
-        for name, a, b in blocks:
-            for i, src in enumerate(sources):
-                parts[i].append(float(read_slice(src, name, a, b).to(torch.float64).pow(2).sum()))
-        screening = screen([math.sqrt(math.fsum(p)) for p in parts], cfg)
+        keep, mult = everyone, [1.0] * n
+    if cfg.method == "centered_clip" and len(keep) >= 3:
+        total = math.fsum(ws[i] for i in keep)
+        a = _centered_clip_coefficients(blocks.gram, [ws[i] / total for i in keep],
+                                        cfg.cc_iters)
+        if any(x != 0.0 for x in a):  # last pass: v0 + D^T a
+            coef = torch.tensor(a, dtype=torch.float32, device=passes.device)
 
-    keep = [i for i in range(n) if screening[i][0] > 0]
-    mult = [screening[i][0] for i in keep]
-    total = math.fsum(ws[i] for i in keep)
-    coef = [ws[i] / total * m for i, m in zip(keep, mult, strict=True)]
-    out = {name: torch.zeros(math.prod(int(s) for s in shape), dtype=torch.float32)
-           for name, shape in names_shapes.items()}
+            def finish(name: str, a_: int, b: int) -> _Block:
+                v0 = passes.get(name, a_, b)
+                d = passes.matrix(keep, mult, name, a_, b) - v0
+                passes.put(name, a_, b, v0 + coef @ d)
+                return _Block()
 
-    def scaled(j: int, name: str, a: int, b: int) -> torch.Tensor:
-        t = read_slice(sources[keep[j]], name, a, b)
-        return t if mult[j] == 1.0 else t * mult[j]
-
-    if cfg.method in ("trimmed_mean", "centered_clip"):
-        k = _trim_count(len(keep), cfg.trim_fraction)
-        wt = torch.tensor([ws[i] for i in keep], dtype=torch.float64)
-        for name, a, b in blocks:
-            if k == 0:
-                acc = read_slice(sources[keep[0]], name, a, b) * coef[0]
-                for j in range(1, len(keep)):
-                    acc = acc + read_slice(sources[keep[j]], name, a, b) * coef[j]
-                out[name][a:b] = acc
-            else:
-                x = torch.stack([scaled(j, name, a, b) for j in range(len(keep))])
-                out[name][a:b] = weighted_trimmed_mean(x, wt, k)
-        if cfg.method == "centered_clip" and len(keep) >= 3:
-            _centered_clip(out, blocks, scaled, [ws[i] / total for i in keep], cfg.cc_iters)
-    else:
-        # weighted mean of the screened deltas, same order and arithmetic as weighted_mean
-        for name, a, b in blocks:
-            acc = read_slice(sources[keep[0]], name, a, b) * coef[0]
-            for j in range(1, len(keep)):
-                acc = acc + read_slice(sources[keep[j]], name, a, b) * coef[j]
-            out[name][a:b] = acc
-    result = {name: out[name].reshape(tuple(int(s) for s in shape))
+            passes.run(finish)
+    result = {name: passes.out[name].reshape(tuple(int(s) for s in shape))
               for name, shape in names_shapes.items()}
     return result, screening
 
 
-def _centered_clip(out: dict[str, torch.Tensor], blocks: list[tuple[str, int, int]],
-                   scaled: Callable[[int, str, int, int], torch.Tensor], p: list[float],
-                   iters: int) -> None:
-    """In place: v <- v + sum_i p_i min(1, tau / |x_i - v|) (x_i - v), `iters` times, with
-    tau the median distance |x_i - v| at that iteration. Distances for the next iteration are
-    accumulated while each block is updated, so each iteration is a single pass."""
+def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[float],
+             ws: list[float], norms: bool) -> _Block:
+    """One pass: writes the method's combination of the contributions `rows` (scaled by
+    `mult`) into `passes.out` (the weighted mean, or the trimmed mean that centered clipping
+    starts from), and returns what crosses blocks: the sum of squares of every row (when
+    `norms`) and, for centered clipping, the Gram matrix of the rows minus that start."""
+    total = math.fsum(ws[i] for i in rows)
+    robust = cfg.method in ("trimmed_mean", "centered_clip")
+    k = _trim_count(len(rows), cfg.trim_fraction) if robust else 0
+    gram = cfg.method == "centered_clip" and len(rows) >= 3
+    wt = torch.tensor([ws[i] for i in rows], dtype=torch.float64)
+    coef = torch.tensor([ws[i] / total for i in rows], dtype=torch.float32,
+                        device=passes.device)  # of the scaled rows
+
+    def one(name: str, a: int, b: int) -> _Block:
+        x = passes.matrix(rows, [1.0] * len(rows), name, a, b)
+        res = _Block()
+        if norms:
+            res.sq = (x * x).sum(1, dtype=torch.float64)
+        if any(m != 1.0 for m in mult):
+            x = x * torch.tensor(mult, dtype=torch.float32, device=x.device)[:, None]
+        v = weighted_trimmed_mean(x, wt, k) if k else coef @ x
+        passes.put(name, a, b, v)
+        if gram:
+            d = x - v
+            res.gram = (d @ d.t()).to(torch.float64)
+        return res
+
+    parts = passes.run(one)
+    return _Block(sq=_sum64([p.sq for p in parts]) if norms else None,
+                  gram=_sum64([p.gram for p in parts]) if gram else None)
+
+
+def _centered_clip_coefficients(gram: torch.Tensor, p: list[float], iters: int) -> list[float]:
+    """The coefficients a of centered clipping's result v0 + D^T a, from G = D D^T: `iters`
+    times v <- v + sum_j p_j min(1, tau / |x_j - v|) (x_j - v), with tau the median distance
+    |x_j - v| at that iteration (a coefficient vector a tracks v - v0 = D^T a)."""
+    g = gram.to(torch.float64)
     n = len(p)
-
-    def sqdist(x: torch.Tensor, v: torch.Tensor) -> float:
-        return float((x - v).to(torch.float64).pow(2).sum())
-
-    parts: list[list[float]] = [[] for _ in range(n)]
-    for name, a, b in blocks:
-        v = out[name][a:b]
-        for j in range(n):
-            parts[j].append(sqdist(scaled(j, name, a, b), v))
-    dist = [math.sqrt(math.fsum(q)) for q in parts]
-    for it in range(iters):
+    a = torch.zeros(n, dtype=torch.float64)
+    for _ in range(iters):
+        ga = g @ a
+        sq = torch.diagonal(g) - 2 * ga + a @ ga
+        dist = [math.sqrt(max(float(s), 0.0)) for s in sq]
         tau = _median(dist)
         if tau <= 0:
-            return
-        c = [pj * min(1.0, tau / d) if d > 0 else pj for pj, d in zip(p, dist, strict=True)]
-        last = it == iters - 1
-        parts = [[] for _ in range(n)]
-        for name, a, b in blocks:
-            v = out[name][a:b]
-            xs = [scaled(j, name, a, b) for j in range(n)]
-            step = torch.zeros_like(v)
-            for j in range(n):
-                step += (xs[j] - v) * c[j]
-            v_new = v + step
-            out[name][a:b] = v_new
-            if not last:
-                for j in range(n):
-                    parts[j].append(sqdist(xs[j], v_new))
-        dist = [math.sqrt(math.fsum(q)) for q in parts]
+            break
+        c = torch.tensor([pj * min(1.0, tau / d) if d > 0 else pj
+                          for pj, d in zip(p, dist, strict=True)], dtype=torch.float64)
+        a = a * (1 - float(c.sum())) + c
+    return [float(x) for x in a]

@@ -16,6 +16,9 @@ from safetensors import SafetensorError, safe_open
 from crowdtrain.coordinator.aggregation import param_blocks, read_slice
 from crowdtrain.wire import codecs
 
+# per-block scales up to this keep every dequantized value (|q| <= 128) finite in float32
+QUANT_SCALE_SAFE = torch.finfo(torch.float32).max / 128
+
 
 def _check_slice(path: Path, key: str, sl, dtype: str, shape: tuple[int, ...]) -> None:
     """ValueError unless the safetensors slice `sl` has `dtype` and `shape`."""
@@ -116,9 +119,14 @@ class SafetensorsQuantSource(_MappedFile):
             q = self._f.get_slice(name + ":q")[lo:hi]
         else:  # two values a byte; blocks are even, so lo is a byte boundary
             q = codecs.unpack_int4(self._f.get_slice(name + ":q")[lo // 2:(hi + 1) // 2])
-        vals = codecs.dequantize_values(q, scale, (hi - lo,), bs)
-        out = vals[a - lo: b - lo].clone()
-        if not bool(torch.isfinite(out).all()):
+            q = q[:hi - lo]
+        if (hi - lo) % bs == 0:  # whole blocks: the same float32 multiply, without padding
+            vals = (q.view(-1, bs).to(torch.float32) * scale[:, None]).view(-1)
+        else:
+            vals = codecs.dequantize_values(q, scale, (hi - lo,), bs)
+        out = vals[a - lo: b - lo] if (a, b) != (lo, hi) else vals
+        # |q| <= 128: only a scale this large can overflow float32
+        if bool((scale > QUANT_SCALE_SAFE).any()) and not bool(torch.isfinite(out).all()):
             raise ValueError(f"{self.path}: tensor {name} has non-finite values")
         return out
 
