@@ -118,15 +118,7 @@ def swarm_record(ledger: Ledger, upto: int, base_tokens: int = 0) -> dict:
                                  and chained[0]["round"] == genesis["round"]
                                  and len(chained) == upto - genesis["round"])
     contributors = []
-    for v in ledger.query(
-            "SELECT v.id, v.name, v.anonymous, "
-            "SUM(CASE WHEN c.status = 'accepted' AND c.excluded = 0 THEN c.weight ELSE 0 END) "
-            "AS tokens, COUNT(DISTINCT CASE WHEN c.status = 'accepted' AND c.excluded = 0 "
-            "THEN c.round END) AS rounds, SUM(c.status = 'accepted' AND c.excluded = 0) AS "
-            "accepted, SUM(c.status = 'refused' OR c.excluded = 1) AS refused, "
-            "SUM(CASE WHEN c.status = 'accepted' THEN COALESCE(c.seconds, 0) ELSE 0 END) AS "
-            "seconds FROM volunteers v JOIN contributions c ON c.volunteer_id = v.id "
-            "WHERE c.round < ? GROUP BY v.id ORDER BY tokens DESC, v.id", (upto,)):
+    for v in ledger.contributor_totals(upto):
         if not v["tokens"]:
             continue
         contributors.append({"name": ANONYMOUS if v["anonymous"] else v["name"],
@@ -137,17 +129,15 @@ def swarm_record(ledger: Ledger, upto: int, base_tokens: int = 0) -> dict:
     for c in contributors:
         c["share"] = c["tokens"] / total if total else 0.0
     by_reason: dict[str, int] = {}
-    for c in ledger.query("SELECT status, reason, excluded FROM contributions WHERE round < ? "
-                          "AND (status = 'refused' OR excluded = 1)", (upto,)):
+    for c in ledger.refused_or_left_out(upto):
         key = refusal_category(c["reason"], left_out=c["status"] == "accepted")
         by_reason[key] = by_reason.get(key, 0) + 1
-    agg = ledger.query("SELECT COUNT(*) n, COALESCE(SUM(seconds), 0) s FROM contributions "
-                       "WHERE round < ? AND status = 'accepted'", (upto,))[0]
+    contributions, seconds = ledger.accepted_totals(upto)
     return {
         "rounds": rounds, "chain": chain, "contributors": contributors,
         "refused": {"total": sum(by_reason.values()),
                     "by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1]))},
-        "volunteer_seconds": float(agg["s"]), "contributions": int(agg["n"]),
+        "volunteer_seconds": seconds, "contributions": contributions,
         "bytes_in": sum(r["bytes_in"] for r in rounds),
         "bytes_out": sum(r["bytes_out"] for r in rounds),
     }

@@ -171,9 +171,7 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
             return rep.fail(f"{where}: the model's provenance records link "
                             f"{str((pub_row or {}).get('chain_link'))[:12]}..., the ledger "
                             f"{link[:12]}...")
-        for c in ledger.query("SELECT sha256, path FROM contributions WHERE round = ? AND "
-                              "status = 'accepted' AND excluded = 0 AND path IS NOT NULL",
-                              (rnd,)):
+        for c in ledger.aggregated_files(rnd):
             cp = run.dir / c["path"]
             if cp.is_file() and sha256(cp.read_bytes()) != c["sha256"]:
                 return rep.fail(f"{where}: contribution file {c['path']} does not hash to its "

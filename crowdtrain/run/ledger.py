@@ -459,3 +459,42 @@ class Ledger:
             "x.status = 'refused') AS refused, (SELECT COUNT(DISTINCT round) FROM contributions y "
             "WHERE y.volunteer_id = v.id AND y.status = 'accepted') AS rounds "
             "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id ORDER BY v.id")
+
+    # ---- reads for publishing
+
+    def contributor_totals(self, before_round: int) -> list[sqlite3.Row]:
+        """Each volunteer with a contribution in the rounds before `before_round`, most tokens
+        first: id, name, anonymous, tokens (the weight of their contributions that were
+        aggregated), rounds (in which one was), accepted (aggregated), refused (refused or left
+        out by robust aggregation) and seconds (trained in the accepted ones)."""
+        return self.query(
+            "SELECT v.id, v.name, v.anonymous, "
+            "SUM(CASE WHEN c.status = 'accepted' AND c.excluded = 0 THEN c.weight ELSE 0 END) "
+            "AS tokens, COUNT(DISTINCT CASE WHEN c.status = 'accepted' AND c.excluded = 0 "
+            "THEN c.round END) AS rounds, SUM(c.status = 'accepted' AND c.excluded = 0) AS "
+            "accepted, SUM(c.status = 'refused' OR c.excluded = 1) AS refused, "
+            "SUM(CASE WHEN c.status = 'accepted' THEN COALESCE(c.seconds, 0) ELSE 0 END) AS "
+            "seconds FROM volunteers v JOIN contributions c ON c.volunteer_id = v.id "
+            "WHERE c.round < ? GROUP BY v.id ORDER BY tokens DESC, v.id", (before_round,))
+
+    def refused_or_left_out(self, before_round: int) -> list[sqlite3.Row]:
+        """status, reason and excluded of each contribution in the rounds before
+        `before_round` that was refused, or accepted and then left out by robust
+        aggregation."""
+        return self.query(
+            "SELECT status, reason, excluded FROM contributions WHERE round < ? "
+            "AND (status = 'refused' OR excluded = 1)", (before_round,))
+
+    def accepted_totals(self, before_round: int) -> tuple[int, float]:
+        """(how many, seconds trained in all) of the contributions accepted in the rounds
+        before `before_round`."""
+        row = self.query("SELECT COUNT(*) n, COALESCE(SUM(seconds), 0) s FROM contributions "
+                         "WHERE round < ? AND status = 'accepted'", (before_round,))[0]
+        return int(row["n"]), float(row["s"])
+
+    def aggregated_files(self, rnd: int) -> list[sqlite3.Row]:
+        """sha256 and path (relative to the run directory) of each contribution aggregated in
+        round `rnd` (accepted, not left out) whose file the ledger records."""
+        return self.query(
+            "SELECT sha256, path FROM contributions WHERE round = ? AND status = 'accepted' "
+            "AND excluded = 0 AND path IS NOT NULL", (rnd,))
