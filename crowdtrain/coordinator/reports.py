@@ -76,10 +76,7 @@ def run_status(ledger: Ledger, *, run_name: str, round: int, finished: bool, par
         tokens_per_s=v["tokens_per_s"]) for v in ledger.volunteers()]
     first = ledger.round_row(0)
     refusals = [Refusal(round=r["round"], volunteer=r["name"], reason=r["reason"],
-                        at=r["received_at"]) for r in ledger.query(
-        "SELECT c.round, c.reason, c.received_at, v.name FROM contributions c JOIN "
-        "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
-        "ORDER BY c.id DESC LIMIT 50")]
+                        at=r["received_at"]) for r in ledger.latest_refusals(50)]
     current = ledger.round_row(round)
     live = current is not None and not finished
     waiting = None

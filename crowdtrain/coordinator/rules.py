@@ -259,7 +259,7 @@ class Coordinator:
         data), the next in turn among those; a new batch seed; the round's step budget from
         the schedule position of the current checkpoint."""
         shards = self.run.index.train
-        n_leases = self.ledger.query("SELECT COUNT(*) n FROM leases")[0]["n"]
+        n_leases = self.ledger.count_leases()
         used = Counter(name for r in self.ledger.leases_of_round(rnd) if r["state"] != "expired"
                        for name in json.loads(r["shards"]))
         turn = n_leases % len(shards)
@@ -320,8 +320,7 @@ class Coordinator:
             raise refuse(403, f"lease {lease_id} belongs to another volunteer")
         if lease["state"] == "submitted":
             raise refuse(409, f"lease {lease_id} already has an accepted contribution")
-        if self.ledger.query("SELECT 1 FROM contributions WHERE sha256 = ? AND status = "
-                             "'accepted'", (sha,)):
+        if self.ledger.was_accepted(sha):
             raise refuse(409, "replayed payload: this exact contribution was already accepted")
         try:
             codec = codecs.read_file_header(path).get("codec")  # before scanning the file
@@ -377,13 +376,11 @@ class Coordinator:
         if stats.seconds <= 0:
             return "flagged: reports zero seconds of training"
         rate = stats.tokens / stats.seconds
-        past = self.ledger.query(
-            "SELECT MAX(tokens / seconds) best, COUNT(*) n FROM contributions WHERE "
-            "volunteer_id = ? AND status = 'accepted' AND seconds > 0", (vol.id,))[0]
-        if past["n"] >= 3 and rate > 10 * past["best"]:
+        best, n = self.ledger.best_throughput(vol.id)
+        if n >= 3 and rate > 10 * best:
             log.warning("volunteer %s reports %.0f tok/s, %.0fx its best", vol.name, rate,
-                        rate / past["best"])
-            return (f"flagged: throughput {rate:,.0f} tok/s is {rate / past['best']:.0f}x this "
+                        rate / best)
+            return (f"flagged: throughput {rate:,.0f} tok/s is {rate / best:.0f}x this "
                     "volunteer's best")
         return None
 

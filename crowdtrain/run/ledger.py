@@ -169,9 +169,14 @@ class Ledger:
                 raise
             self.db.execute("COMMIT")
 
-    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self.db.execute(sql, args).fetchall()
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """Ad-hoc read-only SQL, for tests and the bench scripts that inspect a ledger.
+        crowdtrain's own code asks through the named methods below: the SQL lives here."""
+        return self._rows(sql, args)
 
     # ----------------------------------------------------------------- volunteers
 
@@ -189,7 +194,7 @@ class Ledger:
     def volunteer_by_token(self, token: str) -> sqlite3.Row | None:
         """Look the token up by its hash, then compare in constant time."""
         h = hash_token(token)
-        rows = self.query("SELECT * FROM volunteers WHERE token_hash = ?", (h,))
+        rows = self._rows("SELECT * FROM volunteers WHERE token_hash = ?", (h,))
         if rows and hmac.compare_digest(rows[0]["token_hash"], h):
             return rows[0]
         return None
@@ -197,9 +202,9 @@ class Ledger:
     def find_volunteer(self, who: str) -> sqlite3.Row | None:
         """A volunteer by numeric id or by display name (the most recent with that name)."""
         if re.fullmatch(r"[0-9]{1,18}", who):
-            rows = self.query("SELECT * FROM volunteers WHERE id = ?", (int(who),))
+            rows = self._rows("SELECT * FROM volunteers WHERE id = ?", (int(who),))
         else:
-            rows = self.query("SELECT * FROM volunteers WHERE name = ? ORDER BY id DESC", (who,))
+            rows = self._rows("SELECT * FROM volunteers WHERE name = ? ORDER BY id DESC", (who,))
         return rows[0] if rows else None
 
     def set_banned(self, volunteer_id: int, banned: bool) -> None:
@@ -209,7 +214,7 @@ class Ledger:
     # ----------------------------------------------------------------- secrets and settings
 
     def get_meta(self, key: str) -> str | None:
-        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -260,7 +265,7 @@ class Ledger:
                        "VALUES (?, 'open', ?, ?)", (rnd, time.time(), deadline))
 
     def round_row(self, rnd: int) -> sqlite3.Row | None:
-        rows = self.query("SELECT * FROM rounds WHERE round = ?", (rnd,))
+        rows = self._rows("SELECT * FROM rounds WHERE round = ?", (rnd,))
         return rows[0] if rows else None
 
     def extend_round(self, rnd: int, deadline: float) -> int:
@@ -306,7 +311,7 @@ class Ledger:
                "AND excluded = 0 ORDER BY sha256")
         if db is not None:
             return [r["sha256"] for r in db.execute(sql, (rnd,))]
-        return [r["sha256"] for r in self.query(sql, (rnd,))]
+        return [r["sha256"] for r in self._rows(sql, (rnd,))]
 
     def _record_link(self, db: sqlite3.Connection, rnd: int, checkpoint_sha256: str,
                      base_sha256: str | None) -> None:
@@ -389,13 +394,17 @@ class Ledger:
         return ids
 
     def lease(self, lease_id: int) -> sqlite3.Row | None:
-        rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))
+        rows = self._rows("SELECT * FROM leases WHERE id = ?", (lease_id,))
         return rows[0] if rows else None
 
     def leases_of_round(self, rnd: int, state: str | None = None) -> list[sqlite3.Row]:
         if state:
-            return self.query("SELECT * FROM leases WHERE round = ? AND state = ?", (rnd, state))
-        return self.query("SELECT * FROM leases WHERE round = ?", (rnd,))
+            return self._rows("SELECT * FROM leases WHERE round = ? AND state = ?", (rnd, state))
+        return self._rows("SELECT * FROM leases WHERE round = ?", (rnd,))
+
+    def count_leases(self) -> int:
+        """How many leases the run has issued, in every round and state."""
+        return int(self._rows("SELECT COUNT(*) n FROM leases")[0]["n"])
 
     # ----------------------------------------------------------------- contributions
 
@@ -425,9 +434,22 @@ class Ledger:
                  int(blameless)))
         return int(cur.lastrowid)
 
+    def was_accepted(self, sha256: str) -> bool:
+        """Whether a contribution with this sha256 was accepted before (a replay)."""
+        return bool(self._rows("SELECT 1 FROM contributions WHERE sha256 = ? AND "
+                               "status = 'accepted' LIMIT 1", (sha256,)))
+
+    def best_throughput(self, volunteer_id: int) -> tuple[float | None, int]:
+        """(best tokens/s, how many) over the volunteer's accepted contributions that report
+        their seconds; best is None when there are none."""
+        row = self._rows(
+            "SELECT MAX(tokens / seconds) best, COUNT(*) n FROM contributions WHERE "
+            "volunteer_id = ? AND status = 'accepted' AND seconds > 0", (volunteer_id,))[0]
+        return row["best"], int(row["n"])
+
     def refused_for_cause(self, volunteer_id: int, rnd: int) -> bool:
         """Whether the volunteer sent round `rnd` a payload refused through its own fault."""
-        return bool(self.query(
+        return bool(self._rows(
             "SELECT 1 FROM contributions WHERE volunteer_id = ? AND round = ? AND "
             "status = 'refused' AND blameless = 0 LIMIT 1", (volunteer_id, rnd)))
 
@@ -439,21 +461,29 @@ class Ledger:
                        (note, int(excluded), contribution_id))
 
     def accepted(self, rnd: int) -> list[sqlite3.Row]:
-        return self.query("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "
+        return self._rows("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "
                           "ORDER BY id", (rnd,))
 
     def contributions(self) -> list[sqlite3.Row]:
-        return self.query("SELECT * FROM contributions ORDER BY id")
+        return self._rows("SELECT * FROM contributions ORDER BY id")
 
     # ----------------------------------------------------------------- reports
 
     def rounds(self) -> list[sqlite3.Row]:
-        return self.query(
+        return self._rows(
             "SELECT r.*, (SELECT COUNT(*) FROM contributions c WHERE c.round = r.round "
             "AND c.status = 'refused') AS refused FROM rounds r ORDER BY round")
 
+    def latest_refusals(self, limit: int = 50) -> list[sqlite3.Row]:
+        """The latest refused uploads, newest first: round, reason, received_at and the
+        volunteer's name."""
+        return self._rows(
+            "SELECT c.round, c.reason, c.received_at, v.name FROM contributions c JOIN "
+            "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
+            "ORDER BY c.id DESC LIMIT ?", (limit,))
+
     def volunteers(self) -> list[sqlite3.Row]:
-        return self.query(
+        return self._rows(
             "SELECT v.*, COALESCE(c.tokens, 0) AS credit_tokens, COALESCE(c.accepted, 0) AS "
             "accepted, (SELECT COUNT(*) FROM contributions x WHERE x.volunteer_id = v.id AND "
             "x.status = 'refused') AS refused, (SELECT COUNT(DISTINCT round) FROM contributions y "

@@ -118,13 +118,11 @@ def _coordinator(tiny_run, tmp_path) -> Coordinator:
 
 
 def _refused_rows(coord: Coordinator) -> list:
-    return coord.ledger.query("SELECT * FROM contributions WHERE status = 'refused' "
-                              "ORDER BY id")
+    return [r for r in coord.ledger.contributions() if r["status"] == "refused"]
 
 
 def _accepted_rows(coord: Coordinator) -> list:
-    return coord.ledger.query("SELECT * FROM contributions WHERE status = 'accepted' "
-                              "ORDER BY id")
+    return [r for r in coord.ledger.contributions() if r["status"] == "accepted"]
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -373,8 +371,7 @@ def test_submit_structured_stats_refused_or_validly_accepted(coord, wire_int8, d
     assert valid.lease_id == lease.lease_id and valid.round == lease.round
     assert valid.tokens > 0
     assert resp.accepted and resp.round == 0
-    row = coord.ledger.query("SELECT * FROM contributions WHERE id = ?",
-                             (resp.contribution_id,))[0]
+    row = next(r for r in coord.ledger.contributions() if r["id"] == resp.contribution_id)
     assert row["status"] == "accepted" and row["lease_id"] == lease.lease_id
 
 

@@ -105,7 +105,7 @@ def test_refusals_are_precise_recorded_and_change_nothing(coord):
         coord.submit(a, la.lease_id, good)
     with pytest.raises(Refused, match="replayed payload"):
         coord.submit(b, lb.lease_id, good)
-    refused = coord.ledger.query("SELECT reason FROM contributions WHERE status = 'refused'")
+    refused = [r for r in coord.ledger.contributions() if r["status"] == "refused"]
     assert len(refused) == len(cases) + 2 and all(r["reason"] for r in refused)
     # every upload was spooled to disk and checked from there: the accepted one became the
     # stored contribution, byte for byte; nothing refused was left behind
@@ -457,8 +457,8 @@ def test_a_refusal_the_volunteer_did_not_cause_lets_it_lease_again_in_the_round(
     with pytest.raises(Refused, match="newer lease replaced it") as e:
         coord.submit(a, first.lease_id, payload(first, coord.shapes))
     assert e.value.status == 409
-    row = coord.ledger.query("SELECT blameless FROM contributions WHERE status = 'refused'")
-    assert [r["blameless"] for r in row] == [1]
+    refused = [r for r in coord.ledger.contributions() if r["status"] == "refused"]
+    assert [r["blameless"] for r in refused] == [1]
     third = lease(coord, a)  # not its fault: it may lease again in the same round
     assert third.round == 0 and third.lease_id not in (first.lease_id, second.lease_id)
     coord.submit(a, third.lease_id, payload(third, coord.shapes))
@@ -480,12 +480,14 @@ def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(ti
         assert st.round_extensions == 0 and "0 of 2 contribution(s) needed" in st.round_waiting
         for ext in (1, 2):  # the deadline passes: extended, and the status says so
             coord.ledger.extend_round(0, time.time() - 1)
-            coord.ledger.query("UPDATE rounds SET extensions = ? WHERE round = 0", (ext - 1,))
+            with coord.ledger.tx() as db:
+                db.execute("UPDATE rounds SET extensions = ? WHERE round = 0", (ext - 1,))
             assert not coord.tick() and coord.round == 0
             st = coord.status()
             assert st.round_extensions == ext and f"extended {ext} of 2" in st.round_waiting
         assert "then it closes with what it has" in st.round_waiting
-        coord.ledger.query("UPDATE rounds SET deadline = ? WHERE round = 0", (time.time() - 1,))
+        with coord.ledger.tx() as db:
+            db.execute("UPDATE rounds SET deadline = ? WHERE round = 0", (time.time() - 1,))
         assert coord.tick() and coord.round == 1  # closed with nothing: the model stays
         ck = load_checkpoint(run.ckpt_dir, 1)
         assert all(torch.equal(ck.tensors[k], theta0[k]) for k in theta0)
@@ -497,8 +499,9 @@ def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(ti
         # round 1 gets one contribution of the two needed: it closes with what it has
         lb = lease(coord, a)
         coord.submit(a, lb.lease_id, payload(lb, coord.shapes))
-        coord.ledger.query("UPDATE rounds SET deadline = ?, extensions = 2 WHERE round = 1",
-                           (time.time() - 1,))
+        with coord.ledger.tx() as db:
+            db.execute("UPDATE rounds SET deadline = ?, extensions = 2 WHERE round = 1",
+                       (time.time() - 1,))
         assert coord.tick() and coord.finished  # the run reached its last round
         assert not all(torch.equal(coord.theta[k], theta0[k]) for k in theta0)
         assert coord.status().round_waiting is None
