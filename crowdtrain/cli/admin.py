@@ -42,7 +42,7 @@ def _local(run_dir: str, action: str, who: str | None) -> list | dict:
     from crowdtrain.run.folder import Run
     from crowdtrain.run.ledger import Ledger
 
-    ledger = Ledger(Run(run_dir).dir / "ledger.sqlite")
+    ledger = Ledger(Run(run_dir).ledger_path)
     try:
         if action == "list":
             return [v.model_dump() for v in owner.volunteers(ledger)]

@@ -233,7 +233,7 @@ def cmd_invite(a: argparse.Namespace) -> None:
     run = Run(a.run_dir)
     if a.uses < 1:
         raise CrowdtrainError("--uses must be at least 1")
-    key = Ledger(run.dir / "ledger.sqlite").add_invite(a.uses)
+    key = Ledger(run.ledger_path).add_invite(a.uses)
     note = "" if run.config.swarm.access == "invite" else (
         " (note: this run is open to anyone; invite keys matter for runs made with "
         "`crowdtrain init --access invite`)")

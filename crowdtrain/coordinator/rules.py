@@ -87,16 +87,13 @@ class Coordinator:
         self.cfg = run.config.swarm
         self.tcfg = run.config.train
         self.lock = threading.RLock()
-        self.ledger = Ledger(run.dir / "ledger.sqlite")
-        self.updates_dir = run.dir / "updates"
-        self.contrib_dir = run.dir / "contributions"
-        self.updates_dir.mkdir(exist_ok=True)
-        self.contrib_dir.mkdir(exist_ok=True)
+        self.ledger = Ledger(run.ledger_path)
+        run.updates_dir.mkdir(exist_ok=True)
+        run.contributions_dir.mkdir(exist_ok=True)
         # uploads are spooled here while they arrive and are checked; never read back after a
         # restart (a half-received upload was never acknowledged)
-        self.spool_dir = self.contrib_dir / "incoming"
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
-        self.spool_dir.mkdir()
+        shutil.rmtree(run.spool_dir, ignore_errors=True)
+        run.spool_dir.mkdir()
         model, ckpt = run.load_model()
         self.model = model.eval()
         self.round = ckpt.round
@@ -122,11 +119,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ state on disk
 
-    def _outer_path(self, rnd: int) -> Path:
-        return self.run.ckpt_dir / f"outer-{rnd:06d}.safetensors"
-
     def _load_outer_state(self, rnd: int):
-        p = self._outer_path(rnd)
+        p = self.run.outer_path(rnd)
         residual = {k: torch.zeros_like(v) for k, v in self.theta.items()}
         if not p.is_file():
             return None, residual
@@ -141,7 +135,7 @@ class Coordinator:
         """Make the ledger agree with the checkpoints after a restart or a crash mid-close."""
         for row in self.ledger.rounds():
             if row["state"] == "open" and row["round"] < self.round:
-                upd = self.updates_dir / f"update-{row['round']:06d}.safetensors"
+                upd = self.run.update_path(row["round"])
                 sha = hashlib.sha256(upd.read_bytes()).hexdigest() if upd.exists() else ""
                 self.ledger.close_round(row["round"], sha)
         if self.ledger.round_row(self.round) is None:
@@ -200,7 +194,7 @@ class Coordinator:
         return self.run.model_dir / TEACHER_WEIGHTS, self.run.config.teacher.sha256
 
     def update_file(self, rnd: int) -> Path:
-        p = self.updates_dir / f"update-{rnd:06d}.safetensors"
+        p = self.run.update_path(rnd)
         if not p.is_file():
             if rnd >= self.round:
                 raise Refused(404, f"round {rnd} is not closed yet (the open round is "
@@ -277,7 +271,7 @@ class Coordinator:
         """A fresh file to receive one upload into (on the contributions' filesystem, so an
         accepted one is moved into place, not copied). The caller writes, closes, and hands
         the path to `submit_file`, which always consumes it."""
-        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".upload")
+        fd, name = tempfile.mkstemp(dir=self.run.spool_dir, suffix=".upload")
         return Path(name), os.fdopen(fd, "wb")
 
     def submit(self, vol: Volunteer, lease_id: int, blob: bytes) -> SubmitResponse:
@@ -354,9 +348,8 @@ class Coordinator:
                 raise refuse(409, f"stale: round {lease['round']} closed before this "
                                   f"contribution arrived (the open round is {self.round}); "
                                   "it was not applied", blameless=True)
-            d = self.contrib_dir / f"r{rnd:06d}"
-            d.mkdir(exist_ok=True)
-            stored = d / f"lease-{lease_id}.safetensors"
+            stored = self.run.contribution_path(rnd, lease_id)
+            stored.parent.mkdir(exist_ok=True)
             try:
                 atomic_move(path, stored)
             except OSError as e:
@@ -446,10 +439,10 @@ class Coordinator:
             applied, _ = codecs.from_bytes(blob, self.shapes)
             residual = {k: target[k] - applied[k] for k in target} if rows else self.residual
             theta = apply_update(self.theta, applied)
-            atomic_write(self.updates_dir / f"update-{rnd:06d}.safetensors", blob)
+            atomic_write(self.run.update_path(rnd), blob)
             outer = {f"momentum:{k}": v for k, v in (momentum or {}).items()}
             outer.update({f"residual:{k}": v for k, v in residual.items()})
-            atomic_write(self._outer_path(rnd + 1), st_save(outer))
+            atomic_write(self.run.outer_path(rnd + 1), st_save(outer))
             rows = [r for r in self.ledger.accepted(rnd) if not r["excluded"]]
             tokens = int(sum(r["weight"] for r in rows))
             meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
@@ -501,7 +494,7 @@ class Coordinator:
             if r in keep or r % self.cfg.keep_every == 0:
                 continue
             for p in (meta_path(self.run.ckpt_dir, r), tensor_path(self.run.ckpt_dir, r),
-                      self._outer_path(r)):
+                      self.run.outer_path(r)):
                 p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ evaluation

@@ -194,7 +194,8 @@ class RunConfig:
 
 
 class Run:
-    """An opened run directory."""
+    """An opened run directory. Every path in it is named here, the files the coordinator
+    writes while it serves the run included (the ledger, the updates, the contributions)."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
@@ -213,6 +214,24 @@ class Run:
     ckpt_dir = property(lambda self: self.dir / "checkpoints")
     model_dir = property(lambda self: self.dir / "model")
     tokenizer_path = property(lambda self: self.dir / "tokenizer.json")
+    # written by the coordinator: the ledger (see ledger.py), the update each round published,
+    # the contributions it accepted (spooled under incoming/ while they arrive)
+    ledger_path = property(lambda self: self.dir / "ledger.sqlite")
+    updates_dir = property(lambda self: self.dir / "updates")
+    contributions_dir = property(lambda self: self.dir / "contributions")
+    spool_dir = property(lambda self: self.contributions_dir / "incoming")
+
+    def update_path(self, rnd: int) -> Path:
+        """The int8 update round `rnd` published (`updates/update-NNNNNN.safetensors`)."""
+        return self.updates_dir / f"update-{rnd:06d}.safetensors"
+
+    def outer_path(self, rnd: int) -> Path:
+        """The outer optimiser's state (momentum, residual) that round `rnd` starts from."""
+        return self.ckpt_dir / f"outer-{rnd:06d}.safetensors"
+
+    def contribution_path(self, rnd: int, lease_id: int) -> Path:
+        """Where the contribution accepted for lease `lease_id` of round `rnd` is kept."""
+        return self.contributions_dir / f"r{rnd:06d}" / f"lease-{lease_id}.safetensors"
 
     @cached_property
     def index(self) -> ShardIndex:

@@ -389,7 +389,7 @@ def test_submit_stats_beyond_int64_are_refused(coord, wire_int8, field):
         coord.submit(vol, lease.lease_id, blob)
     assert e.value.status == 422
     assert not _accepted_rows(coord)
-    assert not list(coord.contrib_dir.rglob("*.safetensors"))
+    assert not list(coord.run.contributions_dir.rglob("*.safetensors"))
 
 
 def test_submit_unknown_lease_beyond_int64_is_refused(coord, wire_int8):

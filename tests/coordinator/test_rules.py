@@ -62,7 +62,7 @@ def test_round_closes_when_every_leased_worker_reported_and_is_bit_exact(coord):
     coord.submit(b, lb.lease_id, payload(lb, coord.shapes, tokens=2000, seed=2))
     assert coord.tick() and coord.round == 1
     # theta_1 is exactly theta_0 + dequant(published update 0), as a worker computes it
-    blob = (coord.run.dir / "updates" / "update-000000.safetensors").read_bytes()
+    blob = coord.run.update_path(0).read_bytes()
     upd, _ = codecs.from_bytes(blob, coord.shapes)
     replay = apply_update(theta0, upd)
     ck = load_checkpoint(coord.run.ckpt_dir, 1)
@@ -111,7 +111,7 @@ def test_refusals_are_precise_recorded_and_change_nothing(coord):
     # stored contribution, byte for byte; nothing refused was left behind
     stored = coord.run.dir / coord.ledger.accepted(0)[0]["path"]
     assert stored.read_bytes() == good
-    assert list(coord.spool_dir.iterdir()) == []
+    assert list(coord.run.spool_dir.iterdir()) == []
 
 
 def test_a_half_received_upload_does_not_survive_a_restart(coord, tiny_run):
@@ -120,7 +120,7 @@ def test_a_half_received_upload_does_not_survive_a_restart(coord, tiny_run):
         f.write(b"the first half of an upload when the coordinator was killed")
     assert path.exists()
     again = Coordinator(coord.run, evaluate_rounds=False)
-    assert list(again.spool_dir.iterdir()) == []
+    assert list(again.run.spool_dir.iterdir()) == []
 
 
 def test_late_contribution_is_refused_as_stale(coord):
@@ -182,7 +182,7 @@ def test_old_checkpoints_are_pruned_by_retention(tiny_run, tmp_path):
             c.submit(a, la.lease_id, payload(la, c.shapes, seed=la.round))
             assert c.tick()
         assert list_checkpoints(run.ckpt_dir) == [0, 5, 10, 11, 12]
-        assert len(list((run.dir / "updates").iterdir())) == 12
+        assert len(list(run.updates_dir.iterdir())) == 12
         assert c.lease(a, LeaseRequest()).status == "done"
     finally:
         c.close()

@@ -59,9 +59,9 @@ def test_lora_fine_tuning_swarm_end_to_end(pretrained, new_text, tmp_path):
     full_fp32, full_int8 = 4 * full_params, codecs.payload_bytes(full_params, "int8")
     assert all(b < 0.05 * full_fp32 and b < 0.10 * full_int8 for b in per_round), \
         (per_round, full_fp32)
-    update = (run.dir / "updates" / "update-000003.safetensors").stat().st_size
+    update = run.update_path(3).stat().st_size
     assert update < 0.05 * full_fp32
-    assert all(r["status"] == "accepted" for r in Ledger(run.dir / "ledger.sqlite")
+    assert all(r["status"] == "accepted" for r in Ledger(run.ledger_path)
                .contributions())
     # the frozen base never moved; the held-out loss on the new text fell
     from crowdtrain.run.lora import base_sha256

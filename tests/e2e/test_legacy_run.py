@@ -22,7 +22,7 @@ LEGACY = Path(__file__).resolve().parents[1] / "data" / "run-v0.1-25178b3"
 def test_a_run_folder_made_by_the_old_code_is_served_joined_and_verified(tmp_path):
     shutil.copytree(LEGACY, tmp_path / "run")
     run = Run(tmp_path / "run")
-    assert run.config.swarm.rounds == 3 and not (run.dir / "ledger.sqlite").exists()
+    assert run.config.swarm.rounds == 3 and not run.ledger_path.exists()
     with Swarm(run, tmp_path) as s:
         s.serve()
         s.join("newcomer")

@@ -26,7 +26,7 @@ def contribute(tiny_run, tmp_path, *join_args: str) -> tuple[dict[str, torch.Ten
         assert s.wait("v", timeout=180) == 0, s.log("v")
     finally:
         s.stop()
-    rows = Ledger(run.dir / "ledger.sqlite").contributions()
+    rows = Ledger(run.ledger_path).contributions()
     assert [r["status"] for r in rows] == ["accepted"], rows
     shapes = {k: tuple(v.shape) for k, v in run.load_model(0)[1].tensors.items()}
     delta, _ = codecs.from_bytes((run.dir / rows[0]["path"]).read_bytes(), shapes)

@@ -60,7 +60,7 @@ def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
     first, last = val_loss(s.run, 0), val_loss(s.run, 5)
     assert last < 0.9 * first, (first, last)
     # the ledger lists every contribution, each accepted, each from a worker that sent it
-    ledger = Ledger(s.run.dir / "ledger.sqlite")
+    ledger = Ledger(s.run.ledger_path)
     rows = ledger.contributions()
     sent = sum(int(s.log(n).split(" accepted,")[0].rsplit(", ", 1)[1]) for n in
                ("alice", "bob", "carol"))
@@ -71,7 +71,7 @@ def test_coordinator_and_workers_train_a_model(swarm, tmp_path):
     # about one byte per parameter each way per round with int8
     per_param = [r.bytes_in / r.contributions / st.params for r in st.rounds if r.contributions]
     assert all(1.0 < x < 1.1 for x in per_param), per_param
-    update = (s.run.dir / "updates" / "update-000004.safetensors").stat().st_size
+    update = s.run.update_path(4).stat().st_size
     assert 1.0 < update / st.params < 1.1
     # every worker's parameters equal the coordinator's checkpoint bit for bit
     for name in ("alice", "bob", "carol"):
@@ -108,7 +108,7 @@ def test_killed_worker_does_not_stall_and_newcomer_catches_up(swarm):
     s.serve()
     s.join("steady")
     victim = s.join("victim")
-    ledger_path = s.run.dir / "ledger.sqlite"
+    ledger_path = s.run.ledger_path
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the victim holds a lease in round >= 1
         held = Ledger(ledger_path).query(
@@ -159,7 +159,7 @@ def test_coordinator_killed_mid_run_loses_no_acknowledged_work(swarm):
     workers = ("w1", "w2")
     for name in workers:
         s.join(name)
-    ledger_path = s.run.dir / "ledger.sqlite"
+    ledger_path = s.run.ledger_path
     deadline = time.time() + 120
     while time.time() < deadline:
         rows = Ledger(ledger_path).query("SELECT MAX(round) r FROM rounds")
@@ -227,7 +227,7 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
                 assert 0 < done < steps
                 s.join("vol")
             assert s.wait("vol") == 0, s.log("vol")
-            ledger = Ledger(s.run.dir / "ledger.sqlite")
+            ledger = Ledger(s.run.ledger_path)
             rows = ledger.contributions()
             assert [(r["round"], r["status"]) for r in rows] == [(0, "accepted"),
                                                                    (1, "accepted")]

@@ -25,7 +25,7 @@ def swarm(tiny_run, tmp_path_factory):
 
 def test_every_round_chains_to_the_previous_one_and_its_contributions(swarm):
     run, _ = swarm
-    led = Ledger(run.dir / "ledger.sqlite")
+    led = Ledger(run.ledger_path)
     try:
         g = led.chain_genesis()
         assert g["round"] == 0

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.export import export_model
 from crowdtrain.publish.verify import verify_model
+from crowdtrain.run.folder import Run
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_an_altered_weight_fails(copies, capsys):
 
 def test_an_altered_contribution_row_names_its_round(copies):
     run_dir, model_dir = copies
-    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    db = sqlite3.connect(Run(run_dir).ledger_path)
     with db:
         db.execute("UPDATE contributions SET sha256 = ? WHERE id = (SELECT MIN(id) FROM "
                    "contributions WHERE round = 1 AND status = 'accepted')", ("0" * 64,))
@@ -90,7 +91,7 @@ def test_an_altered_round_row_or_update_file_names_its_round(copies):
     # and if the ledger row is "fixed" to the altered file's hash, the chain link breaks
     import hashlib
 
-    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    db = sqlite3.connect(Run(run_dir).ledger_path)
     with db:
         db.execute("UPDATE rounds SET update_sha256 = ? WHERE round = 2",
                    (hashlib.sha256(bytes(blob)).hexdigest(),))
@@ -113,7 +114,7 @@ def test_a_consistently_forged_chain_still_fails_the_replay(copies):
     forged, _ = codecs.from_bytes(up.read_bytes(), shapes)
     forged = {k: v * 1.01 for k, v in forged.items()}
     up.write_bytes(codecs.to_bytes(forged, "int8"))
-    led = Ledger(run_dir / "ledger.sqlite")
+    led = Ledger(Run(run_dir).ledger_path)
     prev = chain_genesis(led.chain_genesis()["checkpoint_sha256"])
     for row in led.rounds()[:3]:
         sha = hashlib.sha256((run_dir / "updates" /
@@ -131,7 +132,7 @@ def test_a_consistently_forged_chain_still_fails_the_replay(copies):
     assert rep.failure.startswith("round 1 (link 1): the model's provenance records link")
     # ... and with the provenance rewritten too, the replay itself exposes the forgery
     prov = json.loads((model_dir / "provenance.json").read_text())
-    led = Ledger(run_dir / "ledger.sqlite")
+    led = Ledger(Run(run_dir).ledger_path)
     for r in prov["rounds"]:
         r["chain_link"] = led.round_row(r["round"])["chain_link"]
     prov["chain"]["head"] = prov["rounds"][-1]["chain_link"]
@@ -215,7 +216,7 @@ def test_pruned_checkpoints_restarts_and_crash_recovery_still_verify(tiny_run, t
             assert c.tick()
         c.close()
         if session == 0:  # as if the coordinator died after checkpoint 2, before the ledger
-            led = Ledger(run.dir / "ledger.sqlite")
+            led = Ledger(run.ledger_path)
             with led.tx() as db:
                 db.execute("UPDATE rounds SET state = 'open', chain_link = NULL, "
                            "checkpoint_sha256 = NULL WHERE round = 1")
