@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from crowdtrain.errors import CrowdtrainError, check_settings
 from crowdtrain.publish.evaluate import EvalResult, document_ids, evaluate_texts, read_texts
 from crowdtrain.run.data import EOT, file_sha256, get_batch
 from crowdtrain.run.model import (
+    PRESETS,
     build_model,
     count_params,
     get_preset,
@@ -45,14 +46,24 @@ from crowdtrain.run.train import PRESET_TRAINING, InnerLoop, Teacher, TrainConfi
 
 @dataclass(frozen=True)
 class DistillConfig:
-    preset: str = "tiny"
-    steps: int = 300
-    alpha: float = 0.5  # weight of the KL term; 0 = no teacher (plain cross-entropy)
-    temperature: float = 2.0
-    lr: float | None = None  # default: the preset's
-    batch_size: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
+    """A distillation's settings; the fields with a "help" are `crowdtrain distill` options
+    (crowdtrain.cli.options)."""
+
+    preset: str = field(default="tiny", metadata={"choices": tuple(PRESETS),
+                                                  "help": "student size"})
+    steps: int = field(default=300, metadata={"help": "training steps"})
+    # 0 = no teacher (plain cross-entropy)
+    alpha: float = field(default=0.9, metadata={
+        "help": "weight of the teacher (KL) term; 1 - alpha weighs the text's cross-entropy"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature of the KL term"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak AdamW learning rate", "default_help": "the preset's"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per step", "default_help": "the preset's"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per sequence", "default_help": "the preset's"})
+    seed: int = field(default=0, metadata={"help": "seed of the student and the batches"})
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -178,8 +189,21 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
                     tcfg: TrainConfig, res: DistillResult) -> Path:
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from crowdtrain.publish.export import model_card
-    from crowdtrain.publish.provenance import finite, load_provenance, write_provenance
+    from crowdtrain.publish.modelcard import model_card
+    from crowdtrain.publish.provenance import (
+        FORMAT,
+        DataInfo,
+        Distillation,
+        DistilledStudent,
+        DistilledTeacher,
+        Evaluation,
+        ModelInfo,
+        Provenance,
+        RunInfo,
+        SourceFile,
+        read_provenance,
+        write_provenance,
+    )
 
     if out.exists():
         shutil.rmtree(out)
@@ -191,48 +215,46 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
     student.save_pretrained(str(out), safe_serialization=True)
     PreTrainedTokenizerFast.from_pretrained(str(teacher_dir)).save_pretrained(str(out))
     try:
-        tprov = load_provenance(teacher_dir)
+        tprov = read_provenance(teacher_dir)
     except CrowdtrainError:
-        tprov = {}
+        tprov = None
     tweights = teacher_dir / "model.safetensors"
     t_bytes = tweights.stat().st_size if tweights.is_file() else res.teacher_bytes
     s_bytes = (out / "model.safetensors").stat().st_size
     res.student_bytes, res.teacher_bytes = s_bytes, t_bytes
-    sources = [{"name": Path(p).name, "bytes": Path(p).stat().st_size,
-                "sha256": file_sha256(Path(p))} for p in data]
-    name = out.name
+    sources = [SourceFile(name=Path(p).name, bytes=Path(p).stat().st_size,
+                          sha256=file_sha256(Path(p))) for p in data]
     pc = student.config
-    ev = finite({"data": f"held-out last {cfg.val_fraction:.0%} of "
-                         f"{', '.join(s['name'] for s in sources)}", **res.student.to_dict()})
-    record = {
-        "format": "crowdtrain-provenance-1",
-        "crowdtrain_version": __version__,
-        "created_at": time.time(),
-        "run": {"name": name, "preset": cfg.preset, "trained_by": "distillation"},
-        "model": {"architecture": "LlamaForCausalLM", "params": res.student_params,
-                  "layers": pc.num_hidden_layers, "hidden": pc.hidden_size,
-                  "heads": pc.num_attention_heads, "context": pc.max_position_embeddings,
-                  "vocab_size": pc.vocab_size},
-        "data": {"sources": sources},
-        "distillation": {
-            "teacher": {"folder": teacher_dir.name, "params": res.teacher_params,
-                        "bytes": t_bytes, "sha256": file_sha256(tweights)
-                        if tweights.is_file() else None,
-                        "chain_head": (tprov.get("chain") or {}).get("head"),
-                        "run": (tprov.get("run") or {}).get("name"),
-                        "bits_per_byte": res.teacher.bits_per_byte,
-                        "evaluation": finite(res.teacher.to_dict())},
-            "student": {"params": res.student_params, "bytes": s_bytes,
-                        "bits_per_byte": res.student.bits_per_byte},
-            "alpha": cfg.alpha, "temperature": cfg.temperature, "steps": res.steps,
-            "tokens": res.tokens, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
-            "lr": tcfg.lr, "seconds": res.seconds, "train_loss": res.train_loss,
-            "settings": asdict(cfg), "train": asdict(tcfg),
-        },
-        "evaluation": ev,
-        "files": {},
-    }
-    record["files"] = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    record = Provenance(
+        format=FORMAT,
+        crowdtrain_version=__version__,
+        created_at=time.time(),
+        run=RunInfo(name=out.name, preset=cfg.preset, trained_by="distillation"),
+        model=ModelInfo(architecture="LlamaForCausalLM", params=res.student_params,
+                        layers=pc.num_hidden_layers, hidden=pc.hidden_size,
+                        heads=pc.num_attention_heads, context=pc.max_position_embeddings,
+                        vocab_size=pc.vocab_size),
+        data=DataInfo(sources=sources),
+        distillation=Distillation(
+            teacher=DistilledTeacher(
+                folder=teacher_dir.name, params=res.teacher_params, bytes=t_bytes,
+                sha256=file_sha256(tweights) if tweights.is_file() else None,
+                chain_head=tprov.chain.head if tprov and tprov.chain else None,
+                run=tprov.run.name if tprov else None,
+                bits_per_byte=res.teacher.bits_per_byte,
+                evaluation=Evaluation(**res.teacher.to_dict())),
+            student=DistilledStudent(params=res.student_params, bytes=s_bytes,
+                                     bits_per_byte=res.student.bits_per_byte),
+            alpha=cfg.alpha, temperature=cfg.temperature, steps=res.steps,
+            tokens=res.tokens, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
+            lr=tcfg.lr, seconds=res.seconds, train_loss=res.train_loss,
+            settings=asdict(cfg), train=asdict(tcfg),
+        ),
+        evaluation=Evaluation(data=f"held-out last {cfg.val_fraction:.0%} of "
+                                   f"{', '.join(s.name for s in sources)}",
+                              **res.student.to_dict()),
+        files={p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()},
+    )
     write_provenance(out, record)
     (out / "README.md").write_text(model_card(record))
     return out

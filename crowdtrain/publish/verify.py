@@ -33,7 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from crowdtrain.errors import CorruptDataError, CrowdtrainError
-from crowdtrain.publish.provenance import LEDGER_FILE, load_provenance
+from crowdtrain.publish.provenance import Provenance, read_provenance
 from crowdtrain.run.checkpoint import decode_tensors, tensor_path
 from crowdtrain.run.folder import Run
 from crowdtrain.run.ledger import Ledger, chain_genesis, chain_link
@@ -93,43 +93,43 @@ def verify_model(model_dir: str | os.PathLike, run_dir: str | os.PathLike,
         if on_line is not None:
             on_line(line)
 
-    prov = load_provenance(model_dir)
+    prov = read_provenance(model_dir)
     weights = model_dir / "model.safetensors"
-    if prov.get("format_exported") == "gguf" or not weights.is_file():
+    if prov.format_exported == "gguf" or not weights.is_file():
         raise CrowdtrainError(f"{model_dir} has no model.safetensors: verify checks a Hugging "
                               "Face export (a GGUF file is a lossy conversion of one)")
-    if prov.get("run", {}).get("trained_by") != "swarm" or not prov.get("chain"):
+    if prov.run.trained_by != "swarm" or not prov.chain:
         raise CrowdtrainError(f"{model_dir} was trained on one machine (`crowdtrain train`): "
                               "only swarm runs record the updates that verify replays")
-    source = prov.get("model", {}).get("checkpoint_source")
+    source = prov.model.checkpoint_source
     if source not in (None, "swarm"):
-        raise CrowdtrainError(f"{model_dir} is checkpoint {prov['model'].get('checkpoint_round')}"
+        raise CrowdtrainError(f"{model_dir} is checkpoint {prov.model.checkpoint_round}"
                               f", made by `crowdtrain {'train' if source == 'local' else source}`"
                               " rather than by a swarm round: there is no update to replay for "
                               "it; export a checkpoint the swarm produced (--round)")
     run = Run(run_dir)
-    if not (run.dir / LEDGER_FILE).is_file():
-        raise CrowdtrainError(f"{run.dir} has no {LEDGER_FILE}: it never served a swarm run, "
-                              "so it cannot be the run this model came from")
-    target = int(prov["model"]["checkpoint_round"])
-    ledger = Ledger(run.dir / LEDGER_FILE)
+    if not run.ledger_path.is_file():
+        raise CrowdtrainError(f"{run.dir} has no {run.ledger_path.name}: it never served a swarm "
+                              "run, so it cannot be the run this model came from")
+    target = int(prov.model.checkpoint_round)
+    ledger = Ledger(run.ledger_path)
     try:
         return _replay(run, ledger, prov, weights, target, rep, say)
     finally:
         ledger.close()
 
 
-def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
+def _replay(run: Run, ledger: Ledger, prov: Provenance, weights: Path, target: int,
             rep: VerifyReport, say: Callable[[str], None]) -> VerifyReport:
     genesis = ledger.chain_genesis()
     if genesis is None:
         return rep.fail("the run's ledger records no chain (no round was closed by a "
                         "coordinator that records provenance)")
     r0, base_sha = int(genesis["round"]), genesis["checkpoint_sha256"]
-    pub = (prov.get("chain") or {}).get("genesis") or {}
-    if pub.get("checkpoint_sha256") != base_sha or int(pub.get("round", -1)) != r0:
+    pub = prov.chain.genesis
+    if pub is None or pub.checkpoint_sha256 != base_sha or pub.round != r0:
         return rep.fail(f"genesis: the model's provenance starts its chain at checkpoint "
-                        f"{pub.get('round')} ({str(pub.get('checkpoint_sha256'))[:12]}...), "
+                        f"{pub and pub.round} ({str(pub and pub.checkpoint_sha256)[:12]}...), "
                         f"this run's ledger at checkpoint {r0} ({base_sha[:12]}...): "
                         "not this run")
     p = tensor_path(run.ckpt_dir, r0)
@@ -148,7 +148,7 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
         return rep.fail(f"the model is checkpoint {target}, before the chain's start ({r0})")
     prev = chain_genesis(base_sha)
     rows = {r["round"]: r for r in ledger.rounds()}
-    published = {r["round"]: r for r in prov.get("rounds", [])}
+    published = {r.round: r for r in prov.rounds}
     for rnd in range(r0, target):
         row = rows.get(rnd)
         where = f"round {rnd} (link {rnd})"
@@ -167,9 +167,9 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
                             " the round's update hash, contribution rows or checkpoint hash "
                             "were altered after it closed")
         pub_row = published.get(rnd)
-        if pub_row is None or pub_row.get("chain_link") != link:
+        if pub_row is None or pub_row.chain_link != link:
             return rep.fail(f"{where}: the model's provenance records link "
-                            f"{str((pub_row or {}).get('chain_link'))[:12]}..., the ledger "
+                            f"{str(pub_row and pub_row.chain_link)[:12]}..., the ledger "
                             f"{link[:12]}...")
         for c in ledger.aggregated_files(rnd):
             cp = run.dir / c["path"]
@@ -199,7 +199,7 @@ def _replay(run: Run, ledger: Ledger, prov: dict, weights: Path, target: int,
             f"{got[:12]}...")
         prev = link
         rep.rounds += 1
-    head = (prov.get("chain") or {}).get("head")
+    head = prov.chain.head
     if target > r0 and head != prev:
         return rep.fail(f"chain head: the model's provenance names head {str(head)[:12]}..., "
                         f"the replay ends at {prev[:12]}...")

@@ -8,7 +8,7 @@ import torch
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.distill import DistillConfig, distill, split_texts
-from crowdtrain.publish.provenance import load_provenance
+from crowdtrain.publish.provenance import read_provenance
 
 
 def test_distillation_brings_the_student_closer_to_the_teacher(teacher, corpus, tmp_path):
@@ -28,11 +28,10 @@ def test_distillation_brings_the_student_closer_to_the_teacher(teacher, corpus, 
     out = kd.out_dir
     m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert sum(p.numel() for p in m.parameters()) == kd.student_params
-    prov = load_provenance(out)
-    d = prov["distillation"]
-    assert d["student"]["bits_per_byte"] == kd.student.bits_per_byte
-    assert d["teacher"]["bits_per_byte"] == t and d["alpha"] == 0.9 and d["steps"] == 100
-    assert d["student"]["bytes"] == (out / "model.safetensors").stat().st_size
+    d = read_provenance(out).distillation
+    assert d.student.bits_per_byte == kd.student.bits_per_byte
+    assert d.teacher.bits_per_byte == t and d.alpha == 0.9 and d.steps == 100
+    assert d.student.bytes == (out / "model.safetensors").stat().st_size
     card = (out / "README.md").read_text()
     assert "## Distillation" in card and "- distillation" in card
 

@@ -11,7 +11,7 @@ from publish_helpers import train_briefly
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.export import export_model
 from crowdtrain.publish.gguf_file import permute_qk
-from crowdtrain.publish.provenance import load_provenance
+from crowdtrain.publish.provenance import read_provenance
 from crowdtrain.run.data import file_sha256
 
 gguf = pytest.importorskip("gguf")
@@ -57,17 +57,17 @@ def test_gguf_loads_back_with_transformers_and_matches_the_logits(trained, ggufs
 
 
 def test_gguf_metadata_and_size_and_bits_per_byte(trained, ggufs):
-    prov = {q: load_provenance(d) for q, d in ggufs.items()}
-    original = prov["f16"]["evaluation"]["bits_per_byte"]
+    prov = {q: read_provenance(d) for q, d in ggufs.items()}
+    original = prov["f16"].evaluation.bits_per_byte
     for q, p in prov.items():
-        g = p["gguf"]
-        assert g["quant"] == q and g["bytes"] == (ggufs[q] / g["file"]).stat().st_size
-        assert p["files"][g["file"]]  # hashed
-        assert g["evaluation"]["bits_per_byte"] == pytest.approx(
+        g = p.gguf
+        assert g.quant == q and g.bytes == (ggufs[q] / g.file).stat().st_size
+        assert p.files[g.file]  # hashed
+        assert g.evaluation.bits_per_byte == pytest.approx(
             original, rel=1e-3 if q == "f16" else 1e-2)
-    assert prov["q8_0"]["gguf"]["bytes"] < prov["f16"]["gguf"]["bytes"] \
-        < prov["f16"]["gguf"]["original_fp32_bytes"]
-    r = gguf.GGUFReader(str(ggufs["q8_0"] / prov["q8_0"]["gguf"]["file"]))
+    assert prov["q8_0"].gguf.bytes < prov["f16"].gguf.bytes \
+        < prov["f16"].gguf.original_fp32_bytes
+    r = gguf.GGUFReader(str(ggufs["q8_0"] / prov["q8_0"].gguf.file))
     field = lambda k: r.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "llama"
     assert field("tokenizer.ggml.model") == "gpt2"
@@ -102,10 +102,10 @@ def test_a_model_folder_converts_and_evaluates(trained, tmp_path, capsys):
                  "--eval-data", str(data)])
     out = capsys.readouterr().out
     assert code == 0 and "bits/byte" in out and ".gguf" in out
-    prov = load_provenance(tmp_path / "g")
-    assert prov["converted_from"]["model.safetensors"] == file_sha256(hf / "model.safetensors")
-    assert prov["gguf"]["evaluation"]["bits_per_byte"] == pytest.approx(
-        prov["evaluation"]["bits_per_byte"], rel=1e-3)
+    prov = read_provenance(tmp_path / "g")
+    assert prov.converted_from.model_safetensors == file_sha256(hf / "model.safetensors")
+    assert prov.gguf.evaluation.bits_per_byte == pytest.approx(
+        prov.evaluation.bits_per_byte, rel=1e-3)
     code = main(["eval", str(tmp_path / "g"), "--data", str(data), "--json"])
     assert code == 0 and "bits_per_byte" in capsys.readouterr().out
     with pytest.raises(CrowdtrainError, match="already a Hugging Face model folder"):

@@ -9,8 +9,10 @@ import sqlite3
 import pytest
 from publish_helpers import run_swarm, train_briefly
 
-from crowdtrain.publish.export import export_model, read_card_metadata
-from crowdtrain.publish.provenance import load_provenance, refusal_category
+from crowdtrain.errors import CorruptDataError
+from crowdtrain.publish.export import export_model
+from crowdtrain.publish.modelcard import read_card_metadata
+from crowdtrain.publish.provenance import Provenance, read_provenance, refusal_category
 from crowdtrain.run.data import file_sha256
 from crowdtrain.run.ledger import Ledger, chain_genesis, chain_link
 from crowdtrain.wire.protocol import JoinRequest
@@ -90,37 +92,37 @@ def test_a_ledger_from_before_provenance_is_migrated(tmp_path):
 
 def test_provenance_records_data_rounds_contributors_refusals_and_compute(swarm):
     run, model = swarm
-    prov = load_provenance(model)
-    assert prov["run"]["trained_by"] == "swarm" and prov["model"]["checkpoint_round"] == 3
-    d = prov["data"]
-    assert d["sources"] == run.index.sources
-    assert [s["sha256"] for s in d["train_shards"]] == [e.sha256 for e in run.index.train]
-    assert [s["sha256"] for s in d["val_shards"]] == [e.sha256 for e in run.index.val]
-    assert d["tokenizer"]["sha256"] == file_sha256(run.tokenizer_path)
-    assert prov["hyperparameters"]["train"]["lr"] == run.config.train.lr
-    assert prov["hyperparameters"]["swarm"]["inner_steps"] == 5
-    assert [r["round"] for r in prov["rounds"]] == [0, 1, 2]
-    assert prov["chain"]["complete"] and prov["chain"]["head"] == prov["rounds"][-1]["chain_link"]
+    prov = read_provenance(model)
+    assert prov.run.trained_by == "swarm" and prov.model.checkpoint_round == 3
+    d = prov.data
+    assert [s.model_dump() for s in d.sources] == run.index.sources
+    assert [s.sha256 for s in d.train_shards] == [e.sha256 for e in run.index.train]
+    assert [s.sha256 for s in d.val_shards] == [e.sha256 for e in run.index.val]
+    assert d.tokenizer.sha256 == file_sha256(run.tokenizer_path)
+    assert prov.hyperparameters.train.lr == run.config.train.lr
+    assert prov.hyperparameters.swarm.inner_steps == 5
+    assert [r.round for r in prov.rounds] == [0, 1, 2]
+    assert prov.chain.complete and prov.chain.head == prov.rounds[-1].chain_link
     # shares of tokens, by display name or "anonymous"
-    people = {c["name"]: c for c in prov["contributors"]}
+    people = {c.name: c for c in prov.contributors}
     assert set(people) == {"alice", "anonymous", "carol"}
-    assert people["anonymous"]["anonymous"] and people["anonymous"]["rounds"] == 3
-    total = sum(c["tokens"] for c in prov["contributors"])
-    assert total == prov["training"]["tokens_trained"] == sum(r["tokens"] for r in prov["rounds"])
-    assert abs(sum(c["share"] for c in prov["contributors"]) - 1) < 1e-9
-    assert people["carol"]["refused"] == 2 and people["carol"]["rounds"] == 1
-    assert prov["refused"] == {"total": 2, "by_reason": {
-        "unknown lease N": 1, "payload is for lease N round N, not lease N round N": 1}}
-    curve = prov["loss_curve"]
-    assert [p["val_loss"] for p in curve[:3]] == [6.0, 5.5, 5.0]  # the coordinator's evals
-    assert curve[3]["round"] == 3 and 0 < curve[3]["val_loss"] < 10  # measured at export
-    assert [p["tokens_trained"] for p in curve] == [0, 3000, 8560, 11560]
-    c = prov["compute"]
-    assert c["contributions"] == 7 and c["volunteer_seconds"] == 14.0
-    assert c["training_flops_estimate"] == 6.0 * prov["model"]["params"] * total
-    ev = prov["evaluation"]
-    assert ev["bits_per_byte"] > 0 and ev["data"].startswith("held-out split of")
-    assert prov["files"]["model.safetensors"] == file_sha256(model / "model.safetensors")
+    assert people["anonymous"].anonymous and people["anonymous"].rounds == 3
+    total = sum(c.tokens for c in prov.contributors)
+    assert total == prov.training.tokens_trained == sum(r.tokens for r in prov.rounds)
+    assert abs(sum(c.share for c in prov.contributors) - 1) < 1e-9
+    assert people["carol"].refused == 2 and people["carol"].rounds == 1
+    assert prov.refused.total == 2 and prov.refused.by_reason == {
+        "unknown lease N": 1, "payload is for lease N round N, not lease N round N": 1}
+    curve = prov.loss_curve
+    assert [p.val_loss for p in curve[:3]] == [6.0, 5.5, 5.0]  # the coordinator's evals
+    assert curve[3].round == 3 and 0 < curve[3].val_loss < 10  # measured at export
+    assert [p.tokens_trained for p in curve] == [0, 3000, 8560, 11560]
+    c = prov.compute
+    assert c.contributions == 7 and c.volunteer_seconds == 14.0
+    assert c.training_flops_estimate == 6.0 * prov.model.params * total
+    ev = prov.evaluation
+    assert ev.bits_per_byte > 0 and ev.data.startswith("held-out split of")
+    assert prov.files["model.safetensors"] == file_sha256(model / "model.safetensors")
     # the volunteer who opted out is named nowhere in what is published
     for name in ("provenance.json", "README.md"):
         assert "bob" not in (model / name).read_text()
@@ -130,25 +132,25 @@ def test_model_card_parses_as_hugging_face_metadata(swarm):
     from huggingface_hub import ModelCard
 
     _, model = swarm
-    prov = load_provenance(model)
+    prov = read_provenance(model)
     card = ModelCard.load(model / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["license"] == "apache-2.0"
     assert data["pipeline_tag"] == "text-generation"
     assert {"crowdtrain", "volunteer-computing"} <= set(data["tags"])
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results["bits_per_byte"] == round(prov["evaluation"]["bits_per_byte"], 5)
-    assert results["perplexity"] == round(prov["evaluation"]["perplexity"], 4)
-    assert read_card_metadata(card.content)["model-index"][0]["name"] == prov["run"]["name"]
+    assert results["bits_per_byte"] == round(prov.evaluation.bits_per_byte, 5)
+    assert results["perplexity"] == round(prov.evaluation.perplexity, 4)
+    assert read_card_metadata(card.content)["model-index"][0]["name"] == prov.run.name
     text = card.text
     for needle in ("## Contributors", "| alice |", "| anonymous |", "unknown lease N",
-                   prov["chain"]["head"], "crowdtrain verify", "## Evaluation",
+                   prov.chain.head, "crowdtrain verify", "## Evaluation",
                    run_source_hash(prov), "bits per byte"):
         assert needle in text, needle
 
 
-def run_source_hash(prov: dict) -> str:
-    return prov["data"]["sources"][0]["sha256"]
+def run_source_hash(prov: Provenance) -> str:
+    return prov.data.sources[0].sha256
 
 
 def test_a_local_run_has_a_card_without_swarm_sections(tiny_run, tmp_path):
@@ -156,10 +158,10 @@ def test_a_local_run_has_a_card_without_swarm_sections(tiny_run, tmp_path):
 
     run = train_briefly(tiny_run, tmp_path / "local", steps=2)
     out = export_model(run, tmp_path / "model")
-    prov = load_provenance(out)
-    assert prov["run"]["trained_by"] == "local" and prov["chain"] is None
-    assert prov["contributors"] == [] and prov["rounds"] == []
-    assert [p["round"] for p in prov["loss_curve"]] == [0, 1]
+    prov = read_provenance(out)
+    assert prov.run.trained_by == "local" and prov.chain is None
+    assert prov.contributors == [] and prov.rounds == []
+    assert [p.round for p in prov.loss_curve] == [0, 1]
     card = ModelCard.load(out / "README.md")
     assert "trained on one machine" in card.text and "## Contributors" not in card.text
     assert card.data.eval_results[0].metric_type == "bits_per_byte"
@@ -180,3 +182,26 @@ def test_refusal_reasons_are_grouped_without_their_particulars():
     assert refusal_category("norm 9.1 is 40x the round median 0.2 (limit 10x): refused",
                             left_out=True) == "left out by robust aggregation (norm outlier)"
     assert refusal_category(None) == "unspecified"
+
+
+def test_a_record_from_an_earlier_version_reads_and_keeps_its_fields(swarm, tmp_path):
+    """provenance.json as the first crowdtrain that wrote it did (none of the fields added
+    since), with a field this version does not know: it reads, and writes back the same."""
+    _, model = swarm
+    raw = json.loads((model / "provenance.json").read_text())
+    for part, key in [("model", "base_model"), ("model", "base_sha256"), ("model", "lora"),
+                      ("training", "warm_start"), ("training", "teacher"),
+                      ("compute", "warm_start_tokens"), ("compute", "warm_start_seconds")]:
+        del raw[part][key]
+    del raw["hyperparameters"]["swarm"]["inner_steps_growth"]
+    raw["run"]["from_the_future"] = {"x": 1}
+    (tmp_path / "provenance.json").write_text(json.dumps(raw))
+    prov = read_provenance(tmp_path)
+    assert prov.model.lora is None and prov.training.warm_start is None
+    assert prov.hyperparameters.swarm.inner_steps_growth == 1.0
+    assert prov.to_json() == raw
+    raw["rounds"][0]["round"] = "first"
+    (tmp_path / "provenance.json").write_text(json.dumps(raw))
+    with pytest.raises(CorruptDataError, match=r"not a valid crowdtrain provenance record: "
+                                               r"rounds\.0\.round"):
+        read_provenance(tmp_path)

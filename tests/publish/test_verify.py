@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.export import export_model
+from crowdtrain.publish.provenance import read_provenance
 from crowdtrain.publish.verify import verify_model
 from crowdtrain.run.folder import Run
 
@@ -262,8 +263,8 @@ def test_a_lora_run_verifies_its_adapter_and_merged_weights(tiny_run, corpus, tm
                                                                 round_seconds=60))
     close_rounds(run, 2)
     out = export_model(run, tmp_path / "m", evaluate=False)
-    prov = json.loads((out / "provenance.json").read_text())
-    assert prov["model"]["lora"]["rank"] == 4 and prov["model"]["base_model"] == "pretrained"
+    m = read_provenance(out).model
+    assert m.lora.rank == 4 and m.base_model == "pretrained"
     assert "LoRA | rank 4" in (out / "README.md").read_text()
     rep = verify_model(out, run.dir)
     assert rep.ok and rep.rounds == 2, rep.failure

@@ -1,0 +1,281 @@
+"""The model card (README.md) of an exported model, rendered from its provenance record.
+
+A Hugging Face model-card metadata header (YAML front matter: library, pipeline, license,
+tags, and the held-out evaluation as a `model-index` entry), then a human-readable account of
+the record: architecture, evaluation, GGUF file, distillation, data, training, contributors,
+the provenance chain and how to use the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import yaml
+
+from crowdtrain.errors import CrowdtrainError
+from crowdtrain.publish.provenance import PROVENANCE_FILE, ModelInfo, Provenance
+
+README = "README.md"
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
+        else f"{x:.{digits}f}"
+
+
+def card_metadata(record: Provenance) -> dict:
+    """The YAML front matter: Hugging Face model-card metadata, with the evaluation as a
+    `model-index` entry when there is one."""
+    gguf = record.format_exported == "gguf"
+    meta: dict = {}
+    if not gguf:
+        meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["license"] = "apache-2.0"
+    tags = ["crowdtrain", "llama", "text-generation"]
+    if record.distillation or (record.training and record.training.teacher):
+        tags.append("distillation")
+    if record.run.trained_by == "swarm":
+        tags.append("volunteer-computing")
+    if gguf:
+        tags.append("gguf")
+    meta["tags"] = tags
+    ev = record.gguf.evaluation if gguf and record.gguf else None
+    ev = ev or record.evaluation
+    name = record.run.name
+    if ev and ev.bits_per_byte is not None:
+        metrics = [{"type": "bits_per_byte", "value": round(ev.bits_per_byte, 5),
+                    "name": "bits per byte"}]
+        if ev.perplexity is not None:
+            metrics.append({"type": "perplexity", "value": round(ev.perplexity, 4),
+                            "name": "perplexity (per token)"})
+        if ev.loss is not None:
+            metrics.append({"type": "loss", "value": round(ev.loss, 5),
+                            "name": "cross-entropy (nats per token)"})
+        meta["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "text-generation", "name": "Text generation"},
+            "dataset": {"type": "text", "name": str(ev.data or "held-out text")},
+            "metrics": metrics,
+        }]}]
+    return meta
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def model_card(record: Provenance) -> str:
+    """README.md: metadata header plus a human-readable account of the provenance record."""
+    front = yaml.safe_dump(card_metadata(record), sort_keys=False, allow_unicode=True)
+    run, m = record.run, record.model
+    name, version = run.name, record.crowdtrain_version
+    out = [f"---\n{front}---\n", f"# {name}\n"]
+    if d := record.distillation:
+        out.append(f"A causal language model distilled with [crowdtrain]"
+                   f"(https://pypi.org/project/crowdtrain/) (version "
+                   f"{version}) from the teacher "
+                   f"`{d.teacher.folder}` on the teacher's logits (KL, temperature "
+                   f"{d.temperature}, weight {d.alpha}) and the text (cross-entropy).\n")
+    else:
+        how = ("by volunteers in a crowdtrain swarm (DiLoCo rounds over HTTP)"
+               if run.trained_by == "swarm" else "on one machine")
+        rnd = m.checkpoint_round if m.checkpoint_round is not None else "n/a"
+        out.append(f"A causal language model trained {how} with [crowdtrain]"
+                   f"(https://pypi.org/project/crowdtrain/) (version "
+                   f"{version}), from run `{name}`, "
+                   f"checkpoint round {rnd}.\n")
+        if t := (record.training.teacher if record.training else None):
+            out.append(f"Every inner step distilled the teacher `{t.name}` (weights sha256 "
+                       f"`{t.sha256}`): KL on its logits at temperature {t.temperature} "
+                       f"with weight {t.alpha}, plus the text's cross-entropy.\n")
+    if m.params is not None:
+        out.append("## Architecture\n")
+        out.append(_table([
+            ["architecture", "Llama (`LlamaForCausalLM`)"],
+            ["preset", f"`{run.preset or 'n/a'}`"],
+            ["parameters", f"{m.params:,}"],
+            ["layers / hidden / heads", f"{_or(m.layers, '?')} / {_or(m.hidden, '?')} / "
+                                        f"{_or(m.heads, '?')}"],
+            ["context length", str(_or(m.context, "n/a"))],
+            ["vocabulary", f"{_or(m.vocab_size, 'n/a')} (byte-level BPE)"],
+        ] + _base_rows(m), ["", ""]) + "\n")
+    out.append(_evaluation_section(record))
+    if record.gguf:
+        out.append(_gguf_section(record))
+    if record.distillation:
+        out.append(_distill_section(record))
+    if record.data:
+        out.append(_data_section(record))
+    if record.hyperparameters:
+        out.append(_training_section(record))
+    if run.trained_by == "swarm":
+        out.append(_contributors_section(record))
+    if record.chain:
+        out.append(_provenance_section(record))
+    out.append(_usage_section(record))
+    return "\n".join(out)
+
+
+def _or(x: object, default: object) -> object:
+    return default if x is None else x
+
+
+def _base_rows(m: ModelInfo) -> list[list[str]]:
+    """Rows for a model fine-tuned from a pretrained one (in full, or with LoRA adapters)."""
+    if not m.base_model:
+        return []
+    rows = [["fine-tuned from", f"`{m.base_model}`"]]
+    if lo := m.lora:
+        rows.append(["LoRA", f"rank {lo.rank}, alpha {lo.alpha}, on "
+                             f"{', '.join(lo.targets)}; adapter in `adapter/`, merged here"])
+    if m.base_sha256:
+        rows.append(["base weights sha256", f"`{m.base_sha256}`"])
+    return rows
+
+
+def _evaluation_section(record: Provenance) -> str:
+    rows = []
+    for label, ev in (("this model", record.evaluation),
+                      ("this GGUF file", record.gguf.evaluation if record.gguf else None)):
+        if ev:
+            rows.append([label, ev.data or "", f"{ev.tokens:,}", f"{ev.bytes:,}",
+                         _fmt(ev.loss), _fmt(ev.perplexity, 2), _fmt(ev.bits_per_byte)])
+    if not rows:
+        return "## Evaluation\n\nNot evaluated at export.\n"
+    return ("## Evaluation\n\nMeasured by `crowdtrain eval` at export. Bits per byte (total "
+            "nats / (ln 2 x UTF-8 bytes)) compares across tokenizers.\n\n"
+            + _table(rows, ["model", "text", "tokens", "bytes", "loss (nats/token)",
+                            "perplexity", "bits per byte"]) + "\n")
+
+
+def _gguf_section(record: Provenance) -> str:
+    g = record.gguf
+    types = ", ".join(f"{n} x {k}" for k, n in sorted(g.tensor_types.items()))
+    return (f"## GGUF\n\n`{g.file}`: {g.quant} ({types}), {g.bytes:,} bytes "
+            f"(the float32 weights are {g.original_fp32_bytes:,} bytes). It runs in "
+            "llama.cpp and ollama (architecture `llama`, tokenizer `gpt2` byte-level BPE).\n")
+
+
+def _distill_section(record: Provenance) -> str:
+    d = record.distillation
+    t, s = d.teacher, d.student
+    rows = [["teacher", f"{t.params:,}", f"{t.bytes:,}", _fmt(t.bits_per_byte)],
+            ["student (this model)", f"{s.params:,}", f"{s.bytes:,}", _fmt(s.bits_per_byte)]]
+    return ("## Distillation\n\n" + _table(rows, ["", "parameters", "model.safetensors bytes",
+                                                  "held-out bits per byte"])
+            + f"\n\nTeacher `model.safetensors` sha256 `{t.sha256}`"
+            + (f", provenance chain head `{t.chain_head}`" if t.chain_head else "")
+            + f". {d.steps} steps of {d.batch_size} x {d.seq_len} tokens "
+              f"({d.tokens:,} tokens), AdamW lr {d.lr}.\n")
+
+
+def _data_section(record: Provenance) -> str:
+    d = record.data
+    src = _table([[s.name, f"{s.bytes:,}", f"`{s.sha256}`"] for s in d.sources],
+                 ["file", "bytes", "sha256"])
+    text = f"## Data\n\n{src}\n"
+    if d.train_shards is not None:
+        text += (f"\nTokenized into {len(d.train_shards)} training shards "
+                 f"({d.train_tokens:,} tokens) and {len(d.val_shards)} held-out "
+                 f"validation shards ({d.val_tokens:,} tokens): the last "
+                 f"{d.val_fraction:.0%} of the corpus bytes. Tokenizer sha256 "
+                 f"`{d.tokenizer.sha256}`; every shard's sha256 is in "
+                 f"`{PROVENANCE_FILE}`.\n")
+    return text
+
+
+def _training_section(record: Provenance) -> str:
+    h, t, c = record.hyperparameters, record.training, record.compute
+    tr = h.train
+    rows = [
+        ["tokens trained", f"{t.tokens_trained if t else 0:,}"],
+        ["inner steps", f"{t.inner_steps if t else 0:,}"],
+        ["optimizer", f"AdamW, lr {tr.lr}, warmup {tr.warmup_steps} + cosine"],
+        ["AdamW betas / weight decay", f"{tr.beta1}, {tr.beta2} / {tr.weight_decay}"],
+        ["batch", f"{tr.batch_size} x {tr.seq_len} tokens"],
+    ]
+    if record.run.trained_by == "swarm":
+        s = h.swarm
+        nesterov = " (Nesterov)" if s.nesterov and s.outer_momentum else ""
+        rows += [
+            ["DiLoCo rounds", f"{t.rounds if t else 0} of {s.inner_steps} inner steps" + (
+                f" on average, growing {s.inner_steps_growth:g}x over the run"
+                if s.inner_steps_growth != 1 else "")],
+            ["outer optimizer", f"SGD lr {s.outer_lr}, momentum {s.outer_momentum}{nesterov}"],
+            ["aggregation", f"{s.aggregation}, updates published as int8"],
+        ]
+    if ws := (t.warm_start if t else None):
+        rows.append(["warm start (the run owner, one machine, before the swarm)",
+                     f"{ws.steps:,} steps x {ws.batch_size} sequences = {ws.tokens:,} "
+                     f"tokens in {ws.seconds:.0f} s on {ws.device} (included in tokens "
+                     "trained)"])
+    flops = c.training_flops_estimate if c else 0
+    seconds = c.volunteer_seconds if c else 0
+    rows += [
+        ["training compute (6 x params x tokens)", f"{flops:.3g} FLOPs"],
+        ["volunteer compute time", f"{seconds / 3600:.2f} h" if seconds else "n/a"],
+        ["checkpoint sha256", f"`{record.model.checkpoint_sha256}`"],
+    ]
+    text = "## Training\n\n" + _table(rows, ["", ""]) + "\n"
+    if curve := record.loss_curve:
+        text += ("\nHeld-out loss curve (nats/token, the run's validation windows):\n\n"
+                 + _table([[str(p.round), f"{p.tokens_trained:,}", _fmt(p.val_loss)]
+                           for p in curve], ["round", "tokens trained", "held-out loss"]) + "\n")
+    return text
+
+
+def _contributors_section(record: Provenance) -> str:
+    rows = [[c.name, f"{c.tokens:,}", f"{c.share:.1%}", str(c.rounds), str(c.accepted)]
+            for c in record.contributors]
+    text = "## Contributors\n\n"
+    text += (_table(rows, ["volunteer", "tokens", "share", "rounds", "contributions"])
+             if rows else "No contributions.") + "\n"
+    text += ("\nVolunteers appear by the display name they chose, or as anonymous when they "
+             "opted out at join.\n")
+    ref = record.refused
+    if ref.total:
+        text += ("\nRefused or left-out contributions (no credit):\n\n"
+                 + _table([[k, str(n)] for k, n in ref.by_reason.items()],
+                          ["reason", "count"]) + "\n")
+    else:
+        text += "\nNo contribution was refused.\n"
+    return text
+
+
+def _provenance_section(record: Provenance) -> str:
+    ch = record.chain
+    g = ch.genesis
+    state = "complete" if ch.complete else "INCOMPLETE (see provenance.json)"
+    return (f"## Provenance\n\nEvery round's published int8 update, the contributions "
+            f"aggregated in it and the checkpoint it produced are hashed into a chain "
+            f"(`{ch.version}`), recorded in the run's ledger and in `{PROVENANCE_FILE}`. "
+            f"The chain starts at checkpoint round {g.round if g else 'n/a'} "
+            f"(sha256 `{g.checkpoint_sha256 if g else 'n/a'}`); its head is "
+            f"`{ch.head or 'n/a'}` ({state}). With the run directory, anyone can "
+            "replay the run from its initial checkpoint and check that these are exactly the "
+            "weights it gives:\n\n```bash\ncrowdtrain verify path/to/this/folder RUN_DIR\n```\n")
+
+
+def _usage_section(record: Provenance) -> str:
+    if record.format_exported == "gguf":
+        f = record.gguf.file
+        return (f"## How to use\n\n```bash\nllama-cli -m {f} -p \"ROMEO:\" -n 100\n"
+                f"# ollama: a Modelfile with the line `FROM ./{f}`, then\n"
+                f"ollama create {record.run.name} -f Modelfile\n```\n\n"
+                "or with transformers: `AutoModelForCausalLM.from_pretrained(folder, "
+                f"gguf_file=\"{f}\")`.\n")
+    return ("## How to use\n\n```python\nfrom transformers import AutoModelForCausalLM, "
+            "AutoTokenizer\n\ntok = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
+            "ids = tok(\"ROMEO:\", return_tensors=\"pt\").input_ids\n"
+            "print(tok.decode(model.generate(ids, do_sample=True, max_new_tokens=100)[0]))\n"
+            "```\n\nor `crowdtrain generate path/to/this/folder \"ROMEO:\"`.\n")
+
+
+def read_card_metadata(card: str) -> dict:
+    """The YAML front matter of a model card (for tests and tools)."""
+    if not card.startswith("---\n"):
+        raise CrowdtrainError("the model card has no metadata header")
+    return yaml.safe_load(card.split("---\n", 2)[1]) or {}
