@@ -189,7 +189,7 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
                     tcfg: TrainConfig, res: DistillResult) -> Path:
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from crowdtrain.publish.modelcard import model_card
+    from crowdtrain.publish.modelcard import write_model_card
     from crowdtrain.publish.provenance import (
         FORMAT,
         DataInfo,
@@ -256,5 +256,5 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
         files={p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()},
     )
     write_provenance(out, record)
-    (out / "README.md").write_text(model_card(record))
+    write_model_card(out, record)
     return out

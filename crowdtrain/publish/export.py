@@ -24,7 +24,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from crowdtrain import __version__
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.publish.modelcard import model_card
+from crowdtrain.publish.modelcard import write_model_card
 from crowdtrain.publish.provenance import (
     FORMAT,
     PROVENANCE_FILE,
@@ -134,7 +134,7 @@ def export_model(run: Run | str | os.PathLike, out_dir: str | os.PathLike,
                               files=_file_hashes(out), evaluation=evaluation, gguf=gguf,
                               measure_val_loss=measure_val_loss if evaluate else None)
     write_provenance(out, record)
-    (out / "README.md").write_text(model_card(record))
+    write_model_card(out, record)
     return out
 
 
@@ -195,7 +195,7 @@ def _gguf_from_folder(src: Path, out: Path, quant: str, force: bool, eval_data,
     record = carried.model_copy(update={**update, "format_exported": "gguf", "gguf": gguf,
                                         "files": _file_hashes(out)})
     write_provenance(out, record)
-    (out / "README.md").write_text(model_card(record))
+    write_model_card(out, record)
     return out
 
 

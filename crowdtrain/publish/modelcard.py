@@ -1,16 +1,21 @@
 """The model card (README.md) of an exported model, rendered from its provenance record.
 
-A Hugging Face model-card metadata header (YAML front matter: library, pipeline, license,
-tags, and the held-out evaluation as a `model-index` entry), then a human-readable account of
-the record: architecture, evaluation, GGUF file, distillation, data, training, contributors,
-the provenance chain and how to use the model.
+Written with huggingface_hub's model-card classes: the metadata header is a `ModelCardData`
+(library, pipeline, license, tags, and the held-out evaluation as `EvalResult`s, which it
+writes as the `model-index`), the card a `ModelCard` of that header and a human-readable
+account of the record: architecture, evaluation, GGUF file, distillation, data, training,
+contributors, the provenance chain and how to use the model. Rendered locally: nothing is
+fetched from or pushed to the Hub.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.provenance import PROVENANCE_FILE, ModelInfo, Provenance
@@ -23,15 +28,19 @@ def _fmt(x: float | None, digits: int = 4) -> str:
         else f"{x:.{digits}f}"
 
 
-def card_metadata(record: Provenance) -> dict:
-    """The YAML front matter: Hugging Face model-card metadata, with the evaluation as a
-    `model-index` entry when there is one."""
+TASK = {"task_type": "text-generation", "task_name": "Text generation"}
+METRICS = (  # (EvalResult metric type and name, the Evaluation field, digits kept)
+    ("bits_per_byte", "bits per byte", "bits_per_byte", 5),
+    ("perplexity", "perplexity (per token)", "perplexity", 4),
+    ("loss", "cross-entropy (nats per token)", "loss", 5),
+)
+
+
+def card_data(record: Provenance) -> ModelCardData:
+    """The card's Hugging Face metadata: library, pipeline, license, tags and, when the model
+    was evaluated, the held-out figures as `EvalResult`s (the `model-index`); the GGUF file's
+    own figures for a GGUF export."""
     gguf = record.format_exported == "gguf"
-    meta: dict = {}
-    if not gguf:
-        meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["license"] = "apache-2.0"
     tags = ["crowdtrain", "llama", "text-generation"]
     if record.distillation or (record.training and record.training.teacher):
         tags.append("distillation")
@@ -39,25 +48,21 @@ def card_metadata(record: Provenance) -> dict:
         tags.append("volunteer-computing")
     if gguf:
         tags.append("gguf")
-    meta["tags"] = tags
     ev = record.gguf.evaluation if gguf and record.gguf else None
     ev = ev or record.evaluation
-    name = record.run.name
+    results = []
     if ev and ev.bits_per_byte is not None:
-        metrics = [{"type": "bits_per_byte", "value": round(ev.bits_per_byte, 5),
-                    "name": "bits per byte"}]
-        if ev.perplexity is not None:
-            metrics.append({"type": "perplexity", "value": round(ev.perplexity, 4),
-                            "name": "perplexity (per token)"})
-        if ev.loss is not None:
-            metrics.append({"type": "loss", "value": round(ev.loss, 5),
-                            "name": "cross-entropy (nats per token)"})
-        meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "text-generation", "name": "Text generation"},
-            "dataset": {"type": "text", "name": str(ev.data or "held-out text")},
-            "metrics": metrics,
-        }]}]
-    return meta
+        dataset = {"dataset_type": "text", "dataset_name": str(ev.data or "held-out text")}
+        for metric, words, field, digits in METRICS:
+            value = getattr(ev, field)
+            if value is not None:
+                results.append(EvalResult(**TASK, **dataset, metric_type=metric,
+                                          metric_name=words,
+                                          metric_value=round(value, digits)))
+    return ModelCardData(library_name=None if gguf else "transformers",
+                         pipeline_tag="text-generation", license="apache-2.0", tags=tags,
+                         model_name=record.run.name if results else None,
+                         eval_results=results or None)
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:
@@ -66,12 +71,23 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join(lines)
 
 
-def model_card(record: Provenance) -> str:
-    """README.md: metadata header plus a human-readable account of the provenance record."""
-    front = yaml.safe_dump(card_metadata(record), sort_keys=False, allow_unicode=True)
+def model_card(record: Provenance) -> ModelCard:
+    """README.md: the metadata header (`card_data`) plus a human-readable account of the
+    provenance record, rendered here (nothing is fetched or pushed)."""
+    return ModelCard(f"---\n{card_data(record).to_yaml()}\n---\n\n{_text(record)}")
+
+
+def write_model_card(out_dir: str | os.PathLike, record: Provenance) -> Path:
+    """`out_dir`/README.md, the model card of `record`."""
+    path = Path(out_dir) / README
+    model_card(record).save(path)
+    return path
+
+
+def _text(record: Provenance) -> str:
     run, m = record.run, record.model
     name, version = run.name, record.crowdtrain_version
-    out = [f"---\n{front}---\n", f"# {name}\n"]
+    out = [f"# {name}\n"]
     if d := record.distillation:
         out.append(f"A causal language model distilled with [crowdtrain]"
                    f"(https://pypi.org/project/crowdtrain/) (version "

@@ -205,3 +205,37 @@ def test_a_record_from_an_earlier_version_reads_and_keeps_its_fields(swarm, tmp_
     with pytest.raises(CorruptDataError, match=r"not a valid crowdtrain provenance record: "
                                                r"rounds\.0\.round"):
         read_provenance(tmp_path)
+
+
+def test_the_card_of_a_minimal_record_is_hugging_face_metadata_too():
+    """A GGUF converted from a folder without provenance: only the run's name and the
+    parameters are known; its card says so, with the GGUF file's evaluation as the
+    model-index and no library (llama.cpp runs it, not transformers)."""
+    from huggingface_hub import ModelCard
+
+    from crowdtrain.publish.modelcard import card_data, model_card
+    from crowdtrain.publish.provenance import (
+        FORMAT,
+        Evaluation,
+        GgufInfo,
+        ModelInfo,
+        RunInfo,
+    )
+
+    ev = Evaluation(data="t.txt", tokens=10, bytes=40, nats=20.0, loss=2.0,
+                    perplexity=float("inf"), bits_per_byte=0.72)
+    record = Provenance(format=FORMAT, crowdtrain_version="0", run=RunInfo(name="m"),
+                        model=ModelInfo(params=1234), format_exported="gguf",
+                        gguf=GgufInfo(file="m-f16.gguf", quant="f16", bytes=99,
+                                      tensor_types={"F16": 2}, original_fp32_bytes=4936,
+                                      evaluation=ev))
+    assert ev.perplexity is None  # not finite: not a figure
+    data = card_data(record)
+    assert data.library_name is None and "gguf" in data.tags
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [
+        ("bits_per_byte", 0.72), ("loss", 2.0)]
+    card = ModelCard(str(model_card(record)))
+    assert card.data.to_dict() == data.to_dict()
+    assert card.data.to_dict()["model-index"][0]["name"] == "m"
+    assert "# m\n" in card.text and "| parameters | 1,234 |" in card.text
+    assert "llama-cli -m m-f16.gguf" in card.text and "## Contributors" not in card.text
