@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from crowdtrain.errors import CorruptDataError, CrowdtrainError
-from crowdtrain.publish.provenance import Provenance, read_provenance
+from crowdtrain.publish.provenance import Provenance, RoundRecord, read_provenance
 from crowdtrain.run.checkpoint import decode_tensors, tensor_path
 from crowdtrain.run.folder import Run
 from crowdtrain.run.ledger import Ledger, chain_genesis, chain_link
@@ -119,90 +120,150 @@ def verify_model(model_dir: str | os.PathLike, run_dir: str | os.PathLike,
         ledger.close()
 
 
+class _Broken(Exception):
+    """A check of the replay failed: its words are the report's failure (the first bad
+    link)."""
+
+
 def _replay(run: Run, ledger: Ledger, prov: Provenance, weights: Path, target: int,
             rep: VerifyReport, say: Callable[[str], None]) -> VerifyReport:
+    """From the chain's start to checkpoint `target`: the genesis, every round in order, the
+    chain's head, then the published weights. The first check that fails ends it."""
+    try:
+        r0, base_sha, theta = _genesis(run, ledger, prov)
+        say(f"ok  genesis: checkpoint {r0} sha256 {base_sha[:12]}... matches the chain's start")
+        if target < r0:
+            raise _Broken(f"the model is checkpoint {target}, before the chain's start ({r0})")
+        shapes = {k: tuple(v.shape) for k, v in theta.items()}
+        rows = {r["round"]: r for r in ledger.rounds()}
+        published = {r.round: r for r in prov.rounds}
+        link = chain_genesis(base_sha)
+        for rnd in range(r0, target):
+            link, theta = _replay_round(run, ledger, rnd, rows.get(rnd), published.get(rnd),
+                                        link, theta, shapes, say)
+            rep.rounds += 1
+        if target > r0:
+            _check_head(prov, link)
+    except _Broken as e:
+        return rep.fail(str(e))
+    return _check_published(run, theta, weights, target, rep, say)
+
+
+def _genesis(run: Run, ledger: Ledger, prov: Provenance
+             ) -> tuple[int, str, dict[str, torch.Tensor]]:
+    """Where the chain starts: the checkpoint the ledger names, which must be the one the
+    model's provenance names and must hash, on disk, to the sha256 the chain starts from.
+    Returns (its round, its sha256, its parameters)."""
     genesis = ledger.chain_genesis()
     if genesis is None:
-        return rep.fail("the run's ledger records no chain (no round was closed by a "
-                        "coordinator that records provenance)")
+        raise _Broken("the run's ledger records no chain (no round was closed by a "
+                      "coordinator that records provenance)")
     r0, base_sha = int(genesis["round"]), genesis["checkpoint_sha256"]
     pub = prov.chain.genesis
     if pub is None or pub.checkpoint_sha256 != base_sha or pub.round != r0:
-        return rep.fail(f"genesis: the model's provenance starts its chain at checkpoint "
-                        f"{pub and pub.round} ({str(pub and pub.checkpoint_sha256)[:12]}...), "
-                        f"this run's ledger at checkpoint {r0} ({base_sha[:12]}...): "
-                        "not this run")
+        at, sha = (pub.round, pub.checkpoint_sha256) if pub else (None, None)
+        raise _Broken(f"genesis: the model's provenance starts its chain at checkpoint {at} "
+                      f"({str(sha)[:12]}...), this run's ledger at checkpoint {r0} "
+                      f"({base_sha[:12]}...): not this run")
     p = tensor_path(run.ckpt_dir, r0)
     if not p.is_file():
-        return rep.fail(f"genesis: checkpoint {r0}, where the chain starts, is missing from "
-                        f"{run.ckpt_dir}; nothing to replay from")
+        raise _Broken(f"genesis: checkpoint {r0}, where the chain starts, is missing from "
+                      f"{run.ckpt_dir}; nothing to replay from")
     blob = p.read_bytes()
     if sha256(blob) != base_sha:
-        return rep.fail(f"genesis (link before round {r0}): checkpoint {r0} on disk has sha256 "
-                        f"{sha256(blob)[:12]}..., the chain starts from {base_sha[:12]}...: "
-                        "the initial weights were altered")
-    theta = decode_tensors(blob, f"checkpoint {p.name}")
-    shapes = {k: tuple(v.shape) for k, v in theta.items()}
-    say(f"ok  genesis: checkpoint {r0} sha256 {base_sha[:12]}... matches the chain's start")
-    if target < r0:
-        return rep.fail(f"the model is checkpoint {target}, before the chain's start ({r0})")
-    prev = chain_genesis(base_sha)
-    rows = {r["round"]: r for r in ledger.rounds()}
-    published = {r.round: r for r in prov.rounds}
-    for rnd in range(r0, target):
-        row = rows.get(rnd)
-        where = f"round {rnd} (link {rnd})"
-        if row is None or row["state"] != "closed":
-            return rep.fail(f"{where}: the ledger has no closed round {rnd}")
-        if not row["chain_link"]:
-            return rep.fail(f"{where}: the ledger has no chain link for round {rnd} (closed by "
-                            "a crowdtrain that did not record provenance, or by crash recovery "
-                            "with no later round to complete it)")
-        contribs = ledger.aggregated_sha256s(rnd)
-        link = chain_link(prev, row["update_sha256"] or "", contribs,
-                          row["checkpoint_sha256"] or "")
-        if link != row["chain_link"]:
-            return rep.fail(f"{where}: the ledger's rows do not hash to its stored link "
-                            f"({row['chain_link'][:12]}... recorded, {link[:12]}... recomputed):"
-                            " the round's update hash, contribution rows or checkpoint hash "
-                            "were altered after it closed")
-        pub_row = published.get(rnd)
-        if pub_row is None or pub_row.chain_link != link:
-            return rep.fail(f"{where}: the model's provenance records link "
-                            f"{str(pub_row and pub_row.chain_link)[:12]}..., the ledger "
-                            f"{link[:12]}...")
-        for c in ledger.aggregated_files(rnd):
-            cp = run.dir / c["path"]
-            if cp.is_file() and sha256(cp.read_bytes()) != c["sha256"]:
-                return rep.fail(f"{where}: contribution file {c['path']} does not hash to its "
-                                "ledger row")
-        up = run.dir / "updates" / f"update-{rnd:06d}.safetensors"
-        if not up.is_file():
-            return rep.fail(f"{where}: the update file {up.name} is missing from "
-                            f"{up.parent}; the replay needs every update")
-        ublob = up.read_bytes()
-        if sha256(ublob) != row["update_sha256"]:
-            return rep.fail(f"{where}: {up.name} has sha256 {sha256(ublob)[:12]}..., the chain "
-                            f"records {row['update_sha256'][:12]}...: the update was altered")
-        try:
-            update, _ = codecs.from_bytes(ublob, shapes)
-        except codecs.CodecError as e:
-            return rep.fail(f"{where}: {up.name} is not a valid update ({e})")
-        theta = apply_update(theta, update)
+        raise _Broken(f"genesis (link before round {r0}): checkpoint {r0} on disk has sha256 "
+                      f"{sha256(blob)[:12]}..., the chain starts from {base_sha[:12]}...: "
+                      "the initial weights were altered")
+    return r0, base_sha, decode_tensors(blob, f"checkpoint {p.name}")
+
+
+def _replay_round(run: Run, ledger: Ledger, rnd: int, row: sqlite3.Row | None,
+                  pub_row: RoundRecord | None, prev: str, theta: dict[str, torch.Tensor],
+                  shapes: dict[str, tuple[int, ...]], say: Callable[[str], None]
+                  ) -> tuple[str, dict[str, torch.Tensor]]:
+    """Round `rnd` (ledger row `row`, provenance row `pub_row`) after link `prev`: its link,
+    its contribution files, its update, and the checkpoint the update gives applied to
+    `theta`. Returns (the round's link, the parameters after it)."""
+    try:
+        link, contributions = _round_link(ledger, rnd, row, prev)
+        recorded = pub_row.chain_link if pub_row is not None else None
+        if recorded != link:
+            raise _Broken(f"the model's provenance records link {str(recorded)[:12]}..., the "
+                          f"ledger {link[:12]}...")
+        _check_contribution_files(run, ledger, rnd)
+        theta = apply_update(theta, _round_update(run, rnd, row, shapes))
         got = checkpoint_sha256(theta)
         if got != row["checkpoint_sha256"]:
-            return rep.fail(f"{where}: replaying update {rnd} gives checkpoint {rnd + 1} with "
-                            f"sha256 {got[:12]}..., the chain records "
-                            f"{row['checkpoint_sha256'][:12]}...")
-        say(f"ok  round {rnd}: update {row['update_sha256'][:12]}... and {len(contribs)} "
-            f"contribution(s) chain to link {link[:12]}...; replay gives checkpoint {rnd + 1} "
-            f"{got[:12]}...")
-        prev = link
-        rep.rounds += 1
+            raise _Broken(f"replaying update {rnd} gives checkpoint {rnd + 1} with sha256 "
+                          f"{got[:12]}..., the chain records {row['checkpoint_sha256'][:12]}...")
+    except _Broken as e:
+        raise _Broken(f"round {rnd} (link {rnd}): {e}") from None
+    say(f"ok  round {rnd}: update {row['update_sha256'][:12]}... and {contributions} "
+        f"contribution(s) chain to link {link[:12]}...; replay gives checkpoint {rnd + 1} "
+        f"{got[:12]}...")
+    return link, theta
+
+
+def _round_link(ledger: Ledger, rnd: int, row: sqlite3.Row | None, prev: str
+                ) -> tuple[str, int]:
+    """The link of closed round `rnd`, recomputed from `prev` and the ledger's rows (the
+    update's sha256, the contributions aggregated, the checkpoint's sha256): it must be the one
+    the ledger stored when the round closed. Returns (the link, how many contributions)."""
+    if row is None or row["state"] != "closed":
+        raise _Broken(f"the ledger has no closed round {rnd}")
+    if not row["chain_link"]:
+        raise _Broken(f"the ledger has no chain link for round {rnd} (closed by a crowdtrain "
+                      "that did not record provenance, or by crash recovery with no later "
+                      "round to complete it)")
+    contributions = ledger.aggregated_sha256s(rnd)
+    link = chain_link(prev, row["update_sha256"] or "", contributions,
+                      row["checkpoint_sha256"] or "")
+    if link != row["chain_link"]:
+        raise _Broken(f"the ledger's rows do not hash to its stored link "
+                      f"({row['chain_link'][:12]}... recorded, {link[:12]}... recomputed): the "
+                      "round's update hash, contribution rows or checkpoint hash were altered "
+                      "after it closed")
+    return link, len(contributions)
+
+
+def _check_contribution_files(run: Run, ledger: Ledger, rnd: int) -> None:
+    """The contribution files of round `rnd` still on disk hash to their ledger rows."""
+    for c in ledger.aggregated_files(rnd):
+        path = run.dir / c["path"]
+        if path.is_file() and sha256(path.read_bytes()) != c["sha256"]:
+            raise _Broken(f"contribution file {c['path']} does not hash to its ledger row")
+
+
+def _round_update(run: Run, rnd: int, row: sqlite3.Row, shapes: dict[str, tuple[int, ...]]
+                  ) -> dict[str, torch.Tensor]:
+    """The update round `rnd` published, read from the run: it must hash to the sha256 in the
+    chain. Returns it dequantised."""
+    up = run.update_path(rnd)
+    if not up.is_file():
+        raise _Broken(f"the update file {up.name} is missing from {up.parent}; the replay "
+                      "needs every update")
+    blob = up.read_bytes()
+    if sha256(blob) != row["update_sha256"]:
+        raise _Broken(f"{up.name} has sha256 {sha256(blob)[:12]}..., the chain records "
+                      f"{row['update_sha256'][:12]}...: the update was altered")
+    try:
+        update, _ = codecs.from_bytes(blob, shapes)
+    except codecs.CodecError as e:
+        raise _Broken(f"{up.name} is not a valid update ({e})") from None
+    return update
+
+
+def _check_head(prov: Provenance, replayed: str) -> None:
+    """The model's provenance names as the chain's head the link the replay ends at."""
     head = prov.chain.head
-    if target > r0 and head != prev:
-        return rep.fail(f"chain head: the model's provenance names head {str(head)[:12]}..., "
-                        f"the replay ends at {prev[:12]}...")
+    if head != replayed:
+        raise _Broken(f"chain head: the model's provenance names head {str(head)[:12]}..., "
+                      f"the replay ends at {replayed[:12]}...")
+
+
+def _check_published(run: Run, theta: dict[str, torch.Tensor], weights: Path, target: int,
+                     rep: VerifyReport, say: Callable[[str], None]) -> VerifyReport:
+    """The published weights are exactly the replay's (a LoRA run: `_check_lora`)."""
     pub_weights = _read_weights(weights)
     if getattr(run.config, "lora", None) is not None:
         return _check_lora(run, theta, weights.parent, pub_weights, target, rep, say)
