@@ -38,9 +38,9 @@ def default_corpus() -> Path:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How a corpus is turned into shards."""
+    """How a corpus is turned into shards (`vocab_size`: a `crowdtrain init` option)."""
 
-    vocab_size: int = 4096
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
     shard_tokens: int = 1 << 17
     val_fraction: float = 0.1
     chunk_bytes: int = 1 << 18

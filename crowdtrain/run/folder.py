@@ -38,6 +38,7 @@ from crowdtrain.run.data import (
 )
 from crowdtrain.run.lora import BASE_FILE, LoraSettings
 from crowdtrain.run.model import (
+    PRESETS,
     build_model,
     count_params,
     get_preset,
@@ -54,32 +55,55 @@ from crowdtrain.wire.codecs import CODECS
 
 RUN_FILE = "run.json"
 
+ACCESS = ("open", "invite")  # who may join a run (SwarmConfig.access)
+# how the coordinator combines a round's contributions (crowdtrain.coordinator.aggregation)
+AGGREGATION_METHODS = ("mean", "clip_mean", "trimmed_mean", "centered_clip")
+
 
 @dataclass(frozen=True)
 class SwarmConfig:
-    """DiLoCo round schedule and outer optimizer of a run hosted by a coordinator."""
+    """DiLoCo round schedule and outer optimizer of a run hosted by a coordinator. The fields
+    with a "help" are `crowdtrain init` options (crowdtrain.cli.options)."""
 
-    inner_steps: int = 50  # H; the mean H of the run when inner_steps_growth > 1
-    inner_steps_growth: float = 1.0  # last round's H / first round's (crowdtrain.run.schedule)
+    # the mean H of the run when inner_steps_growth > 1
+    inner_steps: int = field(default=50, metadata={"help": "H: inner steps per round"})
+    inner_steps_growth: float = field(default=1.0, metadata={  # crowdtrain.run.schedule
+        "metavar": "RATIO", "help": "grow H over the run: last round's H / first round's, at "
+                                    "the same total steps; 1: fixed H"})
     # the owner's warm start (crowdtrain.run.warmstart): this fraction of the run's steps, trained
     # by `crowdtrain init` on warm_start_batch x the batch before anyone joins
-    warm_start: float = 0.2
+    warm_start: float = field(default=0.2, metadata={
+        "metavar": "FRACTION", "help": "this share of the run's steps (at most 1,000) is "
+        "trained here, on 4x the batch, before anyone joins; 0 to skip: the swarm then keeps "
+        "data parallelism's quality at large H (BENCHMARKS.md)"})
     warm_start_batch: int = 4
     warm_start_max_steps: int = 1000  # "short": a long run's warm start is capped
-    round_seconds: float = 120.0
-    rounds: int = 10
-    min_contributions: int = 1
+    round_seconds: float = field(default=120.0, metadata={
+        "help": "time budget and deadline of a round, in seconds"})
+    rounds: int = field(default=10, metadata={
+        "help": "DiLoCo rounds when served; 0: until stopped"})
+    min_contributions: int = field(default=1, metadata={
+        "help": "contributions a round needs before it closes"})
     # a round still short of min_contributions at its deadline is extended by round_seconds,
     # at most this many times; then it closes with what it has (nothing: the model stays)
-    max_extensions: int = 3
-    codec: str = "int8"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    max_extensions: int = field(default=3, metadata={
+        "help": "times a round short of --min-contributions has its deadline extended by "
+                "--round-seconds before it closes with what it has; a round with no "
+                "contribution then leaves the model unchanged"})
+    codec: str = field(default="int8", metadata={
+        "choices": CODECS, "help": "how volunteers' contributions travel: int8 (~1 byte per "
+        "parameter), int4 (~0.56 bytes: half the upload, same quality in BENCHMARKS.md; needs "
+        "workers of crowdtrain API v2), fp16 or fp32"})
+    outer_lr: float = field(default=0.7, metadata={"help": "outer SGD learning rate"})
+    outer_momentum: float = field(default=0.9, metadata={
+        "help": "outer Nesterov momentum; 0 for plain averaging"})
     nesterov: bool = True
     keep_last: int = 3
     keep_every: int = 10
-    access: str = "open"
-    aggregation: str = "centered_clip"
+    access: str = field(default="open", metadata={
+        "choices": ACCESS, "help": "open: anyone may join; invite: joining needs a key from "
+                                   "`crowdtrain invite`"})
+    aggregation: str = "centered_clip"  # one of AGGREGATION_METHODS
 
     def __post_init__(self) -> None:
         checks = {
@@ -98,9 +122,8 @@ class SwarmConfig:
             "outer_momentum": 0 <= self.outer_momentum < 1,
             "keep_last": self.keep_last >= 1,
             "keep_every": self.keep_every >= 1,
-            "access": self.access in ("open", "invite"),
-            "aggregation": self.aggregation in ("mean", "clip_mean", "trimmed_mean",
-                                                "centered_clip"),
+            "access": self.access in ACCESS,
+            "aggregation": self.aggregation in AGGREGATION_METHODS,
         }
         check_settings("swarm", checks, self)
 
@@ -138,8 +161,10 @@ class TeacherSettings:
 
     name: str  # the teacher folder's name, for the record
     sha256: str  # of model/teacher.safetensors, checked wherever it is loaded
-    alpha: float = 0.9
-    temperature: float = 1.0
+    alpha: float = field(default=0.9, metadata={  # `crowdtrain init --distill-alpha`
+        "metavar": "A", "help": "weight of the KL term against the text's cross-entropy"})
+    temperature: float = field(default=1.0, metadata={
+        "metavar": "T", "help": "softmax temperature of both models"})
 
     def __post_init__(self) -> None:
         check_settings("distillation", {"alpha": 0 < self.alpha <= 1,
@@ -156,8 +181,9 @@ class RunConfig:
     model/base.safetensors (`base_sha256`) and the checkpoints hold the adapters only."""
 
     name: str
-    preset: str
-    seed: int = 0
+    preset: str = field(default="small", metadata={  # `crowdtrain init --preset`, --seed
+        "help": f"model size: {', '.join(PRESETS)}"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and batches"})
     eval_tokens: int = 32768
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,14 +31,29 @@ ADAPTER_DIR = "adapter"  # in an exported folder
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """`q_proj,v_proj` or `all` (every Llama linear layer)."""
+    if text.strip() == "all":
+        return LLAMA_TARGETS
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in targets if t not in LLAMA_TARGETS]
+    if bad or not targets:
+        raise CrowdtrainError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}: choose "
+                              f"from {','.join(LLAMA_TARGETS)} or 'all'")
+    return targets
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """The adapters of a LoRA run: rank, scale (alpha / rank), dropout, adapted layers."""
+    """The adapters of a LoRA run: rank, scale (alpha / rank), dropout, adapted layers. Each is
+    a `crowdtrain init` option, `--lora-` + its name (crowdtrain.cli.options)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rank: int = field(default=8, metadata={"help": "adapter rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "adapter scale alpha; scaling alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={
+        "metavar": "NAMES", "parse": parse_targets,
+        "help": f"comma-separated layers to adapt, from {','.join(LLAMA_TARGETS)}, or 'all'"})
 
     def __post_init__(self) -> None:
         targets = tuple(self.targets)
@@ -56,17 +71,7 @@ class LoraSettings:
         d["targets"] = list(self.targets)
         return d
 
-    @classmethod
-    def parse_targets(cls, text: str) -> tuple[str, ...]:
-        """`q_proj,v_proj` or `all` (every Llama linear layer)."""
-        if text.strip() == "all":
-            return LLAMA_TARGETS
-        targets = tuple(t.strip() for t in text.split(",") if t.strip())
-        bad = [t for t in targets if t not in LLAMA_TARGETS]
-        if bad or not targets:
-            raise CrowdtrainError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}: choose "
-                                  f"from {','.join(LLAMA_TARGETS)} or 'all'")
-        return targets
+    parse_targets = staticmethod(parse_targets)
 
 
 def is_lora(model: torch.nn.Module) -> bool:

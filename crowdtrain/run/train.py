@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,14 +27,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Inner-optimizer settings; stored in the run's config so every machine uses the same."""
+    """Inner-optimizer settings; stored in the run's config so every machine uses the same.
+    The fields with a "help" are `crowdtrain init` options (crowdtrain.cli.options)."""
 
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    total_steps: int = 3000
+    total_steps: int = field(default=3000, metadata={
+        "flag": "steps", "help": "total inner steps of the schedule; --rounds or --inner-steps "
+        "make it the warm start's plus rounds x H"})
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

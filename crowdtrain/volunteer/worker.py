@@ -56,21 +56,40 @@ MAX_UPDATES_TO_REPLAY = 20
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """A volunteer's settings; the fields with a "help" are `crowdtrain join` options
+    (crowdtrain.cli.options)."""
+
     url: str
-    name: str | None = None
-    invite: str | None = None
-    device: str = "auto"
-    threads: int | None = None
-    max_rounds: int | None = None
-    max_hours: float | None = None
-    max_memory: float | None = None  # fraction of GPU memory this process may use
+    name: str | None = field(default=None, metadata={
+        "help": "display name on the leaderboard", "default_help": "volunteer-HOST"})
+    invite: str | None = field(default=None, metadata={
+        "metavar": "KEY", "help": "invite key, for an invite-only run"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads", "default_help": "all cores"})
+    max_rounds: int | None = field(default=None, metadata={
+        "help": "leave after this many rounds"})
+    max_hours: float | None = field(default=None, metadata={
+        "help": "leave after this many hours"})
+    max_memory: float | None = field(default=None, metadata={
+        "metavar": "FRACTION", "help": "cap on the GPU memory fraction this worker may use"})
     home: Path = field(default_factory=user_home)
-    error_feedback: bool = True
+    error_feedback: bool = field(default=True, metadata={
+        "help": "carry the codec's rounding errors over to the next round"})
     retry_for: float = 600.0
     progress: bool = True
-    nproc: int = 1  # processes (ranks) of this one volunteer: see crowdtrain.volunteer.ranks
-    anonymous: bool = False  # published provenance names this volunteer "anonymous"
-    compile: bool = False  # torch.compile the model (inductor): faster steps on GPUs
+    # processes (ranks) of this one volunteer: see crowdtrain.volunteer.ranks
+    nproc: int = field(default=1, metadata={
+        "metavar": "N", "help": "train as N processes of one volunteer (one per GPU, or CPU "
+        "cores): DDP inside the worker, rank 0 talks to the coordinator; the same as "
+        "`torchrun --nproc-per-node N -m crowdtrain.volunteer.worker URL`"})
+    anonymous: bool = field(default=False, metadata={  # in published provenance
+        "help": "appear as 'anonymous' in the published model card and provenance (decided "
+                "when this machine first joins the run)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model (inductor; faster steps on most GPUs, a minute of "
+                "compiling first; needs a C++ compiler on CPU)"})
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
