@@ -1,11 +1,17 @@
 """The coordinator's pages for people and monitors: the dashboard and Prometheus metrics.
 
 `mount_web(app, coord)` adds to the FastAPI app:
-- GET /                  the dashboard (crowdtrain/dashboard/index.html), which polls the
-                         JSON status endpoint (protocol.STATUS) from the browser;
-- GET /dashboard/{file}  the dashboard's static files: only the files in that folder, by
-                         exact name, so no path can reach anything outside it;
+- GET /                  the dashboard (crowdtrain/coordinator/static/index.html), which polls
+                         the JSON status endpoint (protocol.STATUS) from the browser;
+- GET /dashboard/{file}  the dashboard's static files, served by Starlette's `StaticFiles`
+                         over that folder: only the files in it (a path that resolves outside
+                         it is a 404), with ETag and Last-Modified, and 304 Not Modified to a
+                         browser that has the file already;
 - GET /metrics           Prometheus text format, built from `coord.status()` at scrape time.
+
+The static files are a route whose one path parameter is the file's name, not a `Mount`:
+the route is in `app.routes` with its method and parameter, as every other route is (the raw
+fuzz test enumerates the routes to fuzz from there), and it hands the name to `StaticFiles`.
 """
 
 from __future__ import annotations
@@ -13,17 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.staticfiles import StaticFiles
 
 from crowdtrain.coordinator.metrics import metrics_text
 from crowdtrain.wire.protocol import Status
 
 DASHBOARD_DIR = Path(__file__).parent / "static"
-MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-               ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
-               ".png": "image/png", ".ico": "image/x-icon"}
 NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate: a new release must not show old JS
 
 
@@ -31,25 +35,27 @@ class HasStatus(Protocol):
     def status(self) -> Status: ...
 
 
-def _static(name: str) -> Response:
-    files = {p.name: p for p in DASHBOARD_DIR.iterdir() if p.is_file()}
-    path = files.get(name)
-    if path is None or path.suffix not in MEDIA_TYPES:
-        return Response(f"no dashboard file named {name!r}\n", status_code=404,
-                        media_type="text/plain")
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
+class DashboardFiles(StaticFiles):
+    """The dashboard's folder, every answer marked for revalidation (`NO_CACHE`): the browser
+    asks each time and gets 304 while its copy's ETag still matches."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(NO_CACHE)
+        return response
 
 
 def mount_web(app: FastAPI, coord: HasStatus) -> None:
     """Add the dashboard (/, /dashboard/{file}) and Prometheus metrics (/metrics) to `app`."""
+    files = DashboardFiles(directory=DASHBOARD_DIR)
 
     @app.get("/", include_in_schema=False)
-    def index() -> Response:
-        return _static("index.html")
+    async def index(request: Request) -> Response:
+        return await files.get_response("index.html", request.scope)
 
     @app.get("/dashboard/{file}", include_in_schema=False)
-    def dashboard_file(file: str) -> Response:
-        return _static(file)
+    async def dashboard_file(file: str, request: Request) -> Response:
+        return await files.get_response(file, request.scope)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

@@ -2,7 +2,7 @@
 live `crowdtrain serve` with two real `crowdtrain join` workers: the empty state before anyone
 joins, the loss chart, the leaderboard and the round counter as the run trains, and the
 page once the coordinator is gone. Leaves screenshots in test-artifacts/ (dashboard.png is
-the finished run)."""
+the finished run). Without a browser: the static files' caching headers (ETag, 304)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from crowdtrain.cli.status import fetch_status
 from crowdtrain.coordinator.dashboard import mount_web
 from crowdtrain.wire import protocol
 from crowdtrain.wire.protocol import Refusal, RoundSummary, Status, VolunteerSummary
-
-pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -70,6 +68,7 @@ def new_page(browser, errors: list[str]):
     return page
 
 
+@pytest.mark.slow
 def test_dashboard_follows_a_live_swarm(swarm):
     playwright = sync_playwright_or_fail()
     s = swarm
@@ -185,6 +184,7 @@ class FakeCoordinator:
         return self._status
 
 
+@pytest.mark.slow
 def test_dashboard_renders_a_busy_run():
     """A big run without a swarm: the page is served by the web routes through an in-process
     client, the browser's requests are routed to it."""
@@ -229,3 +229,23 @@ def test_dashboard_renders_a_busy_run():
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_static_files_are_revalidated_by_etag():
+    """Every dashboard file (the page at / too) comes with an ETag and no-cache: the browser
+    asks again on each load and gets 304 Not Modified while its copy is current; a name that is
+    not a file in the folder is a 404."""
+    app = FastAPI()
+    mount_web(app, FakeCoordinator(busy_status(time.time())))
+    client = TestClient(app)
+    for path in ("/", "/dashboard/index.html", "/dashboard/app.js", "/dashboard/style.css"):
+        r = client.get(path)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache", path
+        etag = r.headers["etag"]
+        again = client.get(path, headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b"", path
+        assert client.get(path, headers={"If-None-Match": '"other"'}).status_code == 200
+    assert client.get("/").content == client.get("/dashboard/index.html").content
+    for path in ("/dashboard/nope.js", "/dashboard/%2E%2E", "/dashboard/%2E%2E%2Fdashboard.py",
+                 "/dashboard/%2E"):  # the folder itself is not a file
+        assert client.get(path).status_code == 404, path
