@@ -1,7 +1,8 @@
 """The run owner's controls, as rules over the ledger: the admin token, the volunteer list, ban
-and unban, ending the run. The coordinator's admin endpoints and `crowdtrain admin RUN_DIR` (on
-the owner's machine, with the coordinator serving or not) both call these, so one rule holds
-whichever way the owner acts; the serving coordinator reads the ledger on every request."""
+and unban, ending the run. The coordinator (`Coordinator.check_admin`, `.set_banned`, ..., behind
+its admin endpoints) and `crowdtrain admin RUN_DIR` (on the owner's machine, with the coordinator
+serving or not) both call these, so one rule holds whichever way the owner acts; the serving
+coordinator reads the ledger on every request."""
 
 from __future__ import annotations
 

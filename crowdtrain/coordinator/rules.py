@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.aggregation import RobustConfig, block_for, robust_aggregate
 from crowdtrain.coordinator.payloads import check_payload_file, open_payload
 from crowdtrain.coordinator.reports import run_info, run_status, teacher_info
@@ -56,6 +57,8 @@ from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step
 from crowdtrain.wire.protocol import (
     INT64_MAX,
     LEASE_SILENCE_SECONDS,
+    AdminAck,
+    AdminVolunteer,
     Alive,
     AliveResponse,
     JoinRequest,
@@ -173,6 +176,28 @@ class Coordinator:
     def info(self) -> RunInfo:
         return run_info(self.run, round=self.round, finished=self.finished, params=self.params,
                         teacher=self.teacher_info)
+
+    # ------------------------------------------------------------------ the owner's controls
+    # (the rules are owner.py's, shared with `crowdtrain admin RUN_DIR`)
+
+    def new_admin_token(self, rotate: bool = False) -> str | None:
+        """The owner's admin token, returned once; None if one exists and not `rotate`."""
+        return owner.new_admin_token(self.ledger, rotate)
+
+    def check_admin(self, token: str) -> None:
+        """Refuse (403) anything but the owner's admin token."""
+        owner.check_admin(self.ledger, token)
+
+    def admin_volunteers(self) -> list[AdminVolunteer]:
+        return owner.volunteers(self.ledger)
+
+    def set_banned(self, who: str, banned: bool) -> AdminAck:
+        """Ban or unban a volunteer by id or name."""
+        return owner.set_banned(self.ledger, who, banned)
+
+    def end_run(self) -> AdminAck:
+        """The owner ends the run: no more leases; workers are told so and exit."""
+        return owner.end_run(self.ledger)
 
     # ------------------------------------------------------------------ model downloads
 

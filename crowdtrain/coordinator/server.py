@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from crowdtrain import __version__
-from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.dashboard import mount_web
 from crowdtrain.coordinator.ratelimit import RateLimiter
 from crowdtrain.coordinator.rules import Coordinator, Volunteer
@@ -222,8 +221,7 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))
 
     def owner_only(authorization: str | None = Header(None)) -> None:
-        owner.check_admin(coord.ledger,
-                          bearer(authorization, "admin endpoints need the owner's admin token"))
+        coord.check_admin(bearer(authorization, "admin endpoints need the owner's admin token"))
 
     def limited(limiter: RateLimiter, key: str, what: str) -> None:
         wait = limiter.allow(key)
@@ -342,22 +340,22 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
              dependencies=[Depends(owner_only)])
     def admin_volunteers() -> list[protocol.AdminVolunteer]:
-        return owner.volunteers(coord.ledger)
+        return coord.admin_volunteers()
 
     @app.post(protocol.ADMIN_BAN, response_model=protocol.AdminAck,
               dependencies=[Depends(owner_only)])
     def admin_ban(who: str) -> protocol.AdminAck:
-        return owner.set_banned(coord.ledger, who, True)
+        return coord.set_banned(who, True)
 
     @app.post(protocol.ADMIN_UNBAN, response_model=protocol.AdminAck,
               dependencies=[Depends(owner_only)])
     def admin_unban(who: str) -> protocol.AdminAck:
-        return owner.set_banned(coord.ledger, who, False)
+        return coord.set_banned(who, False)
 
     @app.post(protocol.ADMIN_END, response_model=protocol.AdminAck,
               dependencies=[Depends(owner_only)])
     def admin_end() -> protocol.AdminAck:
-        return owner.end_run(coord.ledger)
+        return coord.end_run()
 
     mount_web(app, coord)
     return app

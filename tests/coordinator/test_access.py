@@ -8,7 +8,6 @@ from fastapi.testclient import TestClient
 from swarm_helpers import copy_run, payload
 
 from crowdtrain.cli.admin import run_admin
-from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.ratelimit import RateLimiter
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.coordinator.server import create_app
@@ -53,22 +52,22 @@ def test_invite_only_run(make):
 
 def test_admin_token_is_shown_once_and_stored_hashed(make):
     coord = make()
-    token = owner.new_admin_token(coord.ledger)
-    assert token and owner.new_admin_token(coord.ledger) is None
+    token = coord.new_admin_token()
+    assert token and coord.new_admin_token() is None
     assert token not in str([dict(r) for r in coord.ledger.query("SELECT * FROM meta")])
-    owner.check_admin(coord.ledger, token)
+    coord.check_admin(token)
     with pytest.raises(Refused) as e:
-        owner.check_admin(coord.ledger, token + "x")
+        coord.check_admin(token + "x")
     assert e.value.status == 403
-    rotated = owner.new_admin_token(coord.ledger, rotate=True)
+    rotated = coord.new_admin_token(rotate=True)
     with pytest.raises(Refused):
-        owner.check_admin(coord.ledger, token)
-    owner.check_admin(coord.ledger, rotated)
+        coord.check_admin(token)
+    coord.check_admin(rotated)
 
 
 def test_ban_and_end_through_http(make):
     coord = make()
-    token = owner.new_admin_token(coord.ledger)
+    token = coord.new_admin_token()
     admin = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(coord)) as c:
         vol = c.post(protocol.JOIN, json={"name": "mallory", "device": "cpu", "api_version": 1})

@@ -26,7 +26,6 @@ from safetensors.torch import save as st_save
 from schemathesis.checks import not_a_server_error
 from swarm_helpers import copy_run, make_delta, payload, poisoned_payload, serving
 
-from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.coordinator.server import create_app
 from crowdtrain.errors import Refused
@@ -247,7 +246,8 @@ _WRONG_DTYPES = [torch.float32, torch.float16, torch.float64, torch.int32, torch
 
 
 @settings(FAST, max_examples=150)
-@given(codec=st.sampled_from(codecs.CODECS), data=st.data())
+# the dense codecs' layouts (the sparse codec's hostile payloads: tests/wire/test_sparse.py)
+@given(codec=st.sampled_from([c for c in codecs.CODECS if c != "sparse"]), data=st.data())
 def test_decoder_valid_header_wrong_dtypes_and_shapes(codec, data):
     """A well-formed safetensors file whose tensors have a dtype or shape other than the codec
     needs: accepted only if every dtype and shape is right, else CodecError."""
@@ -422,7 +422,7 @@ def api_app(tiny_run, tmp_path):
                                              "api_version": 1})
         assert r.status_code == 200, r.text
         yield SimpleNamespace(app=without_lifespan, coord=coord, client=client,
-                              token=r.json()["token"], admin=owner.new_admin_token(coord.ledger))
+                              token=r.json()["token"], admin=coord.new_admin_token())
         # after every generated request: the run is where it was and still answers
         assert client.get(protocol.STATUS).status_code == 200
         assert client.get(protocol.INFO).status_code == 200
@@ -673,7 +673,7 @@ def test_submit_to_lease_id_beyond_int64_is_refused(client):
 def test_admin_ban_of_an_unknown_volunteer_is_404(client, who):
     """`who` is an id or a name; strings that look numeric to str.isdigit() but are not ASCII
     digits, or ids beyond SQLite's int64, name nobody: 404, not a 500."""
-    admin = {"Authorization": f"Bearer {owner.new_admin_token(client.coord.ledger)}"}
+    admin = {"Authorization": f"Bearer {client.coord.new_admin_token()}"}
     for path in (protocol.ADMIN_BAN, protocol.ADMIN_UNBAN):
         r = client.post(path.format(who=who), headers=admin)
         expect(r, 404, "no volunteer with id or name")

@@ -28,7 +28,6 @@ from urllib.parse import quote
 import pytest
 from swarm_helpers import copy_run, payload, serving
 
-from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.coordinator.server import create_app
 from crowdtrain.wire import protocol
@@ -265,7 +264,7 @@ def live(tiny_run, tmp_path_factory):
     coord = Coordinator(run, evaluate_rounds=False)
     try:
         invite = coord.ledger.add_invite(uses=1_000_000)
-        admin = owner.new_admin_token(coord.ledger)
+        admin = coord.new_admin_token()
         coord.join(JoinRequest(name="victim", device="cpu", api_version=1, invite=invite))
         main = coord.join(JoinRequest(name="fuzzer", device="cpu", api_version=1,
                                       invite=invite))
