@@ -1,7 +1,8 @@
 """A Llama model + our byte-level BPE tokenizer -> one GGUF file that llama.cpp and ollama run.
 
 Written with the `gguf` package's GGUFWriter the way llama.cpp's `convert_hf_to_gguf.py` writes
-a Llama: the same metadata keys and tensor names (`token_embd`, `blk.N.attn_q`, ...), the query
+a Llama: the same metadata keys and tensor names (the gguf package's table for a Llama,
+`gguf.get_tensor_name_map`: `token_embd`, `blk.N.attn_q`, ...), the query
 and key projections permuted for llama.cpp's interleaved rotary embedding, no `output.weight`
 when the embeddings are tied (llama.cpp falls back to `token_embd`), and the tokenizer as a
 "gpt2" byte-level BPE (tokens, token types, merges, special ids). Quantisation as
@@ -12,6 +13,7 @@ multiple of 32 falls back to float16.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -25,25 +27,6 @@ from crowdtrain.errors import CrowdtrainError
 
 QUANTS = ("q8_0", "f16")
 
-# HF Llama parameter suffix -> GGUF tensor name inside block N
-_BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-
 @dataclass
 class GgufInfo:
     path: Path
@@ -52,15 +35,24 @@ class GgufInfo:
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
 
 
-def gguf_name(hf_name: str) -> str:
-    """The llama.cpp tensor name of a HF Llama parameter."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    parts = hf_name.split(".", 3)  # model.layers.N.rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK_NAMES:
-        return f"blk.{int(parts[2])}.{_BLOCK_NAMES[parts[3]]}"
-    raise CrowdtrainError(f"cannot map tensor {hf_name} to a llama.cpp name: only Llama models "
-                          "export to GGUF")
+def gguf_name(hf_name: str, n_blocks: int) -> str:
+    """The llama.cpp tensor name of weight `hf_name` of a HF Llama with `n_blocks` layers,
+    from the gguf package's own table (`gguf.get_tensor_name_map`, which
+    convert_hf_to_gguf.py names a Llama's tensors by)."""
+    name = None
+    if hf_name.endswith(".weight"):
+        name = _llama_names(n_blocks).get_name(hf_name, try_suffixes=(".weight",))
+    if name is None:
+        raise CrowdtrainError(f"cannot map tensor {hf_name} to a llama.cpp name: only Llama "
+                              "models export to GGUF")
+    return name
+
+
+@functools.cache
+def _llama_names(n_blocks: int):
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -174,10 +166,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, path: str | os.Path
             t = permute_qk(t, n_kv)
         data, raw = _tensor_data(hf, t, quant)
         if raw is None:
-            w.add_tensor(gguf_name(hf), data)
+            w.add_tensor(gguf_name(hf, cfg.num_hidden_layers), data)
             kind = "F32" if data.dtype == np.float32 else "F16"
         else:
-            w.add_tensor(gguf_name(hf), data, raw_dtype=raw)
+            w.add_tensor(gguf_name(hf, cfg.num_hidden_layers), data, raw_dtype=raw)
             kind = raw.name
         counts[kind] = counts.get(kind, 0) + 1
     tmp = path.with_name(f".{path.name}.tmp")
