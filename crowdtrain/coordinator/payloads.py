@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from crowdtrain.coordinator.aggregation import param_blocks, read_slice
-from crowdtrain.wire import codecs
+from crowdtrain.wire import codecs, sparse
 
 # per-block scales up to this keep every dequantized value (|q| <= 128) finite in float32
 QUANT_SCALE_SAFE = torch.finfo(torch.float32).max / 128
@@ -180,9 +180,77 @@ class SafetensorsFloatSource(_MappedFile):
 
 
 
+class SafetensorsSparseSource(_MappedFile):
+    """A DeltaSource over a sparse payload file (`codecs.to_bytes(..., "sparse")`): `read`
+    touches only the entries and scales of the chunks covering [a, b) and decodes them with
+    `sparse.decode` (the decoding `codecs.from_bytes` uses), checking offsets (in range, no
+    repeats) and scales on the way. The header (block, k, bits, names, dtypes, lengths) is
+    checked against `shapes` on opening."""
+
+    def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
+        super().__init__(path)
+        try:
+            meta = self._f.metadata() or {}
+            if meta.get("codec") != "sparse":
+                raise ValueError(f"{self.path}: codec is {meta.get('codec')!r}, expected "
+                                 "'sparse'")
+            raw = meta.get("block", "")
+            if not raw.isdigit() or not 16 <= int(raw) <= sparse.MAX_BLOCK:
+                raise ValueError(f"{self.path}: invalid block {raw!r}")
+            self.block = int(raw)
+            self.k, self.bits = codecs.sparse_options(meta, self.block)
+            keys = set(self._f.keys())
+            want = {n + s for n in shapes for s in (sparse.IDX, sparse.Q, sparse.SCALE)}
+            if keys != want:
+                missing, extra = sorted(want - keys)[:3], sorted(keys - want)[:3]
+                raise ValueError(f"{self.path}: tensors do not match the model: missing "
+                                 f"{missing}, unexpected {extra}")
+            self.numel: dict[str, int] = {}
+            for name, shape in shapes.items():
+                numel = math.prod(int(s) for s in shape)
+                n = sparse.entries(numel, self.block, self.k)
+                for key, dtype, length in (
+                        (name + sparse.IDX, "I16", n),
+                        (name + sparse.Q, "I8", sparse.packed_len(n, self.bits)),
+                        (name + sparse.SCALE, "F32", (numel + self.block - 1) // self.block)):
+                    _check_slice(self.path, key, self._f.get_slice(key), dtype, (length,))
+                self.numel[name] = numel
+        except codecs.CodecError as e:
+            self.close()
+            raise ValueError(f"{self.path}: {e}") from None
+        except Exception:
+            self.close()
+            raise
+
+    def read(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Flat float32 elements [a, b) of `name`, zeros where nothing was sent."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: source is closed")
+        numel = self.numel[name]
+        if not 0 <= a <= b <= numel:
+            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        if a == b:
+            return torch.zeros(0, dtype=torch.float32)
+        bs, k, bits = self.block, self.k, self.bits
+        c0, c1 = a // bs, (b + bs - 1) // bs  # the chunks covering [a, b)
+        e0 = sparse.entries(c0 * bs, bs, k)  # entries before chunk c0 (all full chunks)
+        e1 = e0 + sparse.entries(min(c1 * bs, numel) - c0 * bs, bs, k)
+        byte0 = e0 * bits // 8
+        skip = (e0 * bits - 8 * byte0) // bits
+        try:
+            vals = sparse.decode(
+                self._f.get_slice(name + sparse.IDX)[e0:e1],
+                self._f.get_slice(name + sparse.Q)[byte0:sparse.packed_len(e1, bits)],
+                self._f.get_slice(name + sparse.SCALE)[c0:c1], numel, bs, k, bits,
+                first_chunk=c0, skip=skip)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: tensor {name}: {e}") from None
+        return vals[a - c0 * bs: b - c0 * bs]
+
+
 def open_payload(
     path: str | Path, shapes: Mapping[str, Sequence[int]]
-) -> SafetensorsQuantSource | SafetensorsFloatSource:
+) -> SafetensorsQuantSource | SafetensorsFloatSource | SafetensorsSparseSource:
     """The streaming DeltaSource for a payload file of any codec, chosen by the codec in the
     file's own metadata (so a contribution whose codec differs from the run's still opens).
     ValueError if the file is not a payload for `shapes`. Close it when done."""
@@ -193,6 +261,8 @@ def open_payload(
         raise ValueError(f"{path}: cannot open payload: {e}") from None
     if codec in codecs.QUANTIZED:
         return SafetensorsQuantSource(path, shapes)
+    if codec == "sparse":
+        return SafetensorsSparseSource(path, shapes)
     return SafetensorsFloatSource(path, shapes)
 
 

@@ -16,6 +16,9 @@ ceil(numel / 2) bytes): element 2i in the low nibble, 2i+1 in the high one, each
 value + 8 with values in [-7, 7] (absmax / 7 per block); the block must be even, and is 64 by
 default (`default_block`), about 0.56 bytes per parameter against int8's 1.02.
 
+sparse wire layout (crowdtrain.wire.sparse): per chunk of `block` values, the k largest in
+magnitude as int16 offsets, `bits`-bit levels and one float32 scale; metadata `k` and `bits`.
+
 Any malformed or mismatching payload raises `CodecError` (a `ValueError`) naming the tensor.
 """
 
@@ -33,7 +36,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-CODECS = ("int8", "int4", "fp16", "fp32")
+from crowdtrain.wire import sparse
+
+CODECS = ("int8", "int4", "fp16", "fp32", "sparse")
 QUANTIZED = ("int8", "int4")
 BLOCK = 256
 INT4_BLOCK = 64
@@ -59,15 +64,31 @@ def _check_codec(codec: str) -> None:
 def _check_block(block: int, codec: str | None = None) -> None:
     if isinstance(block, bool) or not isinstance(block, int):
         raise CodecError(f"block must be an int, got {type(block).__name__}")
-    if not _MIN_BLOCK <= block <= _MAX_BLOCK:
-        raise CodecError(f"block must be in [{_MIN_BLOCK}, {_MAX_BLOCK}], got {block}")
+    top = sparse.MAX_BLOCK if codec == "sparse" else _MAX_BLOCK
+    if not _MIN_BLOCK <= block <= top:
+        raise CodecError(f"block must be in [{_MIN_BLOCK}, {top}], got {block}")
     if codec == "int4" and block % 2:
         raise CodecError(f"int4 needs an even block, got {block}")
 
 
 def default_block(codec: str) -> int:
     """The block a payload of `codec` is made with unless the caller names one."""
-    return INT4_BLOCK if codec == "int4" else BLOCK
+    return {"int4": INT4_BLOCK, "sparse": sparse.BLOCK}.get(codec, BLOCK)
+
+
+SPARSE_DENSITY = 0.01  # the sparse codec's default fraction of values sent (run setting)
+SPARSE_BITS = 2  # ... and bits per value sent
+
+
+def _sparse_options(block: int, k: int | None, bits: int | None) -> tuple[int, int]:
+    """(k, bits) of a sparse payload: the defaults where not given, checked."""
+    k = sparse.chunk_k(block, SPARSE_DENSITY) if k is None else k
+    bits = SPARSE_BITS if bits is None else bits
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= block:
+        raise CodecError(f"sparse k must be an int in [1, block {block}], got {k!r}")
+    if bits not in sparse.BITS:
+        raise CodecError(f"sparse bits must be one of {sparse.BITS}, got {bits!r}")
+    return k, bits
 
 
 def _nblocks(numel: int, block: int) -> int:
@@ -192,18 +213,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def encode(
-    tensors: Mapping[str, torch.Tensor], codec: str, block: int | None = None
+    tensors: Mapping[str, torch.Tensor], codec: str, block: int | None = None,
+    k: int | None = None, bits: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Wire tensors for `tensors` (name -> float tensor of any shape).
 
     int8: name -> `name:q` (int8, flat) and `name:scale` (float32); fp16: name -> float16;
-    fp32: name -> float32; int4: as int8 with two values per byte. `block` defaults to
-    `default_block(codec)`. Outputs are fresh contiguous CPU tensors. Non-finite inputs, and
-    fp16 values that overflow, raise CodecError.
+    fp32: name -> float32; int4: as int8 with two values per byte; sparse: `name:idx`,
+    `name:q`, `name:scale` with `k` entries of `bits` bits per chunk of `block`. `block`
+    defaults to `default_block(codec)`. Outputs are fresh contiguous CPU tensors. Non-finite
+    inputs, and fp16 values that overflow, raise CodecError.
     """
     _check_codec(codec)
     block = default_block(codec) if block is None else block
     _check_block(block, codec)
+    if codec == "sparse":
+        k, bits = _sparse_options(block, k, bits)
     wire: dict[str, torch.Tensor] = {}
 
     def put(key: str, value: torch.Tensor) -> None:
@@ -220,6 +245,11 @@ def encode(
             q, scale = (quantize_int8 if codec == "int8" else quantize_int4)(t, block)
             put(name + _Q_SUFFIX, q)
             put(name + _SCALE_SUFFIX, scale)
+        elif codec == "sparse":
+            idx, q, scale = sparse.encode(t, block, k, bits)
+            put(name + sparse.IDX, idx)
+            put(name + sparse.Q, q)
+            put(name + sparse.SCALE, scale)
         elif codec == "fp16":
             h = _copy_as(t, torch.float16)
             if not bool(torch.isfinite(h).all()):
@@ -245,6 +275,8 @@ def decode(
     codec: str,
     shapes: Mapping[str, Sequence[int]],
     block: int | None = None,
+    k: int | None = None,
+    bits: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inverse of `encode`: float32 tensors of `shapes` (name -> shape) from wire tensors.
 
@@ -256,6 +288,9 @@ def decode(
     _check_block(block, codec)
     if codec in QUANTIZED:
         expected = {n + sfx for n in shapes for sfx in (_Q_SUFFIX, _SCALE_SUFFIX)}
+    elif codec == "sparse":
+        k, bits = _sparse_options(block, k, bits)
+        expected = {n + sfx for n in shapes for sfx in (sparse.IDX, sparse.Q, sparse.SCALE)}
     else:
         expected = set(shapes)
     got = set(wire)
@@ -288,6 +323,8 @@ def decode(
                 raise CodecError(f"tensor {name}{_SCALE_SUFFIX} has negative values")
             value = (dequantize_int8 if codec == "int8" else dequantize_int4)(
                 q, scale, shape, block)
+        elif codec == "sparse":
+            value = _decode_sparse(wire, name, shape, block, k, bits)
         else:
             t = wire[name]
             want = torch.float16 if codec == "fp16" else torch.float32
@@ -307,20 +344,55 @@ def to_bytes(
     codec: str,
     meta: Mapping[str, str] | None = None,
     block: int | None = None,
+    k: int | None = None,
+    bits: int | None = None,
 ) -> bytes:
-    """safetensors bytes of `encode(tensors, codec, block)` (block: `default_block(codec)`
-    unless given), with metadata
-    {"codec": codec, "block": str(block), **meta}. `meta` must be str -> str and may not set
-    "codec" or "block"."""
+    """safetensors bytes of `encode(tensors, codec, block, k, bits)` (block:
+    `default_block(codec)` unless given), with metadata {"codec": codec, "block": str(block),
+    **meta} (+ "k" and "bits" for the sparse codec). `meta` must be str -> str and may not
+    set those keys."""
     block = default_block(codec) if block is None else block
-    wire = encode(tensors, codec, block)
+    wire = encode(tensors, codec, block, k, bits)
+    head = {"codec": codec, "block": str(block)}
+    if codec == "sparse":
+        k, bits = _sparse_options(block, k, bits)
+        head.update(k=str(k), bits=str(bits))
     extra = dict(meta or {})
-    for k, v in extra.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise CodecError(f"metadata must be str -> str, got {k!r}: {type(v).__name__}")
-        if k in ("codec", "block"):
-            raise CodecError(f"metadata key {k!r} is reserved")
-    return _st_save(wire, metadata={"codec": codec, "block": str(block), **extra})
+    for key, v in extra.items():
+        if not isinstance(key, str) or not isinstance(v, str):
+            raise CodecError(f"metadata must be str -> str, got {key!r}: {type(v).__name__}")
+        if key in ("codec", "block", "k", "bits"):
+            raise CodecError(f"metadata key {key!r} is reserved")
+    return _st_save(wire, metadata={**head, **extra})
+
+
+def _decode_sparse(wire: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...],
+                   block: int, k: int, bits: int) -> torch.Tensor:
+    idx, q, scale = (wire[name + sfx] for sfx in (sparse.IDX, sparse.Q, sparse.SCALE))
+    numel = math.prod(shape)
+    n = sparse.entries(numel, block, k)
+    for key, t, dtype, length in ((sparse.IDX, idx, torch.int16, n),
+                                  (sparse.Q, q, torch.int8, sparse.packed_len(n, bits)),
+                                  (sparse.SCALE, scale, torch.float32, _nblocks(numel, block))):
+        if t.dtype != dtype:
+            raise CodecError(f"tensor {name}{key} must be {dtype}, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != length:
+            raise CodecError(f"tensor {name}{key} has shape {tuple(t.shape)}, expected "
+                             f"({length},) for parameter shape {shape}")
+    try:
+        return sparse.decode(idx, q, scale, numel, block, k, bits).reshape(shape)
+    except ValueError as e:
+        raise CodecError(f"tensor {name}: {e}") from None
+
+
+def sparse_options(meta: Mapping[str, str], block: int) -> tuple[int, int]:
+    """(k, bits) from a sparse payload's metadata, checked."""
+    raw_k, raw_bits = meta.get("k"), meta.get("bits")
+    if raw_k is None or not _INT_RE.fullmatch(raw_k):
+        raise CodecError(f"sparse payload metadata has invalid k {raw_k!r}")
+    if raw_bits is None or not _INT_RE.fullmatch(raw_bits):
+        raise CodecError(f"sparse payload metadata has invalid bits {raw_bits!r}")
+    return _sparse_options(block, int(raw_k), int(raw_bits))
 
 
 def _read_header(blob: bytes, total: int | None = None) -> dict:
@@ -343,7 +415,7 @@ def _read_header(blob: bytes, total: int | None = None) -> dict:
     return header
 
 
-_WIRE_DTYPES = frozenset({"I8", "F16", "F32"})
+_WIRE_DTYPES = frozenset({"I8", "I16", "F16", "F32"})
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                 "BOOL": "bool"}
@@ -365,17 +437,20 @@ def _check_header(header: dict) -> tuple[dict[str, str], str, int]:
     if raw_block is None or not _INT_RE.fullmatch(raw_block):
         raise CodecError(f"payload metadata has invalid block {raw_block!r}")
     block = int(raw_block)
-    if not _MIN_BLOCK <= block <= _MAX_BLOCK:
-        raise CodecError(f"payload metadata block {block} outside [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    top = sparse.MAX_BLOCK if codec == "sparse" else _MAX_BLOCK
+    if not _MIN_BLOCK <= block <= top:
+        raise CodecError(f"payload metadata block {block} outside [{_MIN_BLOCK}, {top}]")
     if codec == "int4" and block % 2:
         raise CodecError(f"payload metadata block {block} is odd; int4 needs an even block")
+    if codec == "sparse":
+        sparse_options(meta, block)
     for name, info in header.items():  # only the dtypes our codecs produce; before parsing
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if name != "__metadata__" and (not isinstance(dtype, str) or dtype not in _WIRE_DTYPES):
             torch_name = _DTYPE_NAMES.get(dtype, "unsupported") if isinstance(dtype, str) \
                 else "missing"
             raise CodecError(f"tensor {name!r} has dtype {dtype!r} ({torch_name}); payload "
-                             "tensors must be int8, float16 or float32")
+                             "tensors must be int8, int16, float16 or float32")
     return meta, codec, block
 
 
@@ -401,7 +476,8 @@ def from_bytes(
         wire = _st_load(blob)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, KeyError) as e:
         raise CodecError(f"payload tensors could not be parsed: {e}") from None
-    return decode(wire, codec, shapes, block), dict(meta)
+    k, bits = sparse_options(meta, block) if codec == "sparse" else (None, None)
+    return decode(wire, codec, shapes, block, k, bits), dict(meta)
 
 
 def read_file_header(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, str]:
@@ -419,10 +495,13 @@ def read_file_header(path: str | os.PathLike, max_bytes: int | None = None) -> d
     return _check_header(_read_header(head, size))[0]
 
 
-def payload_bytes(numel: int, codec: str, block: int | None = None) -> int:
+def payload_bytes(numel: int, codec: str, block: int | None = None, k: int | None = None,
+                  bits: int | None = None) -> int:
     """Approximate tensor bytes on the wire for `numel` parameters, excluding the header."""
     _check_codec(codec)
     block = default_block(codec) if block is None else block
+    if codec == "sparse":
+        return sparse.payload_bytes(numel, block, *_sparse_options(block, k, bits))
     if codec == "int8":
         return numel + 4 * _nblocks(numel, block)
     if codec == "int4":
@@ -439,12 +518,15 @@ class ErrorFeedback:
     what was given, off by at most the latest residual.
     """
 
-    def __init__(self, codec: str, block: int | None = None) -> None:
+    def __init__(self, codec: str, block: int | None = None, k: int | None = None,
+                 bits: int | None = None) -> None:
         _check_codec(codec)
         block = default_block(codec) if block is None else block
         _check_block(block, codec)
         self.codec = codec
         self.block = block
+        self.k, self.bits = _sparse_options(block, k, bits) if codec == "sparse" else (None,
+                                                                                      None)
         self.residual: dict[str, torch.Tensor] = {}
 
     def compress(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -462,9 +544,9 @@ class ErrorFeedback:
                     raise CodecError(f"tensor {name} has shape {tuple(x.shape)}, but its "
                                      f"residual has shape {tuple(r.shape)}; call reset()")
                 x = x + r
-            part = encode({name: x}, self.codec, self.block)
+            part = encode({name: x}, self.codec, self.block, self.k, self.bits)
             shapes = {name: tuple(x.shape)}
-            decoded = decode(part, self.codec, shapes, self.block)[name]
+            decoded = decode(part, self.codec, shapes, self.block, self.k, self.bits)[name]
             new_residual[name] = x - decoded
             wire.update(part)
         self.residual.update(new_residual)

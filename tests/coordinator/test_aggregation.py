@@ -24,6 +24,7 @@ from crowdtrain.coordinator.aggregation import (
 from crowdtrain.coordinator.payloads import (
     SafetensorsFloatSource,
     SafetensorsQuantSource,
+    SafetensorsSparseSource,
     open_payload,
 )
 from crowdtrain.wire import codecs
@@ -165,7 +166,8 @@ def test_open_payload_streams_any_codec_exactly(tmp_path, codec):
     full = codecs.from_bytes(blob, SHAPES)[0]
     path = tmp_path / f"{codec}.safetensors"
     path.write_bytes(blob)
-    want = SafetensorsQuantSource if codec in codecs.QUANTIZED else SafetensorsFloatSource
+    want = SafetensorsQuantSource if codec in codecs.QUANTIZED else \
+        SafetensorsSparseSource if codec == "sparse" else SafetensorsFloatSource
     with open_payload(path, SHAPES) as src:
         assert isinstance(src, want)
         for name, t in full.items():

@@ -128,7 +128,7 @@ def test_fp16_roundtrip_within_precision(tensors):
         assert torch.equal(out[k], v.half().float()), k
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "sparse"])  # test_sparse.py
 def test_bytes_roundtrip_all_codecs(tensors, codec):
     blob = to_bytes(tensors, codec, meta={"round": "12", "worker": "w1"})
     out, meta = from_bytes(blob, _shapes(tensors), max_bytes=len(blob))
