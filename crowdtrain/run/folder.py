@@ -323,10 +323,10 @@ class Run:
 def init_run(
     run_dir: str | os.PathLike,
     data: list[str | os.PathLike],
-    preset: str = "small",
+    preset: str = RunConfig.preset,
     vocab_size: int | None = None,
     tokenizer: str | os.PathLike | None = None,
-    seed: int = 0,
+    seed: int = RunConfig.seed,
     force: bool = False,
     progress: bool = True,
     train_overrides: dict | None = None,
@@ -334,8 +334,8 @@ def init_run(
     from_pretrained: str | os.PathLike | None = None,
     lora: LoraSettings | None = None,
     teacher: str | os.PathLike | None = None,
-    distill_alpha: float = 0.9,
-    distill_temperature: float = 1.0,
+    distill_alpha: float = TeacherSettings.alpha,
+    distill_temperature: float = TeacherSettings.temperature,
 ) -> Run:
     """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0).
 
@@ -345,19 +345,75 @@ def init_run(
     and the run trains (and the swarm moves) LoRA adapters only. With `teacher` (a local
     Hugging Face Llama folder) the run distils it: a fresh `preset` student with the teacher's
     tokenizer, every inner step (the owner's warm start and the volunteers') learning from the
-    teacher's logits; the teacher's weights are kept in model/ for the volunteers to fetch."""
-    run_dir = Path(run_dir)
-    p = get_preset(preset)
+    teacher's logits; the teacher's weights are kept in model/ for the volunteers to fetch.
+
+    The steps: the mode and its inputs checked, the folder cleared, the config, the tokenizer
+    and shards, the model (LoRA: its frozen base; distillation: the teacher kept), checkpoint
+    0 (after the owner's warm start), and run.json last: its presence marks a complete run."""
+    run_dir, model_dir = Path(run_dir), Path(run_dir) / "model"
+    get_preset(preset)
     sources = check_sources(data)
+    start = _model_start(preset, tokenizer, vocab_size, from_pretrained, lora, teacher,
+                         distill_alpha, distill_temperature)
+    _clear_run_dir(run_dir, force)
+    cfg = _run_config(run_dir.name, preset, seed, vocab_size, train_overrides, swarm, start)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = start.tokenizer
+    if tok is None:
+        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
+    tok.save(str(run_dir / "tokenizer.json"))
+    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
+    model, meta = _initial_model(model_dir, start, preset, tok, index.eot_id, seed)
+    if lora is not None:
+        cfg, model = _freeze_base(model_dir, cfg, model, lora)
+    kept = None
+    if teacher is not None:
+        kept = _keep_teacher(teacher, model_dir, distill_alpha, distill_temperature)
+        cfg = replace(cfg, teacher=kept.settings)
+    _checkpoint_zero(run_dir, cfg, model, index, meta, warm=start.pretrained is None,
+                     progress=progress, teacher=kept and kept.teacher)
+    (run_dir / RUN_FILE).write_text(cfg.to_json())
+    return Run(run_dir)
+
+
+@dataclass
+class _ModelStart:
+    """What a new run's model starts from, by mode: a preset (a fresh model, its config made
+    once the tokenizer is known); a pretrained folder (`pretrained`: its config, tokenizer and
+    weights); a teacher (a fresh model with the teacher's tokenizer, `teacher_config`)."""
+
+    context: int  # the longest seq_len the model takes
+    what: str  # the model, as the context error names it
+    config: object | None = None  # the pretrained folder's LlamaConfig
+    tokenizer: Tokenizer | None = None  # the pretrained folder's or the teacher's
+    pretrained: str | os.PathLike | None = None
+    teacher_config: object | None = None
+
+
+def _model_start(preset: str, tokenizer, vocab_size, from_pretrained, lora, teacher,
+                 distill_alpha: float, distill_temperature: float) -> _ModelStart:
+    """The mode of a new run, its inputs checked (nothing is written for a run that cannot
+    be made)."""
     if teacher is not None and from_pretrained is not None:
         raise CrowdtrainError("--teacher trains a fresh student: drop --from-pretrained")
-    if teacher is not None:  # settings first: nothing is written for a run that cannot be
-        TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)
     teacher_cfg = teacher_tok = None
     if teacher is not None:  # the teacher's tokenizer is the run's; the model is a fresh one
+        TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)  # settings first
         teacher_cfg, teacher_tok = _check_pretrained(teacher, lora, tokenizer, vocab_size,
                                                      "--teacher")
     pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
+    if pretrained is not None:
+        config, tok = pretrained
+        return _ModelStart(config.max_position_embeddings, f"{Path(from_pretrained).name} model",
+                           config, tok, from_pretrained)
+    context = get_preset(preset).context
+    if teacher_cfg is not None:
+        context = min(context, teacher_cfg.max_position_embeddings)
+    return _ModelStart(context, preset, tokenizer=teacher_tok, teacher_config=teacher_cfg)
+
+
+def _clear_run_dir(run_dir: Path, force: bool) -> None:
+    """Make way for a new run in `run_dir`: only an empty folder, or with `force` a run."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             what = "a run" if (run_dir / RUN_FILE).exists() else "files"
@@ -367,72 +423,84 @@ def init_run(
         if not (run_dir / RUN_FILE).exists():
             raise CrowdtrainError(f"refusing to --force over {run_dir}: it is not a crowdtrain run")
         shutil.rmtree(run_dir)
+
+
+def _run_config(name: str, preset: str, seed: int, vocab_size: int | None,
+                train_overrides: dict | None, swarm: SwarmConfig | None,
+                start: _ModelStart) -> RunConfig:
+    """The new run's config (before LoRA and the teacher): the preset's training with the
+    overrides, the vocabulary of the tokenizer it starts from (or `vocab_size`, or the
+    preset's); its seq_len checked against the model's context."""
     train_cfg = PRESET_TRAINING[preset]
     if train_overrides:
         train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
-    if pretrained is not None:
-        model_cfg, tok = pretrained
-        context, what = model_cfg.max_position_embeddings, f"{Path(from_pretrained).name} model"
-    else:
-        model_cfg, tok, context, what = None, teacher_tok, p.context, preset
-    if teacher_cfg is not None:
-        context = min(context, teacher_cfg.max_position_embeddings)
+    tok, pretrained = start.tokenizer, start.pretrained
     cfg = RunConfig(
-        name=run_dir.name,
-        preset=PRETRAINED if pretrained else preset,
+        name=name,
+        preset=PRETRAINED if pretrained is not None else preset,
         seed=seed,
-        data=DataConfig(vocab_size=tok.get_vocab_size() if tok else vocab_size or p.vocab_size),
+        data=DataConfig(vocab_size=tok.get_vocab_size() if tok else
+                        vocab_size or get_preset(preset).vocab_size),
         train=train_cfg,
         swarm=swarm or SwarmConfig(),
         created_at=time.time(),
-        base_model=Path(from_pretrained).name if pretrained else None,
+        base_model=Path(pretrained).name if pretrained is not None else None,
     )
-    if cfg.train.seq_len > context:
+    if cfg.train.seq_len > start.context:
         raise CrowdtrainError(
-            f"seq_len {cfg.train.seq_len} exceeds the {what} context {context}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tok is None:
-        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
-    tok.save(str(run_dir / "tokenizer.json"))
-    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
+            f"seq_len {cfg.train.seq_len} exceeds the {start.what} context {start.context}")
+    return cfg
+
+
+def _initial_model(model_dir: Path, start: _ModelStart, preset: str, tok: Tokenizer,
+                   eot_id: int, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The model of checkpoint 0 (its config saved in model/), and the checkpoint's meta so
+    far: a fresh `preset` model for the run's tokenizer, or the pretrained one."""
+    model_cfg = start.config
     if model_cfg is None:
-        vocab = teacher_cfg.vocab_size if teacher_cfg is not None else tok.get_vocab_size()
-        model_cfg = preset_config(preset, vocab, index.eot_id)
-    model_cfg.save_pretrained(str(run_dir / "model"))
-    if pretrained is None:
-        model = build_model(model_cfg, seed=seed)
+        vocab = (start.teacher_config.vocab_size if start.teacher_config is not None
+                 else tok.get_vocab_size())
+        model_cfg = preset_config(preset, vocab, eot_id)
+    model_cfg.save_pretrained(str(model_dir))
+    if start.pretrained is None:
+        model, source = build_model(model_cfg, seed=seed), "init"
     else:
-        model = load_pretrained(from_pretrained)
-    params, source = count_params(model), "init" if pretrained is None else "pretrained"
-    if lora is not None:
-        from safetensors.torch import save_file
+        model, source = load_pretrained(start.pretrained), "pretrained"
+    return model, {"tokens_trained": 0, "steps": 0, "params": count_params(model),
+                   "source": source}
 
-        from crowdtrain.run.lora import base_sha256, wrap
 
-        save_file(state_dict_for_save(model), str(run_dir / "model" / BASE_FILE),
-                  metadata={"base_model": cfg.base_model})
-        cfg = replace(cfg, lora=lora, base_sha256=base_sha256(run_dir / "model" / BASE_FILE))
-        model = wrap(model, lora, seed=seed)
-    teach = None
-    if teacher is not None:
-        teach = _keep_teacher(teacher, run_dir / "model", distill_alpha, distill_temperature)
-        cfg = replace(cfg, teacher=teach.settings)
-    meta = {"tokens_trained": 0, "steps": 0, "params": params, "source": source}
-    warm = cfg.swarm.warm_start_steps() if pretrained is None else 0
-    if warm:  # a fresh model only: a pretrained one is its own warm start
+def _freeze_base(model_dir: Path, cfg: RunConfig, model: torch.nn.Module,
+                 lora: LoraSettings) -> tuple[RunConfig, torch.nn.Module]:
+    """A LoRA run: the pretrained weights frozen in model/base.safetensors (their sha256 in
+    the config), and the model wrapped with the adapters that train and travel."""
+    from safetensors.torch import save_file
+
+    from crowdtrain.run.lora import base_sha256, wrap
+
+    save_file(state_dict_for_save(model), str(model_dir / BASE_FILE),
+              metadata={"base_model": cfg.base_model})
+    cfg = replace(cfg, lora=lora, base_sha256=base_sha256(model_dir / BASE_FILE))
+    return cfg, wrap(model, lora, seed=cfg.seed)
+
+
+def _checkpoint_zero(run_dir: Path, cfg: RunConfig, model: torch.nn.Module, index: ShardIndex,
+                     meta: dict, warm: bool, progress: bool, teacher: Teacher | None) -> None:
+    """Checkpoint 0: the model after the owner's warm start (`warm`: a fresh model only, a
+    pretrained one is its own), with its held-out loss."""
+    steps = cfg.swarm.warm_start_steps() if warm else 0
+    if steps:
         from crowdtrain.run.warmstart import warm_start
 
-        record = warm_start(model, run_dir / "data", index, cfg.train, warm,
-                            cfg.swarm.warm_start_batch, seed, progress=progress,
-                            teacher=teach and teach.teacher)
+        record = warm_start(model, run_dir / "data", index, cfg.train, steps,
+                            cfg.swarm.warm_start_batch, cfg.seed, progress=progress,
+                            teacher=teacher)
         meta.update(steps=record["steps"], tokens_trained=record["tokens"],
                     source="warm start", warm_start=record)
     val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
                        cfg.eval_tokens)
     meta["val_loss"] = evaluate(model, val, torch.device("cpu"))
     save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
-    (run_dir / RUN_FILE).write_text(cfg.to_json())
-    return Run(run_dir)
 
 
 @dataclass
