@@ -250,10 +250,10 @@ def cmd_admin(a: argparse.Namespace) -> None:
 
 @command
 def cmd_demo(a: argparse.Namespace) -> None:
-    from crowdtrain.cli.demo import run_demo
+    from crowdtrain.cli.demo import DemoConfig, run_demo
 
-    r = run_demo(a.out, workers=a.workers, rounds=a.rounds, inner_steps=a.inner_steps,
-                 preset=a.preset)
+    r = run_demo(DemoConfig(out_dir=a.out, workers=a.workers, rounds=a.rounds,
+                            inner_steps=a.inner_steps, preset=a.preset))
     st = r.status
     first, last = st.initial_val_loss, st.rounds[-1].val_loss
     print(f"\ndone in {r.seconds:.0f}s: {len(st.volunteers)} volunteers, "
