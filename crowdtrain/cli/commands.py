@@ -1,5 +1,6 @@
-"""What each `crowdtrain` subcommand does, given its parsed arguments (cli.py owns the parsers,
-`main` and the one-line errors). Each command imports its modules when it runs, so that
+"""What each `crowdtrain` subcommand does, given its parsed arguments (main.py owns the parsers,
+`main` and the one-line errors; options.py turns the options that are settings back into their
+config dataclasses). Each command imports its modules when it runs, so that
 `crowdtrain --help` and light commands start fast."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from crowdtrain.cli import options
 from crowdtrain.errors import CrowdtrainError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -19,33 +21,23 @@ def command(fn: Callable[[argparse.Namespace], int | None]):
 
 @command
 def cmd_init(a: argparse.Namespace) -> None:
-    from crowdtrain.run.data import default_corpus
-    from crowdtrain.run.folder import SwarmConfig, init_run
+    from crowdtrain.run.data import DataConfig, default_corpus
+    from crowdtrain.run.folder import RunConfig, SwarmConfig, TeacherSettings, init_run
     from crowdtrain.run.lora import LoraSettings
+    from crowdtrain.run.train import TrainConfig
 
-    swarm = SwarmConfig(**{k: v for k, v in (
-        ("rounds", a.rounds), ("inner_steps", a.inner_steps),
-        ("inner_steps_growth", a.inner_steps_growth), ("round_seconds", a.round_seconds),
-        ("min_contributions", a.min_contributions),
-        ("max_extensions", a.max_extensions), ("outer_lr", a.outer_lr),
-        ("outer_momentum", a.outer_momentum), ("access", a.access),
-        ("warm_start", a.warm_start), ("codec", a.codec)) if v is not None})
-    steps = a.steps if a.steps is not None else (
-        swarm.total_steps() if a.rounds or a.inner_steps else None)
-    overrides = {k: v for k, v in (("total_steps", steps), ("batch_size", a.batch_size),
-                                   ("seq_len", a.seq_len), ("lr", a.lr)) if v is not None}
-    lora = None
-    opts = {k: v for k, v in (("rank", a.lora_rank), ("alpha", a.lora_alpha),
-                              ("dropout", a.lora_dropout)) if v is not None}
-    if a.lora_targets is not None:
-        opts["targets"] = LoraSettings.parse_targets(a.lora_targets)
-    if a.lora or opts:
-        lora = LoraSettings(**opts)
-    run = init_run(a.run_dir, a.data or [default_corpus()], preset=a.preset,
-                   vocab_size=a.vocab_size, tokenizer=a.tokenizer, seed=a.seed, force=a.force,
-                   progress=not a.quiet, train_overrides=overrides, swarm=swarm,
-                   from_pretrained=a.from_pretrained, lora=lora, teacher=a.teacher,
-                   distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature)
+    given = options.given(a, SwarmConfig)
+    swarm = SwarmConfig(**given)
+    train = options.given(a, TrainConfig)  # over the preset's
+    if "total_steps" not in train and (given.get("rounds") or given.get("inner_steps")):
+        train["total_steps"] = swarm.total_steps()
+    given = options.given(a, LoraSettings)
+    lora = LoraSettings(**given) if a.lora or given else None
+    distill = {f"distill_{k}": v for k, v in options.given(a, TeacherSettings).items()}
+    run = init_run(a.run_dir, a.data or [default_corpus()], **options.given(a, RunConfig),
+                   **options.given(a, DataConfig), tokenizer=a.tokenizer, force=a.force,
+                   progress=not a.quiet, train_overrides=train, swarm=swarm,
+                   from_pretrained=a.from_pretrained, lora=lora, teacher=a.teacher, **distill)
     idx = run.index
     what = (f"from {run.config.base_model}" if run.config.base_model else
             f"preset {run.config.preset}")
@@ -150,12 +142,11 @@ def cmd_distill(a: argparse.Namespace) -> None:
     from crowdtrain.run.solo import set_threads
 
     set_threads(a.threads)
-    cfg = DistillConfig(preset=a.preset, steps=a.steps, alpha=0.0 if a.no_teacher else a.alpha,
-                        temperature=a.temperature, lr=a.lr, batch_size=a.batch_size,
-                        seq_len=a.seq_len, seed=a.seed)
+    cfg = options.build(a, DistillConfig, **({"alpha": 0.0} if a.no_teacher else {}))
+
     def on_step(step: int, loss: float) -> None:
-        if not a.quiet and (step + 1) % max(a.steps // 10, 1) == 0:
-            print(f"step {step + 1}/{a.steps}: loss {loss:.4f}", flush=True)
+        if not a.quiet and (step + 1) % max(cfg.steps // 10, 1) == 0:
+            print(f"step {step + 1}/{cfg.steps}: loss {loss:.4f}", flush=True)
 
     r = distill(a.teacher_dir, a.data, cfg, out_dir=a.out, device=a.device, force=a.force,
                 on_step=on_step)
@@ -211,12 +202,7 @@ def cmd_join(a: argparse.Namespace) -> int:
     from crowdtrain.volunteer.launch import run_worker
     from crowdtrain.volunteer.worker import WorkerConfig
 
-    cfg = WorkerConfig(url=a.url, name=a.name, invite=a.invite, device=a.device,
-                       threads=a.threads, anonymous=a.anonymous,
-                       max_rounds=a.max_rounds, max_hours=a.max_hours, max_memory=a.max_memory,
-                       error_feedback=not a.no_error_feedback, progress=not a.quiet,
-                       nproc=a.nproc, compile=a.compile)
-    s = run_worker(cfg)
+    s = run_worker(options.build(a, WorkerConfig, url=a.url, progress=not a.quiet))
     if s.reason.startswith("rank "):  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"{s.reason or 'stopped'}: {s.rounds} rounds, {s.accepted} accepted, {s.refused} "
@@ -252,8 +238,7 @@ def cmd_admin(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from crowdtrain.cli.demo import DemoConfig, run_demo
 
-    r = run_demo(DemoConfig(out_dir=a.out, workers=a.workers, rounds=a.rounds,
-                            inner_steps=a.inner_steps, preset=a.preset))
+    r = run_demo(options.build(a, DemoConfig))
     st = r.status
     first, last = st.initial_val_loss, st.rounds[-1].val_loss
     print(f"\ndone in {r.seconds:.0f}s: {len(st.volunteers)} volunteers, "
@@ -275,6 +260,3 @@ def cmd_status(a: argparse.Namespace) -> None:
         print(st.model_dump_json(indent=1))
     else:
         Console().print(render_status(st))
-
-
-# --------------------------------------------------------------------------- parser
