@@ -4,20 +4,20 @@ Decode -> authenticate -> size-check -> hand to the coordinator -> encode. Route
 come from protocol.py; refusals become 4xx with `{"detail": reason}` as ASCII JSON, whatever
 bytes the request held (a body that is not UTF-8 or not JSON, odd path or header bytes: a 4xx
 that names the part, never a 5xx), and the unread rest of a refused request's body is drained
-so that the answer reaches the client. Uploads are streamed to a spool file on disk as they
-arrive (never held whole in memory) and cut off at the payload limit. A background thread ticks
-the coordinator so rounds close on time even when nobody is calling.
+so that the answer reaches the client (`add_error_handlers`, `add_request_checks`). Uploads are
+streamed to a spool file on disk as they arrive (never held whole in memory) and cut off at the
+payload limit (uploads.py). A background thread ticks the coordinator so rounds close on time
+even when nobody is calling (`ticking`). `create_app` puts these and the routes together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,12 +27,12 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from crowdtrain import __version__
 from crowdtrain.coordinator.dashboard import mount_web
 from crowdtrain.coordinator.ratelimit import RateLimiter
 from crowdtrain.coordinator.rules import Coordinator, Volunteer
+from crowdtrain.coordinator.uploads import receive_upload
 from crowdtrain.errors import Refused
 from crowdtrain.wire import protocol
 
@@ -129,7 +129,70 @@ class DrainUnreadBody:
         await self.app(scope, tracked_receive, draining_send)
 
 
-def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
+def add_error_handlers(app: FastAPI) -> None:
+    """Refusals and malformed requests, whatever bytes they held, answered by `error_response`:
+    a `Refused` with its status and reason, a validation error as 422 with its input echoed
+    JSON- and ASCII-safe, a body FastAPI could not parse as 400 with the parser's reason."""
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> Response:
+        return error_response(exc.status, exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input, which fails on lone surrogates and on a raw
+        # body that is not UTF-8 (jsonable_encoder decodes bytes): echo it JSON- and ASCII-safe
+        return error_response(422, validation_detail(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        cause = exc.__cause__
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR and cause is not None:
+            # a JSON body json.loads could not even tokenize: say why (ASCII: the codec's or
+            # the parser's own words, e.g. "'utf-8' codec can't decode byte 0xff in position 0")
+            why = str(cause).encode("ascii", "backslashreplace").decode()[:ECHO_CHARS]
+            if isinstance(cause, UnicodeDecodeError):
+                why = f"it is not UTF-8 ({why})"
+            elif isinstance(cause, RecursionError):
+                why = "it is nested too deeply"
+            return error_response(400, f"request body is not valid JSON: {why}")
+        return await http_exception_handler(request, exc)
+
+
+def add_request_checks(app: FastAPI, oldest: int, limit: int) -> None:
+    """Checks on every request before its route runs: an API version header on /v1/ must name a
+    version in [`oldest`, API_VERSION] (426), a Content-Length must be a number of bytes (400)
+    no larger than `limit` (413); and the unread rest of a refused request's body is drained
+    (`DrainUnreadBody`, the outermost middleware)."""
+
+    @app.middleware("http")
+    async def api_version(request: Request, call_next):
+        v = request.headers.get(protocol.API_HEADER)
+        if v is not None and request.url.path.startswith("/v1/"):
+            v = v.strip(" \t")  # a version is ASCII digits, nothing else (int() takes
+            # "²", "1_0", "+2", and strips NEL and NBSP around them)
+            version = int(v) if v.isascii() and v.isdigit() and len(v) <= 9 else None
+            if version is None or not oldest <= version <= protocol.API_VERSION:
+                return error_response(426, protocol.upgrade_message(version, oldest))
+        # a declared body larger than any route takes is refused before anything waits for it
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                return error_response(400, "invalid Content-Length header: not a number of "
+                                           "bytes")
+            if int(declared) > limit:
+                size = declared if len(declared) <= 20 else "over 10**20"
+                return error_response(413, f"request body of {size} bytes exceeds the limit "
+                                           f"of {limit} bytes")
+        return await call_next(request)
+
+    app.add_middleware(DrainUnreadBody, limit=limit)  # added last: the outermost
+
+
+def ticking(coord: Coordinator, tick_seconds: float):
+    """The app's lifespan: a background thread ticks the coordinator every `tick_seconds`, so
+    rounds close on time even when nobody is calling; at shutdown it stops and the coordinator
+    closes."""
     stop = threading.Event()
 
     def ticker() -> None:
@@ -156,77 +219,27 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         t.join(timeout=30)
         coord.close()
 
-    app = FastAPI(title="crowdtrain coordinator", version=__version__, lifespan=lifespan,
-                  description="Volunteer DiLoCo training over HTTP. Tensors travel as "
-                  "safetensors bodies; see crowdtrain/protocol.py.")
-    limit = coord.upload_limit
+    return lifespan
+
+
+def bearer(authorization: str | None, what: str) -> str:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise Refused(401, f"missing bearer token: {what}")
+    return authorization.removeprefix("Bearer ").strip()
+
+
+def limited(limiter: RateLimiter, key: str, what: str) -> None:
+    wait = limiter.allow(key)
+    if wait > 0:
+        raise Refused(429, f"too many {what}; retry in {wait:.0f}s")
+
+
+def add_run_routes(app: FastAPI, coord: Coordinator, volunteer: Callable[..., Volunteer],
+                   oldest: int) -> None:
+    """Info, status and joining (open to all; joins rate-limited per address on open runs),
+    then what a volunteer downloads: the tokenizer, shards, the model, a LoRA run's base, a
+    distillation run's teacher, the rounds' updates."""
     join_limit = RateLimiter(rate=1 / 30, burst=10)  # per client address, open runs only
-    submit_limit = RateLimiter(rate=1.0, burst=20)  # per volunteer
-
-    @app.exception_handler(Refused)
-    async def refused(request: Request, exc: Refused) -> Response:
-        return error_response(exc.status, exc.reason)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's own handler echoes the input, which fails on lone surrogates and on a raw
-        # body that is not UTF-8 (jsonable_encoder decodes bytes): echo it JSON- and ASCII-safe
-        return error_response(422, validation_detail(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        cause = exc.__cause__
-        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR and cause is not None:
-            # a JSON body json.loads could not even tokenize: say why (ASCII: the codec's or
-            # the parser's own words, e.g. "'utf-8' codec can't decode byte 0xff in position 0")
-            why = str(cause).encode("ascii", "backslashreplace").decode()[:ECHO_CHARS]
-            if isinstance(cause, UnicodeDecodeError):
-                why = f"it is not UTF-8 ({why})"
-            elif isinstance(cause, RecursionError):
-                why = "it is nested too deeply"
-            return error_response(400, f"request body is not valid JSON: {why}")
-        return await http_exception_handler(request, exc)
-
-    oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None)
-
-    @app.middleware("http")
-    async def api_version(request: Request, call_next):
-        v = request.headers.get(protocol.API_HEADER)
-        if v is not None and request.url.path.startswith("/v1/"):
-            v = v.strip(" \t")  # a version is ASCII digits, nothing else (int() takes
-            # "²", "1_0", "+2", and strips NEL and NBSP around them)
-            version = int(v) if v.isascii() and v.isdigit() and len(v) <= 9 else None
-            if version is None or not oldest <= version <= protocol.API_VERSION:
-                return error_response(426, protocol.upgrade_message(version, oldest))
-        # a declared body larger than any route takes is refused before anything waits for it
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
-                return error_response(400, "invalid Content-Length header: not a number of "
-                                           "bytes")
-            if int(declared) > limit:
-                size = declared if len(declared) <= 20 else "over 10**20"
-                return error_response(413, f"request body of {size} bytes exceeds the limit "
-                                           f"of {limit} bytes")
-        return await call_next(request)
-
-    app.add_middleware(DrainUnreadBody, limit=limit)  # added last: the outermost
-
-    def bearer(authorization: str | None, what: str) -> str:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise Refused(401, f"missing bearer token: {what}")
-        return authorization.removeprefix("Bearer ").strip()
-
-    def volunteer(authorization: str | None = Header(None)) -> Volunteer:
-        return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))
-
-    def owner_only(authorization: str | None = Header(None)) -> None:
-        coord.check_admin(bearer(authorization, "admin endpoints need the owner's admin token"))
-
-    def limited(limiter: RateLimiter, key: str, what: str) -> None:
-        wait = limiter.allow(key)
-        if wait > 0:
-            raise Refused(429, f"too many {what}; retry in {wait:.0f}s")
 
     @app.get(protocol.INFO, response_model=protocol.RunInfo)
     def info() -> protocol.RunInfo:
@@ -284,6 +297,13 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
         return Response(data, media_type=SAFETENSORS,
                         headers={protocol.ROUND_HEADER: str(round)})
 
+
+def add_work_routes(app: FastAPI, coord: Coordinator,
+                    volunteer: Callable[..., Volunteer]) -> None:
+    """A volunteer's round: lease, heartbeats, the upload (streamed to disk by `uploads`;
+    submissions rate-limited per volunteer)."""
+    submit_limit = RateLimiter(rate=1.0, burst=20)  # per volunteer
+
     @app.post(protocol.LEASE, response_model=protocol.LeaseResponse)
     def lease(req: protocol.LeaseRequest,
               vol: Volunteer = Depends(volunteer)) -> protocol.LeaseResponse:
@@ -302,40 +322,12 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                      lease_id: int = Path(ge=1, le=protocol.INT64_MAX),
                      vol: Volunteer = Depends(volunteer)) -> protocol.SubmitResponse:
         limited(submit_limit, str(vol.id), "submissions from this volunteer")
-        declared = request.headers.get("content-length")
-        if declared is not None and (not (declared.isascii() and declared.isdigit())
-                                     or int(declared) > limit):
-            raise Refused(413, f"payload of {declared} bytes exceeds the limit of {limit} "
-                               "bytes for this model")
-        try:
-            path, f = coord.spool()
-        except OSError as e:
-            raise Refused.cannot_store(e) from None
-        size, sha = 0, hashlib.sha256()
-        try:  # to disk as it arrives: memory stays ~ one chunk per upload, whatever the model
-            try:
-                with f:
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > limit:
-                            raise Refused(413, f"payload exceeds the limit of {limit} bytes "
-                                               "for this model")
-                        sha.update(chunk)
-                        f.write(chunk)
-            except ClientDisconnect:
-                raise Refused(400, f"truncated upload: the client went away after {size} of "
-                                   f"{declared} bytes") from None
-            except OSError as e:
-                raise Refused.cannot_store(e) from None
-            if declared is not None and size < int(declared):
-                raise Refused(400, f"truncated upload: got {size} of {declared} bytes")
-            if declared is not None and size > int(declared):
-                raise Refused(400, f"body of {size} bytes is longer than its Content-Length "
-                                   f"{declared}")
-        except BaseException:  # refused or cancelled: nothing of it stays on disk
-            path.unlink(missing_ok=True)
-            raise
-        return await run_in_threadpool(coord.submit_file, vol, lease_id, path, sha.hexdigest())
+        path, sha = await receive_upload(request, coord.spool, coord.upload_limit)
+        return await run_in_threadpool(coord.submit_file, vol, lease_id, path, sha)
+
+
+def add_admin_routes(app: FastAPI, coord: Coordinator, owner_only: Callable[..., None]) -> None:
+    """The owner's controls, behind the admin token."""
 
     @app.get(protocol.ADMIN_VOLUNTEERS, response_model=list[protocol.AdminVolunteer],
              dependencies=[Depends(owner_only)])
@@ -357,6 +349,25 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
     def admin_end() -> protocol.AdminAck:
         return coord.end_run()
 
+
+def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
+    app = FastAPI(title="crowdtrain coordinator", version=__version__,
+                  lifespan=ticking(coord, tick_seconds),
+                  description="Volunteer DiLoCo training over HTTP. Tensors travel as "
+                  "safetensors bodies; see crowdtrain/protocol.py.")
+    oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None)
+    add_error_handlers(app)
+    add_request_checks(app, oldest, coord.upload_limit)
+
+    def volunteer(authorization: str | None = Header(None)) -> Volunteer:
+        return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))
+
+    def owner_only(authorization: str | None = Header(None)) -> None:
+        coord.check_admin(bearer(authorization, "admin endpoints need the owner's admin token"))
+
+    add_run_routes(app, coord, volunteer, oldest)
+    add_work_routes(app, coord, volunteer)
+    add_admin_routes(app, coord, owner_only)
     mount_web(app, coord)
     return app
 
