@@ -407,6 +407,6 @@ def test_aggregation_blocks_shrink_as_contributions_grow():
     assert block_for(1) == 1 << 20 and block_for(0) == 1 << 20
     sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 16  # reads cost ~30 us
-    for n in (20, 100, 400):  # the working set n x block x 32 bytes stays within the budget
+    for n in (20, 100, 200):  # the working set n x block x 32 bytes stays within the budget
         assert n * block_for(n) * 32 <= 1 << 30
         assert n * 2 * block_for(n, threads=2) * 32 <= 1 << 30  # ... on two threads too
