@@ -4,7 +4,7 @@ K volunteers is malicious; picks `RobustConfig.method`'s default.
 DiLoCo in one process (as bench/diloco_sim.py: persistent AdamW per worker, int8 deltas with
 worker-side error feedback, outer SGD, int8 update with coordinator-side error feedback,
 `apply_update`), except that each round's contributions are written to disk as int8 payload
-files and merged by `robust.robust_aggregate` over `SafetensorsQuantSource`s, the coordinator's
+files and merged by `aggregation.robust_aggregate` over `SafetensorsQuantSource`s, the coordinator's
 path. K-1 honest workers; worker K is the attacker:
 
 - none: no attacker at all (the K-1 honest workers only); none + mean is the reference.

@@ -9,7 +9,7 @@ Hash comparison alone is not verification, so this recomputes everything it chec
      the link the ledger stored when the round closed and the one in the model's provenance;
    - `updates/update-r` must hash to the ledger's update sha256 (and the contribution files
      still on disk to theirs);
-   - the update is dequantised and applied with `aggregate.apply_update`, the very function the
+   - the update is dequantised and applied with `outer.apply_update`, the very function the
      coordinator and every worker use (bit-exact), and the resulting parameters, serialised as a
      checkpoint, must hash to the checkpoint sha256 in the chain;
 3. the model's `model.safetensors` must equal the replayed parameters exactly (`torch.equal`,

@@ -232,7 +232,7 @@ class Worker:
             self.ranks.bcast_json({"teacher": str(p)})
         return Teacher(load_frozen(t.config_json, p, t.sha256), t.alpha, t.temperature)
 
-    # -- local persistence (localstate.RunFolder)
+    # -- local persistence (files.RunFolder)
     def _save_params(self) -> None:
         self.folder.save_params(self.theta, self.theta_round)
 

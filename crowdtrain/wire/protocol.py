@@ -1,7 +1,7 @@
 """THE wire format between coordinator and workers: API version, paths, JSON messages.
 
 JSON messages are pydantic models defined here and nowhere else. Tensors travel as safetensors
-bodies (see compress.py for the codecs):
+bodies (see codecs.py for the codecs):
 - GET  MODEL                full parameters of the current round, fp32 (for newcomers); in a
                             LoRA run "parameters" are the adapters only, everywhere below too
 - GET  BASE                 a LoRA run's frozen base weights (safetensors, SHA256_HEADER; equal

@@ -1,4 +1,4 @@
-"""`crowdtrain status` (crowdtrain/statusview.py): rendering a Status for a terminal, fetching
+"""`crowdtrain status` (crowdtrain/cli/status.py): rendering a Status for a terminal, fetching
 it from a live coordinator, and the one-line errors when that fails."""
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def robust_aggregate(
     (float64) for `screen`; then one pass aggregates (mean / trimmed mean), or 2 + cc_iters
     passes for "centered_clip" (trimmed mean, distances, iterations). Refused contributions
     are dropped and the weights of the rest renormalised; clipped ones keep their weight. With
-    method "mean" this equals `aggregate.weighted_mean` of the fully decoded deltas. Peak
+    method "mean" this equals `outer.weighted_mean` of the fully decoded deltas. Peak
     memory besides the output: about n x block_elems x 16 bytes for "trimmed_mean" and
     "centered_clip" (values, sorted values, int64 indices), one or two slices for the means.
     """

@@ -1,5 +1,6 @@
-"""Prometheus metrics (crowdtrain/metrics.py) and the web routes (crowdtrain/web.py): names and
-values for a hand-built Status, and /metrics, / and the static files through the real app."""
+"""Prometheus metrics (crowdtrain/coordinator/metrics.py) and the web routes
+(crowdtrain/coordinator/dashboard.py): names and values for a hand-built Status, and /metrics,
+/ and the static files through the real app."""
 
 from __future__ import annotations
 
