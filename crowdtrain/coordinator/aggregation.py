@@ -1,11 +1,11 @@
 """Poisoning-robust aggregation of pseudo-gradients, streamed block by block from disk.
 
-The coordinator's plain token-weighted mean (`aggregate.weighted_mean`) lets one volunteer
+The coordinator's plain token-weighted mean (`outer.weighted_mean`) lets one volunteer
 move the global model anywhere: a delta scaled x100 is applied at 25x among four workers. This
 module screens each round's contributions by their global L2 norm (refusing absurd ones,
 clipping large ones to a multiple of the round's median norm) and then aggregates with one of:
 
-- "mean": no defence; exactly `aggregate.weighted_mean` (no screening either).
+- "mean": no defence; exactly `outer.weighted_mean` (no screening either).
 - "clip_mean": screening, then the token-weighted mean of the screened deltas.
 - "trimmed_mean": screening, then a coordinate-wise weighted trimmed mean.
 - "centered_clip": screening, then centered clipping (Karimireddy et al. 2021) started from
@@ -20,7 +20,7 @@ contributions (two for centered clipping, whose iterations run on a small Gram m
 instead of passes: see the notes above `robust_aggregate`); a round in which someone is
 clipped or refused costs one more.
 Contribution files on disk are read as DeltaSources by coordinator.payloads (memory-mapped,
-one slice at a time, bit-identical to `compress.from_bytes`).
+one slice at a time, bit-identical to `codecs.from_bytes`).
 
 The default method was chosen by measurement, `python bench/poisoning.py --rounds 10
 --inner-steps 30` (a fresh `tiny` run from the bundled corpus; K=4 workers of which 1 is

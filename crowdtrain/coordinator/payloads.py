@@ -1,6 +1,6 @@
 """Contribution files on the coordinator's disk, read without loading them whole: each payload
-file (`codecs.to_bytes`, any codec) is memory-mapped with safetensors and read as a
-`robust.DeltaSource`, one slice at a time, decoded bit-identically to `codecs.from_bytes`;
+file (`codecs.to_bytes`, any codec) is memory-mapped with safetensors and read as an
+`aggregation.DeltaSource`, one slice at a time, decoded bit-identically to `codecs.from_bytes`;
 `check_payload_file` validates an upload the way `from_bytes` validates bytes, one block at a
 time, so checking costs memory ~ one block whatever the model size."""
 

@@ -497,7 +497,7 @@ class Coordinator:
         sources = []
         try:
             for r in rows:  # memory-mapped, read block by block: the blocks shrink as workers
-                # grow, so the working memory stays ~ a fixed budget (robust.block_for)
+                # grow, so the working memory stays ~ a fixed budget (aggregation.block_for)
                 sources.append(open_payload(self.run.dir / r["path"], self.shapes))
             mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
                                                self.shapes, RobustConfig(self.cfg.aggregation),
