@@ -51,7 +51,8 @@ from crowdtrain.run.model import (
 )
 from crowdtrain.run.schedule import inner_steps_schedule
 from crowdtrain.run.train import PRESET_TRAINING, Teacher, TrainConfig, evaluate
-from crowdtrain.wire.codecs import CODECS
+from crowdtrain.wire import sparse
+from crowdtrain.wire.codecs import CODECS, SPARSE_BITS, SPARSE_DENSITY
 
 RUN_FILE = "run.json"
 
@@ -93,7 +94,15 @@ class SwarmConfig:
     codec: str = field(default="int8", metadata={
         "choices": CODECS, "help": "how volunteers' contributions travel: int8 (~1 byte per "
         "parameter), int4 (~0.56 bytes: half the upload, same quality in BENCHMARKS.md; needs "
-        "workers of crowdtrain API v2), fp16 or fp32"})
+        "workers of crowdtrain API v2), fp16, fp32, or sparse (the largest --sparse-density of "
+        "each chunk of 4096 values at --sparse-bits each, the rest carried over to the next "
+        "round: ~0.024 bytes at 1% and 2 bits; needs workers of crowdtrain API v3)"})
+    # the sparse codec's k (sparse.chunk_k of the density) and bits, fixed for the run
+    sparse_density: float = field(default=SPARSE_DENSITY, metadata={
+        "metavar": "FRACTION", "help": "with --codec sparse: the share of each chunk's values "
+                                       "a contribution sends"})
+    sparse_bits: int = field(default=SPARSE_BITS, metadata={
+        "choices": sparse.BITS, "help": "with --codec sparse: bits per value sent"})
     outer_lr: float = field(default=0.7, metadata={"help": "outer SGD learning rate"})
     outer_momentum: float = field(default=0.9, metadata={
         "help": "outer Nesterov momentum; 0 for plain averaging"})
@@ -118,6 +127,8 @@ class SwarmConfig:
             "min_contributions": self.min_contributions >= 1,
             "max_extensions": self.max_extensions >= 0,
             "codec": self.codec in CODECS,
+            "sparse_density": 0 < self.sparse_density <= 1,
+            "sparse_bits": self.sparse_bits in sparse.BITS,
             "outer_lr": 0 < self.outer_lr <= 10,
             "outer_momentum": 0 <= self.outer_momentum < 1,
             "keep_last": self.keep_last >= 1,
@@ -126,6 +137,14 @@ class SwarmConfig:
             "aggregation": self.aggregation in AGGREGATION_METHODS,
         }
         check_settings("swarm", checks, self)
+
+    def codec_options(self) -> dict[str, int]:
+        """The keywords `codecs.to_bytes` and `codecs.payload_bytes` take for this run's
+        contributions: k (entries per chunk of `sparse.BLOCK`) and bits for the sparse codec,
+        none for the others."""
+        if self.codec != "sparse":
+            return {}
+        return {"k": sparse.chunk_k(sparse.BLOCK, self.sparse_density), "bits": self.sparse_bits}
 
     def warm_start_steps(self) -> int:
         """Steps of the owner's warm start: `warm_start` of the run's total steps (warm start
