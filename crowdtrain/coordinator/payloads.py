@@ -6,7 +6,11 @@ time, so checking costs memory ~ one block whatever the model size."""
 
 from __future__ import annotations
 
+import json
 import math
+import mmap
+import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,10 +44,48 @@ class _MappedFile:
             raise ValueError(f"{self.path}: cannot open payload: {e}") from None
 
     def close(self) -> None:
-        """Release the memory map (idempotent)."""
+        """Release the memory maps (idempotent)."""
+        self._views = {}
+        if getattr(self, "_mm", None) is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still referenced somewhere: the GC closes it
+                pass
+            self._mm = None
         if getattr(self, "_f", None) is not None:
             self._f.__exit__(None, None, None)
             self._f = None
+
+    def map_views(self) -> None:
+        """Memory-map the file privately (copy-on-write) for `view`; safetensors has already
+        checked its header (offsets inside the file) when it opened."""
+        self._views: dict[str, torch.Tensor] = {}
+        with open(self.path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n \
+                else None
+        self._offsets = {k: (8 + n + v["data_offsets"][0],
+                             v["data_offsets"][1] - v["data_offsets"][0])
+                         for k, v in header.items() if k != "__metadata__"}
+
+    def view(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `key` as a flat zero-copy view of the file's bytes (`map_views` first), or
+        `get_slice`'s copy where a view is not possible (an unaligned or empty tensor).
+        Slicing a view copies nothing and holds no lock, so concurrent blocks read in
+        parallel."""
+        got = self._views.get(key)
+        if got is not None:
+            return got
+        start, size = self._offsets[key]
+        item = torch.empty(0, dtype=dtype).element_size()
+        if self._mm is None or size == 0 or start % item or size % item:
+            view = self._f.get_slice(key)[:]
+        else:
+            view = torch.frombuffer(self._mm, dtype=dtype, count=size // item, offset=start)
+        self._views[key] = view
+        return view
 
     def __enter__(self):
         return self
@@ -68,6 +110,7 @@ class SafetensorsQuantSource(_MappedFile):
         super().__init__(path)
         try:
             self._check_header(shapes)
+            self.map_views()
         except Exception:
             self.close()
             raise
@@ -110,15 +153,15 @@ class SafetensorsQuantSource(_MappedFile):
             return torch.zeros(0, dtype=torch.float32)
         bs = self.block
         b0, b1 = a // bs, (b + bs - 1) // bs  # the scale blocks covering [a, b)
-        scale = self._f.get_slice(name + ":scale")[b0:b1]
+        scale = self.view(name + ":scale", torch.float32)[b0:b1]
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
                              "values")
         lo, hi = b0 * bs, min(b1 * bs, numel)
         if self.codec == "int8":
-            q = self._f.get_slice(name + ":q")[lo:hi]
+            q = self.view(name + ":q", torch.int8)[lo:hi]
         else:  # two values a byte; blocks are even, so lo is a byte boundary
-            q = codecs.unpack_int4(self._f.get_slice(name + ":q")[lo // 2:(hi + 1) // 2])
+            q = codecs.unpack_int4(self.view(name + ":q", torch.int8)[lo // 2:(hi + 1) // 2])
             q = q[:hi - lo]
         if (hi - lo) % bs == 0:  # whole blocks: the same float32 multiply, without padding
             vals = (q.view(-1, bs).to(torch.float32) * scale[:, None]).view(-1)
