@@ -171,7 +171,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import torch
 
-    from crowdtrain.coordinator import owner
     from crowdtrain.coordinator.rules import Coordinator
     from crowdtrain.coordinator.server import serve
     from crowdtrain.run.folder import Run
@@ -180,7 +179,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if bool(a.tls_cert) != bool(a.tls_key):
         raise CrowdtrainError("--tls-cert and --tls-key go together")
     coord = Coordinator(Run(a.run_dir))
-    token = owner.new_admin_token(coord.ledger, rotate=a.new_admin_token)
+    token = coord.new_admin_token(rotate=a.new_admin_token)
     if token:
         print(f"admin token (shown once, stored only as a hash; keep it to manage the run "
               f"with `crowdtrain admin URL --token ...`): {token}", flush=True)
