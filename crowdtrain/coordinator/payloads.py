@@ -56,6 +56,15 @@ class _MappedFile:
             self._f.__exit__(None, None, None)
             self._f = None
 
+    def _check_range(self, name: str, a: int, b: int) -> int:
+        """`name`'s element count, after checking the source is open and [a, b) inside it."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: source is closed")
+        numel = self.numel[name]
+        if not 0 <= a <= b <= numel:
+            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        return numel
+
     def map_views(self) -> None:
         """Memory-map the file privately (copy-on-write) for `view`; safetensors has already
         checked its header (offsets inside the file) when it opened."""
@@ -144,11 +153,7 @@ class SafetensorsQuantSource(_MappedFile):
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of `name`, dequantized exactly as `from_bytes`."""
-        if self._f is None:
-            raise ValueError(f"{self.path}: source is closed")
-        numel = self.numel[name]
-        if not 0 <= a <= b <= numel:
-            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        numel = self._check_range(name, a, b)
         if a == b:
             return torch.zeros(0, dtype=torch.float32)
         bs = self.block
@@ -194,6 +199,7 @@ class SafetensorsFloatSource(_MappedFile):
                                  f"{missing}, unexpected {extra}")
             want = "F16" if codec == "fp16" else "F32"
             self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
+            self.numel = {n: math.prod(shape) for n, shape in self.shapes.items()}
             for name, shape in self.shapes.items():
                 _check_slice(self.path, name, self._f.get_slice(name), want, shape)
         except Exception:
@@ -202,12 +208,8 @@ class SafetensorsFloatSource(_MappedFile):
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of `name`, converted exactly as `from_bytes`."""
-        if self._f is None:
-            raise ValueError(f"{self.path}: source is closed")
+        numel = self._check_range(name, a, b)
         shape = self.shapes[name]
-        numel = math.prod(shape)
-        if not 0 <= a <= b <= numel:
-            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
         if a == b:
             return torch.zeros(0, dtype=torch.float32)
         if len(shape) == 0:
@@ -267,11 +269,7 @@ class SafetensorsSparseSource(_MappedFile):
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of `name`, zeros where nothing was sent."""
-        if self._f is None:
-            raise ValueError(f"{self.path}: source is closed")
-        numel = self.numel[name]
-        if not 0 <= a <= b <= numel:
-            raise ValueError(f"range [{a}, {b}) is outside {name} ({numel} elements)")
+        numel = self._check_range(name, a, b)
         if a == b:
             return torch.zeros(0, dtype=torch.float32)
         bs, k, bits = self.block, self.k, self.bits
