@@ -32,12 +32,14 @@ def make_delta(shapes: dict, scale: float = 1e-3, seed: int = 0) -> dict[str, to
 
 
 def payload(lease: Lease, shapes: dict, tokens: int = 1000, seed: int = 0,
-            delta: dict | None = None, codec: str = "int8", **stats) -> bytes:
+            delta: dict | None = None, codec: str = "int8", codec_options: dict | None = None,
+            **stats) -> bytes:
+    """A contribution for `lease` in `codec` (`codec_options`: to_bytes's block, k, bits)."""
     st = SubmitStats(lease_id=stats.pop("lease_id", lease.lease_id),
                      round=stats.pop("round", lease.round), steps=5, tokens=tokens,
                      mean_loss=stats.pop("mean_loss", 5.0), seconds=stats.pop("seconds", 1.0))
     return codecs.to_bytes(delta or make_delta(shapes, seed=seed), codec,
-                             meta={"stats": st.model_dump_json()})
+                           meta={"stats": st.model_dump_json()}, **(codec_options or {}))
 
 
 def poisoned_payload(lease: Lease, shapes: dict, key: str) -> bytes:

@@ -106,8 +106,12 @@ class Coordinator:
         # the model's parameters (a LoRA run: the frozen base's) and those that travel
         self.wire_params = sum(v.numel() for v in self.theta.values())
         self.params = count_params(model) - (self.wire_params if run.config.lora else 0)
-        # largest accepted upload: everything that travels, in the run's codec, plus header room
-        self.upload_limit = codecs.payload_bytes(self.wire_params, self.cfg.codec) + (1 << 20)
+        # one contribution's tensor bytes, parameter by parameter, in the run's codec (and its
+        # k and bits); the largest accepted upload is that plus header room
+        self.wire_bytes = sum(codecs.payload_bytes(v.numel(), self.cfg.codec,
+                                                   **self.cfg.codec_options())
+                              for v in self.theta.values())
+        self.upload_limit = self.wire_bytes + (1 << 20)
         self.base_path = run.base_path if run.config.lora is not None else None
         if run.config.teacher is not None:  # what volunteers will fetch must be there, intact
             run.check_teacher()
@@ -321,6 +325,19 @@ class Coordinator:
         finally:
             path.unlink(missing_ok=True)
 
+    def _sparse_mismatch(self, head: dict[str, str]) -> str | None:
+        """Why a sparse payload's header (checked by read_file_header) is not made as this run's
+        contributions are (block, k, bits), or None."""
+        block = int(head["block"])
+        k, bits = codecs.sparse_options(head, block)
+        want = {"block": codecs.default_block("sparse"), **self.cfg.codec_options()}
+        if (block, k, bits) == (want["block"], want["k"], want["bits"]):
+            return None
+        return (f"sparse payload has block {block}, k {k}, bits {bits}; this run's are block "
+                f"{want['block']}, k {want['k']}, bits {want['bits']} (density "
+                f"{self.cfg.sparse_density:g}): restart the worker (it reads them from the "
+                "run's info)")
+
     def _submit_file(self, vol: Volunteer, lease_id: int, path: Path, sha: str
                      ) -> SubmitResponse:
         size = path.stat().st_size
@@ -342,10 +359,13 @@ class Coordinator:
         if self.ledger.was_accepted(sha):
             raise refuse(409, "replayed payload: this exact contribution was already accepted")
         try:
-            codec = codecs.read_file_header(path).get("codec")  # before scanning the file
+            head = codecs.read_file_header(path)  # before scanning the file
+            codec = head.get("codec")
             if codec != self.cfg.codec:
                 raise refuse(422, f"payload codec {codec!r} is not this run's "
                                   f"{self.cfg.codec!r}")
+            if codec == "sparse" and (why := self._sparse_mismatch(head)):
+                raise refuse(422, why)
             meta = check_payload_file(path, self.shapes, self.upload_limit)
             stats = SubmitStats.model_validate_json(meta.get("stats", ""))
         except codecs.CodecError as e:
@@ -539,6 +559,6 @@ class Coordinator:
     def status(self) -> Status:
         return run_status(self.ledger, run_name=self.run.config.name, round=self.round,
                           finished=self.finished, params=self.params,
-                          payload_bytes=codecs.payload_bytes(self.wire_params, self.cfg.codec),
+                          payload_bytes=self.wire_bytes,
                           min_contributions=self.cfg.min_contributions,
                           max_extensions=self.cfg.max_extensions)

@@ -146,6 +146,7 @@ class Worker:
         self.tcfg = TrainConfig(**self.info.train)
         self.model = self._build_model()
         self.teacher = self._teacher()
+        self.codec_options = codec_options(self.info.schedule)
         self.shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(self.model).items()}
         self.loop = InnerLoop(self.model, self.tcfg, self.device,
                               micro_batch=self.folder.micro_batch(str(self.device)),
@@ -313,15 +314,18 @@ class Worker:
         return out
 
     def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
-        codec = self.info.schedule.codec
+        """The contribution in the run's codec (and, sparse, its block, k and bits); with error
+        feedback the residual keeps what it did not carry (sparse: all that was not sent)."""
+        codec, opts = self.info.schedule.codec, self.codec_options
         if self.cfg.error_feedback and codec != "fp32":
             if self.residual is not None:
                 delta = {k: delta[k] + self.residual[k] for k in delta}
-            blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+            blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()},
+                                   **opts)
             sent, _ = codecs.from_bytes(blob, self.shapes)
             self.residual = {k: delta[k] - sent[k] for k in delta}
             return blob
-        return codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()})
+        return codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()}, **opts)
 
     # -- one round
     def round(self, lease: protocol.Lease, stop, bar=None) -> None:
@@ -463,6 +467,23 @@ class Worker:
         self.summary.bytes_received = self.client.bytes_in
         self.client.close()
         return self.summary
+
+
+def codec_options(schedule: protocol.SwarmSchedule) -> dict[str, int]:
+    """The `codecs.to_bytes` keywords this worker's contributions are made with: for a sparse
+    run the block, k and bits the coordinator publishes (checked here, so a worker that cannot
+    make them stops before it trains); none for the other codecs."""
+    if schedule.codec != "sparse":
+        return {}
+    opts = {"block": schedule.block, "k": schedule.sparse_k, "bits": schedule.sparse_bits}
+    try:
+        if schedule.sparse_k is None or schedule.sparse_bits is None:
+            raise codecs.CodecError("its run info names no k or bits")
+        codecs.ErrorFeedback("sparse", **opts)
+    except codecs.CodecError as e:
+        raise CrowdtrainError(f"the coordinator's sparse codec settings are not usable ({e}); "
+                              "tell the run's owner") from None
+    return opts
 
 
 def _batch(shards: list[np.ndarray], tcfg: TrainConfig, seed: int, step: int):

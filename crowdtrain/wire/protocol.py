@@ -22,7 +22,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-API_VERSION = 2  # v2: int4 contributions, distillation runs, LeaseRequest.resume
+# v2: int4 contributions, distillation runs, LeaseRequest.resume; v3: sparse contributions
+# (SwarmSchedule.sparse_k and sparse_bits)
+API_VERSION = 3
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -53,7 +55,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 def min_api_version(codec: str, teacher: bool = False) -> int:
     """The oldest worker API that can take part in a run whose contributions are in `codec`
-    and that distils a `teacher` (both came with v2; a v1 worker would ignore the teacher)."""
+    and that distils a `teacher` (int4 and distillation came with v2: a v1 worker would ignore
+    the teacher; the sparse codec with v3)."""
+    if codec == "sparse":
+        return 3
     return 2 if codec == "int4" or teacher else MIN_API_VERSION
 
 
@@ -79,6 +84,9 @@ class SwarmSchedule(BaseModel):
     min_contributions: int
     codec: str
     block: int
+    sparse_k: int | None = Field(None, description="sparse codec: values sent per chunk of "
+                                 "`block` (a payload with another k is refused)")
+    sparse_bits: int | None = Field(None, description="sparse codec: bits per value sent")
 
 
 class TeacherInfo(BaseModel):

@@ -621,7 +621,9 @@ def test_hostile_requests_are_refused_and_leave_the_run_unchanged(client):
     expect(client.post(protocol.JOIN, content=b"{", headers={"Content-Type": "application/json"}),
            422, "json")
     expect(client.get(protocol.INFO, headers={protocol.API_HEADER: "abc"}), 426, "upgrade")
-    expect(client.get(protocol.INFO, headers={protocol.API_HEADER: "3"}), 426, "upgrade", "v3")
+    newer = protocol.API_VERSION + 1
+    expect(client.get(protocol.INFO, headers={protocol.API_HEADER: str(newer)}), 426, "upgrade",
+           f"v{newer}")
 
     # nothing changed but the one contribution made on purpose; every refusal is on record
     assert coord.round == 0

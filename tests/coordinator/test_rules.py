@@ -409,6 +409,44 @@ def test_an_int4_run_aggregates_4_bit_contributions_exactly_and_refuses_int8(tin
         coord.close()
 
 
+def test_a_sparse_run_takes_only_payloads_made_with_its_k_and_bits(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "runs", inner_steps=5, rounds=3, round_seconds=60,
+                   codec="sparse", sparse_density=0.03, sparse_bits=4, outer_lr=1.0,
+                   outer_momentum=0.0)
+    coord = Coordinator(run, evaluate_rounds=False)
+    try:
+        opts = run.config.swarm.codec_options()
+        assert opts == {"k": 123, "bits": 4}
+        # the upload limit is the run's sparse payload (+ header room), far below int8's
+        int8 = sum(codecs.payload_bytes(v.numel(), "int8") for v in coord.theta.values())
+        assert coord.wire_bytes == sum(codecs.payload_bytes(v.numel(), "sparse", **opts)
+                                       for v in coord.theta.values()) < int8 / 5
+        assert coord.upload_limit == coord.wire_bytes + (1 << 20)
+        a, b, c = volunteer(coord, "a"), volunteer(coord, "b"), volunteer(coord, "c")
+        la, lb, lc = lease(coord, a), lease(coord, b), lease(coord, c)
+        for who, ls, bad in ((a, la, {}), (b, lb, {**opts, "bits": 2})):  # defaults; 2 bits
+            with pytest.raises(Refused) as e:
+                coord.submit(who, ls.lease_id, payload(ls, coord.shapes, codec="sparse",
+                                                       codec_options=bad))
+            assert e.value.status == 422
+            assert "this run's are block 4096, k 123, bits 4" in e.value.reason, e.value.reason
+        refusals = coord.status().refusals
+        assert len(refusals) == 2 and all("k 123" in r.reason for r in refusals)
+        # a refused payload bars its volunteer from the round (and voids its lease)
+        assert coord.lease(a, LeaseRequest()).status == coord.lease(b, LeaseRequest()).status \
+            == "wait"
+        blob = payload(lc, coord.shapes, seed=2, codec="sparse", codec_options=opts)
+        theta0 = {k: v.clone() for k, v in coord.theta.items()}
+        assert coord.submit(c, lc.lease_id, blob).accepted
+        assert coord.tick() and coord.round == 1
+        sent, _ = codecs.from_bytes(blob, coord.shapes)  # what c sent, to the int8 update
+        k = "model.embed_tokens.weight"
+        step = float(sent[k].abs().max()) / 127
+        assert torch.allclose(coord.theta[k], theta0[k] - sent[k], atol=step * 0.51)
+    finally:
+        coord.close()
+
+
 def test_a_round_covers_every_shard_however_often_workers_restart(coord):
     import json
 

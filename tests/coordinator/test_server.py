@@ -56,6 +56,27 @@ def test_an_int4_run_takes_only_workers_that_speak_int4(tiny_run, tmp_path):
         assert r.status_code == 200
 
 
+def test_a_sparse_run_takes_only_workers_of_api_v3_and_tells_them_k_and_bits(tiny_run,
+                                                                             tmp_path):
+    run = copy_run(tiny_run, tmp_path / "runs", codec="sparse", sparse_density=0.02,
+                   sparse_bits=4, rounds=2)
+    with TestClient(create_app(Coordinator(run, evaluate_rounds=False))) as c:
+        for old in ("1", "2"):  # a v2 worker speaks int4 but not the sparse codec
+            r = c.get(protocol.INFO, headers={protocol.API_HEADER: old})
+            assert r.status_code == 426 and "API v3..v" in r.json()["detail"], r.text
+            assert "pip install -U crowdtrain" in r.json()["detail"]
+        r = c.post(protocol.JOIN, json={"name": "old", "device": "cpu", "api_version": 2})
+        assert r.status_code == 426 and "your worker speaks v2" in r.json()["detail"]
+        info = c.get(protocol.INFO, headers={protocol.API_HEADER: str(protocol.API_VERSION)})
+        schedule = protocol.RunInfo.model_validate(info.json()).schedule
+        assert (schedule.codec, schedule.block, schedule.sparse_k, schedule.sparse_bits) == (
+            "sparse", 4096, 82, 4)
+        r = c.post(protocol.JOIN, json={"name": "new", "device": "cpu", "api_version": 3})
+        assert r.status_code == 200
+    assert protocol.min_api_version("sparse") == 3 == protocol.API_VERSION
+    assert protocol.min_api_version("int8") == 1 and protocol.min_api_version("int4") == 2
+
+
 def test_auth_and_input_validation(client):
     assert client.post(protocol.LEASE, json={}).status_code == 401
     r = client.post(protocol.LEASE, json={}, headers={"Authorization": "Bearer nope"})

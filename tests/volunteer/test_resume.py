@@ -43,6 +43,31 @@ def test_a_snapshot_round_trips_and_matches_only_its_own_lease(tmp_path):
     assert not back.matches(LEASE, 2)  # parameters of another round
 
 
+def test_a_sparse_residual_round_trips_and_the_resumed_upload_is_the_same(tmp_path):
+    """The sparse codec's residual (all that was not sent: most of each delta) is kept as is:
+    the worker that resumes sends the same bytes as one that never stopped."""
+    from crowdtrain.wire import codecs
+
+    shapes = {"w": (96, 128), "b": (128,)}
+    g = torch.Generator().manual_seed(5)
+    first, second = ({k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
+                     for _ in range(2))
+    opts = {"k": 123, "bits": 4}
+    sent, _ = codecs.from_bytes(codecs.to_bytes(first, "sparse", **opts), shapes)
+    residual = {k: first[k] - sent[k] for k in first}
+    assert (sent["w"] != 0).float().mean() < 0.05  # most of it stays behind
+    p = tmp_path / "in-progress.safetensors"
+    model = {k: torch.zeros(s) for k, s in shapes.items()}
+    save_partial(p, PartialRound(LEASE, 3, StepStats(2, 10, 4.0, 1.0), model, {},
+                                 residual=residual))
+    back = load_partial(p, model).residual
+    assert all(torch.equal(back[k], residual[k]) for k in shapes)
+    # the same wire tensors (the bytes differ only in the order of the metadata's keys)
+    wire = codecs.encode({k: second[k] + residual[k] for k in shapes}, "sparse", **opts)
+    again = codecs.encode({k: second[k] + back[k] for k in shapes}, "sparse", **opts)
+    assert wire.keys() == again.keys() and all(torch.equal(wire[k], again[k]) for k in wire)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "shapes", "garbage"])
 def test_a_damaged_or_foreign_snapshot_is_ignored_and_removed(tmp_path, damage):
     p = tmp_path / "in-progress.safetensors"
