@@ -49,18 +49,41 @@ def cmd_init(a: argparse.Namespace) -> None:
           f"{sw.codec} contributions, {sw.aggregation} aggregation, {sw.access} access"
           + (f"; distilling {t.name} (alpha {t.alpha:g}, temperature {t.temperature:g})"
              if t else ""))
-    if lora is not None:
-        from crowdtrain.run.checkpoint import load_checkpoint
-        from crowdtrain.wire.codecs import payload_bytes
+    from crowdtrain.run.checkpoint import load_checkpoint
+    from crowdtrain.wire.codecs import payload_bytes
 
-        ck = load_checkpoint(run.ckpt_dir, 0)
-        n, codec = sum(t.numel() for t in ck.tensors.values()), run.config.swarm.codec
+    ck = load_checkpoint(run.ckpt_dir, 0)
+    print(contribution_line(sw, [t.numel() for t in ck.tensors.values()]))
+    if lora is not None:
+        n, codec, opts = sum(t.numel() for t in ck.tensors.values()), sw.codec, sw.codec_options()
         print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: "
-              f"{n:,} adapter parameters travel (~{payload_bytes(n, codec):,} bytes per {codec} "
-              f"upload) instead of {ck.meta['params']:,} "
-              f"(~{payload_bytes(ck.meta['params'], codec):,} bytes)")
+              f"{n:,} adapter parameters travel (~{payload_bytes(n, codec, **opts):,} bytes per "
+              f"{codec} upload) instead of {ck.meta['params']:,} "
+              f"(~{payload_bytes(ck.meta['params'], codec, **opts):,} bytes)")
     print(f"next: crowdtrain serve {run.dir}   (host it)   or   crowdtrain train {run.dir}   "
           "(one machine)")
+
+
+UPLINK_MBIT = 10  # a home connection's upload, for the time a contribution takes
+
+
+def contribution_line(sw, numels: list[int]) -> str:
+    """What one volunteer uploads each round with swarm settings `sw` for parameters of these
+    sizes (as the coordinator counts it: parameter by parameter), and what int8 would."""
+    from crowdtrain.cli.status import fmt_bytes
+    from crowdtrain.wire.codecs import payload_bytes
+
+    size = sum(payload_bytes(n, sw.codec, **sw.codec_options()) for n in numels)
+    int8 = sum(payload_bytes(n, "int8") for n in numels)
+    what = (f"sparse {sw.sparse_density * 100:.3g}%, {sw.sparse_bits} bits"
+            if sw.codec == "sparse" else sw.codec)
+    secs = size * 8 / (UPLINK_MBIT * 1e6)
+    took = f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.1f}s"
+    line = (f"each round every volunteer uploads ~{fmt_bytes(size)} ({what}: ~{took} at "
+            f"{UPLINK_MBIT} Mbit/s up)")
+    if sw.codec != "int8":
+        line += f", int8 would be ~{fmt_bytes(int8)} ({int8 / size:.2g}x)"
+    return line
 
 
 @command

@@ -37,9 +37,11 @@ class RoundProgress:
         self.progress.update(self.task, completed=step,
                              info=f"loss {loss:.3f}  sent {self.sent / 1e6:.1f} MB")
 
-    def done(self, lease, st, nbytes: int, verdict: str) -> None:
+    def done(self, lease, st, nbytes: int, verdict: str, upload_s: float | None = None) -> None:
+        """The round's line once its contribution was sent (`nbytes`, in `upload_s` seconds)."""
         self.sent += nbytes
+        took = f" (this round {nbytes / 1e6:.2f} MB in {upload_s:.1f}s)" if upload_s else ""
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=st.steps, info=(
                 f"loss {st.mean_loss:.3f}  {st.tokens_per_s:,.0f} tok/s  "
-                f"sent {self.sent / 1e6:.1f} MB  {verdict}"))
+                f"sent {self.sent / 1e6:.1f} MB{took}  {verdict}"))

@@ -378,6 +378,7 @@ class Worker:
                                      seconds=st.seconds, device=self.device.type)
         blob = self._payload(delta, stats)
         self.summary.rounds += 1
+        upload_started = time.monotonic()
         try:
             r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
                                  content=blob)
@@ -393,10 +394,12 @@ class Worker:
         self._save_optimizer()
         self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
         self.summary.last_round = lease.round
-        log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB, %s", lease.round,
-                 st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6, verdict)
+        upload_s = time.monotonic() - upload_started  # retries included: what it cost us
+        log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB in %.1fs, %s",
+                 lease.round, st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6,
+                 upload_s, verdict)
         if bar is not None:
-            bar.done(lease, st, len(blob), verdict)
+            bar.done(lease, st, len(blob), verdict, upload_s)
 
     def _brief_ranks(self, lease: protocol.Lease) -> None:
         """Hand the other ranks this round: the lease, where its shards are on this machine,

@@ -63,12 +63,30 @@ def test_bad_inputs_print_one_line(tmp_path, corpus, capsys):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
+def test_init_says_what_a_contribution_costs_in_the_run_s_codec():
+    from crowdtrain.cli.commands import contribution_line
+    from crowdtrain.run.folder import SwarmConfig
+
+    numels = [4096 * 1000, 4096 * 500 + 100, 768]  # as the coordinator counts: per parameter
+    line = contribution_line(SwarmConfig(codec="sparse"), numels)
+    # 41 of each 4096 (fewer in a short last chunk): 2-byte offsets, 2-bit levels, a scale:
+    # 96,250 + 48,222 + 97 bytes
+    assert "~144.6 kB (sparse 1%, 2 bits: ~0.1s at 10 Mbit/s up)" in line, line
+    assert "int8 would be ~6.2 MB (43x)" in line, line
+    line = contribution_line(SwarmConfig(codec="sparse", sparse_density=0.03, sparse_bits=4),
+                             numels)
+    assert "(sparse 3%, 4 bits" in line, line
+    assert contribution_line(SwarmConfig(), numels) == (
+        "each round every volunteer uploads ~6.2 MB (int8: ~5.0s at 10 Mbit/s up)")
+
+
 @pytest.mark.slow
 def test_init_train_export_generate(tmp_path, corpus):
     run = tmp_path / "run"
     r = crowdtrain("init", run, "--data", corpus, "--preset", "tiny", "-q", "--codec", "int4")
     assert r.returncode == 0, r.stderr
     assert "created run" in r.stdout and "int4" in r.stdout
+    assert "each round every volunteer uploads ~" in r.stdout and "int8 would be" in r.stdout
     assert json.loads((run / "run.json").read_text())["swarm"]["codec"] == "int4"
     assert_one_line_error(crowdtrain("init", run, "--data", corpus), "already holds a run")
     r = crowdtrain("train", run, "--steps", "60", "--threads", "1", "-q", "--eval-every", "30")
