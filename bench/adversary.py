@@ -3,7 +3,8 @@ that trains like any other, then tampers with what it sends. Never part of the p
 
     python bench/adversary.py URL --attack sign_flip --name mallory [--home DIR]
 
-Attacks (what goes on the wire instead of its honest int8 delta):
+Attacks (what goes on the wire instead of its honest delta, in the run's codec: int8, or the
+sparse codec's top-k of the tampered delta with the run's k and bits):
 - scaled_x100: 100 x its delta;
 - noise: Gaussian noise with the L2 norm of its delta;
 - sign_flip: minus its delta;
@@ -101,16 +102,16 @@ class Adversary(Worker):
             stats = stats.model_copy(update={"tokens": stats.tokens * 100})
         log.info("round %d: sending %s (honest norm %.4g, sent norm %.4g)", stats.round,
                  self.attack, norm(delta), norm(bad))
+        codec, opts = self.info.schedule.codec, self.codec_options  # the run's (k, bits)
         if self.attack == "nan":  # the encoder refuses NaN; a hostile client writes its own
             from safetensors.torch import save
-            wire = codecs.encode(delta, self.info.schedule.codec)
+            wire = codecs.encode(delta, codec, **opts)
             first = next(k for k in sorted(wire) if wire[k].is_floating_point())
             wire[first].view(-1)[0] = float("nan")
-            return save(wire, metadata={"codec": self.info.schedule.codec,
-                                        "block": str(codecs.BLOCK),
-                                        "stats": stats.model_dump_json()})
-        return codecs.to_bytes(bad, self.info.schedule.codec,
-                                 meta={"stats": stats.model_dump_json()})
+            head = {"codec": codec, "block": str(opts.get("block", codecs.default_block(codec)))}
+            head.update({k: str(v) for k, v in opts.items() if k != "block"})
+            return save(wire, metadata={**head, "stats": stats.model_dump_json()})
+        return codecs.to_bytes(bad, codec, meta={"stats": stats.model_dump_json()}, **opts)
 
 
 def main(argv: list[str] | None = None) -> int:

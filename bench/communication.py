@@ -46,6 +46,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -201,17 +202,18 @@ PLAIN = SwarmConfig(inner_steps_growth=1.0, outer_lr=0.7, outer_momentum=0.9, ne
                     warm_start=0.0)
 
 
-def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, codec: str | None = None
-              ) -> Recipe:
+def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, codec: str | None = None,
+              down: str = "int8") -> Recipe:
     """What a run with these swarm settings does over `steps` inner steps in all (the owner's
-    warm start, `warm_start` of them, then rounds of mean H `h`); `codec`: the uploads' (the
-    coordinator's updates are int8)."""
+    warm start, `warm_start` of them, then rounds of mean H `h`); `codec`: the uploads' (a
+    spec of diloco_sim.codec_options, e.g. sparse/0.01/2); `down`: the updates' (the
+    coordinator publishes int8)."""
     warm = round(swarm.warm_start * steps)
     rounds = max(1, (steps - warm) // h)
     return Recipe(name, tuple(inner_steps_schedule(steps - warm, rounds,
                                                    swarm.inner_steps_growth)),
                   swarm.outer_lr, swarm.outer_momentum, swarm.nesterov,
-                  up=codec or swarm.codec, down="int8", warm=warm)  # updates: always int8
+                  up=codec or swarm.codec, down=down, warm=warm)
 
 
 def _sim_job(run_dir: str, workers: int, recipe_json: str, out: str) -> None:
@@ -268,12 +270,19 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
              f"{new.warm_start_batch} x the batch" if new.warm_start else ""), flush=True)
     recipes = []
     for h in a.conv_h:
-        recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
-        recipes.append(recipe_of(f"defaults H={h}", new, t, h))
+        if a.conv_plain:
+            recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
+        for codec in a.conv_codecs:  # the defaults with each upload codec (int8: the default)
+            label = "defaults" if codec == new.codec else f"defaults, {codec} uploads"
+            recipes.append(recipe_of(f"{label} H={h}", new, t, h, codec=codec))
+    for pair in a.conv_down:  # the published update's codec: UP:DOWN at --conv-down-h
+        up, down = pair.split(":")
+        recipes.append(recipe_of(f"defaults, {up} uploads, {down} updates H={a.conv_down_h}",
+                                 new, t, a.conv_down_h, codec=up, down=down))
     if a.conv_int4:  # the codec question: int4 against the int8 default
         recipes.append(recipe_of(f"defaults, int4 uploads H={a.conv_int4}", new, t,
                                  a.conv_int4, codec="int4"))
-    out = {r.name: work / f"conv-{r.name.replace(' ', '-').replace('=', '')}.json"
+    out = {r.name: work / ("conv-" + re.sub(r"[^A-Za-z0-9.]+", "-", r.name) + ".json")
            for r in recipes}
     jobs = [("floor", [sys.executable, str(HERE), "_floor", str(run.dir), str(t),
                        str(work / "conv-floor.json")])]
@@ -285,22 +294,35 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
     _pool(jobs, a.jobs)
     fl = json.loads((work / "conv-floor.json").read_text())["loss"]
     dp_loss, dp_bytes = dp["loss"], dp["tx"] / k
+    dp_recv = dp["rx"] / k
     print("\n| configuration | H per round | rounds | held-out | / DDP | / lone worker | "
-          "sent per worker | DDP bytes / these |")
-    print("|---|---|---|---|---|---|---|---|")
+          "sent per worker | received per worker | DDP bytes / these (sent, received) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| data parallel (DDP, gloo, ceiling) | 1 | {t} | {dp_loss:.4f} | 1.000 | "
-          f"{dp_loss / fl:.3f} | {dp_bytes / 1e6:,.0f} MB | 1x |")
-    print(f"| one worker alone (floor) | - | - | {fl:.4f} | {fl / dp_loss:.3f} | 1.000 | 0 | - |")
+          f"{dp_loss / fl:.3f} | {dp_bytes / 1e6:,.0f} MB | {dp_recv / 1e6:,.0f} MB | 1x |")
+    print(f"| one worker alone (floor) | - | - | {fl:.4f} | {fl / dp_loss:.3f} | 1.000 | 0 | 0 "
+          "| - |")
     verdicts = []
+    results = {r.name: json.loads(out[r.name].read_text()) for r in recipes}
     for r in recipes:
-        res = json.loads(out[r.name].read_text())
+        res = results[r.name]
         hs = r.h
         h_text = str(hs[0]) if len(set(hs)) == 1 else f"{hs[0]} -> {hs[-1]}"
         ratio = res["loss"] / dp_loss
         fewer = dp_bytes / res["sent"]
         print(f"| {r.name} | {h_text} | {res['rounds']} | {res['loss']:.4f} | {ratio:.3f} | "
-              f"{res['loss'] / fl:.3f} | {res['sent'] / 1e6:.2f} MB | {fewer:,.0f}x |",
-              flush=True)
+              f"{res['loss'] / fl:.3f} | {res['sent'] / 1e6:.3f} MB | "
+              f"{res['received'] / 1e6:.3f} MB | {fewer:,.0f}x, "
+              f"{dp_recv / res['received']:,.0f}x |", flush=True)
+        ref = results.get(f"defaults H={r.name.rpartition('H=')[2]}")
+        if r.name.startswith("defaults, sparse") and "updates" not in r.name and ref:
+            up_x, dq = ref["sent"] / res["sent"], res["loss"] / ref["loss"] - 1
+            verdicts.append(f"{r.name}: uploads {up_x:.1f}x fewer bytes than int8 (target >= "
+                            f"20x: {'met' if up_x >= 20 else 'MISSED'}), {fewer:,.0f}x fewer "
+                            f"than DDP (target >= 10,000x: "
+                            f"{'met' if fewer >= 10_000 else 'MISSED'}); held-out {dq:+.2%} "
+                            f"against int8's (target within 1%: "
+                            f"{'met' if dq <= 0.01 else 'MISSED'})")
         if r.name.startswith("defaults"):
             if r.name == "defaults H=100":
                 verdicts.append(f"H=100: {ratio:.3f} x DDP (target <= 1.03: "
@@ -429,7 +451,7 @@ def uplink_one(label: str, run: Run, h: int, rounds: int, work: Path, a: argpars
     h95 = 19 * comm / step
     payload = t.bytes_sent / rounds
     print(f"{label:>5} {n / 1e6:6.1f}M H={h:<3} round {w['wall']:7.1f}s: train {w['train']:6.1f}s "
-          f"({step:.2f}s/step), upload {w['upload']:6.1f}s ({payload / 1e6:.1f} MB), update "
+          f"({step:.2f}s/step), upload {w['upload']:6.1f}s ({payload / 1e6:.2f} MB), update "
           f"download+apply {w['sync']:5.1f}s, compress {w['compress']:4.1f}s, lease/wait "
           f"{w['lease']:4.1f}s, local saves {w['local_disk']:4.1f}s, other {w['rest']:4.1f}s; "
           f"compute utilisation {util:.1%}; 95% needs H >= {h95:,.0f} at this step time; "
@@ -443,17 +465,26 @@ def part_uplink(a: argparse.Namespace, work: Path) -> None:
           "steady-state rounds (round 2 on)", flush=True)
     tiny = base_run(work / "cache", "tiny")
     if a.quick:
-        run = make_run(tiny, work / "uplink-tiny", swarm={
-            "rounds": 2, "inner_steps": 3, "round_seconds": 3600.0, "min_contributions": 1})
-        uplink_one("tiny", run, 3, 2, work, a)
+        for codec in a.uplink_codecs:
+            label = "tiny" if codec == "int8" else f"tiny-{codec}"
+            run = make_run(tiny, work / f"uplink-{label}", swarm={
+                "rounds": 2, "inner_steps": 3, "round_seconds": 3600.0, "min_contributions": 1,
+                "codec": codec})
+            uplink_one(label, run, 3, 2, work, a)
         return
-    small = base_run(work / "cache", "small", corpus_chars=None)
-    run = make_run(small, work / "uplink-small", swarm={
-        "rounds": 3, "inner_steps": a.small_h, "round_seconds": 3600.0, "min_contributions": 1})
-    uplink_one("small", run, a.small_h, 3, work, a)
-    run = make_run(tiny, work / "uplink-base", "base", swarm={
-        "rounds": 2, "inner_steps": a.base_h, "round_seconds": 3600.0, "min_contributions": 1})
-    uplink_one("base", run, a.base_h, 2, work, a)
+    for codec in a.uplink_codecs:  # int8 (the default), or the sparse codec at its defaults
+        label = "" if codec == "int8" else f"-{codec}"
+        if "small" in a.uplink_models:
+            small = base_run(work / "cache", "small", corpus_chars=None)
+            run = make_run(small, work / f"uplink-small{label}", swarm={
+                "rounds": 3, "inner_steps": a.small_h, "round_seconds": 3600.0,
+                "min_contributions": 1, "codec": codec})
+            uplink_one(f"small{label}", run, a.small_h, 3, work, a)
+        if "base" in a.uplink_models:
+            run = make_run(tiny, work / f"uplink-base{label}", "base", swarm={
+                "rounds": 2, "inner_steps": a.base_h, "round_seconds": 3600.0,
+                "min_contributions": 1, "codec": codec})
+            uplink_one(f"base{label}", run, a.base_h, 2, work, a)
 
 
 # ------------------------------------------------------------------------------ main
@@ -493,6 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-chars", type=int, default=None,
                    help="convergence: corpus characters (default: all of it)")
     p.add_argument("--conv-eval-tokens", type=int, default=65536)
+    p.add_argument("--conv-codecs", type=lambda s: s.split(","), default=["int8"],
+                   metavar="SPEC,...", help="convergence: the defaults' rows with these upload "
+                   "codecs (int8, int4, sparse/DENSITY/BITS, ...; default int8)")
+    p.add_argument("--no-conv-plain", dest="conv_plain", action="store_false",
+                   help="convergence: leave out the plain DiLoCo rows")
+    p.add_argument("--conv-down", action="append", default=[], metavar="UP:DOWN",
+                   help="convergence: also the defaults with uploads in UP and the published "
+                        "update in DOWN (codec specs) at --conv-down-h")
+    p.add_argument("--conv-down-h", type=int, default=100, metavar="H")
     p.add_argument("--conv-int4", type=int, default=100, metavar="H",
                    help="convergence: also the defaults with the int4 codec at this "
                         "H (0: not)")
@@ -502,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-ms", type=float, default=40.0)
     p.add_argument("--small-h", type=int, default=20, help="H of the small uplink run")
     p.add_argument("--base-h", type=int, default=2, help="H of the base uplink run")
+    p.add_argument("--uplink-models", type=lambda s: s.split(","), default=["small", "base"],
+                   metavar="small,base", help="uplink: the models (default both)")
+    p.add_argument("--uplink-codecs", type=lambda s: s.split(","), default=["int8"],
+                   metavar="int8,sparse", help="uplink: the runs' codecs (default int8; "
+                   "sparse at the run defaults' density and bits)")
     p.add_argument("--work", type=Path, help="keep runs and logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="a short smoke run of both parts")
     a = p.parse_args(argv)

@@ -10,7 +10,8 @@ A `Recipe` is one way of running the swarm: the inner steps of every round (fixe
 H), the outer optimizer and its learning-rate schedule, the codecs, and an optional warm start
 (the run owner trains the first steps alone on the swarm's global batch before the volunteers
 join; those steps come out of the same token budget and are reported separately). Codecs are
-the wire's (int8, int4, fp16, fp32), measured against each other.
+the wire's (int8, int4, fp16, fp32, sparse), measured against each other; the sparse codec's
+density and bits go with its name: sparse/0.01/2 (see `codec_options`).
 
     python bench/diloco_sim.py RUN_DIR --workers 4 --steps 1500 --h 100 \
         --recipe plain:0.7:0.9 --recipe plain:1.0:0.0
@@ -35,15 +36,15 @@ from crowdtrain.run.folder import Run  # noqa: E402
 from crowdtrain.run.model import load_into, state_dict_for_save  # noqa: E402
 from crowdtrain.run.schedule import inner_steps_schedule  # noqa: E402
 from crowdtrain.run.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
-from crowdtrain.wire import codecs  # noqa: E402
+from crowdtrain.wire import codecs, sparse  # noqa: E402
 from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How the swarm runs: `h` inner steps per round (its length is the number of rounds),
-    outer SGD (learning rate, momentum, Nesterov),
-    `up`/`down` codecs, and `warm` steps the owner trains alone on K x the batch first."""
+    outer SGD (learning rate, momentum, Nesterov), `up`/`down` codecs (specs of
+    `codec_options`), and `warm` steps the owner trains alone on K x the batch first."""
 
     name: str
     h: tuple[int, ...]
@@ -77,10 +78,28 @@ def schedule(train: TrainConfig, steps: int) -> TrainConfig:
                                warmup_steps=max(1, min(50, steps // 10)))
 
 
+def codec_options(spec: str) -> tuple[str, dict]:
+    """(codec, to_bytes options) of a codec spec: a wire codec's name, or for the sparse codec
+    `sparse[/DENSITY[/BITS]]` (e.g. sparse/0.03/2: 3% of each chunk of 4096 at 2 bits; the
+    codec's defaults where left out)."""
+    name, *opts = spec.split("/")
+    if name not in codecs.CODECS or (opts and name != "sparse") or len(opts) > 2:
+        raise ValueError(f"unknown codec spec {spec!r}: one of {', '.join(codecs.CODECS)}, or "
+                         "sparse/DENSITY/BITS")
+    if name != "sparse":
+        return name, {}
+    block = codecs.default_block("sparse")
+    density = float(opts[0]) if opts else codecs.SPARSE_DENSITY
+    bits = int(opts[1]) if len(opts) > 1 else codecs.SPARSE_BITS
+    return name, {"block": block, "k": sparse.chunk_k(block, density), "bits": bits}
+
+
 def transmit(tensors: dict[str, torch.Tensor], codec: str,
              shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], int]:
-    """(what the receiver decodes, bytes on the wire) through the real codec."""
-    blob = codecs.to_bytes(tensors, codec)
+    """(what the receiver decodes, bytes on the wire) through the real codec (`codec`: a spec
+    of `codec_options`)."""
+    name, opts = codec_options(codec)
+    blob = codecs.to_bytes(tensors, name, **opts)
     return codecs.from_bytes(blob, shapes)[0], len(blob)
 
 
@@ -141,17 +160,20 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
 
 
 def parse_recipe(spec: str, steps: int, h: int) -> Recipe:
-    """NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC]]] -> a Recipe over `steps` steps at mean H `h`
-    (GROWTH = last H / first H of a geometric schedule; WARM = owner steps)."""
+    """NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN]]]] -> a Recipe over `steps` steps at mean
+    H `h` (GROWTH = last H / first H of a geometric schedule; WARM = owner steps; CODEC the
+    uploads' and, unless DOWN names another, the updates' codec: specs of `codec_options`)."""
     f = spec.split(":")
     lr, mom = float(f[1]), float(f[2])
     growth = float(f[3]) if len(f) > 3 else 1.0
     warm = int(f[4]) if len(f) > 4 else 0
     codec = f[5] if len(f) > 5 else "int8"
+    down = f[6] if len(f) > 6 else codec
+    codec_options(codec), codec_options(down)  # a bad spec fails before any training
     rounds = max(1, round((steps - warm) / h))
     hs = tuple(inner_steps_schedule(steps - warm, rounds, growth))
     return Recipe(f[0], hs, outer_lr=lr, momentum=mom, nesterov=mom > 0, warm=warm,
-                  up=codec, down=codec)
+                  up=codec, down=down)
 
 
 def main() -> None:
@@ -161,7 +183,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--h", type=int, default=100, help="mean inner steps per round")
     ap.add_argument("--recipe", action="append", default=[],
-                    metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC]]]")
+                    metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN]]]]")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -170,7 +192,8 @@ def main() -> None:
         rec = parse_recipe(spec, a.steps, a.h)
         res = simulate(run, a.workers, rec)
         print(f"{spec} K={a.workers} H={list(rec.h)}: held-out {res.loss:.4f}, sent "
-              f"{res.sent / 1e6:.2f} MB/worker ({res.seconds:.0f}s)", flush=True)
+              f"{res.sent / 1e6:.2f} MB/worker, received {res.received / 1e6:.2f} MB "
+              f"({res.seconds:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ contributions (accepted / clipped / left out / refused), and whether the 3% targ
 
     python bench/poisoning_swarm.py [RUN_DIR] --rounds 10 --inner-steps 30   # full, ~15 min
     python bench/poisoning_swarm.py --quick                                  # ~2 minutes
+    python bench/poisoning_swarm.py --codec sparse --attacks scaled_x100,noise,sign_flip
 
 Without RUN_DIR a `tiny` run is made from the bundled corpus in a temporary folder.
 `--quick` runs one attack (scaled_x100) with and without the defence: a smoke test.
@@ -35,6 +36,7 @@ from crowdtrain.run.data import default_corpus  # noqa: E402
 from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
 from crowdtrain.run.ledger import Ledger  # noqa: E402
 from crowdtrain.run.train import evaluate  # noqa: E402
+from crowdtrain.wire.codecs import CODECS  # noqa: E402
 
 ATTACKS = ("scaled_x100", "noise", "sign_flip", "alie", "liar", "nan")
 ADVERSARY = Path(__file__).resolve().parent / "adversary.py"
@@ -73,11 +75,12 @@ def held_out(run: Run, rnd: int) -> float:
 
 def swarm_run(base: Run, work: Path, attack: str | None, aggregation: str, *, honest: int = 3,
               rounds: int = 4, inner_steps: int = 10, round_seconds: float = 120.0,
-              timeout: float = 900.0) -> Outcome:
-    """One run: `honest` honest workers plus an attacker (none if `attack` is None)."""
+              timeout: float = 900.0, codec: dict | None = None) -> Outcome:
+    """One run: `honest` honest workers plus an attacker (none if `attack` is None); `codec`:
+    the run's codec settings (codec, sparse_density, sparse_bits; default the base run's)."""
     name = f"{attack or 'honest'}-{aggregation}"
     run = prepare(base, work / name, rounds, inner_steps, aggregation=aggregation,
-                  round_seconds=round_seconds, min_contributions=honest)
+                  round_seconds=round_seconds, min_contributions=honest, **(codec or {}))
     t0 = time.monotonic()
     with LocalSwarm(run.dir, work / f"{name}-logs") as swarm:
         swarm.serve()
@@ -119,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--defence", default=SwarmConfig().aggregation,
                    help="aggregation to test (default: the run default)")
+    p.add_argument("--codec", choices=CODECS, default=SwarmConfig().codec,
+                   help="how the workers' contributions travel (the attacker's too)")
+    p.add_argument("--sparse-density", type=float, default=SwarmConfig().sparse_density)
+    p.add_argument("--sparse-bits", type=int, default=SwarmConfig().sparse_bits)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", type=Path, help="keep the runs and logs here")
     a = p.parse_args(argv)
@@ -128,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     base = Run(a.run_dir) if a.run_dir else init_run(work / "base", [default_corpus()],
                                                      preset="tiny", progress=False,
                                                      swarm=SwarmConfig(warm_start=0.0))
-    kw = dict(honest=a.honest, rounds=a.rounds, inner_steps=a.inner_steps)
+    codec = {"codec": a.codec, "sparse_density": a.sparse_density,
+             "sparse_bits": a.sparse_bits}
+    SwarmConfig(**codec)  # checked before any run
+    kw = dict(honest=a.honest, rounds=a.rounds, inner_steps=a.inner_steps, codec=codec)
+    what = (f"sparse {a.sparse_density:g} x {a.sparse_bits} bits" if a.codec == "sparse"
+            else a.codec)
     print(f"{base.config.preset}: {a.honest} honest workers + 1 attacker, {a.rounds} rounds "
-          f"x {a.inner_steps} inner steps; defence {a.defence!r} vs plain mean; work in {work}")
+          f"x {a.inner_steps} inner steps, {what} contributions; defence {a.defence!r} vs "
+          f"plain mean; work in {work}")
     ref = swarm_run(base, work, None, a.defence, **kw)
     print(f"honest only ({a.defence}): held-out {ref.loss:.4f} (initial {ref.initial:.4f}, "
           f"{ref.seconds:.0f}s): the reference of every ratio below")
