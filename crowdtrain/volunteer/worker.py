@@ -376,25 +376,29 @@ class Worker:
         stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
                                      tokens=st.tokens, mean_loss=st.mean_loss,
                                      seconds=st.seconds, device=self.device.type)
-        blob = self._payload(delta, stats)
-        self.summary.rounds += 1
-        upload_started = time.monotonic()
-        try:
-            r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
-                                 content=blob)
-            self.summary.accepted += 1
-            self.summary.tokens += st.tokens
-            verdict = protocol.SubmitResponse.model_validate(r.json()).message
-        except CoordinatorRefused as e:
-            self.summary.refused += 1
-            verdict = f"refused: {e.detail}"
-            log.warning("round %d: %s", lease.round, verdict)
+        # heartbeats go on while the payload is made and sent: on a home uplink a large
+        # model's upload takes minutes, and a lease silent for LEASE_SILENCE_SECONDS is given up
+        with Heartbeat(self.client, lease.lease_id) as sending:
+            sending.step = st.steps
+            blob = self._payload(delta, stats)
+            self.summary.rounds += 1
+            upload_started = time.monotonic()
+            try:
+                r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
+                                     content=blob)
+                self.summary.accepted += 1
+                self.summary.tokens += st.tokens
+                verdict = protocol.SubmitResponse.model_validate(r.json()).message
+            except CoordinatorRefused as e:
+                self.summary.refused += 1
+                verdict = f"refused: {e.detail}"
+                log.warning("round %d: %s", lease.round, verdict)
+            upload_s = time.monotonic() - upload_started  # retries included: what it cost us
         if snaps is not None:
             snaps.discard()
         self._save_optimizer()
         self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
         self.summary.last_round = lease.round
-        upload_s = time.monotonic() - upload_started  # retries included: what it cost us
         log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB in %.1fs, %s",
                  lease.round, st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6,
                  upload_s, verdict)
