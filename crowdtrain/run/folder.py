@@ -96,7 +96,8 @@ class SwarmConfig:
         "parameter), int4 (~0.56 bytes: half the upload, same quality in BENCHMARKS.md; needs "
         "workers of crowdtrain API v2), fp16, fp32, or sparse (the largest --sparse-density of "
         "each chunk of 4096 values at --sparse-bits each, the rest carried over to the next "
-        "round: ~0.024 bytes at 1% and 2 bits; needs workers of crowdtrain API v3)"})
+        "round: ~0.024 bytes at 1% and 2 bits; needs workers of crowdtrain API v3; measured "
+        "best with --outer-momentum 0 and H of 10-30, see bench/results/sparse.md)"})
     # the sparse codec's k (sparse.chunk_k of the density) and bits, fixed for the run
     sparse_density: float = field(default=SPARSE_DENSITY, metadata={
         "metavar": "FRACTION", "help": "with --codec sparse: the share of each chunk's values "
