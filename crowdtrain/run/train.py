@@ -3,7 +3,8 @@
 Pure torch, no I/O: the same `InnerLoop` runs as `crowdtrain train` (one machine) and inside a
 volunteer worker (DiLoCo inner steps), where its AdamW state persists across rounds. The learning
 rate follows a warmup + cosine schedule indexed by a global step, so a worker resuming at any
-point of the run uses the same schedule as a single machine would.
+point of the run uses the same schedule as a single machine would. Targets of -100 (positions a
+loss mask leaves out, crowdtrain.run.data) carry no loss, in training and in `evaluate`.
 """
 
 from __future__ import annotations
@@ -126,12 +127,22 @@ class Teacher:
     temperature: float
 
 
+def target_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (tokens, vocab) `logits` on the (tokens,) targets that are not
+    -100; a zero that still has a graph when every target is -100 (a micro-batch of prompt
+    tokens only), where F.cross_entropy's mean would be NaN. Without any -100 it equals
+    F.cross_entropy(logits, y) bit for bit (the same op)."""
+    ce = F.cross_entropy(logits, y)
+    return torch.where((y != -100).any(), ce, logits[:0].sum())
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
                       alpha: float, temperature: float) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE.
 
-    `logits` and `teacher_logits` are (tokens, vocab) float32, `y` the (tokens,) targets."""
-    ce = F.cross_entropy(logits, y)
+    `logits` and `teacher_logits` are (tokens, vocab) float32, `y` the (tokens,) targets; the
+    CE leaves out targets of -100 (`target_loss`), the KL takes every position."""
+    ce = target_loss(logits, y)
     t = temperature
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                   log_target=True, reduction="batchmean") * t * t
@@ -218,7 +229,7 @@ class InnerLoop:
             logits = self.net(input_ids=x).logits
         logits = logits.float().view(-1, logits.size(-1))
         if self.teacher is None:
-            return F.cross_entropy(logits, y.reshape(-1))
+            return target_loss(logits, y.reshape(-1))
         with torch.no_grad(), autocast:
             t = self.teacher.model(input_ids=x).logits
         return distillation_loss(logits, t.float().view(-1, t.size(-1)), y.reshape(-1),
@@ -327,30 +338,41 @@ class InnerLoop:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, windows: Iterable[torch.Tensor], device: torch.device,
+    model: torch.nn.Module, windows: Iterable[torch.Tensor | Batch], device: torch.device,
     batch_size: int = 16,
 ) -> float:
-    """Mean next-token cross-entropy (nats/token) over the given (seq_len + 1)-token windows."""
+    """Mean next-token cross-entropy (nats/token) over the given windows: (seq_len + 1)-token
+    tensors, or (input, target) pairs whose targets of -100 are left out (data.eval_windows
+    with masks): the sum over the targets that count, divided by their number."""
     was_training = model.training
     model.eval()
-    total, count, chunk = 0.0, 0, []
+    total, count, windows_seen = 0.0, 0, 0
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
 
     def flush() -> None:
         nonlocal total, count
-        w = torch.stack(chunk).to(device)
-        logits = model(input_ids=w[:, :-1]).logits.float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
+        x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+        logits = model(input_ids=x).logits.float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
                                        reduction="sum"))
-        count += w[:, 1:].numel()
-        chunk.clear()
+        count += int((y != -100).sum())
+        xs.clear()
+        ys.clear()
 
     for w in windows:
-        chunk.append(w)
-        if len(chunk) == batch_size:
+        x, y = w if isinstance(w, tuple | list) else (w[:-1], w[1:])
+        xs.append(x)
+        ys.append(y)
+        windows_seen += 1
+        if len(xs) == batch_size:
             flush()
-    if chunk:
+    if xs:
         flush()
     model.train(was_training)
-    if count == 0:
+    if windows_seen == 0:
         raise CrowdtrainError("no validation windows: the validation split is shorter than seq_len")
+    if count == 0:
+        raise CrowdtrainError("no validation target carries loss: the loss mask leaves out every "
+                              "token of the validation split; give more assistant turns")
     return total / count
