@@ -273,11 +273,14 @@ def _parquet_records(path: Path, text_column: str) -> Iterator[Record]:
 
 
 def _arrow_records(folder: Path, text_column: str) -> Iterator[Record]:
+    """A `datasets` folder's rows; a batch's place is the bytes of the stream read up to it
+    (each file's first batch from the file's start, its last to its end)."""
     import pyarrow as pa
     import pyarrow.ipc
 
     base, row0 = 0, 0
     for file in source_files(folder):
+        size = file.stat().st_size
         with pa.OSFile(str(file)) as f:
             try:
                 reader = pyarrow.ipc.open_stream(f)
@@ -285,16 +288,30 @@ def _arrow_records(folder: Path, text_column: str) -> Iterator[Record]:
                 raise CrowdtrainError(f"{file} is not an arrow stream ({e})") from None
             column = _pick_column(reader.schema.names, text_column, file)
             index = reader.schema.get_field_index(column)
-            before = base + f.tell()
-            for batch in reader:
-                after = base + f.tell()
+            before = 0
+            batch, read_to = _next_batch(reader, file), f.tell()
+            while batch is not None:
+                following, following_to = _next_batch(reader, file), f.tell()
+                after = read_to if following is not None else size
                 n = max(batch.num_rows, 1)
 
-                def at(row: int, r0=row0, lo=before, hi=after, n=n) -> int:
+                def at(row: int, r0=row0, lo=base + before, hi=base + after, n=n) -> int:
                     return lo + (hi - lo) * (row - r0) // n
 
                 values = batch.column(index).to_pylist()
                 yield from _column_records(folder, column, values, row0, at)
                 row0 += batch.num_rows
-                before = after
-        base += file.stat().st_size
+                batch, before, read_to = following, after, following_to
+        base += size
+
+
+def _next_batch(reader, file: Path):
+    """The stream's next record batch, or None at its end."""
+    import pyarrow as pa
+
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CrowdtrainError(f"{file} is damaged ({e}): save the dataset again") from None
