@@ -121,10 +121,10 @@ def test_a_model_folder_converts_and_evaluates(trained, tmp_path, capsys):
 
 SAMPLE = ("line 123: the quick brown fox jumps over the lazy dog.\n\n"
           "A community trains a model together, round after round.")
-# measured over these families (q8_0, weights re-drawn as in `spread`): at most 0.030 of the
-# largest logit; a q/k permute left out, the key permuted with the query head count, or the
-# qwen2 biases left out each move the logits by 1.06-1.22 of it
-Q8_TOLERANCE = 0.06
+# measured on these families (q8_0, weights drawn as in `spread`): the logits move by 0.020-0.040
+# of the largest one and 89-100% of the argmaxes agree; a q/k permute left out, the key permuted
+# with the query head count, the qwen2 biases left out or its q/k permuted move them by 0.59-1.2
+Q8_TOLERANCE = 0.08
 
 
 def spread(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -154,7 +154,7 @@ def families(tmp_path_factory):
         if name not in built:
             folder = make_family(name, tmp_path_factory.mktemp(name) / "model")
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-            built[name] = (name, folder, spread(model).eval(),
+            built[name] = (name, folder, spread(model, seed=sum(name.encode())).eval(),
                            AutoTokenizer.from_pretrained(str(folder)))
         return built[name]
 
@@ -189,7 +189,7 @@ def test_open_family_writes_gguf_that_loads_back_with_its_logits_and_tokenizer(f
         a = model(input_ids=ids).logits
         b = back(input_ids=ids).logits
     assert float((a - b).abs().max()) < Q8_TOLERANCE * float(a.abs().max())
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
 
     # the tokenizer: same ids with and without the specials it adds, same special tokens
     assert tok(SAMPLE).input_ids == hf_tok(SAMPLE).input_ids
