@@ -247,10 +247,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike,
     hf_tok = tokenizer if tokenizer is not backend else None
     ids: dict[str, int | None] = {}
     for key, given in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
+        # precedence: the keyword, eot_id, a transformers tokenizer's own, the model config
         own = getattr(hf_tok, f"{key}_token_id", None) if hf_tok is not None else None
-        ids[key] = _first(next((v for v in (given, eot_id, own, getattr(cfg, f"{key}_token_id",
-                                                                         None))
-                                if v is not None), None))
+        choices = (given, eot_id, own, getattr(cfg, f"{key}_token_id", None))
+        ids[key] = _first(next((v for v in choices if v is not None), None))
     for key, i in ids.items():
         if i is not None and not 0 <= i < cfg.vocab_size:
             raise CrowdtrainError(f"the {key} token id {i} is outside the model's vocabulary "
