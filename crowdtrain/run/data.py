@@ -443,7 +443,8 @@ class _Framer:
     def flush(self) -> None:
         if not self.pending:
             return
-        encs = self.tok.encode_batch([p.text for p in self.pending], add_special_tokens=False)
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)  # no offsets
+        encs = encode([p.text for p in self.pending], add_special_tokens=False)
         for p, enc in zip(self.pending, encs, strict=True):
             w = self.writers[p.split]
             if p.starts and self.sp.add_bos:
