@@ -34,10 +34,16 @@ def cmd_init(a: argparse.Namespace) -> None:
     given = options.given(a, LoraSettings)
     lora = LoraSettings(**given) if a.lora or given else None
     distill = {f"distill_{k}": v for k, v in options.given(a, TeacherSettings).items()}
+    data = options.given(a, DataConfig)  # vocab_size is init_run's own; the rest a DataConfig
+    extra = {"vocab_size": data.pop("vocab_size")} if "vocab_size" in data else {}
+    if data:
+        extra["data_config"] = DataConfig(**data)
+    if a.download:
+        extra["download"] = True
     run = init_run(a.run_dir, a.data or [default_corpus()], **options.given(a, RunConfig),
-                   **options.given(a, DataConfig), tokenizer=a.tokenizer, force=a.force,
-                   progress=not a.quiet, train_overrides=train, swarm=swarm,
-                   from_pretrained=a.from_pretrained, lora=lora, teacher=a.teacher, **distill)
+                   **extra, tokenizer=a.tokenizer, force=a.force, progress=not a.quiet,
+                   train_overrides=train, swarm=swarm, from_pretrained=a.from_pretrained,
+                   lora=lora, teacher=a.teacher, **distill)
     idx = run.index
     what = (f"from {run.config.base_model}" if run.config.base_model else
             f"preset {run.config.preset}")
@@ -54,7 +60,8 @@ def cmd_init(a: argparse.Namespace) -> None:
 
     ck = load_checkpoint(run.ckpt_dir, 0)
     print(contribution_line(sw, [t.numel() for t in ck.tensors.values()]))
-    if lora is not None:
+    if run.config.lora is not None:
+        lora = run.config.lora
         n, codec, opts = sum(t.numel() for t in ck.tensors.values()), sw.codec, sw.codec_options()
         print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: "
               f"{n:,} adapter parameters travel (~{payload_bytes(n, codec, **opts):,} bytes per "

@@ -55,8 +55,10 @@ def _add_init(sub) -> None:
     s.add_argument("-q", "--quiet", **QUIET)
     g = s.add_argument_group("the model and its data")
     g.add_argument("--data", nargs="+", metavar="FILE",
-                   help="text (.txt, .md) or .jsonl ('text' field) files (default: the bundled "
-                        "Tiny Shakespeare corpus)")
+                   help="text (.txt, .md), .jsonl (a 'text' field, or chat 'messages' rendered "
+                        "with the model's chat template, loss on the assistant's turns only), "
+                        ".parquet files or `datasets` save_to_disk folders (the --text-column "
+                        "column) (default: the bundled Tiny Shakespeare corpus)")
     g.add_argument("--tokenizer", metavar="PATH",
                    help="use this tokenizer.json (or folder) instead of training one")
     s.add_settings(g, "crowdtrain.run.folder:RunConfig")
@@ -66,17 +68,25 @@ def _add_init(sub) -> None:
     s.add_settings(s.add_argument_group("the swarm (DiLoCo rounds, when served)"),
                    "crowdtrain.run.folder:SwarmConfig")
     g = s.add_argument_group("fine-tuning a pretrained model")
-    g.add_argument("--from-pretrained", metavar="DIR",
-                   help="start from this local Hugging Face Llama folder (config.json, weights, "
-                        "tokenizer.json): its tokenizer, config and weights; --preset then only "
-                        "picks the training defaults")
+    g.add_argument("--from-pretrained", metavar="DIR|ID",
+                   help="start from this pretrained causal LM: a local Hugging Face folder "
+                        "(config.json, weights, tokenizer.json) of any family transformers "
+                        "loads (Llama, Qwen2, Mistral, Gemma, Phi-3, GPT-2, ...), or a Hub id "
+                        "in the local Hugging Face cache (`huggingface-cli download ID`): its "
+                        "tokenizer, special tokens, chat template, config and weights (trained "
+                        "in fp32, exported in the source's dtype); --preset then only picks the "
+                        "training defaults")
+    g.add_argument("--download", action="store_true",
+                   help="download a --from-pretrained or --teacher Hub id missing from the "
+                        "local cache (the only time crowdtrain reaches the Hub)")
     g.add_argument("--lora", action="store_true",
                    help="train LoRA adapters (peft) on the frozen model: only adapter deltas "
                         "travel (implied by the --lora-* options)")
     s.add_settings(g, "crowdtrain.run.lora:LoraSettings", prefix="lora-")
     g = s.add_argument_group("distilling a teacher (the swarm trains a smaller student)")
     g.add_argument("--teacher", metavar="DIR",
-                   help="a local Hugging Face Llama folder (with tokenizer.json): a fresh "
+                   help="a pretrained causal LM folder or cached Hub id, of any family (with "
+                        "tokenizer.json): a fresh "
                         "--preset student with the teacher's tokenizer learns from the "
                         "teacher's logits in every inner step, the volunteers' included "
                         "(they fetch the teacher once, sha256-checked)")

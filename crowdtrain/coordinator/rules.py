@@ -49,6 +49,7 @@ from crowdtrain.run.checkpoint import (
     save_checkpoint,
     tensor_path,
 )
+from crowdtrain.run.data import mask_name
 from crowdtrain.run.folder import TEACHER_WEIGHTS, Run
 from crowdtrain.run.ledger import Ledger
 from crowdtrain.run.model import count_params
@@ -117,7 +118,10 @@ class Coordinator:
             run.check_teacher()
         self.teacher_info = teacher_info(run)  # fixed for the run: read once
         self.momentum, self.residual = self._load_outer_state(self.round)
+        # what volunteers may download by sha256: the train shards and a chat run's masks
         self.shard_paths = {e.sha256: run.data_dir / e.name for e in run.index.train}
+        self.shard_paths.update({e.mask_sha256: run.data_dir / mask_name(e.name)
+                                 for e in run.index.train if e.mask_sha256})
         self._recover_ledger()
         self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
             else None

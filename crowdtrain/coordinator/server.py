@@ -355,7 +355,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                   lifespan=ticking(coord, tick_seconds),
                   description="Volunteer DiLoCo training over HTTP. Tensors travel as "
                   "safetensors bodies; see crowdtrain/protocol.py.")
-    oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None)
+    oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None,
+                                      coord.run.index.masked)
     add_error_handlers(app)
     add_request_checks(app, oldest, coord.upload_limit)
 

@@ -1,7 +1,10 @@
 """`crowdtrain distill`: train a smaller student on a teacher's logits, locally, and export it.
 
-The student is a fresh Llama of a named preset with the teacher's tokenizer (distilling on
-logits needs the same vocabulary). Each step it sees a batch of the given text (deterministic
+The teacher is any causal LM folder (any family). The student is a fresh Llama of a named
+preset, or of any architecture from a config.json (`--student-config`), with the teacher's
+tokenizer and special tokens (distilling on logits needs the same vocabulary); documents are
+framed with the teacher's own tokens, as a run's shards are (data.Specials). Each step it sees
+a batch of the given text (deterministic
 batches, `data.get_batch`, so a run with and one without the teacher see the same tokens) and
 minimises
 
@@ -26,16 +29,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from tokenizers import Tokenizer
 
 from crowdtrain import __version__
 from crowdtrain.errors import CrowdtrainError, check_settings
-from crowdtrain.publish.evaluate import EvalResult, document_ids, evaluate_texts, read_texts
-from crowdtrain.run.data import EOT, file_sha256, get_batch
+from crowdtrain.publish.evaluate import (
+    EvalResult,
+    document_ids,
+    document_start,
+    evaluate_texts,
+    read_texts,
+)
+from crowdtrain.run.data import file_sha256, get_batch
 from crowdtrain.run.model import (
     PRESETS,
     build_model,
+    check_causal_lm,
     count_params,
     get_preset,
     load_pretrained,
@@ -64,6 +72,10 @@ class DistillConfig:
     seq_len: int | None = field(default=None, metadata={
         "help": "tokens per sequence", "default_help": "the preset's"})
     seed: int = field(default=0, metadata={"help": "seed of the student and the batches"})
+    student_config: str | None = field(default=None, metadata={
+        "metavar": "CONFIG_JSON", "help": "a config.json of any architecture for the student "
+        "(its vocab_size and special token ids become the teacher's)",
+        "default_help": "a --preset Llama"})
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -117,21 +129,45 @@ def split_texts(texts: Sequence[str], val_fraction: float) -> tuple[list[str], l
     return train, val
 
 
-def _load_teacher(teacher_dir: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
+def _load_teacher(teacher_dir: Path):
+    """(model, tokenizer, special tokens) of the teacher folder, frozen."""
+    from crowdtrain.run.data import folder_specials, load_tokenizer
+
     model = load_pretrained(teacher_dir).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tok_path = teacher_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CrowdtrainError(f"{teacher_dir} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(tok_path))
-    eot = tok.token_to_id(EOT)
-    if eot is None:
-        raise CrowdtrainError(f"the teacher's tokenizer has no {EOT} token")
-    if tok.get_vocab_size() != model.config.vocab_size:
+    tok = load_tokenizer(tok_path, require_eot=False)
+    if tok.get_vocab_size() > model.config.vocab_size:
         raise CrowdtrainError(f"the teacher's tokenizer has {tok.get_vocab_size()} tokens, its "
-                              f"model {model.config.vocab_size}")
-    return model, tok, eot
+                              f"model only {model.config.vocab_size}")
+    return model, tok, folder_specials(teacher_dir, tok)
+
+
+def student_config(cfg: DistillConfig, teacher_config, specials):
+    """The student's config: a `cfg.preset` Llama, or `cfg.student_config`'s architecture,
+    with the teacher's vocabulary size and special token ids."""
+    if cfg.student_config is None:
+        return preset_config(cfg.preset, teacher_config.vocab_size, specials.eos_id,
+                             bos_id=specials.bos_id, pad_id=specials.pad_id)
+    import json
+
+    from crowdtrain.run.model import config_from_dict
+
+    path = Path(cfg.student_config)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CrowdtrainError(f"cannot read the student config {path} ({e})") from None
+    if not isinstance(d, dict):
+        raise CrowdtrainError(f"{path} is not a model config (a JSON object)")
+    d.update(vocab_size=teacher_config.vocab_size, eos_token_id=specials.eos_id,
+             bos_token_id=specials.bos_id, pad_token_id=specials.pad_id)
+    config = config_from_dict(d)
+    check_causal_lm(config, path)
+    return config
 
 
 def distill(teacher_dir: str | os.PathLike, data: Sequence[str | os.PathLike],
@@ -148,17 +184,19 @@ def distill(teacher_dir: str | os.PathLike, data: Sequence[str | os.PathLike],
             raise CrowdtrainError(f"{out} is not empty; choose a new folder or pass --force")
         if not (out / "config.json").exists():
             raise CrowdtrainError(f"refusing to --force over {out}: it is not a model folder")
-    teacher, tok, eot = _load_teacher(teacher_dir)
+    teacher, tok, specials = _load_teacher(teacher_dir)
     train_texts, val_texts = split_texts(read_texts(data), cfg.val_fraction)
+    bos = [specials.bos_id] if specials.add_bos and specials.bos_id is not None else []
     ids: list[int] = []
     for t in train_texts:
-        ids += document_ids(tok, t) + [eot]
+        ids += bos + document_ids(tok, t) + [specials.eos_id]
     stream = np.asarray(ids, dtype=np.int64)
 
     p = get_preset(cfg.preset)
     base = PRESET_TRAINING[cfg.preset]
-    student_cfg = preset_config(cfg.preset, teacher.config.vocab_size, eot)
-    seq = min(cfg.seq_len or base.seq_len, p.context, teacher.config.max_position_embeddings)
+    student_cfg = student_config(cfg, teacher.config, specials)
+    seq = min(cfg.seq_len or base.seq_len, p.context, teacher.config.max_position_embeddings,
+              student_cfg.max_position_embeddings)
     if len(stream) <= seq + 1:
         raise CrowdtrainError(f"the training text is only {len(stream)} tokens; need more than "
                               f"{seq + 1}")
@@ -175,8 +213,9 @@ def distill(teacher_dir: str | os.PathLike, data: Sequence[str | os.PathLike],
     seconds = time.perf_counter() - t0
     student = student.to("cpu").eval()
     teacher = teacher.to("cpu")
-    s_eval = evaluate_texts(student, tok, val_texts, eot)
-    t_eval = evaluate_texts(teacher, tok, val_texts, eot)
+    start = document_start(specials)
+    s_eval = evaluate_texts(student, tok, val_texts, start)
+    t_eval = evaluate_texts(teacher, tok, val_texts, start)
     res = DistillResult(None, s_eval, t_eval, count_params(student), count_params(teacher),
                         4 * count_params(student), 4 * count_params(teacher), st.steps,
                         st.tokens, seconds, st.mean_loss)
@@ -201,6 +240,7 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
         Provenance,
         RunInfo,
         SourceFile,
+        architecture,
         read_provenance,
         write_provenance,
     )
@@ -208,12 +248,21 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    eot = student.config.eos_token_id
+    c = student.config
     student.generation_config = GenerationConfig(
         do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id if c.pad_token_id is not None else c.eos_token_id)
     student.save_pretrained(str(out), safe_serialization=True)
-    PreTrainedTokenizerFast.from_pretrained(str(teacher_dir)).save_pretrained(str(out))
+    from crowdtrain.run.folder import SOURCE_FILES
+
+    kept = [n for n in SOURCE_FILES if n != "generation_config.json"
+            and (teacher_dir / n).is_file()]
+    if "tokenizer_config.json" in kept:  # the teacher's tokenizer files, unchanged
+        for n in kept:
+            shutil.copyfile(teacher_dir / n, out / n)
+    else:
+        PreTrainedTokenizerFast.from_pretrained(str(teacher_dir)).save_pretrained(str(out))
     try:
         tprov = read_provenance(teacher_dir)
     except CrowdtrainError:
@@ -230,7 +279,7 @@ def _export_student(student, teacher_dir: Path, out: Path, data, cfg: DistillCon
         crowdtrain_version=__version__,
         created_at=time.time(),
         run=RunInfo(name=out.name, preset=cfg.preset, trained_by="distillation"),
-        model=ModelInfo(architecture="LlamaForCausalLM", params=res.student_params,
+        model=ModelInfo(architecture=architecture(pc), params=res.student_params,
                         layers=pc.num_hidden_layers, hidden=pc.hidden_size,
                         heads=pc.num_attention_heads, context=pc.max_position_embeddings,
                         vocab_size=pc.vocab_size),

@@ -4,9 +4,12 @@ Bits per byte = total nats over the text / (ln 2 * number of UTF-8 bytes of the 
 loss per token it does not depend on the tokenizer, so models with different vocabularies (a
 teacher and its student, a GGUF and its original) compare on the same scale.
 
-Every document is scored as [EOT] + its tokens: each token is predicted once, from up to a full
-context of the tokens before it in its document stream (consecutive non-overlapping windows of
-the model's context length); the EOT that starts a document is context only, never a target.
+Every document is scored as [start] + its tokens, where start is the model's beginning-of-
+sequence token when its tokenizer adds one (Llama 2, Mistral, Gemma) and its end-of-sequence
+token otherwise (GPT-2's, Qwen2's `<|endoftext|>`; our own tokenizers' EOT): the token the
+training stream put before each document (`document_start`). Each token is predicted once,
+from up to a full context of the tokens before it in its document stream (consecutive
+non-overlapping windows of the model's context length); the start token is context only.
 A model is an exported Hugging Face folder or a `.gguf` file (loaded with transformers).
 """
 
@@ -128,6 +131,14 @@ def score_documents(model: torch.nn.Module, docs: Iterable[Sequence[int]], bos_i
     return total, count
 
 
+def document_start(specials) -> int:
+    """The token before each document in the training stream (a run.data.Specials): bos when
+    the tokenizer adds one, else the eos that ended the previous document."""
+    if specials.add_bos and specials.bos_id is not None:
+        return int(specials.bos_id)
+    return int(specials.eos_id)
+
+
 def evaluate_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str],
                    bos_id: int | None = None, batch_size: int = 8) -> EvalResult:
     """Loss, perplexity and bits per byte of `model` on `texts` (a list of documents)."""
@@ -161,7 +172,8 @@ def heldout_texts(run) -> list[str]:
 
 
 def load_for_eval(model_path: str | os.PathLike) -> tuple[torch.nn.Module, Tokenizer, int]:
-    """(model, tokenizer, EOT id) from an exported Hugging Face folder or a .gguf file."""
+    """(model, tokenizer, document start id) from an exported Hugging Face folder or a .gguf
+    file."""
     p = Path(model_path)
     if p.is_file() and p.suffix == ".gguf":
         return _load_gguf(p)
@@ -169,17 +181,15 @@ def load_for_eval(model_path: str | os.PathLike) -> tuple[torch.nn.Module, Token
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return _load_gguf(ggufs[0])
+    from crowdtrain.run.data import folder_specials, load_tokenizer
     from crowdtrain.run.model import load_pretrained
 
     model = load_pretrained(p)
     tok_path = p / "tokenizer.json"
     if not tok_path.is_file():
         raise CrowdtrainError(f"{p} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(tok_path))
-    bos = tok.token_to_id(EOT)
-    if bos is None:
-        bos = model.config.bos_token_id
-    return model.eval(), tok, int(bos)
+    tok = load_tokenizer(tok_path, require_eot=False)
+    return model.eval(), tok, document_start(folder_specials(p, tok))
 
 
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
@@ -193,10 +203,13 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, Tokenizer, int]:
         raise CrowdtrainError(f"loading a GGUF file needs extra packages ({e})") from None
     except (OSError, ValueError) as e:
         raise CrowdtrainError(f"cannot load {path} ({e})") from None
-    bos = model.config.bos_token_id
-    if bos is None:
-        raise CrowdtrainError(f"{path} has no BOS/EOT token id")
-    return model.eval(), tok.backend_tokenizer, int(bos)
+    adds_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_token_id is not None
+    start = tok.bos_token_id if adds_bos else tok.eos_token_id
+    if start is None:
+        start = model.config.bos_token_id
+    if start is None:
+        raise CrowdtrainError(f"{path} has no BOS/EOS token id")
+    return model.eval(), tok.backend_tokenizer, int(start)
 
 
 def evaluate_model(model_path: str | os.PathLike, data: Sequence[str | os.PathLike],

@@ -1,8 +1,12 @@
 """Checkpoint -> a published model folder, with its model card and provenance record.
 
-`--format hf` (default): `save_pretrained` weights and config, the tokenizer as a
-`PreTrainedTokenizerFast`, a generation config. `--format gguf`: one GGUF file (gguf_file.py)
-that llama.cpp and ollama run. Either way the folder also gets `provenance.json`
+`--format hf` (default): `save_pretrained` weights and config in the model's own architecture.
+A run fine-tuned from a pretrained model (or distilled with a teacher's tokenizer) ships the
+source's tokenizer files and generation config unchanged (special tokens, chat template) and,
+for a fine-tuned model, the source's dtype (bf16 weights stay bf16); a run with a tokenizer of
+its own gets it as a `PreTrainedTokenizerFast` and a generation config. `--format gguf`: one
+GGUF file (gguf_file.py; Llama, Mistral and Qwen2 models) that llama.cpp and ollama run.
+Either way the folder also gets `provenance.json`
 (provenance.py: data hashes, contributors, rounds, hash chain, refusals, compute, evaluation,
 the files exported), built once the model files are written, and a README.md model card
 rendered from it (modelcard.py), with the Hugging Face model-card metadata header (YAML front
@@ -63,7 +67,8 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _evaluation(model, tokenizer, eval_data, run: Run | None) -> Evaluation | None:
+def _evaluation(model, tokenizer, eval_data, run: Run | None,
+                start_id: int | None = None) -> Evaluation | None:
     """Held-out figures of `model`: on `eval_data` files, else the run's validation split."""
     from crowdtrain.publish.evaluate import evaluate_texts, heldout_texts, read_texts
 
@@ -74,7 +79,7 @@ def _evaluation(model, tokenizer, eval_data, run: Run | None) -> Evaluation | No
         what = f"held-out split of {', '.join(s['name'] for s in run.index.sources)}"
     else:
         return None
-    res = evaluate_texts(model, tokenizer, texts)
+    res = evaluate_texts(model, tokenizer, texts, start_id)
     return Evaluation(data=what, **res.to_dict())
 
 
@@ -107,18 +112,16 @@ def export_model(run: Run | str | os.PathLike, out_dir: str | os.PathLike,
 
     model = export_adapter(run, model, out)
     model.eval()
-    evaluation = _evaluation(model, run.tokenizer, eval_data, run) if evaluate else None
+    from crowdtrain.publish.evaluate import document_start
+
+    specials = run.specials()
+    evaluation = (_evaluation(model, run.tokenizer, eval_data, run, document_start(specials))
+                  if evaluate else None)
     gguf = None
     if fmt == "hf":
-        model.generation_config = GenerationConfig(
-            do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
-            bos_token_id=run.index.eot_id, eos_token_id=run.index.eot_id,
-            pad_token_id=run.index.eot_id,
-        )
-        model.save_pretrained(str(out), safe_serialization=True)
-        hf_tokenizer(run).save_pretrained(str(out))
+        _save_hf(run, model, out, specials)
     else:
-        gguf = _write_gguf(model, run.tokenizer, out, run.config.name, quant, run.index.eot_id,
+        gguf = _write_gguf(model, run.tokenizer, out, run.config.name, quant, specials,
                            eval_data, run, evaluate)
 
     def measure_val_loss() -> float:
@@ -138,25 +141,54 @@ def export_model(run: Run | str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 
+def _save_hf(run: Run, model, out: Path, specials) -> None:
+    """The model in its own architecture, with the run's tokenizer: the source's files as they
+    were (a pretrained or teacher tokenizer), or the run's own as a PreTrainedTokenizerFast.
+    A fine-tuned model's weights go out in the source's dtype; the model in memory stays fp32
+    (the export's evaluation and the provenance record measure it)."""
+    kept = run.source_files()
+    dtype = run.config.source.dtype if run.config.source is not None else "float32"
+    if not kept:
+        model.generation_config = GenerationConfig(
+            do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
+            bos_token_id=specials.bos_id if specials.bos_id is not None else specials.eos_id,
+            eos_token_id=specials.eos_id,
+            pad_token_id=specials.pad_id if specials.pad_id is not None else specials.eos_id)
+    if dtype == "float32":
+        model.save_pretrained(str(out), safe_serialization=True)
+    else:
+        import copy
+
+        from crowdtrain.run.model import DTYPES
+
+        copy.deepcopy(model).to(DTYPES[dtype]).save_pretrained(str(out), safe_serialization=True)
+    if kept:
+        for p in kept:
+            shutil.copyfile(p, out / p.name)
+    else:
+        hf_tokenizer(run).save_pretrained(str(out))
+
+
 def _file_hashes(out: Path) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(out.iterdir())
             if p.is_file() and p.name not in ("README.md", PROVENANCE_FILE)}
 
 
-def _write_gguf(model, tokenizer, out: Path, name: str, quant: str, eot_id: int, eval_data,
+def _write_gguf(model, tokenizer, out: Path, name: str, quant: str, specials, eval_data,
                 run: Run | None, evaluate: bool) -> GgufInfo:
     """The GGUF file, and its record: with (when evaluating) the GGUF's own held-out figures
     next to the original's, measured by loading the file back with transformers."""
     from crowdtrain.publish.gguf_file import write_gguf
 
     info = write_gguf(model, tokenizer, out / f"{name}-{quant}.gguf", quant, name=name,
-                      eot_id=eot_id)
+                      bos_id=specials.bos_id, eos_id=specials.eos_id, pad_id=specials.pad_id,
+                      add_bos=specials.add_bos, chat_template=specials.chat_template)
     evaluation = None
     if evaluate and (eval_data or run is not None):
         from crowdtrain.publish.evaluate import load_for_eval
 
-        gmodel, gtok, _ = load_for_eval(info.path)
-        evaluation = _evaluation(gmodel, gtok, eval_data, run)
+        gmodel, gtok, start = load_for_eval(info.path)
+        evaluation = _evaluation(gmodel, gtok, eval_data, run, start)
     return GgufInfo(file=info.path.name, quant=quant, bytes=info.bytes,
                     tensor_types=info.tensor_types,
                     original_fp32_bytes=4 * count_params(model),
@@ -167,14 +199,14 @@ def _gguf_from_folder(src: Path, out: Path, quant: str, force: bool, eval_data,
                       evaluate: bool) -> Path:
     """An exported Hugging Face folder (e.g. a distilled student) -> GGUF folder, its
     provenance record carried over with what the conversion adds."""
-    from tokenizers import Tokenizer
-
+    from crowdtrain.run.data import folder_specials, load_tokenizer
     from crowdtrain.run.model import load_pretrained
 
     model = load_pretrained(src).eval()
     if not (src / "tokenizer.json").is_file():
         raise CrowdtrainError(f"{src} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok = load_tokenizer(src / "tokenizer.json", require_eot=False)
+    specials = folder_specials(src, tok)
     try:
         carried = read_provenance(src)
     except CrowdtrainError:
@@ -188,10 +220,11 @@ def _gguf_from_folder(src: Path, out: Path, quant: str, force: bool, eval_data,
     _prepare_out(out, force)
     update: dict = {"converted_from": converted}
     if evaluate and eval_data:
-        update["evaluation"] = _evaluation(model, tok, eval_data, None)
+        from crowdtrain.publish.evaluate import document_start
+
+        update["evaluation"] = _evaluation(model, tok, eval_data, None, document_start(specials))
     name = str(carried.run.name or src.name)
-    gguf = _write_gguf(model, tok, out, name, quant, tok.token_to_id(EOT), eval_data, None,
-                       evaluate)
+    gguf = _write_gguf(model, tok, out, name, quant, specials, eval_data, None, evaluate)
     record = carried.model_copy(update={**update, "format_exported": "gguf", "gguf": gguf,
                                         "files": _file_hashes(out)})
     write_provenance(out, record)
@@ -200,6 +233,8 @@ def _gguf_from_folder(src: Path, out: Path, quant: str, force: bool, eval_data,
 
 
 def hf_tokenizer(run: Run) -> PreTrainedTokenizerFast:
+    """A run's own byte-level BPE tokenizer as transformers saves it (`<|endoftext|>` begins,
+    ends and pads)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=run.tokenizer, bos_token=EOT, eos_token=EOT, pad_token=EOT,
         model_max_length=run.model_config().max_position_embeddings,

@@ -42,5 +42,7 @@ def generate_text(
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(ids, do_sample=True, temperature=temperature, top_k=top_k or None,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+                             max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                             else tok.eos_token_id)
     return tok.decode(out[0], skip_special_tokens=True)

@@ -41,7 +41,11 @@ def card_data(record: Provenance) -> ModelCardData:
     was evaluated, the held-out figures as `EvalResult`s (the `model-index`); the GGUF file's
     own figures for a GGUF export."""
     gguf = record.format_exported == "gguf"
-    tags = ["crowdtrain", "llama", "text-generation"]
+    m = record.model
+    family = (m.architecture or "LlamaForCausalLM").split("For")[0].lower() if m else "llama"
+    tags = ["crowdtrain", family, "text-generation"]
+    if m and m.lora:
+        tags.append("lora")
     if record.distillation or (record.training and record.training.teacher):
         tags.append("distillation")
     if record.run.trained_by == "swarm":
@@ -59,8 +63,13 @@ def card_data(record: Provenance) -> ModelCardData:
                 results.append(EvalResult(**TASK, **dataset, metric_type=metric,
                                           metric_name=words,
                                           metric_value=round(value, digits)))
+    # a fine-tuned model keeps its base's license ("other" when the base's card names none)
+    license = "apache-2.0"
+    if m and m.base_model:
+        license = m.base_license or "other"
     return ModelCardData(library_name=None if gguf else "transformers",
-                         pipeline_tag="text-generation", license="apache-2.0", tags=tags,
+                         pipeline_tag="text-generation", license=license, tags=tags,
+                         base_model=m.base_hub_id if m else None,
                          model_name=record.run.name if results else None,
                          eval_results=results or None)
 
@@ -98,7 +107,11 @@ def _text(record: Provenance) -> str:
         how = ("by volunteers in a crowdtrain swarm (DiLoCo rounds over HTTP)"
                if run.trained_by == "swarm" else "on one machine")
         rnd = m.checkpoint_round if m.checkpoint_round is not None else "n/a"
-        out.append(f"A causal language model trained {how} with [crowdtrain]"
+        what = "A causal language model trained"
+        if m.base_model:
+            what = (f"`{m.base_model}` fine-tuned" + (" with LoRA adapters" if m.lora else "")
+                    + " on the data below")
+        out.append(f"{what} {how} with [crowdtrain]"
                    f"(https://pypi.org/project/crowdtrain/) (version "
                    f"{version}), from run `{name}`, "
                    f"checkpoint round {rnd}.\n")
@@ -109,13 +122,15 @@ def _text(record: Provenance) -> str:
     if m.params is not None:
         out.append("## Architecture\n")
         out.append(_table([
-            ["architecture", "Llama (`LlamaForCausalLM`)"],
+            ["architecture", f"`{m.architecture or 'LlamaForCausalLM'}`"],
             ["preset", f"`{run.preset or 'n/a'}`"],
             ["parameters", f"{m.params:,}"],
             ["layers / hidden / heads", f"{_or(m.layers, '?')} / {_or(m.hidden, '?')} / "
                                         f"{_or(m.heads, '?')}"],
             ["context length", str(_or(m.context, "n/a"))],
-            ["vocabulary", f"{_or(m.vocab_size, 'n/a')} (byte-level BPE)"],
+            ["vocabulary", f"{_or(m.vocab_size, 'n/a')} "
+                           + ("(the base model's tokenizer)" if m.base_model else
+                              "(byte-level BPE)")],
         ] + _base_rows(m), ["", ""]) + "\n")
     out.append(_evaluation_section(record))
     if record.gguf:
@@ -142,7 +157,14 @@ def _base_rows(m: ModelInfo) -> list[list[str]]:
     """Rows for a model fine-tuned from a pretrained one (in full, or with LoRA adapters)."""
     if not m.base_model:
         return []
-    rows = [["fine-tuned from", f"`{m.base_model}`"]]
+    rows = [["fine-tuned from", f"`{m.base_model}`" + (
+        f" ([Hub](https://huggingface.co/{m.base_hub_id}))" if m.base_hub_id else "")]]
+    if m.base_weights_sha256:
+        rows.append(["base model weights sha256 (its files)", f"`{m.base_weights_sha256}`"])
+    if m.base_model:
+        rows.append(["base model license", m.base_license or "not stated in its card"])
+    if m.dtype:
+        rows.append(["weights dtype", f"{m.dtype} (the base model's; trained in float32)"])
     if lo := m.lora:
         rows.append(["LoRA", f"rank {lo.rank}, alpha {lo.alpha}, on "
                              f"{', '.join(lo.targets)}; adapter in `adapter/`, merged here"])

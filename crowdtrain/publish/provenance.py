@@ -99,8 +99,14 @@ class ModelInfo(Part):
     checkpoint_round: int | None = None
     checkpoint_sha256: str | None = None
     checkpoint_source: str | None = None  # "swarm", "local", "warm start", "init"
-    base_model: str | None = None  # fine-tuned from this pretrained model
+    base_model: str | None = None  # fine-tuned from this pretrained model (Hub id or name)
     base_sha256: str | None = None
+    # the pretrained source: its Hub id (when given as one), a sha256 over its weight files,
+    # its license (from its model card) and the dtype its weights were stored (and exported) in
+    base_hub_id: str | None = None
+    base_weights_sha256: str | None = None
+    base_license: str | None = None
+    dtype: str | None = None
     lora: LoraInfo | None = None
 
 
@@ -509,6 +515,23 @@ def _loss_curve(metas: dict[int, dict], meta: dict, swarm: SwarmRecord | None,
     return points
 
 
+def architecture(config) -> str:
+    """The model class a config names (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...)."""
+    if config.architectures:
+        return str(config.architectures[0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)
+
+
+def _source_fields(source) -> dict:
+    """ModelInfo's fields about a fine-tuning run's pretrained source (none without one)."""
+    if source is None:
+        return {}
+    return {"base_hub_id": source.hub_id, "base_weights_sha256": source.weights_sha256,
+            "base_license": source.license, "dtype": source.dtype}
+
+
 def build_provenance(run: Run, meta: dict, params: int, *, exported: Literal["hf", "gguf"],
                      files: dict[str, str], evaluation: Evaluation | None = None,
                      gguf: GgufInfo | None = None,
@@ -536,7 +559,7 @@ def build_provenance(run: Run, meta: dict, params: int, *, exported: Literal["hf
         run=RunInfo(name=cfg.name, preset=cfg.preset, created_at=cfg.created_at,
                     trained_by="swarm" if swarm else "local"),
         model=ModelInfo(
-            architecture="LlamaForCausalLM", params=params,
+            architecture=architecture(mc), params=params,
             layers=mc.num_hidden_layers, hidden=mc.hidden_size,
             heads=mc.num_attention_heads, context=mc.max_position_embeddings,
             vocab_size=mc.vocab_size,
@@ -545,6 +568,7 @@ def build_provenance(run: Run, meta: dict, params: int, *, exported: Literal["hf
             base_model=getattr(cfg, "base_model", None),
             base_sha256=getattr(cfg, "base_sha256", None),
             lora=lora.to_dict() if lora is not None else None,
+            **_source_fields(getattr(cfg, "source", None)),
         ),
         data=data_record(run),
         hyperparameters=hyperparameters(run),

@@ -96,6 +96,8 @@ def verify_model(model_dir: str | os.PathLike, run_dir: str | os.PathLike,
 
     prov = read_provenance(model_dir)
     weights = model_dir / "model.safetensors"
+    if not weights.is_file() and (model_dir / "model.safetensors.index.json").is_file():
+        weights = model_dir / "model.safetensors.index.json"  # a sharded export
     if prov.format_exported == "gguf" or not weights.is_file():
         raise CrowdtrainError(f"{model_dir} has no model.safetensors: verify checks a Hugging "
                               "Face export (a GGUF file is a lossy conversion of one)")
@@ -267,6 +269,8 @@ def _check_published(run: Run, theta: dict[str, torch.Tensor], weights: Path, ta
     pub_weights = _read_weights(weights)
     if getattr(run.config, "lora", None) is not None:
         return _check_lora(run, theta, weights.parent, pub_weights, target, rep, say)
+    dtype = _published_dtype(run)
+    theta = {k: v.to(dtype) for k, v in theta.items()}  # fp32 -> bf16 rounds one way only
     diff = _first_difference(theta, pub_weights)
     if diff:
         return rep.fail(f"published weights (checkpoint {target}, after link {target - 1}): "
@@ -277,7 +281,27 @@ def _check_published(run: Run, theta: dict[str, torch.Tensor], weights: Path, ta
     return rep
 
 
+def _published_dtype(run: Run) -> torch.dtype:
+    """The dtype the export wrote the weights in: a fine-tuned model's source dtype."""
+    from crowdtrain.run.model import DTYPES
+
+    source = getattr(run.config, "source", None)
+    return DTYPES[source.dtype] if source is not None else torch.float32
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of every shard a `*.index.json` names."""
+    if path.name.endswith(".index.json"):
+        import json
+
+        try:
+            files = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptDataError(f"{path} is not a weights index ({e})") from None
+        out: dict[str, torch.Tensor] = {}
+        for name in files:
+            out.update(_read_weights(path.parent / Path(name).name))
+        return out
     if not path.is_file():
         raise CrowdtrainError(f"{path} is missing")
     try:
@@ -309,16 +333,20 @@ def _check_lora(run: Run, theta: dict[str, torch.Tensor], model_dir: Path,
     except CrowdtrainError as e:
         return rep.fail(f"base weights: {e}")
     load_into(model, theta)
-    expected = state_dict_for_save(merge(model))
+    dtype = _published_dtype(run)
+    expected = {k: v.to(dtype) for k, v in state_dict_for_save(merge(model)).items()}
     diff = _first_difference(expected, merged_pub)
     if diff is None:
         say("ok  published weights: model.safetensors is exactly the base with the replayed "
             "adapters merged")
     else:
         # the merge is a matmul (W + scale * B @ A): another machine may round differently
+        # (in bf16 or fp16 a rounding may land on the neighbouring value)
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else \
+            {"rtol": 1e-2, "atol": 1e-5}
         close = set(expected) == set(merged_pub) and all(
             expected[k].shape == merged_pub[k].shape
-            and torch.allclose(expected[k], merged_pub[k], rtol=1e-5, atol=1e-6)
+            and torch.allclose(expected[k].float(), merged_pub[k].float(), **tol)
             for k in expected)
         if not close:
             return rep.fail(f"published weights (checkpoint {target}): not the base with the "

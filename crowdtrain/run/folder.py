@@ -28,18 +28,23 @@ from crowdtrain.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from crowdtrain.run.data import (
     DataConfig,
     ShardIndex,
+    Specials,
     build_shards,
     check_sources,
     eval_windows,
     file_sha256,
+    folder_specials,
+    load_masks,
     load_split,
     load_tokenizer,
     train_tokenizer,
+    trained_specials,
 )
 from crowdtrain.run.lora import BASE_FILE, LoraSettings
 from crowdtrain.run.model import (
     PRESETS,
     build_model,
+    check_causal_lm,
     count_params,
     get_preset,
     load_config,
@@ -47,6 +52,8 @@ from crowdtrain.run.model import (
     load_into,
     load_pretrained,
     preset_config,
+    resolve_source,
+    source_dtype,
     state_dict_for_save,
 )
 from crowdtrain.run.schedule import inner_steps_schedule
@@ -192,6 +199,32 @@ class TeacherSettings:
                                         "sha256": len(self.sha256) == 64}, self)
 
 
+# a pretrained folder's files the run keeps in model/ for the export, which ships the source's
+# tokenizer (special tokens and chat template unchanged) and generation config
+SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where a fine-tuning run's model came from, for the record and the export: the folder's
+    name, its Hub id when it was given as one, a sha256 over its weight files, the dtype its
+    weights are stored in (the export writes it back), its architecture and license."""
+
+    name: str
+    weights_sha256: str
+    dtype: str = "float32"
+    model_type: str = "llama"
+    hub_id: str | None = None
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        check_settings("source", {"weights_sha256": len(self.weights_sha256) == 64,
+                                  "dtype": self.dtype in ("float32", "bfloat16", "float16")},
+                       self)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run; every machine taking part reads the same copy.
@@ -214,6 +247,7 @@ class RunConfig:
     base_sha256: str | None = None
     lora: LoraSettings | None = None
     teacher: TeacherSettings | None = None
+    source: PretrainedSource | None = None
 
     def __post_init__(self) -> None:
         if self.preset != PRETRAINED or self.base_model is None:
@@ -236,6 +270,8 @@ class RunConfig:
             d["lora"] = LoraSettings(**d["lora"])
         if d.get("teacher") is not None:
             d["teacher"] = TeacherSettings(**d["teacher"])
+        if d.get("source") is not None:
+            d["source"] = PretrainedSource(**d["source"])
         return cls(**d)
 
 
@@ -285,7 +321,7 @@ class Run:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.tokenizer_path)
+        return load_tokenizer(self.tokenizer_path, require_eot=False)
 
     def model_config(self):
         return load_config(self.model_dir)
@@ -336,8 +372,25 @@ class Run:
                        t.alpha, t.temperature)
 
     def val_windows(self):
+        """The held-out windows the run's loss is measured on (a chat run's with its mask)."""
         return eval_windows(load_split(self.data_dir, self.index, "val"),
-                            self.config.train.seq_len, self.config.eval_tokens)
+                            self.config.train.seq_len, self.config.eval_tokens,
+                            load_masks(self.data_dir, self.index, "val"))
+
+    def source_files(self) -> list[Path]:
+        """The tokenizer files and generation config a run kept from the pretrained model (or
+        the teacher) whose tokenizer it uses (SOURCE_FILES); none for a run with its own."""
+        if not (self.model_dir / "tokenizer_config.json").is_file():
+            return []
+        return [self.tokenizer_path] + [self.model_dir / n for n in SOURCE_FILES
+                                        if n != "tokenizer.json" and (self.model_dir / n).is_file()]
+
+    def specials(self) -> Specials:
+        """The run's special tokens and chat template: the pretrained model's (or teacher's)
+        own, or `<|endoftext|>` for a tokenizer the run trained."""
+        if self.source_files():
+            return folder_specials(self.model_dir, self.tokenizer)
+        return trained_specials(self.tokenizer)
 
 
 def init_run(
@@ -356,16 +409,20 @@ def init_run(
     teacher: str | os.PathLike | None = None,
     distill_alpha: float = TeacherSettings.alpha,
     distill_temperature: float = TeacherSettings.temperature,
+    download: bool = False,
+    data_config: DataConfig | None = None,
 ) -> Run:
     """Create a run: tokenizer, shards, model config and the initial checkpoint (round 0).
 
-    With `from_pretrained` (a local Hugging Face Llama folder with a tokenizer.json) the run
-    uses that folder's tokenizer, config and weights (checkpoint 0), and `preset` only picks
-    the training defaults; with `lora` too, the weights are frozen in model/base.safetensors
-    and the run trains (and the swarm moves) LoRA adapters only. With `teacher` (a local
-    Hugging Face Llama folder) the run distils it: a fresh `preset` student with the teacher's
-    tokenizer, every inner step (the owner's warm start and the volunteers') learning from the
-    teacher's logits; the teacher's weights are kept in model/ for the volunteers to fetch.
+    With `from_pretrained` (a local Hugging Face folder of any causal LM with a tokenizer.json,
+    or a Hub id found in the local cache; `download` fetches a missing one) the run uses that
+    model's tokenizer, special tokens, chat template, config and weights (checkpoint 0, fp32),
+    and `preset` only picks the training defaults; with `lora` too, the weights are frozen in
+    model/base.safetensors and the run trains (and the swarm moves) LoRA adapters only. With
+    `teacher` (a folder or Hub id likewise) the run distils it: a fresh `preset` student with
+    the teacher's tokenizer, every inner step (the owner's warm start and the volunteers')
+    learning from the teacher's logits; the teacher's weights are kept in model/ for the
+    volunteers to fetch. `data_config` sets how the corpus is read and cut (text column, ...).
 
     The steps: the mode and its inputs checked, the folder cleared, the config, the tokenizer
     and shards, the model (LoRA: its frozen base; distillation: the teacher kept), checkpoint
@@ -374,21 +431,27 @@ def init_run(
     get_preset(preset)
     sources = check_sources(data)
     start = _model_start(preset, tokenizer, vocab_size, from_pretrained, lora, teacher,
-                         distill_alpha, distill_temperature)
+                         distill_alpha, distill_temperature, download)
     _clear_run_dir(run_dir, force)
-    cfg = _run_config(run_dir.name, preset, seed, vocab_size, train_overrides, swarm, start)
+    cfg = _run_config(run_dir.name, preset, seed, vocab_size, train_overrides, swarm, start,
+                      data_config)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = start.tokenizer
     if tok is None:
         tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(sources, cfg.data)
     tok.save(str(run_dir / "tokenizer.json"))
-    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress)
+    specials = start.specials or trained_specials(tok)
+    index = build_shards(sources, tok, run_dir / "data", cfg.data, progress=progress,
+                         specials=specials)
     model, meta = _initial_model(model_dir, start, preset, tok, index.eot_id, seed)
+    if start.pretrained is not None or start.teacher_path is not None:
+        _keep_source_files(start.pretrained or start.teacher_path, model_dir)
     if lora is not None:
         cfg, model = _freeze_base(model_dir, cfg, model, lora)
     kept = None
     if teacher is not None:
-        kept = _keep_teacher(teacher, model_dir, distill_alpha, distill_temperature)
+        kept = _keep_teacher(start.teacher_path, model_dir, distill_alpha, distill_temperature,
+                             start.teacher_name)
         cfg = replace(cfg, teacher=kept.settings)
     _checkpoint_zero(run_dir, cfg, model, index, meta, warm=start.pretrained is None,
                      progress=progress, teacher=kept and kept.teacher)
@@ -399,37 +462,41 @@ def init_run(
 @dataclass
 class _ModelStart:
     """What a new run's model starts from, by mode: a preset (a fresh model, its config made
-    once the tokenizer is known); a pretrained folder (`pretrained`: its config, tokenizer and
-    weights); a teacher (a fresh model with the teacher's tokenizer, `teacher_config`)."""
+    once the tokenizer is known); a pretrained folder (`pretrained`: its config, tokenizer,
+    special tokens and weights, `source` its record); a teacher (a fresh model with the
+    teacher's tokenizer, `teacher_config`)."""
 
     context: int  # the longest seq_len the model takes
     what: str  # the model, as the context error names it
-    config: object | None = None  # the pretrained folder's LlamaConfig
+    config: object | None = None  # the pretrained folder's config
     tokenizer: Tokenizer | None = None  # the pretrained folder's or the teacher's
-    pretrained: str | os.PathLike | None = None
+    specials: Specials | None = None  # their special tokens and chat template
+    pretrained: Path | None = None
+    source: PretrainedSource | None = None
     teacher_config: object | None = None
+    teacher_path: Path | None = None
+    teacher_name: str | None = None
 
 
 def _model_start(preset: str, tokenizer, vocab_size, from_pretrained, lora, teacher,
-                 distill_alpha: float, distill_temperature: float) -> _ModelStart:
+                 distill_alpha: float, distill_temperature: float,
+                 download: bool = False) -> _ModelStart:
     """The mode of a new run, its inputs checked (nothing is written for a run that cannot
     be made)."""
     if teacher is not None and from_pretrained is not None:
         raise CrowdtrainError("--teacher trains a fresh student: drop --from-pretrained")
-    teacher_cfg = teacher_tok = None
     if teacher is not None:  # the teacher's tokenizer is the run's; the model is a fresh one
         TeacherSettings("-", "0" * 64, distill_alpha, distill_temperature)  # settings first
-        teacher_cfg, teacher_tok = _check_pretrained(teacher, lora, tokenizer, vocab_size,
-                                                     "--teacher")
-    pretrained = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size)
-    if pretrained is not None:
-        config, tok = pretrained
-        return _ModelStart(config.max_position_embeddings, f"{Path(from_pretrained).name} model",
-                           config, tok, from_pretrained)
-    context = get_preset(preset).context
-    if teacher_cfg is not None:
-        context = min(context, teacher_cfg.max_position_embeddings)
-    return _ModelStart(context, preset, tokenizer=teacher_tok, teacher_config=teacher_cfg)
+        t = _check_pretrained(teacher, lora, tokenizer, vocab_size, "--teacher", download)
+        context = min(get_preset(preset).context, t.config.max_position_embeddings)
+        return _ModelStart(context, preset, tokenizer=t.tokenizer, specials=t.specials,
+                           teacher_config=t.config, teacher_path=t.folder,
+                           teacher_name=t.source.hub_id or t.source.name)
+    pre = _check_pretrained(from_pretrained, lora, tokenizer, vocab_size, download=download)
+    if pre is not None:
+        return _ModelStart(pre.config.max_position_embeddings, f"{pre.source.name} model",
+                           pre.config, pre.tokenizer, pre.specials, pre.folder, pre.source)
+    return _ModelStart(get_preset(preset).context, preset)
 
 
 def _clear_run_dir(run_dir: Path, force: bool) -> None:
@@ -447,24 +514,25 @@ def _clear_run_dir(run_dir: Path, force: bool) -> None:
 
 def _run_config(name: str, preset: str, seed: int, vocab_size: int | None,
                 train_overrides: dict | None, swarm: SwarmConfig | None,
-                start: _ModelStart) -> RunConfig:
+                start: _ModelStart, data_config: DataConfig | None = None) -> RunConfig:
     """The new run's config (before LoRA and the teacher): the preset's training with the
     overrides, the vocabulary of the tokenizer it starts from (or `vocab_size`, or the
     preset's); its seq_len checked against the model's context."""
     train_cfg = PRESET_TRAINING[preset]
     if train_overrides:
         train_cfg = TrainConfig(**{**asdict(train_cfg), **train_overrides, "seed": seed})
-    tok, pretrained = start.tokenizer, start.pretrained
+    tok, source = start.tokenizer, start.source
+    vocab = tok.get_vocab_size() if tok else vocab_size or get_preset(preset).vocab_size
     cfg = RunConfig(
         name=name,
-        preset=PRETRAINED if pretrained is not None else preset,
+        preset=PRETRAINED if source is not None else preset,
         seed=seed,
-        data=DataConfig(vocab_size=tok.get_vocab_size() if tok else
-                        vocab_size or get_preset(preset).vocab_size),
+        data=replace(data_config or DataConfig(), vocab_size=vocab),
         train=train_cfg,
         swarm=swarm or SwarmConfig(),
         created_at=time.time(),
-        base_model=Path(pretrained).name if pretrained is not None else None,
+        base_model=(source.hub_id or source.name) if source is not None else None,
+        source=source,
     )
     if cfg.train.seq_len > start.context:
         raise CrowdtrainError(
@@ -475,12 +543,15 @@ def _run_config(name: str, preset: str, seed: int, vocab_size: int | None,
 def _initial_model(model_dir: Path, start: _ModelStart, preset: str, tok: Tokenizer,
                    eot_id: int, seed: int) -> tuple[torch.nn.Module, dict]:
     """The model of checkpoint 0 (its config saved in model/), and the checkpoint's meta so
-    far: a fresh `preset` model for the run's tokenizer, or the pretrained one."""
+    far: a fresh `preset` model for the run's tokenizer, or the pretrained one (fp32 master
+    weights whatever the dtype of its files)."""
     model_cfg = start.config
     if model_cfg is None:
         vocab = (start.teacher_config.vocab_size if start.teacher_config is not None
                  else tok.get_vocab_size())
-        model_cfg = preset_config(preset, vocab, eot_id)
+        sp = start.specials
+        model_cfg = preset_config(preset, vocab, eot_id, bos_id=sp and sp.bos_id,
+                                  pad_id=sp and sp.pad_id)
     model_cfg.save_pretrained(str(model_dir))
     if start.pretrained is None:
         model, source = build_model(model_cfg, seed=seed), "init"
@@ -490,14 +561,24 @@ def _initial_model(model_dir: Path, start: _ModelStart, preset: str, tok: Tokeni
                    "source": source}
 
 
+def _keep_source_files(src: Path, model_dir: Path) -> None:
+    """Copy the pretrained folder's tokenizer files and generation config into model/, for
+    the export to ship unchanged (tokenizer.json is the run's own, at the run's top)."""
+    for name in SOURCE_FILES:
+        if name != "tokenizer.json" and (src / name).is_file():
+            shutil.copyfile(src / name, model_dir / name)
+
+
 def _freeze_base(model_dir: Path, cfg: RunConfig, model: torch.nn.Module,
                  lora: LoraSettings) -> tuple[RunConfig, torch.nn.Module]:
     """A LoRA run: the pretrained weights frozen in model/base.safetensors (their sha256 in
-    the config), and the model wrapped with the adapters that train and travel."""
+    the config), and the model wrapped with the adapters that train and travel, on the
+    layers `lora` names for this architecture (recorded by name in run.json)."""
     from safetensors.torch import save_file
 
-    from crowdtrain.run.lora import base_sha256, wrap
+    from crowdtrain.run.lora import base_sha256, resolve_targets, wrap
 
+    lora = resolve_targets(lora, model)
     save_file(state_dict_for_save(model), str(model_dir / BASE_FILE),
               metadata={"base_model": cfg.base_model})
     cfg = replace(cfg, lora=lora, base_sha256=base_sha256(model_dir / BASE_FILE))
@@ -518,7 +599,7 @@ def _checkpoint_zero(run_dir: Path, cfg: RunConfig, model: torch.nn.Module, inde
         meta.update(steps=record["steps"], tokens_trained=record["tokens"],
                     source="warm start", warm_start=record)
     val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
-                       cfg.eval_tokens)
+                       cfg.eval_tokens, load_masks(run_dir / "data", index, "val"))
     meta["val_loss"] = evaluate(model, val, torch.device("cpu"))
     save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
 
@@ -529,7 +610,8 @@ class _KeptTeacher:
     teacher: Teacher
 
 
-def _keep_teacher(src, model_dir: Path, alpha: float, temperature: float) -> _KeptTeacher:
+def _keep_teacher(src: Path, model_dir: Path, alpha: float, temperature: float,
+                  name: str | None = None) -> _KeptTeacher:
     """Copy a teacher folder's weights and config into the run (model/teacher.*), as the
     volunteers will load them: safetensors of `state_dict_for_save` plus the config as JSON."""
     from safetensors.torch import save_file
@@ -538,14 +620,26 @@ def _keep_teacher(src, model_dir: Path, alpha: float, temperature: float) -> _Ke
     weights = model_dir / TEACHER_WEIGHTS
     save_file(state_dict_for_save(model), str(weights))
     (model_dir / TEACHER_CONFIG).write_text(json.dumps(model.config.to_dict()))
-    settings = TeacherSettings(Path(src).name, file_sha256(weights), alpha, temperature)
+    settings = TeacherSettings(name or Path(src).name, file_sha256(weights), alpha, temperature)
     return _KeptTeacher(settings, Teacher(model, alpha, temperature))
 
 
+@dataclass
+class _Pretrained:
+    """A checked pretrained model to start from or distil: its local folder, config,
+    tokenizer, special tokens and the record of where it came from."""
+
+    folder: Path
+    config: object
+    tokenizer: Tokenizer
+    specials: Specials
+    source: PretrainedSource
+
+
 def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size,
-                      flag: str | None = None):
-    """(config, tokenizer) of a pretrained folder to start from (or, `flag` "--teacher", to
-    distil), each checked; None without."""
+                      flag: str | None = None, download: bool = False) -> _Pretrained | None:
+    """A pretrained folder or Hub id to start from (or, `flag` "--teacher", to distil), each
+    part checked; None without."""
     flag = flag or "--from-pretrained"
     if src is None:
         if lora is not None:
@@ -556,17 +650,48 @@ def _check_pretrained(src, lora: LoraSettings | None, tokenizer, vocab_size,
     if tokenizer is not None or vocab_size is not None:
         raise CrowdtrainError(f"{flag} uses the model's own tokenizer: drop "
                               "--tokenizer and --vocab-size")
-    src = Path(src)
-    if not src.is_dir():
-        raise CrowdtrainError(f"{flag} {src}: not a folder")
-    config = load_config(src)
-    if config.model_type != "llama":
-        raise CrowdtrainError(f"{src} holds a {config.model_type!r} model; crowdtrain fine-tunes "
-                              "Llama-architecture models (model_type 'llama')")
-    if not (src / "tokenizer.json").is_file():
-        raise CrowdtrainError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer)")
-    tok = load_tokenizer(src / "tokenizer.json")
+    folder, hub_id = resolve_source(src, download, flag)
+    config = load_config(folder)
+    check_causal_lm(config, folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise CrowdtrainError(f"{folder} has no tokenizer.json (a Hugging Face fast tokenizer): "
+                              "save one with AutoTokenizer.from_pretrained(DIR)"
+                              ".save_pretrained(DIR)")
+    tok = load_tokenizer(folder / "tokenizer.json", require_eot=False)
     if tok.get_vocab_size() > config.vocab_size:
-        raise CrowdtrainError(f"the tokenizer of {src} has {tok.get_vocab_size()} tokens, more "
-                              f"than the model's vocab_size {config.vocab_size}")
-    return config, tok
+        raise CrowdtrainError(f"the tokenizer of {folder} has {tok.get_vocab_size()} tokens, "
+                              f"more than the model's vocab_size {config.vocab_size}")
+    source = PretrainedSource(name=folder.name if hub_id is None else hub_id.split("/")[-1],
+                              weights_sha256=weights_sha256(folder),
+                              dtype=source_dtype(config), model_type=config.model_type,
+                              hub_id=hub_id, license=card_license(folder))
+    return _Pretrained(folder, config, tok, folder_specials(folder, tok), source)
+
+
+def weights_sha256(folder: Path) -> str:
+    """A sha256 naming a model folder's weights: over each weight file's name and sha256, in
+    name order (sharded or not)."""
+    import hashlib
+
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise CrowdtrainError(f"{folder} has no weight files (*.safetensors)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name} {file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def card_license(folder: Path) -> str | None:
+    """The license in a model folder's README.md card metadata, if it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        lic = ModelCard.load(str(readme)).data.license
+    except Exception:  # a card that is not valid: no license to carry
+        return None
+    return lic if isinstance(lic, str) and lic else None

@@ -1,10 +1,18 @@
-"""Build the run's causal language model: a transformers Llama from a named preset, or a local
-pretrained Hugging Face folder. Nothing here touches a model hub.
+"""Build the run's causal language model: a transformers Llama from a named preset, or any
+pretrained causal LM that transformers' AutoModelForCausalLM loads from a local folder (Llama,
+Qwen2, Mistral, Gemma, Phi-3, GPT-2, OLMo, ...; sharded or not, bf16, fp16 or fp32 weights).
+
+Training keeps fp32 master weights whatever the source's dtype (bf16 autocast on a GPU, see
+train.py); the wire carries the run's codec of fp32 deltas; the export writes the source's
+dtype back (`source_dtype`). A Hub model id is looked up in the local Hugging Face cache (where
+`huggingface-cli download` puts it); the hub is reached only when the user asks
+(`resolve_source(..., download=True)`, a thin call into huggingface_hub).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +52,10 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_config(name: str, vocab_size: int, eot_id: int) -> LlamaConfig:
+def preset_config(name: str, vocab_size: int, eot_id: int, bos_id: int | None = None,
+                  pad_id: int | None = None) -> LlamaConfig:
+    """A Llama of preset `name`; `eot_id` ends documents (and begins and pads them unless the
+    tokenizer has its own `bos_id` and `pad_id`)."""
     p = get_preset(name)
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -56,9 +67,9 @@ def preset_config(name: str, vocab_size: int, eot_id: int) -> LlamaConfig:
         max_position_embeddings=p.context,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=eot_id,
+        bos_token_id=eot_id if bos_id is None else bos_id,
         eos_token_id=eot_id,
-        pad_token_id=eot_id,
+        pad_token_id=eot_id if pad_id is None else pad_id,
         initializer_range=0.02,
     )
 
@@ -79,9 +90,58 @@ def build_model(config, seed: int = 0) -> PreTrainedModel:
     return model
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(config) -> str:
+    """The dtype a pretrained folder's weights are stored in (config `dtype`, formerly
+    `torch_dtype`): "bfloat16", "float16" or "float32" (the default when it says nothing)."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(d).removeprefix("torch.") if d is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def check_causal_lm(config, where: str | os.PathLike) -> None:
+    """CrowdtrainError unless transformers has a causal-LM class for `config`'s architecture."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CrowdtrainError(f"{where} holds a {config.model_type!r} model, which is not a "
+                              "causal language model transformers' AutoModelForCausalLM knows")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_source(src: str | os.PathLike, download: bool = False,
+                   flag: str = "--from-pretrained") -> tuple[Path, str | None]:
+    """(local folder, Hub id or None) of a pretrained model given as a folder or a Hub id
+    (`org/name`). An id is resolved from the local Hugging Face cache; with `download`, a
+    missing one is downloaded first (huggingface_hub.snapshot_download)."""
+    p = Path(src)
+    if p.exists() or not HUB_ID.match(str(src)):
+        if not p.is_dir():
+            raise CrowdtrainError(f"{flag} {src}: not a folder (pass a model folder or a Hub "
+                                  "id such as Qwen/Qwen2.5-0.5B)")
+        return p, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo = str(src)
+    try:
+        return Path(snapshot_download(repo, local_files_only=not download)), repo
+    except LocalEntryNotFoundError:
+        raise CrowdtrainError(f"{repo} is not in the local Hugging Face cache: download it "
+                              f"with `huggingface-cli download {repo}`, or pass --download"
+                              ) from None
+    except Exception as e:  # network, authorisation, a gated or missing repository
+        raise CrowdtrainError(f"cannot download {repo} ({type(e).__name__}: {e})") from None
+
+
 def load_pretrained(model_dir: str | os.PathLike) -> PreTrainedModel:
+    """A pretrained folder's model with fp32 weights (the master copy training updates)."""
     p = Path(model_dir)
-    load_config(p)  # clear error if it is not a model folder
+    check_causal_lm(load_config(p), p)  # clear error if it is not a causal LM folder
     try:
         return AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
                                                     dtype=torch.float32)

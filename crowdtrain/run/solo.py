@@ -13,7 +13,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crowdtrain.run.checkpoint import save_checkpoint
-from crowdtrain.run.data import get_batch, load_split, unigram_loss
+from crowdtrain.run.data import get_batch, load_masks, load_split, unigram_loss
 from crowdtrain.run.folder import Run
 from crowdtrain.run.interrupt import GracefulInterrupt
 from crowdtrain.run.model import state_dict_for_save
@@ -51,6 +51,7 @@ def train_local(
     if steps is None:
         steps = max(cfg.total_steps - start, 0) or cfg.total_steps
     train = load_split(run.data_dir, run.index, "train")
+    masks = load_masks(run.data_dir, run.index, "train")  # a chat run's: the answers only
     unigram = unigram_loss(train, load_split(run.data_dir, run.index, "val"),
                            run.index.vocab_size)
     loop = InnerLoop(model, cfg, dev, teacher=run.load_teacher())  # a distillation run: KD
@@ -61,7 +62,7 @@ def train_local(
     interrupted = False
 
     def batches(step: int):
-        return get_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        return get_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, masks)
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn()]

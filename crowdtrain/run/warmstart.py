@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crowdtrain.run.data import ShardIndex, get_batch, load_split
+from crowdtrain.run.data import ShardIndex, get_batch, load_masks, load_split
 from crowdtrain.run.train import InnerLoop, Teacher, TrainConfig, pick_device
 
 
@@ -30,6 +30,7 @@ def warm_start(model: torch.nn.Module, data_dir: Path, index: ShardIndex, cfg: T
     big = dataclasses.replace(cfg, batch_size=cfg.batch_size * batch_multiple)
     dev = pick_device(device)
     train = load_split(data_dir, index, "train")
+    masks = load_masks(data_dir, index, "train")  # a chat run's: loss on the answers only
     loop = InnerLoop(model, big, dev, teacher=teacher)  # a distillation run distils here too
     columns = [TextColumn("[bold]warm start"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
@@ -39,7 +40,7 @@ def warm_start(model: torch.nn.Module, data_dir: Path, index: ShardIndex, cfg: T
               "any volunteer joins (`init --warm-start 0` skips it)", flush=True)
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("warm", total=steps, loss="-")
-        st = loop.run(lambda s: get_batch(train, big.batch_size, big.seq_len, seed, s), 0,
+        st = loop.run(lambda s: get_batch(train, big.batch_size, big.seq_len, seed, s, masks), 0,
                       steps, on_step=lambda s, loss: bar.update(task, completed=s + 1,
                                                                loss=f"{loss:.3f}"))
     model.to("cpu")

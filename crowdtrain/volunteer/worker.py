@@ -167,6 +167,7 @@ class Worker:
         self._ranks_have_optimizer = False
         self.residual: dict[str, torch.Tensor] | None = None
         self.shard_data: dict[str, np.ndarray] = {}
+        self.mask_data: dict[str, np.ndarray] = {}
         self.tokens_per_s: float | None = None
         self.summary = WorkerSummary()
 
@@ -294,24 +295,37 @@ class Worker:
         log.info("downloaded the model of round %d (%.1f MB)", self.theta_round,
                  len(r.content) / 1e6)
 
-    def _shards(self, names: list[str]) -> list[np.ndarray]:
+    def _shards(self, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """The lease's shards (and a chat run's loss masks), from the cache or the coordinator,
+        each sha256-checked."""
         by_name = {s.name: s for s in self.info.train_shards}
-        out = []
         for name in names:
             if name not in self.shard_data:
                 s = by_name[name]
-                p = self.local.shards / f"{s.sha256}.bin"
-                if p.is_file():
-                    data = p.read_bytes()
-                else:
-                    data = self.client.call("GET", protocol.SHARD.format(sha256=s.sha256)).content
-                verify_sha256(data, s.sha256, f"shard {name}")
-                if not p.is_file():
-                    self.local.shards.mkdir(parents=True, exist_ok=True)
-                    atomic_write(p, data)
+                data = self._fetch_cached(s.sha256, ".bin", f"shard {name}")
                 self.shard_data[name] = np.frombuffer(data, dtype=self.info.dtype)
-            out.append(self.shard_data[name])
-        return out
+                if s.mask_sha256:
+                    mask = self._fetch_cached(s.mask_sha256, ".mask", f"loss mask of {name}")
+                    if len(mask) != s.tokens:
+                        raise CrowdtrainError(f"the loss mask of shard {name} has {len(mask)} "
+                                              f"entries for {s.tokens} tokens; tell the run's "
+                                              "owner")
+                    self.mask_data[name] = np.frombuffer(mask, dtype=np.uint8)
+        shards = [self.shard_data[n] for n in names]
+        if not any(by_name[n].mask_sha256 for n in names):
+            return shards, None
+        return shards, [self.mask_data[n] for n in names]
+
+    def _fetch_cached(self, sha256: str, suffix: str, what: str) -> bytes:
+        """A file the coordinator serves by sha256 (a shard or a mask), kept in the cache."""
+        p = self.local.shards / f"{sha256}{suffix}"
+        data = p.read_bytes() if p.is_file() else \
+            self.client.call("GET", protocol.SHARD.format(sha256=sha256)).content
+        verify_sha256(data, sha256, what)
+        if not p.is_file():
+            self.local.shards.mkdir(parents=True, exist_ok=True)
+            atomic_write(p, data)
+        return data
 
     def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
         """The contribution in the run's codec (and, sparse, its block, k and bits); with error
@@ -336,7 +350,7 @@ class Worker:
             if self.theta_round != lease.round:
                 log.info("round %d closed while syncing; asking for a new lease", lease.round)
                 return
-            shards = self._shards(lease.shards)
+            shards, masks = self._shards(lease.shards)
             load_into(self.model, self.theta)
             self._save_params()
             if self.ranks is not None:
@@ -344,7 +358,7 @@ class Worker:
 
             def batches(step: int):
                 return get_batch(shards, self.tcfg.batch_size, self.tcfg.seq_len, lease.seed,
-                                 step)
+                                 step, masks)
 
             def on_step(step: int, loss: float) -> None:
                 beat.step = step - lease.start_step + 1
@@ -413,6 +427,8 @@ class Worker:
         self.ranks.bcast_json({
             "cmd": "round", "lease": lease.model_dump(mode="json"),
             "shards": [str(self.local.shards / f"{by_name[n].sha256}.bin") for n in lease.shards],
+            "masks": [str(self.local.shards / f"{by_name[n].mask_sha256}.mask")
+                      for n in lease.shards] if by_name[lease.shards[0]].mask_sha256 else None,
             "optimizer": {k: list(v.shape) for k, v in opt.items()} if opt else None})
         self.ranks.bcast_tensors(self.theta, self.shapes)
         if opt:
@@ -493,8 +509,9 @@ def codec_options(schedule: protocol.SwarmSchedule) -> dict[str, int]:
     return opts
 
 
-def _batch(shards: list[np.ndarray], tcfg: TrainConfig, seed: int, step: int):
-    return get_batch(shards, tcfg.batch_size, tcfg.seq_len, seed, step)
+def _batch(shards: list[np.ndarray], masks: list[np.ndarray] | None, tcfg: TrainConfig,
+           seed: int, step: int):
+    return get_batch(shards, tcfg.batch_size, tcfg.seq_len, seed, step, masks)
 
 
 def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
@@ -529,6 +546,8 @@ def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
         if msg["optimizer"]:
             loop.load_optimizer_tensors(ranks.bcast_tensors(None, msg["optimizer"]))
         shards = [np.fromfile(p, dtype=info.dtype) for p in msg["shards"]]
-        loop.run(functools.partial(_batch, shards, tcfg, lease.seed), lease.start_step,
+        masks = [np.fromfile(p, dtype=np.uint8) for p in msg["masks"]] \
+            if msg.get("masks") else None
+        loop.run(functools.partial(_batch, shards, masks, tcfg, lease.seed), lease.start_step,
                  lease.max_steps)
         rounds += 1

@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 # v2: int4 contributions, distillation runs, LeaseRequest.resume; v3: sparse contributions
-# (SwarmSchedule.sparse_k and sparse_bits)
-API_VERSION = 3
+# (SwarmSchedule.sparse_k and sparse_bits); v4: loss masks of chat data (ShardInfo.mask_sha256)
+API_VERSION = 4
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -53,10 +53,13 @@ INT64_MAX = 2**63 - 1  # what SQLite stores; larger numbers are refused at the b
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
-def min_api_version(codec: str, teacher: bool = False) -> int:
-    """The oldest worker API that can take part in a run whose contributions are in `codec`
-    and that distils a `teacher` (int4 and distillation came with v2: a v1 worker would ignore
-    the teacher; the sparse codec with v3)."""
+def min_api_version(codec: str, teacher: bool = False, masked: bool = False) -> int:
+    """The oldest worker API that can take part in a run whose contributions are in `codec`,
+    that distils a `teacher` and whose shards carry loss masks (`masked`: int4 and
+    distillation came with v2: a v1 worker would ignore the teacher; the sparse codec with v3;
+    loss masks with v4: an older worker would train on every token)."""
+    if masked:
+        return 4
     if codec == "sparse":
         return 3
     return 2 if codec == "int4" or teacher else MIN_API_VERSION
@@ -73,6 +76,9 @@ class ShardInfo(BaseModel):
     name: str
     sha256: str
     tokens: int
+    mask_sha256: str | None = Field(None, description="a chat run's loss mask of this shard "
+                                    "(one byte per token, 1: the target there carries loss), "
+                                    "fetched like a shard, by its sha256")
 
 
 class SwarmSchedule(BaseModel):
