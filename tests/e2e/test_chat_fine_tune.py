@@ -1,7 +1,8 @@
 """Chat fine-tuning of an open model on `messages` data, and parquet input, end to end on real
-files: init renders each conversation with the model's own chat template (transformers ships
-none, so the family writes one: ChatML, as Qwen2's), the loss falls on the assistant's tokens
-only, training runs, and the export carries the chat template unchanged."""
+files and processes: init renders each conversation with the model's own chat template
+(transformers ships none, so the family writes one: ChatML, as Qwen2's), the loss falls on the
+assistant's tokens only, the masks travel to two volunteer processes with the shards, the
+held-out loss on the answers falls, and the export carries the chat template unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from families import CHATML, make_family
 
 from crowdtrain.run.data import load_masks, load_split, mask_name
@@ -42,17 +44,20 @@ def qwen(tmp_path_factory):
 
 @pytest.mark.slow
 def test_chat_fine_tuning_trains_on_the_assistant_turns_only(qwen, tmp_path):
+    from swarm_helpers import Swarm
     from transformers import AutoTokenizer
 
     from crowdtrain.publish.export import export_model
-    from crowdtrain.run.solo import train_local
+    from crowdtrain.run.train import evaluate
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations(600)), encoding="utf-8")
     run = init_run(tmp_path / "run", [data], preset="tiny", from_pretrained=qwen,
-                   progress=False, swarm=SwarmConfig(warm_start=0),
-                   train_overrides={"lr": 3e-3, "warmup_steps": 2, "total_steps": 40,
-                                    "batch_size": 8, "seq_len": 64})
+                   progress=False, train_overrides={"lr": 3e-3, "warmup_steps": 2,
+                                                    "total_steps": 40, "batch_size": 8,
+                                                    "seq_len": 64},
+                   swarm=SwarmConfig(warm_start=0, inner_steps=20, rounds=2,
+                                     round_seconds=90, min_contributions=2))
     index = run.index
     assert index.masked and all(e.mask_sha256 for e in index.train + index.val)
     assert all((run.data_dir / mask_name(e.name)).is_file() for e in index.train)
@@ -74,9 +79,22 @@ def test_chat_fine_tuning_trains_on_the_assistant_turns_only(qwen, tmp_path):
         assert word in unmasked
     assert "The sum of" not in unmasked.replace("Tell me the sum of", "")
 
-    before = run.load_model()[1].meta["val_loss"]
-    res = train_local(run, steps=40, progress=False, eval_every=40)
-    assert res.val_loss < before - 0.3, (before, res.val_loss)
+    s = Swarm(run, tmp_path)
+    try:
+        s.serve()
+        for name in ("ann", "ben"):
+            s.join(name)
+        for name in ("ann", "ben"):
+            assert s.wait(name) == 0, s.log(name)
+            assert "the run finished at round 2" in s.log(name)
+            # each volunteer fetched the loss masks of its shards, sha256-checked
+            cached = {p.name for p in (s.home(name) / "shards").iterdir()}
+            assert {f"{e.mask_sha256}.mask" for e in index.train} & cached
+    finally:
+        s.stop()
+    losses = [evaluate(run.load_model(r)[0], run.val_windows(), torch.device("cpu"))
+              for r in (0, 2)]
+    assert losses[1] < losses[0] - 0.3, losses  # the answers' loss (masked evaluation)
     out = export_model(run, tmp_path / "export", evaluate=False)
     assert (out / "chat_template.jinja").read_text() == CHATML
     exported = AutoTokenizer.from_pretrained(str(out))
