@@ -99,6 +99,12 @@ def test_a_family_fine_tunes_on_the_swarm_and_exports_in_its_own_family(
     assert report.ok, report.failure
     card = (out / "README.md").read_text()
     assert f"tiny-{family}" in card and f"license: {FAMILIES[family].license}" in card
+    from crowdtrain.publish.evaluate import evaluate_model
+    from crowdtrain.publish.generate import generate_text
+
+    assert evaluate_model(out, [text]).tokens > 1000  # `crowdtrain eval` on the export
+    sample = generate_text(out, "The swarm", max_new_tokens=8)
+    assert sample.startswith("The swarm") and len(sample) > len("The swarm")
     if not lora:
         check_gguf(run, family, want, ids, tmp_path)
 

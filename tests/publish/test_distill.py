@@ -75,3 +75,35 @@ def test_a_distillation_run_refuses_settings_it_cannot_honour(teacher, corpus, t
         init_run(tmp_path / "d", [corpus], preset="tiny", teacher=teacher, distill_alpha=1.5,
                  progress=False)
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("student", ["preset", "gemma-config"])
+def test_a_teacher_of_any_family_distils_into_a_preset_or_any_architecture(student, corpus,
+                                                                           tmp_path):
+    """A Qwen2 teacher (its own tokenizer and special tokens, no bos) distils into a preset
+    Llama or, from a config.json, a Gemma student; the student ships the teacher's tokenizer
+    files unchanged and its special ids, and loads with AutoModelForCausalLM."""
+    import json
+
+    from families import FAMILIES, make_config, make_family
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = make_family("qwen2", tmp_path / "tiny-qwen2")
+    cfg = DistillConfig(steps=6, batch_size=4, seq_len=32)
+    if student == "gemma-config":
+        c = make_config(FAMILIES["gemma"], 64, None, 1, None)
+        (tmp_path / "student.json").write_text(c.to_json_string())
+        cfg = DistillConfig(steps=6, batch_size=4, seq_len=32,
+                            student_config=str(tmp_path / "student.json"))
+    res = distill(teacher, [corpus], cfg, tmp_path / "student")
+    out = res.out_dir
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    want = "GemmaForCausalLM" if student == "gemma-config" else "LlamaForCausalLM"
+    assert type(model).__name__ == want
+    tconf = json.loads((teacher / "config.json").read_text())
+    assert model.config.vocab_size == tconf["vocab_size"]
+    assert model.config.eos_token_id == tconf["eos_token_id"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (teacher / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
+    assert res.student.tokens > 0 and res.teacher.tokens == res.student.tokens
