@@ -73,8 +73,10 @@ def test_a_sparse_run_takes_only_workers_of_api_v3_and_tells_them_k_and_bits(tin
             "sparse", 4096, 82, 4)
         r = c.post(protocol.JOIN, json={"name": "new", "device": "cpu", "api_version": 3})
         assert r.status_code == 200
-    assert protocol.min_api_version("sparse") == 3 == protocol.API_VERSION
+    assert protocol.min_api_version("sparse") == 3 < protocol.API_VERSION
     assert protocol.min_api_version("int8") == 1 and protocol.min_api_version("int4") == 2
+    # a chat run's loss masks came with v4: an older worker would train on every token
+    assert protocol.min_api_version("int8", masked=True) == 4 == protocol.API_VERSION
 
 
 def test_auth_and_input_validation(client):
