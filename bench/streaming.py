@@ -73,7 +73,7 @@ def make_corpus(folder: Path, size: int, fmt: str, seed: int = 0) -> tuple[Path,
         schema = pa.schema([("text", pa.string())])
         with pq.ParquetWriter(tmp, schema) as w:
             while written < size:
-                batch = [next(docs) for _ in range(2000)]
+                batch = [next(docs) for _ in range(200)]
                 w.write_table(pa.table({"text": batch}, schema=schema))
                 n += len(batch)
                 written += sum(len(d.encode("utf-8")) for d in batch)
@@ -91,12 +91,20 @@ def make_corpus(folder: Path, size: int, fmt: str, seed: int = 0) -> tuple[Path,
 
 
 def init_command(run_dir: Path, corpus: Path, tokenizer: Path, via: str) -> list[str]:
+    """The child's command: `crowdtrain init` ("cli"), init_run in `python -c` ("python"), or
+    only what turns the corpus into shards ("shards": check_sources + build_shards)."""
     if via == "cli":
         return [sys.executable, "-m", "crowdtrain", "init", str(run_dir), "--data", str(corpus),
                 "--tokenizer", str(tokenizer), "--preset", "tiny", "--warm-start", "0", "-q"]
-    code = ("import sys; from crowdtrain.run.folder import SwarmConfig, init_run; "
-            "init_run(sys.argv[1], [sys.argv[2]], preset='tiny', tokenizer=sys.argv[3], "
-            "progress=False, swarm=SwarmConfig(warm_start=0.0))")
+    if via == "python":
+        code = ("import sys; from crowdtrain.run.folder import SwarmConfig, init_run; "
+                "init_run(sys.argv[1], [sys.argv[2]], preset='tiny', tokenizer=sys.argv[3], "
+                "progress=False, swarm=SwarmConfig(warm_start=0.0))")
+    else:
+        code = ("import sys; from crowdtrain.run.data import DataConfig, build_shards, "
+                "check_sources, load_tokenizer; build_shards(check_sources([sys.argv[2]]), "
+                "load_tokenizer(sys.argv[3]), sys.argv[1] + '/data', DataConfig(), "
+                "progress=False)")
     return [sys.executable, "-c", code, str(run_dir), str(corpus), str(tokenizer)]
 
 
@@ -115,17 +123,71 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
+def run_mode(folder: Path, sizes: list[int], fmt: str, tokenizer: Path, via: str,
+             keep: bool) -> dict:
+    """Every size in one mode: the rows, the markdown table and the verdict lines."""
+    print(f"\n## {VIA[via]}", flush=True)
+    rows = []
+    for size in [10**6, *sizes]:
+        t0 = time.perf_counter()
+        corpus, docs = make_corpus(folder, size, fmt)
+        made = time.perf_counter() - t0
+        run_dir = folder / f"run-{size}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        wall, rss = measure(init_command(run_dir, corpus, tokenizer, via))
+        index = json.loads((run_dir / "data" / "index.json").read_text())
+        tokens = sum(e["tokens"] for e in index["train"] + index["val"])
+        mb = corpus.stat().st_size / 1e6
+        rows.append({"size": size, "mb": mb, "docs": docs, "tokens": tokens,
+                     "shards": len(index["train"]) + len(index["val"]), "wall": wall,
+                     "rss": rss})
+        print(f"{mb:9.1f} MB {fmt}: {docs:,} documents, {tokens:,} tokens, child "
+              f"{wall:.1f} s ({mb / wall:.2f} MB/s), peak RSS {rss:.0f} MB "
+              f"(corpus ready in {made:.0f} s)", flush=True)
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    base = rows[0]["rss"]
+    growth = [r["rss"] - base for r in rows]
+    table = ["| corpus | documents | tokens | shards | wall | MB/s | peak RSS | growth over "
+             "the 1 MB baseline |", "|---|---|---|---|---|---|---|---|"]
+    for r, g in zip(rows, growth, strict=True):
+        table.append(f"| {r['mb']:,.1f} MB {fmt} | {r['docs']:,} | {r['tokens']:,} | "
+                     f"{r['shards']:,} | {r['wall']:.1f} s | {r['mb'] / r['wall']:.2f} | "
+                     f"{r['rss']:,.0f} MB | {g:+,.0f} MB |")
+    verdict = [f"- peak RSS growth at most {RSS_GROWTH_LIMIT_MB} MB over the baseline at every "
+               f"size: {'met' if max(growth) <= RSS_GROWTH_LIMIT_MB else 'NOT met'} (largest "
+               f"{max(growth):+,.0f} MB)"]
+    if len(rows) > 2:
+        ratio = rows[-1]["rss"] / rows[-2]["rss"]
+        verdict.append(
+            f"- the largest corpus' peak RSS / the next one's, close to 1 (at most "
+            f"{RATIO_LIMIT}): {'met' if ratio <= RATIO_LIMIT else 'NOT met'} ({ratio:.3f} for "
+            f"{rows[-1]['mb']:,.0f} MB vs {rows[-2]['mb']:,.0f} MB)")
+    print("\n" + "\n".join(table + [""] + verdict), flush=True)
+    return {"via": via, "rows": rows, "table": table, "verdict": verdict}
+
+
+VIA = {"cli": "`crowdtrain init`", "python": "init_run in `python -c`",
+       "shards": "the data alone: check_sources + build_shards in `python -c`"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100M,1G", help="corpus sizes after the 1M baseline")
     ap.add_argument("--format", default="jsonl", choices=("jsonl", "parquet", "txt"))
-    ap.add_argument("--dir", type=Path, help="where corpora and runs go (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the corpora and runs")
-    ap.add_argument("--via", default="cli", choices=("cli", "python"),
-                    help="run `crowdtrain init`, or init_run in `python -c`")
+    ap.add_argument("--dir", type=Path, help="where corpora and runs go (default: a temp dir, "
+                                             "removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the runs")
+    ap.add_argument("--via", default="cli,shards",
+                    help="the children, comma-separated: cli (`crowdtrain init`), python "
+                         "(init_run in `python -c`), shards (check_sources + build_shards)")
     ap.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
+    modes = a.via.split(",")
+    if not set(modes) <= set(VIA):
+        ap.error(f"--via: choose from {', '.join(VIA)}")
     folder = a.dir or Path(tempfile.mkdtemp(prefix="crowdtrain-streaming-"))
     folder.mkdir(parents=True, exist_ok=True)
     started, start_load = time.strftime("%Y-%m-%d %H:%M"), load()
@@ -133,72 +195,22 @@ def main() -> None:
           f"# {start_load} at start, {started}; corpora in {folder}", flush=True)
     tokenizer = folder / "tokenizer.json"
     train_tokenizer([default_corpus()], DataConfig(vocab_size=4096)).save(str(tokenizer))
-    rows = []
-    for size in [10**6, *sizes]:
-        t0 = time.perf_counter()
-        corpus, docs = make_corpus(folder, size, a.format)
-        made = time.perf_counter() - t0
-        run_dir = folder / f"run-{size}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        wall, rss = measure(init_command(run_dir, corpus, tokenizer, a.via))
-        index = json.loads((run_dir / "data" / "index.json").read_text())
-        tokens = sum(e["tokens"] for e in index["train"] + index["val"])
-        mb = corpus.stat().st_size / 1e6
-        rows.append({"size": size, "mb": mb, "docs": docs, "tokens": tokens,
-                     "shards": len(index["train"]) + len(index["val"]), "wall": wall,
-                     "rss": rss})
-        print(f"{mb:9.1f} MB {a.format}: {docs:,} documents, {tokens:,} tokens, init "
-              f"{wall:.1f} s ({mb / wall:.2f} MB/s), peak RSS {rss:.0f} MB "
-              f"(corpus made in {made:.0f} s)", flush=True)
-        if not a.keep:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    base = rows[0]["rss"]
-    growth = [r["rss"] - base for r in rows]
-    ratio = rows[-1]["rss"] / rows[-2]["rss"] if len(rows) > 2 else float("nan")
-    ok_growth = all(g <= RSS_GROWTH_LIMIT_MB for g in growth)
-    ok_ratio = len(rows) > 2 and ratio <= RATIO_LIMIT
-    table = ["| corpus | documents | tokens | shards | init wall | MB/s | peak RSS | growth over "
-             "the 1 MB baseline |", "|---|---|---|---|---|---|---|---|"]
-    for r, g in zip(rows, growth, strict=True):
-        table.append(f"| {r['mb']:,.1f} MB {a.format} | {r['docs']:,} | {r['tokens']:,} | "
-                     f"{r['shards']} | {r['wall']:.1f} s | {r['mb'] / r['wall']:.2f} | "
-                     f"{r['rss']:,.0f} MB | {g:+,.0f} MB |")
-    verdict = [
-        f"- peak RSS growth at most {RSS_GROWTH_LIMIT_MB} MB over the baseline at every size: "
-        f"{'met' if ok_growth else 'NOT met'} (largest {max(growth):+,.0f} MB)",
-        f"- the largest corpus' peak RSS / the next one's, close to 1 (at most {RATIO_LIMIT}): "
-        f"{'met' if ok_ratio else 'NOT met'} ({ratio:.3f} for {rows[-1]['mb']:,.0f} MB vs "
-        f"{rows[-2]['mb']:,.0f} MB)" if len(rows) > 2 else "- ratio: needs two sizes",
-    ]
-    print("\n" + "\n".join(table + [""] + verdict))
+    results = [run_mode(folder, sizes, a.format, tokenizer, via, a.keep) for via in modes]
+    if a.dir is None:
+        shutil.rmtree(folder, ignore_errors=True)
     if a.no_write:
         return
-    cmd = "python bench/streaming.py " + " ".join(sys.argv[1:])
-    RESULTS.write_text("\n".join([
-        "# Streaming the corpus: `crowdtrain init` on 100 MB and 1 GB",
-        "",
-        (__doc__ or "").split("\n\n")[1].replace("\n", " ").strip(),
-        "",
-        f"Machine: {machine()}; shared with other sessions' jobs ({start_load} at the start, "
-        f"{load()} at the end). Run {started}.",
-        "",
-        "```bash",
-        cmd.strip(),
-        "```",
-        "",
-        "Each child: `python " + " ".join(
-            init_command(Path("RUN"), Path("CORPUS"), Path("TOK"), a.via)[1:]) + "`",
-        "",
-        *table,
-        "",
-        "Targets:",
-        "",
-        *verdict,
-        "",
-    ]), encoding="utf-8")
+    lines = ["# Streaming the corpus: `crowdtrain init` on 100 MB and 1 GB", "",
+             (__doc__ or "").split("\n\n")[1].replace("\n", " ").strip(), "",
+             f"Machine: {machine()}; shared with other sessions' jobs ({start_load} at the "
+             f"start, {load()} at the end). Run {started}.", "", "```bash",
+             ("python bench/streaming.py " + " ".join(sys.argv[1:])).strip(), "```"]
+    for r in results:
+        cmd = " ".join(init_command(Path("RUN"), Path("CORPUS"), Path("TOK"), r["via"])[1:])
+        lines += ["", f"## {VIA[r['via']]}", "", f"Each child: `python {cmd}`", "",
+                  *r["table"], "", "Targets:", "", *r["verdict"]]
+    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"\nwritten: {RESULTS}")
-    if not a.keep and a.dir is None:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

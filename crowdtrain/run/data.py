@@ -16,7 +16,8 @@ Owns everything between data on disk and integer tensors for the model:
   token of a text document), 0 elsewhere (system and user turns; see crowdtrain.run.chat);
 - reading a shard (and its mask) back with its hash verified, and drawing a batch that depends
   only on (shards, seed, step), so any machine given the same shard reproduces the same batch;
-  masked targets are -100 (what F.cross_entropy ignores).
+  masked targets are -100 (what F.cross_entropy ignores). Held-out windows come from loaded
+  shards (`eval_windows`) or straight from the data folder, a shard at a time (`split_windows`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = 2  # 2: bos_id, masked, mask_sha256; format 1 (no masks) still loads
 INDEX_FORMATS = (1, 2)
 IGNORE = -100  # the target of a masked position (F.cross_entropy's ignore_index)
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def default_corpus() -> Path:
@@ -628,7 +630,7 @@ def _check_masks(shards: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> N
 def get_batch(
     shards: Sequence[np.ndarray], batch_size: int, seq_len: int, seed: int, step: int,
     masks: Sequence[np.ndarray] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Batch:
     """Random (input, target) windows; a pure function of (shards, masks, batch_size, seq_len,
     seed, step).
 
@@ -661,7 +663,7 @@ def get_batch(
 def eval_windows(
     shards: Sequence[np.ndarray], seq_len: int, max_tokens: int,
     masks: Sequence[np.ndarray] | None = None,
-) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[torch.Tensor] | Iterator[Batch]:
     """Consecutive non-overlapping (seq_len + 1)-token windows of the validation data; with
     `masks`, (input, target) pairs whose masked targets are -100."""
     if masks is not None:
@@ -683,6 +685,24 @@ def _windows(shards, seq_len, max_tokens, masks):
                 y[torch.from_numpy(masks[j][start + 1 : start + seq_len + 1] == 0)] = IGNORE
                 yield w[:-1], y
             budget -= seq_len
+
+
+def split_windows(data_dir: str | os.PathLike, index: ShardIndex, split: str, seq_len: int,
+                  max_tokens: int) -> Iterator[torch.Tensor] | Iterator[Batch]:
+    """`eval_windows` of a split (with its masks when the index has them), its shards read one
+    at a time as the windows reach them: the same windows as eval_windows(load_split(...),
+    seq_len, max_tokens, load_masks(...)), without reading the whole split (a large corpus'
+    validation split need not sit in memory for `max_tokens` of it)."""
+    entries = index.train if split == "train" else index.val
+    budget = max_tokens
+    for e in entries:
+        if budget < seq_len:
+            return
+        shard = read_shard(data_dir, e, index.dtype)
+        masks = [read_mask(data_dir, e)] if index.masked else None
+        for w in _windows([shard], seq_len, budget, masks):
+            budget -= seq_len
+            yield w
 
 
 def unigram_loss(train: Sequence[np.ndarray], val: Sequence[np.ndarray], vocab_size: int) -> float:

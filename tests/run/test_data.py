@@ -27,6 +27,7 @@ from crowdtrain.run.data import (
     mask_name,
     read_mask,
     read_shard,
+    split_windows,
     train_tokenizer,
     trained_specials,
     unigram_loss,
@@ -402,3 +403,26 @@ def test_corrupt_masks_are_detected(tmp_path, family_dirs):
     p.unlink()
     with pytest.raises(CrowdtrainError, match="is missing"):
         load_masks(tmp_path / "data", idx, "train")
+
+
+def test_split_windows_read_only_the_shards_they_need(tmp_path, family_dirs):
+    _, tok, sp = family(family_dirs, "qwen2")
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"messages": chat}) + "\n" + json.dumps(
+        {"text": f"text {i} " * 30}) + "\n" for i in range(600)))
+    out = tmp_path / "data"
+    idx = build_shards([src], tok, out, DataConfig(shard_tokens=1024), progress=False,
+                       specials=sp)
+    assert idx.masked and len(idx.val) >= 4
+    for split, budget in (("val", 2500), ("val", 10**9), ("train", 700)):
+        whole = list(eval_windows(load_split(out, idx, split), 64, budget,
+                                  load_masks(out, idx, split)))
+        lazy = list(split_windows(out, idx, split, 64, budget))
+        assert len(lazy) == len(whole) > 0
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                   for a, b in zip(lazy, whole, strict=True))
+    # only what the budget reaches is read: the shards past it may be gone
+    for e in idx.val[3:]:  # 2500 // 64 = 39 windows: 15 from each of the first three
+        (out / e.name).unlink()
+    assert len(list(split_windows(out, idx, "val", 64, 2500))) == 2500 // 64
