@@ -54,6 +54,7 @@ class Recipe:
     up: str = "int8"
     down: str = "int8"
     warm: int = 0
+    ef_decay: float = 1.0  # the workers' error-feedback decay (sparse uploads; 1: plain EF)
 
     @property
     def steps(self) -> int:
@@ -139,8 +140,9 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
                 worker_tokens += st.tokens
             params = state_dict_for_save(loop.model)
             delta = {k: theta[k] - params[k] for k in theta}
-            if worker_residual[w] is not None and recipe.up != "fp32":
-                delta = {k: delta[k] + worker_residual[w][k] for k in delta}
+            if recipe.up != "fp32":
+                decay = recipe.ef_decay if recipe.up.startswith("sparse") else 1.0
+                delta = codecs.accumulate(delta, worker_residual[w], decay)
             got, nbytes = transmit(delta, recipe.up, shapes)
             sent += nbytes
             worker_residual[w] = {k: delta[k] - got[k] for k in delta}
@@ -160,20 +162,22 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
 
 
 def parse_recipe(spec: str, steps: int, h: int) -> Recipe:
-    """NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN]]]] -> a Recipe over `steps` steps at mean
-    H `h` (GROWTH = last H / first H of a geometric schedule; WARM = owner steps; CODEC the
-    uploads' and, unless DOWN names another, the updates' codec: specs of `codec_options`)."""
+    """NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN[:DECAY]]]]] -> a Recipe over `steps` steps at
+    mean H `h` (GROWTH = last H / first H of a geometric schedule; WARM = owner steps; CODEC the
+    uploads' and, unless DOWN names another (empty: the same), the updates' codec: specs of
+    `codec_options`; DECAY the workers' error-feedback decay with sparse uploads, default 1)."""
     f = spec.split(":")
     lr, mom = float(f[1]), float(f[2])
     growth = float(f[3]) if len(f) > 3 else 1.0
     warm = int(f[4]) if len(f) > 4 else 0
     codec = f[5] if len(f) > 5 else "int8"
-    down = f[6] if len(f) > 6 else codec
+    down = f[6] if len(f) > 6 and f[6] else codec
+    decay = float(f[7]) if len(f) > 7 else 1.0
     codec_options(codec), codec_options(down)  # a bad spec fails before any training
     rounds = max(1, round((steps - warm) / h))
     hs = tuple(inner_steps_schedule(steps - warm, rounds, growth))
     return Recipe(f[0], hs, outer_lr=lr, momentum=mom, nesterov=mom > 0, warm=warm,
-                  up=codec, down=down)
+                  up=codec, down=down, ef_decay=decay)
 
 
 def main() -> None:
@@ -183,7 +187,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--h", type=int, default=100, help="mean inner steps per round")
     ap.add_argument("--recipe", action="append", default=[],
-                    metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN]]]]")
+                    metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN[:DECAY]]]]]")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

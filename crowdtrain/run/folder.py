@@ -59,7 +59,7 @@ from crowdtrain.run.model import (
 from crowdtrain.run.schedule import inner_steps_schedule
 from crowdtrain.run.train import PRESET_TRAINING, Teacher, TrainConfig, evaluate
 from crowdtrain.wire import sparse
-from crowdtrain.wire.codecs import CODECS, SPARSE_BITS, SPARSE_DENSITY
+from crowdtrain.wire.codecs import CODECS, SPARSE_BITS, SPARSE_DENSITY, SPARSE_EF_DECAY
 
 RUN_FILE = "run.json"
 
@@ -111,6 +111,10 @@ class SwarmConfig:
                                        "a contribution sends"})
     sparse_bits: int = field(default=SPARSE_BITS, metadata={
         "choices": sparse.BITS, "help": "with --codec sparse: bits per value sent"})
+    sparse_ef_decay: float = field(default=SPARSE_EF_DECAY, metadata={
+        "metavar": "BETA", "help": "with --codec sparse: each volunteer's error feedback "
+        "keeps BETA x what it did not send, then adds the new pseudo-gradient (SparseLoCo's "
+        "decayed accumulator); 1: keep all of it"})
     outer_lr: float = field(default=0.7, metadata={"help": "outer SGD learning rate"})
     outer_momentum: float = field(default=0.9, metadata={
         "help": "outer Nesterov momentum; 0 for plain averaging"})
@@ -137,6 +141,7 @@ class SwarmConfig:
             "codec": self.codec in CODECS,
             "sparse_density": 0 < self.sparse_density <= 1,
             "sparse_bits": self.sparse_bits in sparse.BITS,
+            "sparse_ef_decay": 0 <= self.sparse_ef_decay <= 1,
             "outer_lr": 0 < self.outer_lr <= 10,
             "outer_momentum": 0 <= self.outer_momentum < 1,
             "keep_last": self.keep_last >= 1,

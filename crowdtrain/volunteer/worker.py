@@ -329,11 +329,12 @@ class Worker:
 
     def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
         """The contribution in the run's codec (and, sparse, its block, k and bits); with error
-        feedback the residual keeps what it did not carry (sparse: all that was not sent)."""
+        feedback the residual keeps what it did not carry (sparse: all that was not sent,
+        decayed by the run's sparse_ef_decay before the next delta is added)."""
         codec, opts = self.info.schedule.codec, self.codec_options
         if self.cfg.error_feedback and codec != "fp32":
-            if self.residual is not None:
-                delta = {k: delta[k] + self.residual[k] for k in delta}
+            decay = self.info.schedule.sparse_ef_decay if codec == "sparse" else None
+            delta = codecs.accumulate(delta, self.residual, 1.0 if decay is None else decay)
             blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()},
                                    **opts)
             sent, _ = codecs.from_bytes(blob, self.shapes)

@@ -78,6 +78,7 @@ def default_block(codec: str) -> int:
 
 SPARSE_DENSITY = 0.01  # the sparse codec's default fraction of values sent (run setting)
 SPARSE_BITS = 2  # ... and bits per value sent
+SPARSE_EF_DECAY = 0.95  # ... and the workers' error-feedback decay (`accumulate`)
 
 
 def _sparse_options(block: int, k: int | None, bits: int | None) -> tuple[int, int]:
@@ -507,6 +508,24 @@ def payload_bytes(numel: int, codec: str, block: int | None = None, k: int | Non
     if codec == "int4":
         return (numel + 1) // 2 + 4 * _nblocks(numel, block)
     return (2 if codec == "fp16" else 4) * numel
+
+
+def accumulate(delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
+               decay: float = 1.0) -> dict[str, torch.Tensor]:
+    """What a worker compresses under error feedback: `delta + decay * residual`, where
+    `residual` is what the last compression did not carry (None: nothing yet). With the codec
+    c = decode(encode(e)) of this accumulator e, the next residual is e - c, so
+    residual' + c = delta + decay * residual exactly (up to float32 rounding). decay 1 is plain
+    error feedback (nothing lost); decay < 1 is SparseLoCo's decayed accumulator (arXiv
+    2508.15706: e <- beta * e + delta, send Q(TopK(e)), e <- e - sent), which forgets unsent
+    mass geometrically and stands in for the outer momentum."""
+    if not 0 <= decay <= 1:
+        raise CodecError(f"error-feedback decay must be in [0, 1], got {decay!r}")
+    if residual is None:
+        return dict(delta)
+    if decay == 1:
+        return {k: delta[k] + residual[k] for k in delta}
+    return {k: delta[k] + residual[k] * decay for k in delta}
 
 
 class ErrorFeedback:

@@ -93,6 +93,10 @@ class SwarmSchedule(BaseModel):
     sparse_k: int | None = Field(None, description="sparse codec: values sent per chunk of "
                                  "`block` (a payload with another k is refused)")
     sparse_bits: int | None = Field(None, description="sparse codec: bits per value sent")
+    sparse_ef_decay: float | None = Field(None, ge=0, le=1, description="sparse codec: the "
+                                          "workers' error-feedback decay, e <- decay * e + "
+                                          "delta (codecs.accumulate); None: 1, plain error "
+                                          "feedback")
 
 
 class TeacherInfo(BaseModel):

@@ -55,6 +55,50 @@ def test_error_feedback_identity_and_sizes(bits, block, k):
         assert torch.allclose(sent[name] + sent2[name] + ef.residual[name], 2 * x, atol=1e-9)
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.95, 0.5, 0.0])
+def test_decayed_error_feedback_keeps_what_the_rule_says(decay):
+    """SparseLoCo's accumulator: e = decay * residual + delta is what is compressed, and what
+    is kept plus what is sent is e (so delta + decay * residual), over several rounds."""
+    block, k, bits = 256, 8, 2
+    residual = None
+    for rnd in range(3):
+        d = delta(10 + rnd)
+        e = codecs.accumulate(d, residual, decay)
+        want = d if residual is None else {n: d[n] + decay * residual[n] for n in d}
+        for n in d:  # the rule itself, to one float32 rounding
+            assert torch.allclose(e[n], want[n], rtol=0, atol=1e-9), n
+        sent = codecs.from_bytes(codecs.to_bytes(e, "sparse", block=block, k=k, bits=bits),
+                                 SHAPES)[0]
+        new = {n: e[n] - sent[n] for n in e}
+        for n in e:
+            # kept + sent = delta + decay * kept before: exactly where nothing was sent
+            back = new[n] + sent[n]
+            assert torch.equal(back[sent[n] == 0], e[n][sent[n] == 0]), n
+            assert torch.allclose(back, want[n], rtol=0, atol=1e-9), n
+            assert int((sent[n] != 0).sum()) <= sparse.entries(d[n].numel(), block, k)
+        residual = new
+    # decay 1 is plain error feedback, bit for bit the sum it always was
+    assert all(torch.equal(codecs.accumulate(d, residual, 1.0)[n], d[n] + residual[n])
+               for n in d)
+    # decay 0 forgets all that was not sent
+    assert all(torch.equal(codecs.accumulate(d, residual, 0.0)[n], d[n]) for n in d)
+
+
+def test_decayed_error_feedback_forgets_unsent_mass_geometrically():
+    """A value never sent accumulates to delta * (1 - decay^t) / (1 - decay), not t x delta."""
+    d = {"w": torch.full((4,), 1e-3)}
+    e = None
+    for _ in range(20):
+        e = codecs.accumulate(d, e, 0.9)  # nothing sent: the residual is the accumulator
+    assert torch.allclose(e["w"], torch.full((4,), 1e-3 * (1 - 0.9 ** 20) / 0.1))
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.01, float("nan")])
+def test_error_feedback_decay_outside_0_1_is_refused(decay):
+    with pytest.raises(codecs.CodecError, match="decay must be in"):
+        codecs.accumulate(delta(1), delta(2), decay)
+
+
 def test_bytes_per_parameter_against_int8():
     numel = 10_000_000
     int8 = codecs.payload_bytes(numel, "int8")
