@@ -208,7 +208,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     if bool(a.tls_cert) != bool(a.tls_key):
         raise CrowdtrainError("--tls-cert and --tls-key go together")
-    coord = Coordinator(Run(a.run_dir))
+    public_url = a.public_url
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise CrowdtrainError(f"--public-url must start with http:// or https://, got "
+                              f"{public_url!r}")
+    coord = Coordinator(Run(a.run_dir), public_url=public_url)
     token = coord.new_admin_token(rotate=a.new_admin_token)
     if token:
         print(f"admin token (shown once, stored only as a hash; keep it to manage the run "

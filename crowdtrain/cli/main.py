@@ -212,6 +212,11 @@ def _add_serve(sub) -> None:
     s.add_argument("--tls-key", metavar="PEM", help="TLS private key")
     s.add_argument("--new-admin-token", action="store_true",
                    help="replace the owner's admin token with a new one (printed once)")
+    s.add_argument("--public-url", metavar="URL",
+                   help="volunteers download the run's immutable files (checkpoints, updates, "
+                        "shards, base, teacher) as URL/<sha256> from a web server or CDN serving "
+                        "RUN_DIR/public/ (see docs/DEPLOY.md); each file is sha256-checked. "
+                        "Default: this coordinator serves them")
 
 
 def _add_join(sub) -> None:

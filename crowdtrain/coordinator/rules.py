@@ -38,6 +38,7 @@ from safetensors.torch import save as st_save
 from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.aggregation import RobustConfig, block_for, robust_aggregate
 from crowdtrain.coordinator.payloads import check_payload_file, open_payload
+from crowdtrain.coordinator.public import PublicFolder
 from crowdtrain.coordinator.reports import run_info, run_status, teacher_info
 from crowdtrain.coordinator.roundeval import RoundEvaluator
 from crowdtrain.errors import Refused
@@ -62,6 +63,7 @@ from crowdtrain.wire.protocol import (
     AdminVolunteer,
     Alive,
     AliveResponse,
+    Artifacts,
     JoinRequest,
     JoinResponse,
     Lease,
@@ -85,9 +87,15 @@ class Volunteer:
     banned: bool = False
 
 
+UPDATES_ANNOUNCED = 32  # the latest rounds' updates a worker may replay instead of the model
+
+
 class Coordinator:
-    def __init__(self, run: Run, evaluate_rounds: bool = True):
+    def __init__(self, run: Run, evaluate_rounds: bool = True, public_url: str | None = None):
+        """`public_url`: where volunteers fetch the run's immutable files (a web server serving
+        the public folder); None: from this coordinator."""
         self.run = run
+        self.public_url = public_url.rstrip("/") if public_url else None
         self.cfg = run.config.swarm
         self.tcfg = run.config.train
         self.lock = threading.RLock()
@@ -123,10 +131,53 @@ class Coordinator:
         self.shard_paths.update({e.mask_sha256: run.data_dir / mask_name(e.name)
                                  for e in run.index.train if e.mask_sha256})
         self._recover_ledger()
+        self.public = PublicFolder(run.public_dir)
+        self._announce_all()
+        # response bytes per route, counted by the HTTP transport (Status.bytes_served)
+        self.served: Counter[str] = Counter()
         self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
             else None
         if self.evaluator is not None and self.ledger.round_row(self.round)["val_loss"] is None:
             self.evaluator.submit(self.round)
+
+    # ------------------------------------------------------------------ the public folder
+
+    def _announce_all(self) -> None:
+        """Link what volunteers may download into the public folder: the shards and masks,
+        the base and the teacher, the open round's checkpoint and the latest updates."""
+        for sha, path in self.shard_paths.items():
+            self.public.add(path, sha)
+        if self.base_path is not None:
+            self.public.add(self.base_path, self.run.config.base_sha256)
+        if self.run.config.teacher is not None:
+            self.public.add(self.run.model_dir / TEACHER_WEIGHTS, self.run.config.teacher.sha256)
+        self.updates: dict[int, str] = {}
+        for row in self.ledger.rounds():
+            rnd, sha = row["round"], row["update_sha256"]
+            if sha and self.round - UPDATES_ANNOUNCED <= rnd < self.round \
+                    and self.run.update_path(rnd).is_file():
+                self._announce_update(rnd, sha)
+        self.public.add(tensor_path(self.run.ckpt_dir, self.round), self.ckpt_meta["sha256"],
+                        model=True)
+
+    def _announce_update(self, rnd: int, sha256: str) -> None:
+        self.public.add(self.run.update_path(rnd), sha256)
+        self.updates[rnd] = sha256
+        for old in [r for r in self.updates if r < rnd - UPDATES_ANNOUNCED + 1]:
+            self.updates.pop(old)
+
+    def artifacts(self) -> Artifacts:
+        """What a worker may fetch now, by sha256 (from `public_url` or GET BLOB)."""
+        with self.lock:
+            size = self.ckpt_meta.get("bytes") or \
+                tensor_path(self.run.ckpt_dir, self.round).stat().st_size
+            return Artifacts(round=self.round, model_sha256=self.ckpt_meta["sha256"],
+                             model_bytes=int(size), updates=dict(self.updates))
+
+    def count_served(self, route: str, n: int) -> None:
+        """`n` response bytes sent on `route` (the HTTP transport's count, per route)."""
+        with self.lock:
+            self.served[route] += n
 
     # ------------------------------------------------------------------ state on disk
 
@@ -182,8 +233,9 @@ class Coordinator:
         return Volunteer(row["id"], row["name"], bool(row["banned"]))
 
     def info(self) -> RunInfo:
-        return run_info(self.run, round=self.round, finished=self.finished, params=self.params,
+        info = run_info(self.run, round=self.round, finished=self.finished, params=self.params,
                         teacher=self.teacher_info)
+        return info.model_copy(update={"public_url": self.public_url})
 
     # ------------------------------------------------------------------ the owner's controls
     # (the rules are owner.py's, shared with `crowdtrain admin RUN_DIR`)
@@ -506,6 +558,8 @@ class Coordinator:
             })
             self.ledger.close_round(rnd, meta["update_sha256"], checkpoint_sha256=meta["sha256"],
                                     base_sha256=self.ckpt_meta.get("sha256"))
+            self._announce_update(rnd, meta["update_sha256"])
+            self.public.add(tensor_path(self.run.ckpt_dir, rnd + 1), meta["sha256"], model=True)
             self.theta, self.momentum, self.residual = theta, momentum, residual
             self.round, self.ckpt_meta = rnd + 1, meta
             self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
@@ -561,8 +615,10 @@ class Coordinator:
     # ------------------------------------------------------------------ status
 
     def status(self) -> Status:
-        return run_status(self.ledger, run_name=self.run.config.name, round=self.round,
-                          finished=self.finished, params=self.params,
-                          payload_bytes=self.wire_bytes,
-                          min_contributions=self.cfg.min_contributions,
-                          max_extensions=self.cfg.max_extensions)
+        st = run_status(self.ledger, run_name=self.run.config.name, round=self.round,
+                        finished=self.finished, params=self.params,
+                        payload_bytes=self.wire_bytes,
+                        min_contributions=self.cfg.min_contributions,
+                        max_extensions=self.cfg.max_extensions)
+        with self.lock:
+            return st.model_copy(update={"bytes_served": dict(self.served)})

@@ -189,6 +189,34 @@ def add_request_checks(app: FastAPI, oldest: int, limit: int) -> None:
     app.add_middleware(DrainUnreadBody, limit=limit)  # added last: the outermost
 
 
+class CountServed:
+    """ASGI middleware: the response bytes sent on each route (its path template, e.g.
+    `/v1/blobs/{sha256}`), counted into `coord.served` (Status.bytes_served): what shows how
+    much of a run's traffic the coordinator itself carries."""
+
+    def __init__(self, app, coord: Coordinator):
+        self.app, self.coord = app, coord
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = 0
+
+        async def counting(message):
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":  # pragma: no cover
+                sent += int(message.get("count") or 0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        finally:
+            route = scope.get("route")
+            self.coord.count_served(getattr(route, "path", None) or "(no route)", sent)
+
+
 def ticking(coord: Coordinator, tick_seconds: float):
     """The app's lifespan: a background thread ticks the coordinator every `tick_seconds`, so
     rounds close on time even when nobody is calling; at shutdown it stops and the coordinator
@@ -271,12 +299,23 @@ def add_run_routes(app: FastAPI, coord: Coordinator, volunteer: Callable[..., Vo
         return FileResponse(path, media_type=SAFETENSORS)
 
     @app.get(protocol.MODEL, responses={200: {"content": {SAFETENSORS: {}}}})
-    def model(vol: Volunteer = Depends(volunteer)) -> Response:
+    def model(vol: Volunteer = Depends(volunteer)) -> FileResponse:
         rnd, path, sha = coord.model_file()
-        data = path.read_bytes()
-        coord.count_bytes_out(len(data))
-        return Response(data, media_type=SAFETENSORS,
-                        headers={protocol.ROUND_HEADER: str(rnd), protocol.SHA256_HEADER: sha})
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type=SAFETENSORS,
+                            headers={protocol.ROUND_HEADER: str(rnd), protocol.SHA256_HEADER: sha})
+
+    @app.get(protocol.ARTIFACTS, response_model=protocol.Artifacts)
+    def artifacts(vol: Volunteer = Depends(volunteer)) -> protocol.Artifacts:
+        return coord.artifacts()
+
+    @app.get(protocol.BLOB, responses={200: {"content": {"application/octet-stream": {}}}})
+    def blob(sha256: str, vol: Volunteer = Depends(volunteer)) -> FileResponse:
+        """An announced file by sha256, with HTTP range requests (a broken download resumes);
+        the same bytes a web server serves from the public folder."""
+        path = coord.public.path(sha256)
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type="application/octet-stream")
 
     @app.get(protocol.BASE, responses={200: {"content": {SAFETENSORS: {}}}})
     def base(vol: Volunteer = Depends(volunteer)) -> FileResponse:
@@ -291,11 +330,11 @@ def add_run_routes(app: FastAPI, coord: Coordinator, volunteer: Callable[..., Vo
         return FileResponse(path, media_type=SAFETENSORS, headers={protocol.SHA256_HEADER: sha})
 
     @app.get(protocol.UPDATE, responses={200: {"content": {SAFETENSORS: {}}}})
-    def update(round: int, vol: Volunteer = Depends(volunteer)) -> Response:
-        data = coord.update_file(round).read_bytes()
-        coord.count_bytes_out(len(data))
-        return Response(data, media_type=SAFETENSORS,
-                        headers={protocol.ROUND_HEADER: str(round)})
+    def update(round: int, vol: Volunteer = Depends(volunteer)) -> FileResponse:
+        path = coord.update_file(round)
+        coord.count_bytes_out(path.stat().st_size)
+        return FileResponse(path, media_type=SAFETENSORS,
+                            headers={protocol.ROUND_HEADER: str(round)})
 
 
 def add_work_routes(app: FastAPI, coord: Coordinator,
@@ -359,6 +398,7 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                                       coord.run.index.masked)
     add_error_handlers(app)
     add_request_checks(app, oldest, coord.upload_limit)
+    app.add_middleware(CountServed, coord=coord)
 
     def volunteer(authorization: str | None = Header(None)) -> Volunteer:
         return coord.authenticate(bearer(authorization, "join first (`crowdtrain join URL`)"))

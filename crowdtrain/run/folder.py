@@ -307,6 +307,9 @@ class Run:
     updates_dir = property(lambda self: self.dir / "updates")
     contributions_dir = property(lambda self: self.dir / "contributions")
     spool_dir = property(lambda self: self.contributions_dir / "incoming")
+    # the immutable files volunteers download, by sha256, for any web server to serve
+    # (crowdtrain.coordinator.public)
+    public_dir = property(lambda self: self.dir / "public")
 
     def update_path(self, rnd: int) -> Path:
         """The int8 update round `rnd` published (`updates/update-NNNNNN.safetensors`)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from crowdtrain.errors import CrowdtrainError
-from crowdtrain.run.checkpoint import atomic_write, check_tensors_match, decode_tensors
+from crowdtrain.run.checkpoint import check_tensors_match, decode_tensors
 from crowdtrain.run.data import file_sha256, get_batch, verify_sha256
 from crowdtrain.run.interrupt import GracefulInterrupt
 from crowdtrain.run.model import (
@@ -133,6 +133,7 @@ class Worker:
         self.client = Client(cfg.url, cfg.retry_for)
         self.local = LocalState(cfg.home, cfg.url)
         self.info = protocol.RunInfo.model_validate(self.client.call("GET", protocol.INFO).json())
+        self.client.public_url = self.info.public_url
         if ranks is not None:
             ranks.bcast_json(self.info.model_dump(mode="json"))
         self.device = ranks.device if ranks is not None else pick_device(cfg.device)
@@ -210,11 +211,8 @@ class Worker:
         p = self.local.home / "bases" / f"{sha}.safetensors"
         if p.is_file() and base_sha256(p) == sha:
             return p
-        r = self.client.call("GET", protocol.BASE)
-        verify_sha256(r.content, sha, "downloaded base weights")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, r.content)
-        log.info("downloaded the base weights (%.1f MB)", len(r.content) / 1e6)
+        self.client.fetch(sha, p, "the base weights")
+        log.info("downloaded the base weights (%.1f MB)", p.stat().st_size / 1e6)
         return p
 
     def _teacher(self) -> Teacher | None:
@@ -225,11 +223,8 @@ class Worker:
             return None
         p = self.local.home / "teachers" / f"{t.sha256}.safetensors"
         if not (p.is_file() and file_sha256(p) == t.sha256):
-            r = self.client.call("GET", protocol.TEACHER)
-            verify_sha256(r.content, t.sha256, "downloaded teacher")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(p, r.content)
-            log.info("downloaded the teacher %s (%.1f MB)", t.name, len(r.content) / 1e6)
+            self.client.fetch(t.sha256, p, f"the teacher {t.name}")
+            log.info("downloaded the teacher %s (%.1f MB)", t.name, p.stat().st_size / 1e6)
         if self.ranks is not None:
             self.ranks.bcast_json({"teacher": str(p)})
         return Teacher(load_frozen(t.config_json, p, t.sha256), t.alpha, t.temperature)
@@ -269,14 +264,19 @@ class Worker:
 
     # -- parameters and data
     def _sync(self, target: int) -> None:
-        """Bring self.theta to round `target`: replay updates, or download the checkpoint."""
+        """Bring self.theta to round `target`: replay the announced updates, or download the
+        open round's checkpoint (each file by sha256, resumable, from the public URL or the
+        coordinator)."""
+        art = protocol.Artifacts.model_validate(self.client.call("GET", protocol.ARTIFACTS).json())
         behind = None if self.theta_round is None else target - self.theta_round
-        if behind is not None and 0 <= behind <= MAX_UPDATES_TO_REPLAY:
+        rounds = range(self.theta_round or 0, target)
+        if behind is not None and 0 <= behind <= MAX_UPDATES_TO_REPLAY and target <= art.round \
+                and all(r in art.updates for r in rounds):
             try:
-                for rnd in range(self.theta_round, target):
-                    r = self.client.call("GET", protocol.UPDATE.format(round=rnd))
+                for rnd in rounds:
+                    blob = self._fetch_blob(art.updates[rnd], f"the update of round {rnd}")
                     try:
-                        upd, _ = codecs.from_bytes(r.content, self.shapes)
+                        upd, _ = codecs.from_bytes(blob, self.shapes)
                     except codecs.CodecError as e:
                         raise CrowdtrainError(f"the coordinator sent a corrupt update for round "
                                               f"{rnd} ({e}); try again later or tell the "
@@ -286,14 +286,22 @@ class Worker:
                 return
             except CoordinatorRefused as e:
                 log.info("cannot replay updates (%s); downloading the model", e.detail)
-        r = self.client.call("GET", protocol.MODEL)
-        verify_sha256(r.content, r.headers.get(protocol.SHA256_HEADER, ""), "downloaded model")
-        tensors = decode_tensors(r.content, "downloaded model")
+                art = protocol.Artifacts.model_validate(
+                    self.client.call("GET", protocol.ARTIFACTS).json())
+        data = self._fetch_blob(art.model_sha256, f"the model of round {art.round}")
+        tensors = decode_tensors(data, "downloaded model")
         check_tensors_match(tensors, state_dict_for_save(self.model), "downloaded model")
         self.theta = tensors
-        self.theta_round = int(r.headers[protocol.ROUND_HEADER])
-        log.info("downloaded the model of round %d (%.1f MB)", self.theta_round,
-                 len(r.content) / 1e6)
+        self.theta_round = art.round
+        log.info("downloaded the model of round %d (%.1f MB)", self.theta_round, len(data) / 1e6)
+
+    def _fetch_blob(self, sha256: str, what: str) -> bytes:
+        """A file the coordinator announced, read once and not kept (a model, an update)."""
+        p = self.local.home / "downloads" / sha256
+        try:
+            return self.client.fetch(sha256, p, what).read_bytes()
+        finally:
+            p.unlink(missing_ok=True)
 
     def _shards(self, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """The lease's shards (and a chat run's loss masks), from the cache or the coordinator,
@@ -317,14 +325,13 @@ class Worker:
         return shards, [self.mask_data[n] for n in names]
 
     def _fetch_cached(self, sha256: str, suffix: str, what: str) -> bytes:
-        """A file the coordinator serves by sha256 (a shard or a mask), kept in the cache."""
+        """A file the coordinator announced by sha256 (a shard or a mask), kept in the cache
+        (checked again when read from it)."""
         p = self.local.shards / f"{sha256}{suffix}"
-        data = p.read_bytes() if p.is_file() else \
-            self.client.call("GET", protocol.SHARD.format(sha256=sha256)).content
-        verify_sha256(data, sha256, what)
         if not p.is_file():
-            self.local.shards.mkdir(parents=True, exist_ok=True)
-            atomic_write(p, data)
+            self.client.fetch(sha256, p, what)
+        data = p.read_bytes()
+        verify_sha256(data, sha256, what)
         return data
 
     def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:

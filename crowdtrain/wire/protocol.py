@@ -38,6 +38,11 @@ BASE = "/v1/base"
 TEACHER = "/v1/teacher"
 UPDATE = "/v1/updates/{round}"
 SHARD = "/v1/shards/{sha256}"
+# the immutable files of a run (checkpoints, updates, shards, masks, base, teacher) by sha256,
+# from the coordinator or, with `serve --public-url`, from any web server holding its public
+# folder; ARTIFACTS announces which exist (workers fetch nothing that is not announced)
+BLOB = "/v1/blobs/{sha256}"
+ARTIFACTS = "/v1/artifacts"
 LEASE = "/v1/lease"
 ALIVE = "/v1/lease/{lease_id}/alive"
 HEARTBEAT_SECONDS = 5.0
@@ -129,6 +134,20 @@ class RunInfo(BaseModel):
     base_bytes: int | None = Field(None, description="size of the base weights file")
     teacher: TeacherInfo | None = Field(None, description="a distillation run's teacher: "
                                         "every inner step learns from its logits")
+    public_url: str | None = Field(None, description="where the run's immutable files are "
+                                   "served by sha256 (`{public_url}/{sha256}`): a web server or "
+                                   "CDN holding the coordinator's public folder; None: "
+                                   "GET BLOB from the coordinator")
+
+
+class Artifacts(BaseModel):
+    """The files a worker may fetch now, by sha256: the open round's checkpoint and the
+    updates of the rounds before it that are kept (round -> sha256)."""
+
+    round: int = Field(description="the round now open; the model is its checkpoint")
+    model_sha256: str
+    model_bytes: int
+    updates: dict[int, str] = Field(default_factory=dict)
 
 
 class JoinRequest(BaseModel):
@@ -270,3 +289,5 @@ class Status(BaseModel):
     round_extensions: int = Field(0, description="times the open round's deadline was extended")
     round_waiting: str | None = Field(None, description=(
         "why the open round has not closed yet, when it is short of contributions"))
+    bytes_served: dict[str, int] = Field(default_factory=dict, description=(
+        "response bytes this coordinator process has sent, per route"))
