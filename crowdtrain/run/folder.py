@@ -31,12 +31,10 @@ from crowdtrain.run.data import (
     Specials,
     build_shards,
     check_sources,
-    eval_windows,
     file_sha256,
     folder_specials,
-    load_masks,
-    load_split,
     load_tokenizer,
+    split_windows,
     train_tokenizer,
     trained_specials,
 )
@@ -381,9 +379,8 @@ class Run:
 
     def val_windows(self):
         """The held-out windows the run's loss is measured on (a chat run's with its mask)."""
-        return eval_windows(load_split(self.data_dir, self.index, "val"),
-                            self.config.train.seq_len, self.config.eval_tokens,
-                            load_masks(self.data_dir, self.index, "val"))
+        return split_windows(self.data_dir, self.index, "val", self.config.train.seq_len,
+                             self.config.eval_tokens)
 
     def source_files(self) -> list[Path]:
         """The tokenizer files and generation config a run kept from the pretrained model (or
@@ -606,8 +603,7 @@ def _checkpoint_zero(run_dir: Path, cfg: RunConfig, model: torch.nn.Module, inde
                             teacher=teacher)
         meta.update(steps=record["steps"], tokens_trained=record["tokens"],
                     source="warm start", warm_start=record)
-    val = eval_windows(load_split(run_dir / "data", index, "val"), cfg.train.seq_len,
-                       cfg.eval_tokens, load_masks(run_dir / "data", index, "val"))
+    val = split_windows(run_dir / "data", index, "val", cfg.train.seq_len, cfg.eval_tokens)
     meta["val_loss"] = evaluate(model, val, torch.device("cpu"))
     save_checkpoint(run_dir / "checkpoints", 0, state_dict_for_save(model), meta)
 
