@@ -207,13 +207,14 @@ def recipe_of(name: str, swarm: SwarmConfig, steps: int, h: int, codec: str | No
     """What a run with these swarm settings does over `steps` inner steps in all (the owner's
     warm start, `warm_start` of them, then rounds of mean H `h`); `codec`: the uploads' (a
     spec of diloco_sim.codec_options, e.g. sparse/0.01/2); `down`: the updates' (the
-    coordinator publishes int8)."""
+    coordinator publishes int8). The workers' error-feedback decay is the swarm's
+    sparse_ef_decay (it applies to sparse uploads only)."""
     warm = round(swarm.warm_start * steps)
     rounds = max(1, (steps - warm) // h)
     return Recipe(name, tuple(inner_steps_schedule(steps - warm, rounds,
                                                    swarm.inner_steps_growth)),
                   swarm.outer_lr, swarm.outer_momentum, swarm.nesterov,
-                  up=codec or swarm.codec, down=down, warm=warm)
+                  up=codec or swarm.codec, down=down, warm=warm, ef_decay=swarm.sparse_ef_decay)
 
 
 def _sim_job(run_dir: str, workers: int, recipe_json: str, out: str) -> None:
@@ -268,17 +269,25 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
           f"uploads, int8 updates, aggregation {new.aggregation}"
           + (f"; warm start: the owner trains the first {new.warm_start:.0%} of the steps on "
              f"{new.warm_start_batch} x the batch" if new.warm_start else ""), flush=True)
+    sparse_new = dataclasses.replace(new, codec="sparse", outer_lr=None, outer_momentum=None)
+    if any(c.startswith("sparse") for c in a.conv_codecs):
+        print(f"sparse uploads: that codec's run defaults, outer SGD lr {sparse_new.outer_lr} "
+              f"momentum {sparse_new.outer_momentum}, the workers' error feedback decayed by "
+              f"{sparse_new.sparse_ef_decay:g} a round", flush=True)
     recipes = []
     for h in a.conv_h:
         if a.conv_plain:
             recipes.append(recipe_of(f"plain H={h}", PLAIN, t, h))
         for codec in a.conv_codecs:  # the defaults with each upload codec (int8: the default)
             label = "defaults" if codec == new.codec else f"defaults, {codec} uploads"
-            recipes.append(recipe_of(f"{label} H={h}", new, t, h, codec=codec))
+            # a sparse run's own defaults: its outer optimizer and error-feedback decay
+            sw = sparse_new if codec.startswith("sparse") else new
+            recipes.append(recipe_of(f"{label} H={h}", sw, t, h, codec=codec))
     for pair in a.conv_down:  # the published update's codec: UP:DOWN at --conv-down-h
         up, down = pair.split(":")
         recipes.append(recipe_of(f"defaults, {up} uploads, {down} updates H={a.conv_down_h}",
-                                 new, t, a.conv_down_h, codec=up, down=down))
+                                 sparse_new if up.startswith("sparse") else new, t,
+                                 a.conv_down_h, codec=up, down=down))
     if a.conv_int4:  # the codec question: int4 against the int8 default
         recipes.append(recipe_of(f"defaults, int4 uploads H={a.conv_int4}", new, t,
                                  a.conv_int4, codec="int4"))
@@ -289,8 +298,14 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
     jobs += [(r.name, [sys.executable, str(HERE), "_sim", str(run.dir), str(k),
                        json.dumps(dataclasses.asdict(r)), str(out[r.name])]) for r in recipes]
     t0 = time.perf_counter()
-    dp, how = ddp(run, k, t, work)  # alone: it is K processes itself
-    print(f"  done: DDP ({time.perf_counter() - t0:.0f}s)  [{load()}]", flush=True)
+    ddp_json = work / f"ddp-{k}-{t}.json"
+    if a.conv_reuse and ddp_json.is_file() and (work / "conv-floor.json").is_file():
+        jobs = jobs[1:]  # deterministic: DDP and the lone worker of an earlier run in --work
+        dp, how = json.loads(ddp_json.read_text()), "lo, in an earlier run (--conv-reuse)"
+        print(f"  reused: DDP and the lone worker from {work} (--conv-reuse)", flush=True)
+    else:
+        dp, how = ddp(run, k, t, work)  # alone: it is K processes itself
+        print(f"  done: DDP ({time.perf_counter() - t0:.0f}s)  [{load()}]", flush=True)
     _pool(jobs, a.jobs)
     fl = json.loads((work / "conv-floor.json").read_text())["loss"]
     dp_loss, dp_bytes = dp["loss"], dp["tx"] / k
@@ -537,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="convergence: also the defaults with the int4 codec at this "
                         "H (0: not)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
+    p.add_argument("--conv-reuse", action="store_true",
+                   help="convergence: reuse DDP's and the lone worker's results of an earlier "
+                        "run in --work (both are deterministic) instead of training them again")
     p.add_argument("--up-mbit", type=float, default=10.0)
     p.add_argument("--down-mbit", type=float, default=50.0)
     p.add_argument("--rtt-ms", type=float, default=40.0)

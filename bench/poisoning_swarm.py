@@ -77,7 +77,8 @@ def swarm_run(base: Run, work: Path, attack: str | None, aggregation: str, *, ho
               rounds: int = 4, inner_steps: int = 10, round_seconds: float = 120.0,
               timeout: float = 900.0, codec: dict | None = None) -> Outcome:
     """One run: `honest` honest workers plus an attacker (none if `attack` is None); `codec`:
-    the run's codec settings (codec, sparse_density, sparse_bits; default the base run's)."""
+    the run's codec and outer settings (codec, sparse_density, sparse_bits, sparse_ef_decay,
+    outer_lr, outer_momentum; default the base run's)."""
     name = f"{attack or 'honest'}-{aggregation}"
     run = prepare(base, work / name, rounds, inner_steps, aggregation=aggregation,
                   round_seconds=round_seconds, min_contributions=honest, **(codec or {}))
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the workers' contributions travel (the attacker's too)")
     p.add_argument("--sparse-density", type=float, default=SwarmConfig().sparse_density)
     p.add_argument("--sparse-bits", type=int, default=SwarmConfig().sparse_bits)
+    p.add_argument("--sparse-ef-decay", type=float, default=SwarmConfig().sparse_ef_decay)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", type=Path, help="keep the runs and logs here")
     a = p.parse_args(argv)
@@ -136,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      preset="tiny", progress=False,
                                                      swarm=SwarmConfig(warm_start=0.0))
     codec = {"codec": a.codec, "sparse_density": a.sparse_density,
-             "sparse_bits": a.sparse_bits}
-    SwarmConfig(**codec)  # checked before any run
+             "sparse_bits": a.sparse_bits, "sparse_ef_decay": a.sparse_ef_decay}
+    own = SwarmConfig(**codec)  # checked before any run
+    # the codec's own outer optimizer defaults (sparse: lr 1, no momentum), not the base run's
+    codec.update(outer_lr=own.outer_lr, outer_momentum=own.outer_momentum)
     kw = dict(honest=a.honest, rounds=a.rounds, inner_steps=a.inner_steps, codec=codec)
-    what = (f"sparse {a.sparse_density:g} x {a.sparse_bits} bits" if a.codec == "sparse"
-            else a.codec)
+    what = (f"sparse {a.sparse_density:g} x {a.sparse_bits} bits, error feedback decayed by "
+            f"{a.sparse_ef_decay:g}" if a.codec == "sparse" else a.codec)
+    what += f", outer SGD lr {own.outer_lr:g} momentum {own.outer_momentum:g}"
     print(f"{base.config.preset}: {a.honest} honest workers + 1 attacker, {a.rounds} rounds "
           f"x {a.inner_steps} inner steps, {what} contributions; defence {a.defence!r} vs "
           f"plain mean; work in {work}")

@@ -113,9 +113,16 @@ class SwarmConfig:
         "metavar": "BETA", "help": "with --codec sparse: each volunteer's error feedback "
         "keeps BETA x what it did not send, then adds the new pseudo-gradient (SparseLoCo's "
         "decayed accumulator); 1: keep all of it"})
-    outer_lr: float = field(default=0.7, metadata={"help": "outer SGD learning rate"})
-    outer_momentum: float = field(default=0.9, metadata={
-        "help": "outer Nesterov momentum; 0 for plain averaging"})
+    # None: the codec's default (`__post_init__`): DiLoCo's lr 0.7 and Nesterov momentum 0.9,
+    # but lr 1 and no momentum for the sparse codec, whose decayed error feedback is the
+    # momentum (SparseLoCo; measured in bench/results/sparse.md)
+    outer_lr: float | None = field(default=None, metadata={
+        "help": "outer SGD learning rate", "default_help": "0.7; 1 with --codec sparse"})
+    outer_momentum: float | None = field(default=None, metadata={
+        "help": "outer Nesterov momentum; 0 for plain averaging",
+        "default_help": "0.9; 0 with --codec sparse, whose decayed error feedback "
+                        "(--sparse-ef-decay) plays its part: momentum on top of it was measured "
+                        "+17% held-out at H=100"})
     nesterov: bool = True
     keep_last: int = 3
     keep_every: int = 10
@@ -125,6 +132,11 @@ class SwarmConfig:
     aggregation: str = "centered_clip"  # one of AGGREGATION_METHODS
 
     def __post_init__(self) -> None:
+        lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)
+        if self.outer_lr is None:
+            object.__setattr__(self, "outer_lr", lr)
+        if self.outer_momentum is None:
+            object.__setattr__(self, "outer_momentum", momentum)
         checks = {
             "inner_steps": self.inner_steps >= 1,
             "inner_steps_growth": 1 <= self.inner_steps_growth <= 100 and (

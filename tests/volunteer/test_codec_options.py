@@ -98,3 +98,15 @@ def test_the_worker_decays_its_residual_as_the_run_says(decay):
     sent = codecs.from_bytes(w._payload(d, stats), shapes)[0]
     for k in d:
         assert torch.allclose(w.residual[k] + sent[k], d[k] + r[k], rtol=0, atol=1e-9), k
+
+
+def test_a_sparse_run_defaults_to_plain_averaging_unless_told_otherwise():
+    """The outer optimizer's defaults follow the codec: DiLoCo's Nesterov momentum for the
+    dense codecs, none (lr 1) for the sparse one, whose decayed error feedback replaces it."""
+    dense, sp = SwarmConfig(), SwarmConfig(codec="sparse")
+    assert (dense.outer_lr, dense.outer_momentum) == (0.7, 0.9)
+    assert (sp.outer_lr, sp.outer_momentum) == (1.0, 0.0)
+    given = SwarmConfig(codec="sparse", outer_lr=0.7, outer_momentum=0.9)
+    assert (given.outer_lr, given.outer_momentum) == (0.7, 0.9)  # what the user set stays
+    with pytest.raises(CrowdtrainError, match="outer_momentum"):
+        SwarmConfig(codec="sparse", outer_momentum=1.0)
