@@ -99,6 +99,7 @@ class Coordinator:
         self.cfg = run.config.swarm
         self.tcfg = run.config.train
         self.lock = threading.RLock()
+        self.closing: int | None = None  # the round being aggregated (close_round), if any
         self.ledger = Ledger(run.ledger_path)
         run.updates_dir.mkdir(exist_ok=True)
         run.contributions_dir.mkdir(exist_ok=True)
@@ -299,6 +300,9 @@ class Coordinator:
                 why = self.ended or f"the run finished at round {self.round}"
                 return LeaseResponse(status="done", message=f"{why}; thank you for contributing")
             rnd = self.round
+            if self.closing == rnd:  # its contributions are being merged: the next opens soon
+                return LeaseResponse(status="wait", retry_after=0.5, message=(
+                    f"round {rnd} is closing; the next opens soon"))
             row = self.ledger.round_row(rnd)
             now = time.time()
             mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
@@ -445,7 +449,8 @@ class Coordinator:
                 raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "
                                   f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); "
                                   "it was not applied", blameless=True)
-            if lease["round"] != self.round or lease["state"] == "expired":
+            if lease["round"] != self.round or lease["state"] == "expired" \
+                    or self.closing == lease["round"]:
                 raise refuse(409, f"stale: round {lease['round']} closed before this "
                                   f"contribution arrived (the open round is {self.round}); "
                                   "it was not applied", blameless=True)
@@ -492,7 +497,7 @@ class Coordinator:
     def tick(self) -> bool:
         """Close the open round if it is due; returns whether a round closed."""
         with self.lock:
-            if self.finished:
+            if self.finished or self.closing is not None:
                 return False
             rnd = self.round
             row = self.ledger.round_row(rnd)
@@ -523,23 +528,37 @@ class Coordinator:
             return False
 
     def close_round(self) -> None:
+        """Close the open round: aggregate its contributions, publish the update and the next
+        checkpoint, open the next round. The aggregation and the files are made without the
+        lock (`closing` names the round meanwhile), so no join, lease, heartbeat, submit or
+        status request waits for them: leases are told to wait a moment, and a contribution
+        to the closing round is refused as stale (blameless), as it would be a moment later.
+        The ledger records the close last, so a crash at any point recovers as before."""
         with self.lock:
+            if self.closing is not None:  # another thread is closing it
+                return
             rnd = self.round
+            self.closing = rnd
             rows = self.ledger.accepted(rnd)
+            theta0, momentum0, residual0 = self.theta, self.momentum, self.residual
+            steps0 = int(self.ckpt_meta.get("steps", 0))
+            tokens0 = int(self.ckpt_meta.get("tokens_trained", 0))
+            base_sha = self.ckpt_meta.get("sha256")
+        try:
             if rows:
                 mean = self._aggregate(rnd, rows)
                 ocfg = OuterConfig(self.cfg.outer_lr, self.cfg.outer_momentum,
                                    self.cfg.nesterov)
-                update, momentum = outer_step(self.theta, mean, self.momentum, ocfg)
-                target = {k: update[k] + self.residual[k] for k in update}
+                update, momentum = outer_step(theta0, mean, momentum0, ocfg)
+                target = {k: update[k] + residual0[k] for k in update}
             else:  # an empty round (closed after its extensions): publish a zero update, so
                 # the model, the outer momentum and the residual stay as they are
-                momentum = self.momentum
-                target = {k: torch.zeros_like(v) for k, v in self.theta.items()}
+                momentum = momentum0
+                target = {k: torch.zeros_like(v) for k, v in theta0.items()}
             blob = codecs.to_bytes(target, "int8", meta={"round": str(rnd)})
             applied, _ = codecs.from_bytes(blob, self.shapes)
-            residual = {k: target[k] - applied[k] for k in target} if rows else self.residual
-            theta = apply_update(self.theta, applied)
+            residual = {k: target[k] - applied[k] for k in target} if rows else residual0
+            theta = apply_update(theta0, applied)
             atomic_write(self.run.update_path(rnd), blob)
             outer = {f"momentum:{k}": v for k, v in (momentum or {}).items()}
             outer.update({f"residual:{k}": v for k, v in residual.items()})
@@ -549,21 +568,25 @@ class Coordinator:
             meta = save_checkpoint(self.run.ckpt_dir, rnd + 1, theta, {
                 "source": "swarm",
                 # an empty round trained nothing: the schedule does not move
-                "steps": int(self.ckpt_meta.get("steps", 0)) + (
-                    self.cfg.round_steps(rnd) if rows else 0),
-                "tokens_trained": int(self.ckpt_meta.get("tokens_trained", 0)) + tokens,
+                "steps": steps0 + (self.cfg.round_steps(rnd) if rows else 0),
+                "tokens_trained": tokens0 + tokens,
                 "params": self.params,
                 "contributions": len(rows),
                 "update_sha256": hashlib.sha256(blob).hexdigest(),
             })
-            self.ledger.close_round(rnd, meta["update_sha256"], checkpoint_sha256=meta["sha256"],
-                                    base_sha256=self.ckpt_meta.get("sha256"))
-            self._announce_update(rnd, meta["update_sha256"])
-            self.public.add(tensor_path(self.run.ckpt_dir, rnd + 1), meta["sha256"], model=True)
-            self.theta, self.momentum, self.residual = theta, momentum, residual
-            self.round, self.ckpt_meta = rnd + 1, meta
-            self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
-            self._prune()
+            with self.lock:
+                self.ledger.close_round(rnd, meta["update_sha256"],
+                                        checkpoint_sha256=meta["sha256"], base_sha256=base_sha)
+                self._announce_update(rnd, meta["update_sha256"])
+                self.public.add(tensor_path(self.run.ckpt_dir, rnd + 1), meta["sha256"],
+                                model=True)
+                self.theta, self.momentum, self.residual = theta, momentum, residual
+                self.round, self.ckpt_meta = rnd + 1, meta
+                self.ledger.open_round(self.round, time.time() + self.cfg.round_seconds)
+                self._prune()
+        finally:
+            with self.lock:
+                self.closing = None
         log.info("round %d closed: %d contributions, %d tokens; round %d open",
                  rnd, len(rows), tokens, rnd + 1)
         if self.evaluator is not None:

@@ -13,7 +13,7 @@ from crowdtrain.errors import Refused
 from crowdtrain.run.checkpoint import list_checkpoints, load_checkpoint
 from crowdtrain.wire import codecs
 from crowdtrain.wire.outer import apply_update
-from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
+from crowdtrain.wire.protocol import Alive, JoinRequest, LeaseRequest
 
 
 @pytest.fixture
@@ -545,3 +545,61 @@ def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(ti
         assert coord.status().round_waiting is None
     finally:
         coord.close()
+
+
+def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
+    """While a round's contributions are merged (held here at the start of the aggregation
+    until the test releases it), leases, heartbeats, status and the artifacts answer at once;
+    a contribution to the closing round is refused as stale (blameless: it may lease again),
+    and the round then closes with exactly the contributions it had."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldClose(Coordinator):
+        def _aggregate(self, rnd, rows):
+            entered.set()
+            assert release.wait(60)
+            return super()._aggregate(rnd, rows)
+
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=3, round_seconds=60)
+    c = HeldClose(run, evaluate_rounds=False)
+    try:
+        a, b, late = volunteer(c, "a"), volunteer(c, "b"), volunteer(c, "late")
+        la, lb, ll = lease(c, a), lease(c, b), lease(c, late)
+        c.submit(a, la.lease_id, payload(la, c.shapes, seed=1))
+        c.submit(b, lb.lease_id, payload(lb, c.shapes, seed=2))
+        closer = threading.Thread(target=c.close_round)
+        closer.start()
+        assert entered.wait(30)
+        # the aggregation is held: every request below would hang if it took the close's lock
+        done = threading.Event()
+        seen = {}
+
+        def requests():
+            seen["lease"] = c.lease(volunteer(c, "newcomer"), LeaseRequest())
+            seen["alive"] = c.alive(late, ll.lease_id, Alive(step=1))
+            seen["status"] = c.status()
+            seen["artifacts"] = c.artifacts()
+            try:
+                c.submit(late, ll.lease_id, payload(ll, c.shapes, seed=3))
+            except Refused as e:
+                seen["late"] = e
+            done.set()
+
+        threading.Thread(target=requests, daemon=True).start()
+        assert done.wait(30), "a request waited for the aggregation"
+        assert seen["lease"].status == "wait" and "closing" in seen["lease"].message
+        assert seen["status"].round == 0 and seen["artifacts"].round == 0
+        assert seen["late"].status == 409 and "stale" in seen["late"].reason
+        assert c.round == 0
+        release.set()
+        closer.join(60)
+        assert c.round == 1 and c.ledger.round_row(0)["contributions"] == 2
+        refused = c.ledger.query("SELECT reason, blameless FROM contributions "
+                                 "WHERE status = 'refused'")
+        assert len(refused) == 1 and refused[0]["blameless"] == 1
+        assert c.lease(late, LeaseRequest()).status == "lease"  # the next round takes it
+    finally:
+        release.set()
+        c.close()
