@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -189,3 +191,58 @@ class RunFolder:
         if micro_batch != self.micro_batch(device):
             atomic_write(self.device, json.dumps(
                 {"device": device, "micro_batch": micro_batch}).encode())
+
+
+class BackgroundSaves:
+    """Local saves (parameters, AdamW state) written by one background thread, off the
+    critical path of a round: `put(kind, fn, *args)` returns at once; a newer save of the same
+    kind replaces one still waiting (only the latest state matters for a resume); `flush()`
+    waits for what is queued. A failed save (a full disk) is reported and skipped: these files
+    only spare a restarted worker a download and its optimizer warm-up. Each file is written
+    atomically, so a kill mid-save leaves the previous version."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[Callable, tuple]] = {}
+        self._cv = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="local-saves")
+        self._thread.start()
+
+    def put(self, kind: str, fn: Callable, *args: object) -> None:
+        with self._cv:
+            self._pending[kind] = (fn, args)
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                kind = next(iter(self._pending))
+                fn, args = self._pending.pop(kind)
+                self._busy = True
+            try:
+                fn(*args)
+            except (OSError, CrowdtrainError) as e:
+                log.warning("could not save the local %s (%s); a restart will fetch it anew",
+                            kind, e)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued save is written; False if `timeout` passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self.flush()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)

@@ -42,7 +42,7 @@ from crowdtrain.run.model import (
 )
 from crowdtrain.run.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
 from crowdtrain.volunteer.client import Client, CoordinatorRefused, Heartbeat
-from crowdtrain.volunteer.files import LocalState, user_home
+from crowdtrain.volunteer.files import BackgroundSaves, LocalState, user_home
 from crowdtrain.volunteer.progress import RoundProgress
 from crowdtrain.volunteer.ranks import Ranks
 from crowdtrain.volunteer.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
@@ -169,6 +169,7 @@ class Worker:
         self.residual: dict[str, torch.Tensor] | None = None
         self.shard_data: dict[str, np.ndarray] = {}
         self.mask_data: dict[str, np.ndarray] = {}
+        self.saves = BackgroundSaves()  # parameters and AdamW state, off the critical path
         self.tokens_per_s: float | None = None
         self.summary = WorkerSummary()
 
@@ -231,7 +232,9 @@ class Worker:
 
     # -- local persistence (files.RunFolder)
     def _save_params(self) -> None:
-        self.folder.save_params(self.theta, self.theta_round)
+        """theta of the round (a new dict each round, never changed in place), in the
+        background."""
+        self.saves.put("parameters", self.folder.save_params, self.theta, self.theta_round)
 
     def _train_state(self) -> tuple[dict, dict, dict | None]:
         """What a snapshot of the round in progress keeps (crowdtrain.volunteer.resume)."""
@@ -260,7 +263,10 @@ class Worker:
         return part.stats
 
     def _save_optimizer(self) -> None:
-        self.folder.save_optimizer(self.loop.optimizer_tensors())
+        """The AdamW state as it is now (copied: training goes on changing it in place), in the
+        background."""
+        state = {k: v.clone() for k, v in self.loop.optimizer_tensors().items()}
+        self.saves.put("optimizer state", self.folder.save_optimizer, state)
 
     # -- parameters and data
     def _sync(self, target: int) -> None:
@@ -448,6 +454,7 @@ class Worker:
         try:
             return self._run()
         finally:
+            self.saves.close()  # what is queued is written before the worker lets go
             self.local.release()
             if self.ranks is not None:  # release the other ranks
                 self.ranks.bcast_json({"cmd": "exit"})

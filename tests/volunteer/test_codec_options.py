@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pydantic
 import pytest
 import torch
+from swarm_helpers import copy_run
 
 from crowdtrain.coordinator.reports import run_info
 from crowdtrain.errors import CrowdtrainError
@@ -17,7 +18,6 @@ from crowdtrain.run.folder import SwarmConfig
 from crowdtrain.volunteer.worker import Worker, codec_options
 from crowdtrain.wire import codecs
 from crowdtrain.wire.protocol import SubmitStats, SwarmSchedule
-from tests.swarm_helpers import copy_run
 
 
 def schedule(codec: str, block: int, **sparse) -> SwarmSchedule:
