@@ -63,6 +63,26 @@ class Swarm(LocalSwarm):
         self.run, self.tmp = run, tmp_path
 
 
+def run_to_end(run: Run, tmp_path: Path, names=("ann", "ben"), serve_args=()):
+    """Serve `run` (`crowdtrain serve` + `serve_args`) and let one `crowdtrain join` process
+    per name train it to its last round; every volunteer must exit 0 saying so. Returns the
+    stopped swarm (its logs and homes stay) and the coordinator's last status."""
+    from crowdtrain.cli.processes import get_status
+
+    s = Swarm(run, tmp_path)
+    try:
+        s.serve("coordinator", *serve_args)
+        for name in names:
+            s.join(name)
+        for name in names:
+            assert s.wait(name) == 0, s.log(name)
+            assert f"the run finished at round {run.config.swarm.rounds}" in s.log(name)
+        status = get_status(s.url)
+    finally:
+        s.stop()
+    return s, status
+
+
 @contextlib.contextmanager
 def serving(coord):
     """A real HTTP server (uvicorn in a thread) over `coord`; yields its port. Its records go

@@ -44,7 +44,7 @@ def qwen(tmp_path_factory):
 
 @pytest.mark.slow
 def test_chat_fine_tuning_trains_on_the_assistant_turns_only(qwen, tmp_path):
-    from swarm_helpers import Swarm
+    from swarm_helpers import run_to_end
     from transformers import AutoTokenizer
 
     from crowdtrain.publish.export import export_model
@@ -79,19 +79,10 @@ def test_chat_fine_tuning_trains_on_the_assistant_turns_only(qwen, tmp_path):
         assert word in unmasked
     assert "The sum of" not in unmasked.replace("Tell me the sum of", "")
 
-    s = Swarm(run, tmp_path)
-    try:
-        s.serve()
-        for name in ("ann", "ben"):
-            s.join(name)
-        for name in ("ann", "ben"):
-            assert s.wait(name) == 0, s.log(name)
-            assert "the run finished at round 2" in s.log(name)
-            # each volunteer fetched the loss masks of its shards, sha256-checked
-            cached = {p.name for p in (s.home(name) / "shards").iterdir()}
-            assert {f"{e.mask_sha256}.mask" for e in index.train} & cached
-    finally:
-        s.stop()
+    s, _ = run_to_end(run, tmp_path)
+    for name in ("ann", "ben"):  # each fetched the loss masks of its shards, sha256-checked
+        cached = {p.name for p in (s.home(name) / "shards").iterdir()}
+        assert {f"{e.mask_sha256}.mask" for e in index.train} & cached
     losses = [evaluate(run.load_model(r)[0], run.val_windows(), torch.device("cpu"))
               for r in (0, 2)]
     assert losses[1] < losses[0] - 0.3, losses  # the answers' loss (masked evaluation)

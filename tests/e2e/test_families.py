@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from families import FAMILIES, make_family
-from swarm_helpers import Swarm
+from swarm_helpers import run_to_end
 
 from crowdtrain.run.folder import Run, SwarmConfig, init_run
 from crowdtrain.run.lora import LoraSettings
@@ -58,16 +58,7 @@ def test_a_family_fine_tunes_on_the_swarm_and_exports_in_its_own_family(
     assert source.model_type == family and source.dtype == "bfloat16"
     assert run.config.base_model == f"tiny-{family}" and run.index.eot_id == \
         json.loads((src / "config.json").read_text())["eos_token_id"]
-    s = Swarm(run, tmp_path)
-    try:
-        s.serve()
-        for name in ("ann", "ben"):
-            s.join(name)
-        for name in ("ann", "ben"):
-            assert s.wait(name) == 0, s.log(name)
-            assert "the run finished at round 2" in s.log(name)
-    finally:
-        s.stop()
+    run_to_end(run, tmp_path)  # a coordinator and two worker processes, two rounds
     first, last = held_out(run, 0), held_out(run, 2)
     assert last < first - 0.05, (first, last)
 

@@ -14,9 +14,9 @@ import time
 
 import httpx
 import pytest
-from swarm_helpers import Swarm, copy_run
+from swarm_helpers import copy_run, run_to_end
 
-from crowdtrain.cli.processes import free_port, get_status
+from crowdtrain.cli.processes import free_port
 from crowdtrain.wire import protocol
 
 pytestmark = pytest.mark.slow
@@ -82,17 +82,7 @@ def test_volunteers_fetch_every_file_from_nginx_and_none_from_the_coordinator(
     run.public_dir.mkdir()
     root.rmdir()
     root.symlink_to(run.public_dir)  # nginx serves the run's public folder
-    s = Swarm(run, tmp_path)
-    try:
-        s.serve("coordinator", "--public-url", url)
-        for name in ("ann", "ben"):
-            s.join(name)
-        for name in ("ann", "ben"):
-            assert s.wait(name) == 0, s.log(name)
-            assert "the run finished at round 3" in s.log(name)
-        st = get_status(s.url)
-    finally:
-        s.stop()
+    _, st = run_to_end(run, tmp_path, serve_args=("--public-url", url))
     assert st.finished and [r.contributions for r in st.rounds[:3]] == [2, 2, 2]
     served = st.bytes_served
     assert not {r: served[r] for r in ARTIFACT_ROUTES if served.get(r)}, served
