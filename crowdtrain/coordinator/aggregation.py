@@ -5,7 +5,7 @@ move the global model anywhere: a delta scaled x100 is applied at 25x among four
 module screens each round's contributions by their global L2 norm (refusing absurd ones,
 clipping large ones to a multiple of the round's median norm) and then aggregates with one of:
 
-- "mean": no defence; exactly `outer.weighted_mean` (no screening either).
+- "mean": no defence; `outer.weighted_mean` up to float32 rounding (no screening either).
 - "clip_mean": screening, then the token-weighted mean of the screened deltas.
 - "trimmed_mean": screening, then a coordinate-wise weighted trimmed mean.
 - "centered_clip": screening, then centered clipping (Karimireddy et al. 2021) started from
@@ -13,14 +13,18 @@ clipping large ones to a multiple of the round's median norm) and then aggregate
 
 Deltas are never loaded whole: a `DeltaSource` yields a flat float32 slice of one parameter,
 and `robust_aggregate` reads the model in blocks of `block_elems` elements, every
-contribution's block at once, so beyond the output itself peak memory is
-O(threads x workers x block_elems), not O(workers x model). Blocks run on a thread pool (and
-on a GPU when the coordinator has one). An honest round costs one pass over the
-contributions (two for centered clipping, whose iterations run on a small Gram matrix
-instead of passes: see the notes above `robust_aggregate`); a round in which someone is
-clipped or refused costs one more.
+contribution's block decoded into one preallocated workers x block float32 matrix, so beyond
+the output itself peak memory is O(threads x workers x block_elems), not O(workers x model).
+On that matrix every method is a few whole-matrix operations, no per-contribution Python
+loop and no sort: matrix-vector products for the means, a selection network of elementwise
+min/max for the trimmed mean (`weighted_trimmed_mean`), a matrix product for centered
+clipping's Gram matrix. Blocks run on a thread pool (and on a GPU when the coordinator has
+one). An honest round costs one pass over the contributions (two for centered clipping,
+whose iterations run on the small Gram matrix instead of passes: see the notes above
+`robust_aggregate`); a round in which someone is clipped or refused costs one more.
 Contribution files on disk are read as DeltaSources by coordinator.payloads (memory-mapped,
-one slice at a time, bit-identical to `codecs.from_bytes`).
+one slice at a time, bit-identical to `codecs.from_bytes`). Speed, measured against the
+implementation this replaced: BENCHMARKS.md, "Aggregation speed".
 
 The default method was chosen by measurement, `python bench/poisoning.py --rounds 10
 --inner-steps 30` (a fresh `tiny` run from the bundled corpus; K=4 workers of which 1 is
@@ -45,9 +49,11 @@ names (METHODS, defined with the run's settings in crowdtrain.run.folder).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import statistics
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,7 +142,12 @@ def screen(norms: Sequence[float], cfg: RobustConfig) -> Screening:
 
 @runtime_checkable
 class DeltaSource(Protocol):
-    """One contribution's delta, readable a slice at a time."""
+    """One contribution's delta, readable a slice at a time.
+
+    A source may also offer `read_into(name, a, b, out)`, writing the same values as
+    `read(name, a, b)` into `out` (a contiguous float32 tensor of b - a elements) without
+    allocating: `robust_aggregate` then decodes every contribution's block straight into one
+    preallocated matrix (the payload sources of coordinator.payloads do)."""
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of parameter `name` (flattened row-major)."""
@@ -156,12 +167,13 @@ class TensorSource:
             raise ValueError(f"range [{a}, {b}) is outside {name} ({t.numel()} elements)")
         return t[a:b].to(torch.float32)
 
-
-# ---------------------------------------------------------------------------- aggregation
+    def read_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        """`read(name, a, b)` written into `out`."""
+        out.copy_(self.read(name, a, b))
 
 
 def param_blocks(names_shapes: Mapping[str, Sequence[int]],
-            block_elems: int) -> Iterator[tuple[str, int, int]]:
+                 block_elems: int) -> Iterator[tuple[str, int, int]]:
     """(name, a, b) covering every parameter in order, b - a <= block_elems."""
     for name, shape in names_shapes.items():
         numel = math.prod(int(s) for s in shape)
@@ -177,22 +189,19 @@ def read_slice(src: DeltaSource, name: str, a: int, b: int) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-# The work is organised in passes over the model, one block of `block_elems` coordinates at a
-# time, all contributions of the block at once (an n x L matrix): the blocks are independent,
-# so they run on a thread pool (and on a GPU when one is given), and whatever crosses blocks
-# (norms, a Gram matrix) is summed in block order afterwards, in float64, so the result does
-# not depend on which thread ran which block.
-#
-# Honest rounds take one pass (two for centered clipping): the first pass computes the norms
-# for screening and, assuming nobody is clipped, the method's result; only when screening
-# clips or refuses someone does a second pass redo it with the multipliers.
-#
-# Centered clipping needs no pass per iteration. With v0 the (trimmed-mean) start and
-# D = X - v0 (rows: contributions), every iterate is v_t = v0 + D^T a_t for a small vector
-# a_t: v_{t+1} = v_t + sum_j c_j (x_j - v_t) gives a_{t+1} = (1 - sum c) a_t + c, and the
-# distances it needs are |x_j - v_t|^2 = G_jj - 2 (G a_t)_j + a_t^T G a_t with G = D D^T.
-# One pass computes v0 and G, the iterations run on n x n numbers, and a last pass writes
-# v0 + D^T a.
+def _filler(src: DeltaSource) -> Callable[[str, int, int, torch.Tensor], None]:
+    """`src.read_into` where the source has one, else a `read_slice` copied into `out`."""
+    into = getattr(src, "read_into", None)
+    if callable(into):
+        return into
+
+    def fill(name: str, a: int, b: int, out: torch.Tensor) -> None:
+        out.copy_(read_slice(src, name, a, b))
+
+    return fill
+
+
+# ---------------------------------------------------------------------------- the math
 
 
 def _trim_count(n: int, fraction: float) -> int:
@@ -202,44 +211,135 @@ def _trim_count(n: int, fraction: float) -> int:
     return min(int(math.floor(fraction * n + 1e-9)), (n - 1) // 2)
 
 
-def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+def sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for `n` wires as comparators (i, j), i < j: after each,
+    wire i holds the smaller value. Built for the next power of two, less the comparators that
+    touch a wire >= n (those wires would hold +inf)."""
+    size = 1 << max(0, (n - 1).bit_length())
+    out = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    lo, hi = i + j, i + j + k
+                    if lo // (2 * p) == hi // (2 * p) and hi < n:
+                        out.append((lo, hi))
+            k //= 2
+        p *= 2
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def selection_network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The comparators of `sorting_network(n)` that the values at `ranks` (0 = smallest)
+    depend on, as (i, j, keep_min, keep_max): only the outputs read later are computed (one
+    elementwise op where only one is)."""
+    need = set(ranks)
+    ops = []
+    for i, j in reversed(sorting_network(n)):
+        lo, hi = i in need, j in need
+        if lo or hi:
+            ops.append((i, j, lo, hi))
+            need |= {i, j}
+    return tuple(reversed(ops))
+
+
+def order_statistics(x: torch.Tensor, ranks: Sequence[int],
+                     work: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per column of `x` (n x L), the values of rank `ranks` (0 = smallest), by a selection
+    network of elementwise minimum/maximum over whole rows (vectorised over the columns; no
+    sort). `x` is not written: a wire's first result goes to a row of `work` (n + 1 x L, same
+    dtype and device; allocated when not given), and the returned rows are views into it
+    (or rows of `x` for a network with no comparator, n = 1)."""
+    n = x.shape[0]
+    if work is None:
+        work = torch.empty((n + 1, x.shape[1]), dtype=x.dtype, device=x.device)
+    wires = list(x.unbind(0))
+    owned = [False] * n  # wire i's row is one of `work`'s (else still x's own row)
+    free = list(work.unbind(0))
+
+    def target(i: int) -> torch.Tensor:
+        if owned[i]:
+            return wires[i]
+        owned[i] = True
+        return free.pop()
+
+    for i, j, lo, hi in selection_network(n, tuple(ranks)):
+        a, b = wires[i], wires[j]
+        if lo and hi:
+            low = free.pop()  # both outputs read a and b: the minimum goes to a fresh row
+            torch.minimum(a, b, out=low)
+            wires[j] = torch.maximum(a, b, out=target(j))
+            if owned[i]:
+                free.append(a)
+            wires[i], owned[i] = low, True
+        elif lo:
+            wires[i] = torch.minimum(a, b, out=target(i))
+        else:
+            wires[j] = torch.maximum(a, b, out=target(j))
+    return [wires[r] for r in ranks]
+
+
+def _stable_trimmed_mean(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition of `weighted_trimmed_mean` by a stable sort along the workers."""
+    n = x.shape[0]
+    vals, idx = torch.sort(x, dim=0, stable=True)
+    vals, idx = vals[k:n - k], idx[k:n - k]
+    kw = w[idx]
+    return (vals * kw).sum(0) / kw.sum(0)
+
+
+def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
+                          scratch: Sequence[torch.Tensor] | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Coordinate-wise weighted trimmed mean of `x` (workers x elements), float32.
 
     Per coordinate, the k lowest and k highest values are dropped (ties broken by worker
     order, as a stable sort by value does: among equal values the first workers count as
     lower) and the rest averaged with their workers' weights. k = 0 gives the weighted mean.
-    Up to 12 workers the ranks come from pairwise comparisons (elementwise row operations,
-    much faster than a sort along the worker axis); beyond, from a stable sort.
+
+    No sort: a selection network (`order_statistics`) finds each column's smallest and
+    largest kept values L and H; the kept values are those in [L, H], masked and summed with
+    their weights by two small matrix products. That is exact unless a value equal to L or H
+    was also dropped (a tie across the cut, seen as more than n - 2k values in [L, H]): where
+    L == H the result is L, and the few columns left are redone by a stable sort.
+    `scratch`: optional (n + 1 x L, n x L, n x L) float32 buffers; `out`: where to write.
     """
-    n = x.shape[0]
+    n, length = x.shape
     w = weights.to(device=x.device, dtype=torch.float32)
     if k == 0:
-        return (w / w.sum()) @ x
-    if n > 12:
-        vals, idx = torch.sort(x, dim=0, stable=True)
-        vals, idx = vals[k:n - k], idx[k:n - k]
-        kw = w[idx]
-        return (vals * kw).sum(0) / kw.sum(0)
-    # rank of (value, worker): for i < j, j counts below i iff x_j < x_i, else i below j
-    rank = torch.zeros_like(x)
-    below = torch.empty(x.shape[1], dtype=torch.bool, device=x.device)
-    above = torch.empty_like(below)
-    for i in range(n):
-        for j in range(i + 1, n):
-            torch.lt(x[j], x[i], out=below)
-            torch.logical_not(below, out=above)
-            rank[i].add_(below)
-            rank[j].add_(above)
-    kept = ((rank >= k) & (rank < n - k)) * w[:, None]
-    return (x * kept).sum(0) / kept.sum(0)
+        return torch.mv(x.t(), w / w.sum(), out=out)
+    if scratch is None:
+        scratch = (torch.empty((n + 1, length), dtype=x.dtype, device=x.device),
+                   torch.empty_like(x), torch.empty_like(x))
+    work, keep, upper = scratch
+    lo, hi = order_statistics(x, (k, n - k - 1), work)
+    torch.ge(x, lo, out=keep)  # 1.0 where x >= L
+    torch.le(x, hi, out=upper)
+    keep.mul_(upper)
+    den_cnt = torch.mm(torch.stack([w, torch.ones_like(w)]), keep)  # kept weight, kept count
+    keep.mul_(x)
+    v = torch.mv(keep.t(), w, out=out)
+    v.div_(den_cnt[0])
+    cnt = den_cnt[1]
+    if float(cnt.max()) > n - 2 * k:  # ties across the cut somewhere
+        flat = torch.eq(lo, hi)
+        torch.where(flat, lo, v, out=v)
+        cnt.masked_fill_(flat, 0.0)
+        if float(cnt.max()) > n - 2 * k:
+            rest = (cnt > n - 2 * k).nonzero().squeeze(1)
+            v[rest] = _stable_trimmed_mean(x[:, rest], w, k)
+    return v
 
 
-def _sumsq(x: torch.Tensor) -> torch.Tensor:
+def _sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of squares of each row of `x` (or of a 1-D `x`) as float64: float32 partial sums
     over runs of 4096 values, added in float64 (within ~1e-7 relative of an all-float64 sum,
-    at a tenth of its cost)."""
+    at a tenth of its cost). `scratch`: an optional buffer of x's shape."""
     rows = x.reshape(-1, x.shape[-1])
-    sq = rows * rows
+    sq = torch.mul(rows, rows, out=scratch.view(rows.shape) if scratch is not None else None)
     cut = sq.shape[1] // 4096 * 4096
     total = sq[:, cut:].sum(1, dtype=torch.float64)
     if cut:
@@ -251,13 +351,38 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def block_for(n: int, budget_bytes: int = 1 << 30, threads: int = 1) -> int:
-    """`block_elems` for aggregating `n` deltas on `threads` threads within about
-    `budget_bytes` of working memory (~32 bytes per value and delta in flight: the block, its
-    transpose, the int64 sort keys and the weights of the trimmed mean), so a round's memory
-    stays flat however many volunteers report; between 2**16 (each read of a payload slice
-    costs ~30 us whatever its size: smaller blocks would be all overhead) and 2**20."""
-    return max(1 << 16, min(1 << 20, budget_bytes // (32 * max(n, 1) * max(threads, 1))))
+def _centered_clip_coefficients(gram: torch.Tensor, p: list[float], iters: int) -> list[float]:
+    """The coefficients a of centered clipping's result v0 + D^T a, from G = D D^T: `iters`
+    times v <- v + sum_j p_j min(1, tau / |x_j - v|) (x_j - v), with tau the median distance
+    |x_j - v| at that iteration (a coefficient vector a tracks v - v0 = D^T a)."""
+    g = gram.to(torch.float64)
+    n = len(p)
+    a = torch.zeros(n, dtype=torch.float64)
+    for _ in range(iters):
+        ga = g @ a
+        sq = torch.diagonal(g) - 2 * ga + a @ ga
+        dist = [math.sqrt(max(float(s), 0.0)) for s in sq]
+        tau = _median(dist)
+        if tau <= 0:
+            break
+        c = torch.tensor([pj * min(1.0, tau / d) if d > 0 else pj
+                          for pj, d in zip(p, dist, strict=True)], dtype=torch.float64)
+        a = a * (1 - float(c.sum())) + c
+    return [float(x) for x in a]
+
+
+# ---------------------------------------------------------------------------- the passes
+
+
+def block_for(n: int, budget_bytes: int = 256 << 20, threads: int = 1) -> int:
+    """`block_elems` for aggregating `n` deltas on `threads` threads: 2**16 values, fewer
+    (a power of two) when the working set, n x block x 16 bytes per thread (the block matrix
+    and three scratch matrices of float32), would pass `budget_bytes`, but never under 2**12
+    (a sparse payload's chunk), so a round's memory stays flat however many volunteers report.
+    2**16 measured fastest for 8 to 100 workers: smaller blocks pay more per-call overhead
+    (~100 operations a block), larger ones fall out of the caches."""
+    fit = budget_bytes // (16 * max(n, 1) * max(threads, 1))
+    return max(1 << 12, min(1 << 16, 1 << (max(fit, 1).bit_length() - 1)))
 
 
 @dataclass
@@ -269,44 +394,76 @@ class _Block:
 
 
 class _Passes:
-    """The passes of one `robust_aggregate` call: block reads, the thread pool, the device."""
+    """The passes of one `robust_aggregate` call: block reads into per-thread matrices, the
+    thread pool, the device."""
 
     def __init__(self, sources, names_shapes, block_elems, threads, device):
-        self.sources = sources
+        self.fill = [_filler(s) for s in sources]
         self.blocks = list(param_blocks(names_shapes, block_elems))
         self.threads = max(1, threads)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.shapes = {name: tuple(int(s) for s in shape)
                        for name, shape in names_shapes.items()}
-        self.out = {name: torch.zeros(math.prod(shape), dtype=torch.float32)
+        # every pass writes every block, so the output needs no zeros
+        self.out = {name: torch.empty(math.prod(shape), dtype=torch.float32)
                     for name, shape in self.shapes.items()}
+        self.local = threading.local()
 
-    def matrix(self, rows: Sequence[int], mult: Sequence[float], name: str, a: int,
+    def buffer(self, tag: str, rows: int, cols: int, device: torch.device | None = None
+               ) -> torch.Tensor:
+        """This thread's float32 scratch matrix `tag`, rows x cols (reused from block to
+        block: nothing is allocated per block once the largest block has been seen)."""
+        store = self.local.__dict__.setdefault("buffers", {})
+        device = device or self.device
+        buf = store.get(tag)
+        if buf is None or buf.numel() < rows * cols:
+            buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
+            store[tag] = buf
+        return buf[:rows * cols].view(rows, cols)
+
+    def matrix(self, rows: Sequence[int], mult: torch.Tensor | None, name: str, a: int,
                b: int) -> torch.Tensor:
-        """The block [a, b) of `name` of the contributions `rows` (scaled by `mult`), as a
-        rows x (b - a) float32 matrix on the device."""
-        x = torch.stack([read_slice(self.sources[i], name, a, b) for i in rows])
-        x = x.to(self.device, non_blocking=True)
-        if any(m != 1.0 for m in mult):
-            x = x * torch.tensor(mult, dtype=torch.float32, device=self.device)[:, None]
+        """The block [a, b) of `name` of the contributions `rows` (row j scaled by mult[j]
+        when given), decoded into this thread's rows x (b - a) float32 matrix on the device."""
+        cpu = self.device.type == "cpu"
+        x = self.buffer("x" if cpu else "host", len(rows), b - a, torch.device("cpu"))
+        for r, i in enumerate(rows):
+            self.fill[i](name, a, b, x[r])
+        if not cpu:
+            x = self.buffer("x", len(rows), b - a).copy_(x)
+        if mult is not None:
+            x.mul_(mult[:, None])
         return x
 
-    def row(self, i: int, name: str, a: int, b: int) -> torch.Tensor:
-        """The block [a, b) of `name` of contribution `i`, float32 on the device."""
-        return read_slice(self.sources[i], name, a, b).to(self.device, non_blocking=True)
+    def scratch(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three scratch matrices for the block math: n + 1, n and n rows of `length`."""
+        return (self.buffer("work", n + 1, length), self.buffer("keep", n, length),
+                self.buffer("upper", n, length))
+
+    def target(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Where a block's result goes: the output itself, or a device buffer."""
+        if self.device.type == "cpu":
+            return self.out[name][a:b]
+        return self.buffer("v", 1, b - a)[0]
+
+    def put(self, name: str, a: int, b: int, v: torch.Tensor) -> None:
+        dst = self.out[name][a:b]
+        if v.data_ptr() != dst.data_ptr():
+            dst.copy_(v)
+
+    def get(self, name: str, a: int, b: int) -> torch.Tensor:
+        return self.out[name][a:b].to(self.device)
 
     def run(self, fn: Callable[[str, int, int], _Block]) -> list[_Block]:
         """`fn` over every block, on the thread pool; results in block order."""
         if self.threads == 1 or len(self.blocks) == 1:
             return [fn(*blk) for blk in self.blocks]
-        with ThreadPoolExecutor(self.threads) as pool:
+        # one intra-op thread in every worker too: a new thread does not inherit the
+        # caller's setting, and torch's intra-op threads inside concurrent blocks
+        # oversubscribe the cores (measured 4x slower for the mean on 2 loaded cores)
+        with ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
             return list(pool.map(lambda blk: fn(*blk), self.blocks))
-
-    def put(self, name: str, a: int, b: int, v: torch.Tensor) -> None:
-        self.out[name][a:b] = v.to("cpu", torch.float32)
-
-    def get(self, name: str, a: int, b: int) -> torch.Tensor:
-        return self.out[name][a:b].to(self.device)
 
 
 def _sum64(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -317,12 +474,34 @@ def _sum64(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+# The work is organised in passes over the model, one block of `block_elems` coordinates at a
+# time: every contribution's block is decoded into one n x L float32 matrix (payload sources
+# write straight into it), on which each method is a handful of whole-matrix operations: a
+# matrix-vector product for the means, a selection network and two small matrix products for
+# the trimmed mean (`weighted_trimmed_mean`), a matrix product for the Gram matrix of
+# centered clipping. The blocks are independent, so they run on a thread pool (and on a GPU
+# when one is given), each thread with its own matrices; whatever crosses blocks (norms, the
+# Gram matrix) is summed in block order afterwards, in float64, so the result does not depend
+# on which thread ran which block.
+#
+# Honest rounds take one pass (two for centered clipping): the first pass computes the norms
+# for screening and, assuming nobody is clipped, the method's result; only when screening
+# clips or refuses someone does a second pass redo it with the multipliers.
+#
+# Centered clipping needs no pass per iteration. With v0 the (trimmed-mean) start and
+# D = X - v0 (rows: contributions), every iterate is v_t = v0 + D^T a_t for a small vector
+# a_t: v_{t+1} = v_t + sum_j c_j (x_j - v_t) gives a_{t+1} = (1 - sum c) a_t + c, and the
+# distances it needs are |x_j - v_t|^2 = G_jj - 2 (G a_t)_j + a_t^T G a_t with G = D D^T.
+# One pass computes v0 and G, the iterations run on n x n numbers, and a last pass writes
+# v0 + D^T a = (1 - sum a) v0 + X^T a.
+
+
 def robust_aggregate(
     sources: Sequence[DeltaSource],
     weights: Sequence[float],
     names_shapes: Mapping[str, Sequence[int]],
     cfg: RobustConfig,
-    block_elems: int = 1 << 20,
+    block_elems: int | None = None,
     threads: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], Screening]:
@@ -331,13 +510,14 @@ def robust_aggregate(
     reason) as `screen` returns it (multiplier 0.0: refused and left out of the aggregate).
 
     Reads the model block by block (`block_elems` elements at most, never spanning two
-    parameters), every contribution's block at once, on `threads` threads (default: torch's
-    thread count) and on `device` (default: the CPU). Screening uses each source's global L2
-    norm. Refused contributions are dropped and the weights of the rest renormalised; clipped
-    ones keep their weight. With method "mean" this equals `outer.weighted_mean` of the fully
-    decoded deltas. The result is the same for any block size, thread count and device up to
-    float32 rounding, and bit-identical run to run for a given block size and thread count.
-    Peak memory besides the output: about threads x n x block_elems x 32 bytes.
+    parameters; default `block_for(n, threads=threads)`), every contribution's block at once,
+    on `threads` threads (default: torch's thread count) and on `device` (default: the CPU).
+    Screening uses each source's global L2 norm. Refused contributions are dropped and the
+    weights of the rest renormalised; clipped ones keep their weight. With method "mean" this
+    equals `outer.weighted_mean` of the fully decoded deltas up to float32 rounding. The
+    result is the same for any block size, thread count and device up to float32 rounding,
+    and bit-identical run to run for a given block size and thread count. Peak memory
+    besides the output: about threads x n x block_elems x 16 bytes.
     """
     n = len(sources)
     if n == 0:
@@ -350,16 +530,18 @@ def robust_aggregate(
                 or not w > 0:
             raise ValueError(f"weight {i} must be positive and finite, got {w!r}")
         ws.append(float(w))
+    threads = threads if threads is not None else torch.get_num_threads()
+    if block_elems is None:
+        block_elems = block_for(n, threads=threads)
     if isinstance(block_elems, bool) or not isinstance(block_elems, int) or block_elems < 1:
         raise ValueError(f"block_elems must be a positive int, got {block_elems!r}")
-    passes = _Passes(sources, names_shapes, block_elems,
-                     threads if threads is not None else torch.get_num_threads(), device)
-    # threads across blocks, each block's ops on one thread: torch's intra-op threads inside
-    # concurrent blocks oversubscribe the cores (measured 10-100x slower reads on 2 cores)
+    # threads across blocks, each block's ops on one thread: the blocks' operations are too
+    # small for intra-op threads (on 2 loaded cores, 2 intra-op threads made one-thread
+    # aggregation 20x slower), and inside concurrent blocks they oversubscribe the cores
     intra = torch.get_num_threads()
-    if passes.threads > 1:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
+        passes = _Passes(sources, names_shapes, block_elems, threads, device)
         return _aggregate(passes, cfg, ws)
     finally:
         torch.set_num_threads(intra)
@@ -384,13 +566,15 @@ def _aggregate(passes: _Passes, cfg: RobustConfig, ws: list[float]
         total = math.fsum(ws[i] for i in keep)
         a = _centered_clip_coefficients(blocks.gram, [ws[i] / total for i in keep],
                                         cfg.cc_iters)
-        if any(x != 0.0 for x in a):  # last pass: v0 + D^T a
+        if any(x != 0.0 for x in a):  # last pass: v0 + D^T a = (1 - sum a) v0 + X^T a
             coef = torch.tensor(a, dtype=torch.float32, device=passes.device)
+            beta = 1.0 - math.fsum(a)
+            scale = _multipliers(mult, passes.device)
 
             def finish(name: str, a_: int, b: int) -> _Block:
+                x = passes.matrix(keep, scale, name, a_, b)
                 v0 = passes.get(name, a_, b)
-                d = passes.matrix(keep, mult, name, a_, b) - v0
-                passes.put(name, a_, b, v0 + coef @ d)
+                passes.put(name, a_, b, torch.addmv(v0, x.t(), coef, beta=beta))
                 return _Block()
 
             passes.run(finish)
@@ -398,67 +582,44 @@ def _aggregate(passes: _Passes, cfg: RobustConfig, ws: list[float]
     return result, screening
 
 
+def _multipliers(mult: Sequence[float], device: torch.device) -> torch.Tensor | None:
+    """The screening multipliers as a float32 column scale, or None when all are 1."""
+    if all(m == 1.0 for m in mult):
+        return None
+    return torch.tensor(mult, dtype=torch.float32, device=device)
+
+
 def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[float],
              ws: list[float], norms: bool) -> _Block:
     """One pass: writes the method's combination of the contributions `rows` (scaled by
     `mult`) into `passes.out` (the weighted mean, or the trimmed mean that centered clipping
     starts from), and returns what crosses blocks: the sum of squares of every row (when
-    `norms`) and, for centered clipping, the Gram matrix of the rows minus that start."""
+    `norms`, of the unscaled rows: norms are taken in the first pass, where `mult` is all 1)
+    and, for centered clipping, the Gram matrix of the rows minus that start."""
     total = math.fsum(ws[i] for i in rows)
     robust = cfg.method in ("trimmed_mean", "centered_clip")
     k = _trim_count(len(rows), cfg.trim_fraction) if robust else 0
     gram = cfg.method == "centered_clip" and len(rows) >= 3
-    wt = torch.tensor([ws[i] for i in rows], dtype=torch.float64)
+    wt = torch.tensor([ws[i] for i in rows], dtype=torch.float32, device=passes.device)
     coef = torch.tensor([ws[i] / total for i in rows], dtype=torch.float32,
-                        device=passes.device)  # of the scaled rows
+                        device=passes.device)
+    scale = _multipliers(mult, passes.device)
 
-    def mean(name: str, a: int, b: int) -> _Block:
-        # one contribution at a time: no n x L matrix, one fused multiply-add per value
-        res = _Block(sq=torch.zeros(len(rows), dtype=torch.float64) if norms else None)
-        acc = None
-        for j, i in enumerate(rows):
-            t = passes.row(i, name, a, b)
-            if norms:
-                res.sq[j] = _sumsq(t)
-            c = float(coef[j]) * mult[j]
-            acc = t * c if acc is None else acc.add_(t, alpha=c)
-        passes.put(name, a, b, acc)
-        return res
-
-    def robust_block(name: str, a: int, b: int) -> _Block:
-        x = passes.matrix(rows, [1.0] * len(rows), name, a, b)
-        res = _Block()
-        if norms:
-            res.sq = _sumsq(x)
-        if any(m != 1.0 for m in mult):
-            x = x * torch.tensor(mult, dtype=torch.float32, device=x.device)[:, None]
-        v = weighted_trimmed_mean(x, wt, k) if k else coef @ x
+    def block(name: str, a: int, b: int) -> _Block:
+        x = passes.matrix(rows, scale, name, a, b)
+        work, keep, upper = passes.scratch(len(rows), b - a)
+        res = _Block(sq=_sumsq(x, keep) if norms else None)
+        v = passes.target(name, a, b)
+        if k:
+            weighted_trimmed_mean(x, wt, k, (work, keep, upper), out=v)
+        else:
+            torch.mv(x.t(), coef, out=v)
         passes.put(name, a, b, v)
         if gram:
-            d = x - v
-            res.gram = (d @ d.t()).to(torch.float64)
+            d = torch.sub(x, v, out=keep)
+            res.gram = torch.mm(d, d.t()).to(torch.float64)
         return res
 
-    parts = passes.run(robust_block if k or gram else mean)
+    parts = passes.run(block)
     return _Block(sq=_sum64([p.sq for p in parts]) if norms else None,
                   gram=_sum64([p.gram for p in parts]) if gram else None)
-
-
-def _centered_clip_coefficients(gram: torch.Tensor, p: list[float], iters: int) -> list[float]:
-    """The coefficients a of centered clipping's result v0 + D^T a, from G = D D^T: `iters`
-    times v <- v + sum_j p_j min(1, tau / |x_j - v|) (x_j - v), with tau the median distance
-    |x_j - v| at that iteration (a coefficient vector a tracks v - v0 = D^T a)."""
-    g = gram.to(torch.float64)
-    n = len(p)
-    a = torch.zeros(n, dtype=torch.float64)
-    for _ in range(iters):
-        ga = g @ a
-        sq = torch.diagonal(g) - 2 * ga + a @ ga
-        dist = [math.sqrt(max(float(s), 0.0)) for s in sq]
-        tau = _median(dist)
-        if tau <= 0:
-            break
-        c = torch.tensor([pj * min(1.0, tau / d) if d > 0 else pj
-                          for pj, d in zip(p, dist, strict=True)], dtype=torch.float64)
-        a = a * (1 - float(c.sum())) + c
-    return [float(x) for x in a]

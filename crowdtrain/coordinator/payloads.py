@@ -2,7 +2,13 @@
 file (`codecs.to_bytes`, any codec) is memory-mapped with safetensors and read as an
 `aggregation.DeltaSource`, one slice at a time, decoded bit-identically to `codecs.from_bytes`;
 `check_payload_file` validates an upload the way `from_bytes` validates bytes, one block at a
-time, so checking costs memory ~ one block whatever the model size."""
+time, so checking costs memory ~ one block whatever the model size.
+
+The int8/int4 and sparse sources also decode a slice straight into a caller's buffer
+(`read_into`), which is how `aggregation.robust_aggregate` fills its block matrices: one
+multiply per value from zero-copy views of the file for int8, one scatter of the sent entries
+for sparse. Their per-tensor checks (scales, sparse offsets) run once per tensor, on its first
+read, instead of on every slice."""
 
 from __future__ import annotations
 
@@ -120,6 +126,7 @@ class SafetensorsQuantSource(_MappedFile):
         try:
             self._check_header(shapes)
             self.map_views()
+            self._checked: dict[str, tuple[torch.Tensor, bool]] = {}
         except Exception:
             self.close()
             raise
@@ -151,33 +158,64 @@ class SafetensorsQuantSource(_MappedFile):
                 _check_slice(self.path, key, sl, dtype, (length,))
             self.numel[name] = numel
 
+    def _scales(self, name: str) -> tuple[torch.Tensor, bool]:
+        """`name`'s scales (a view of the file) and whether any is large enough to overflow
+        a dequantized value, checked finite and >= 0 on the first call (then cached)."""
+        got = self._checked.get(name)
+        if got is None:
+            scale = self.view(name + ":scale", torch.float32)
+            if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
+                                 "values")
+            got = self._checked[name] = (scale, bool((scale > QUANT_SCALE_SAFE).any()))
+        return got
+
+    def _values(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """The quantized values [lo, hi) of `name` as int8 (4-bit ones unpacked); lo is a
+        block boundary."""
+        if self.codec == "int8":
+            return self.view(name + ":q", torch.int8)[lo:hi]
+        # two values a byte; blocks are even, so lo is a byte boundary
+        q = codecs.unpack_int4(self.view(name + ":q", torch.int8)[lo // 2:(hi + 1) // 2])
+        return q[:hi - lo]
+
+    def _check_finite(self, name: str, out: torch.Tensor, big: bool) -> None:
+        # |q| <= 128: only a scale this large can overflow float32
+        if big and not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
+
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of `name`, dequantized exactly as `from_bytes`."""
         numel = self._check_range(name, a, b)
         if a == b:
             return torch.zeros(0, dtype=torch.float32)
+        scale_all, big = self._scales(name)
         bs = self.block
         b0, b1 = a // bs, (b + bs - 1) // bs  # the scale blocks covering [a, b)
-        scale = self.view(name + ":scale", torch.float32)[b0:b1]
-        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-            raise ValueError(f"{self.path}: tensor {name}:scale has non-finite or negative "
-                             "values")
+        scale = scale_all[b0:b1]
         lo, hi = b0 * bs, min(b1 * bs, numel)
-        if self.codec == "int8":
-            q = self.view(name + ":q", torch.int8)[lo:hi]
-        else:  # two values a byte; blocks are even, so lo is a byte boundary
-            q = codecs.unpack_int4(self.view(name + ":q", torch.int8)[lo // 2:(hi + 1) // 2])
-            q = q[:hi - lo]
+        q = self._values(name, lo, hi)
         if (hi - lo) % bs == 0:  # whole blocks: the same float32 multiply, without padding
             vals = (q.view(-1, bs).to(torch.float32) * scale[:, None]).view(-1)
         else:
             vals = codecs.dequantize_values(q, scale, (hi - lo,), bs)
         out = vals[a - lo: b - lo] if (a, b) != (lo, hi) else vals
-        # |q| <= 128: only a scale this large can overflow float32
-        if bool((scale > QUANT_SCALE_SAFE).any()) and not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{self.path}: tensor {name} has non-finite values")
+        self._check_finite(name, out, big)
         return out
 
+    def read_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        """`read(name, a, b)` written into `out` (contiguous float32, b - a values): from a
+        block boundary, one int8 x float32 multiply per value with no copy in between."""
+        self._check_range(name, a, b)
+        bs = self.block
+        whole = (b - a) // bs * bs if a % bs == 0 else 0
+        if whole:
+            scale, big = self._scales(name)
+            torch.mul(self._values(name, a, a + whole).view(-1, bs),
+                      scale[a // bs:(a + whole) // bs, None], out=out[:whole].view(-1, bs))
+            self._check_finite(name, out[:whole], big)
+        if whole < b - a:
+            out[whole:].copy_(self.read(name, a + whole, b))
 
 
 class SafetensorsFloatSource(_MappedFile):
@@ -260,6 +298,14 @@ class SafetensorsSparseSource(_MappedFile):
                         (name + sparse.SCALE, "F32", (numel + self.block - 1) // self.block)):
                     _check_slice(self.path, key, self._f.get_slice(key), dtype, (length,))
                 self.numel[name] = numel
+            self.map_views()
+            self._checked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+            self._chunks = torch.zeros(0, dtype=torch.int64)
+            # the decoded levels (2q - (2^bits - 1), as float32) of every byte, low bits first
+            top = 2 ** self.bits - 1
+            self._levels = (2 * sparse.unpack(torch.arange(256, dtype=torch.uint8), self.bits,
+                                              256 * 8 // self.bits) - top
+                            ).to(torch.float32).view(256, 8 // self.bits)
         except codecs.CodecError as e:
             self.close()
             raise ValueError(f"{self.path}: {e}") from None
@@ -287,6 +333,64 @@ class SafetensorsSparseSource(_MappedFile):
         except ValueError as e:
             raise ValueError(f"{self.path}: tensor {name}: {e}") from None
         return vals[a - c0 * bs: b - c0 * bs]
+
+    def _tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """`name`'s offsets, packed levels and scales (views of the file) and whether a scale
+        is large enough to overflow a decoded value; offsets and scales checked as
+        `sparse.decode` checks them, over the whole tensor, on the first call (then cached)."""
+        got = self._checked.get(name)
+        if got is None:
+            idx = self.view(name + sparse.IDX, torch.int16)
+            packed = self.view(name + sparse.Q, torch.int8)
+            scale = self.view(name + sparse.SCALE, torch.float32)
+            try:
+                if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                    raise ValueError("scales must be finite and >= 0")
+                sparse.check_offsets(idx, *sparse.layout(self.numel[name], self.block, self.k))
+            except ValueError as e:
+                raise ValueError(f"{self.path}: tensor {name}: {e}") from None
+            big = bool((scale > torch.finfo(torch.float32).max / (2 ** self.bits - 1)).any())
+            got = self._checked[name] = (idx, packed, scale, big)
+        return got
+
+    def _chunk_of(self, n_entries: int) -> torch.Tensor:
+        """int64 [0, 0, .. 1, 1, ..]: the chunk of each of the first `n_entries` entries of
+        a run of full chunks (k entries each), cached and grown as needed."""
+        got = self._chunks
+        if got.numel() < n_entries:
+            got = self._chunks = torch.arange(n_entries, dtype=torch.int64) // self.k
+        return got[:n_entries]
+
+    def read_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        """`read(name, a, b)` written into `out` (contiguous float32, b - a values): zeros,
+        then one scatter of the entries sent for [a, b), decoded as `sparse.decode` does."""
+        numel = self._check_range(name, a, b)
+        out.zero_()
+        if a == b:
+            return
+        idx, packed, scale, big = self._tensor(name)
+        bs, k, bits = self.block, self.k, self.bits
+        c0, c1 = a // bs, (b + bs - 1) // bs  # the chunks covering [a, b)
+        e0 = c0 * k  # entries before chunk c0 (all full chunks)
+        e1 = e0 + sparse.entries(min(c1 * bs, numel) - c0 * bs, bs, k)
+        if e1 == e0:
+            return
+        chunk = self._chunk_of(e1 - e0)
+        pos = torch.add(idx[e0:e1], chunk, alpha=bs)  # from the start of chunk c0
+        per = 8 // bits  # levels a byte
+        byte = packed[e0 // per:sparse.packed_len(e1, bits)].view(torch.uint8).to(torch.int32)
+        level = self._levels.index_select(0, byte).view(-1)[e0 % per:e0 % per + e1 - e0]
+        if e1 - e0 == (c1 - c0) * k:  # k entries in every chunk: one scale a row
+            vals = torch.mul(level.view(-1, k), scale[c0:c1, None]).view(-1)
+        else:
+            vals = torch.mul(level, scale[c0:c1][chunk])
+        if big and not bool(torch.isfinite(vals).all()):
+            raise ValueError(f"{self.path}: tensor {name}: decoded values overflow float32")
+        start = a - c0 * bs
+        if start or c1 * bs > b:  # [a, b) does not begin or end at a chunk boundary
+            inside = (pos >= start) & (pos < start + b - a)
+            pos, vals = pos[inside] - start, vals[inside]
+        out.scatter_(0, pos, vals)
 
 
 def open_payload(

@@ -404,9 +404,10 @@ def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
 def test_aggregation_blocks_shrink_as_contributions_grow():
     from crowdtrain.coordinator.aggregation import block_for
 
-    assert block_for(1) == 1 << 20 and block_for(0) == 1 << 20
+    assert block_for(1) == 1 << 16 and block_for(0) == 1 << 16
     sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 16  # reads cost ~30 us
-    for n in (20, 100, 200):  # the working set n x block x 32 bytes stays within the budget
-        assert n * block_for(n) * 32 <= 1 << 30
-        assert n * 2 * block_for(n, threads=2) * 32 <= 1 << 30  # ... on two threads too
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 12  # a sparse chunk
+    assert all(s & (s - 1) == 0 for s in sizes)  # powers of two: int8 and sparse aligned
+    for n in (200, 1000, 2000):  # the working set n x block x 16 bytes stays within budget
+        assert n * block_for(n) * 16 <= 256 << 20
+        assert n * 2 * block_for(n, threads=2) * 16 <= 256 << 20  # ... on two threads too

@@ -1,7 +1,9 @@
 """The block-matrix aggregation equals the one it replaced (reference_aggregation.py) within
-1e-6 relative, for every method, honest rounds and attacked ones, from real int8 payload
-files; it is bit-identical run to run for a given thread count, and agrees across thread
-counts and block sizes."""
+1e-6 relative, for every method, honest rounds and attacked ones, from real int8 and sparse
+payload files; it is bit-identical run to run and across thread counts for a block size, and
+agrees across block sizes. Its parts against their definitions: the selection network against
+a sort, the trimmed mean (ties across the cut included) against the stable-sort reference,
+`read_into` against `read` for every payload codec."""
 
 from __future__ import annotations
 
@@ -12,13 +14,19 @@ import torch
 from crowdtrain.coordinator.aggregation import (
     METHODS,
     RobustConfig,
+    order_statistics,
     robust_aggregate,
+    selection_network,
+    sorting_network,
     weighted_trimmed_mean,
 )
 from crowdtrain.coordinator.payloads import open_payload
 from crowdtrain.wire import codecs
 
 SHAPES = {"emb": (97, 64), "w": (3001,), "one": (1,), "mlp": (129, 33)}
+# the sparse codec at its defaults (1% of each 4096-value chunk, 2 bits) and a denser one whose
+# chunks do not divide the aggregation blocks
+CODECS = {"int8": {}, "sparse": {}, "sparse-dense": {"block": 96, "k": 24, "bits": 4}}
 
 
 def deltas(n: int, attacked: bool, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -33,14 +41,17 @@ def deltas(n: int, attacked: bool, seed: int = 0) -> list[dict[str, torch.Tensor
     return out
 
 
-@pytest.fixture(params=[(8, False), (8, True), (5, True), (20, False), (3, False)],
-                ids=lambda p: f"{p[0]}{'-attacked' if p[1] else ''}")
+@pytest.fixture(params=[(8, False, "int8"), (8, True, "int8"), (5, True, "int8"),
+                        (20, False, "int8"), (3, False, "int8"), (8, False, "sparse"),
+                        (8, True, "sparse"), (8, False, "sparse-dense"),
+                        (13, True, "sparse-dense")],
+                ids=lambda p: f"{p[0]}{'-attacked' if p[1] else ''}-{p[2]}")
 def payloads(request, tmp_path):
-    n, attacked = request.param
+    n, attacked, codec = request.param
     paths = []
     for i, d in enumerate(deltas(n, attacked, seed=n)):
         p = tmp_path / f"c{i}.safetensors"
-        p.write_bytes(codecs.to_bytes(d, "int8"))
+        p.write_bytes(codecs.to_bytes(d, codec.split("-")[0], **CODECS[codec]))
         paths.append(p)
     weights = [float(1000 + 37 * i) for i in range(n)]
     return paths, weights
@@ -66,7 +77,7 @@ def test_equals_the_previous_aggregation_within_1e6(payloads, method):
     paths, weights = payloads
     cfg = RobustConfig(method=method)
     want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
-    for threads, block in ((1, 1000), (2, 777), (2, 1 << 20)):
+    for threads, block in ((1, 1000), (2, 777), (2, 4096), (1, 1 << 16)):
         got, screening = aggregate(robust_aggregate, paths, weights, cfg, block_elems=block,
                                    threads=threads)
         assert [m for m, _ in screening] == pytest.approx([m for m, _ in want_screen],
@@ -75,12 +86,14 @@ def test_equals_the_previous_aggregation_within_1e6(payloads, method):
         assert rel(got, want) < 1e-6, (method, threads, block, rel(got, want))
 
 
-def test_bit_identical_run_to_run_for_a_thread_count(payloads):
+@pytest.mark.parametrize("method", ["trimmed_mean", "centered_clip"])
+def test_bit_identical_run_to_run_and_across_thread_counts(payloads, method):
     paths, weights = payloads
-    cfg = RobustConfig()
-    a, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=500, threads=2)
-    b, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=500, threads=2)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = RobustConfig(method=method)
+    runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=512, threads=t)[0]
+            for t in (2, 2, 1, 3)]
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in SHAPES)
 
 
 def test_trimmed_mean_breaks_ties_by_worker_order_as_a_stable_sort():
@@ -92,3 +105,59 @@ def test_trimmed_mean_breaks_ties_by_worker_order_as_a_stable_sort():
     got = weighted_trimmed_mean(x, w, 1)
     want = ref.weighted_trimmed_mean(x, w, 1)
     assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.parametrize("n", range(1, 22))
+def test_trimmed_mean_equals_the_stable_sort_with_ties(n):
+    # small integers (ties everywhere, across the cut too), mostly-zero columns (as sparse
+    # payloads give), -0.0 next to 0.0, and plain random values
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-3, 4, (n, 3000), generator=g).float() * 0.5
+    x[:, :1000] = torch.randn(n, 1000, generator=g)
+    x[:, 2000:] *= torch.rand(n, 1000, generator=g) < 0.1
+    x[0, ::7] = -0.0
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    for k in range(0, (n - 1) // 2 + 1):
+        got = weighted_trimmed_mean(x, w, k)
+        want = ref.weighted_trimmed_mean(x, w, k)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (n, k)  # terms are O(1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 16, 17, 33, 100])
+def test_networks_sort_and_select(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-5, 6, (n, 500), generator=g).float()
+    wires = x.clone()
+    for i, j in sorting_network(n):  # the 0-1 principle is not needed: just check it sorts
+        lo, hi = torch.minimum(wires[i], wires[j]), torch.maximum(wires[i], wires[j])
+        wires[i], wires[j] = lo, hi
+    assert torch.equal(wires, torch.sort(x, dim=0).values)
+    ranks = (n // 4, n - n // 4 - 1)
+    before = x.clone()
+    got = order_statistics(x, ranks)
+    assert torch.equal(x, before)  # x is only read
+    srt = torch.sort(x, dim=0).values
+    assert all(torch.equal(v, srt[r]) for v, r in zip(got, ranks, strict=True))
+    assert len(selection_network(n, ranks)) <= len(sorting_network(n))
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "sparse", "sparse-dense"])
+def test_read_into_equals_read(tmp_path, codec):
+    shapes = {**SHAPES, "big": (5, 9001)}
+    g = torch.Generator().manual_seed(7)
+    d = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    p = tmp_path / "c.safetensors"
+    p.write_bytes(codecs.to_bytes(d, codec.split("-")[0], **CODECS.get(codec, {})))
+    full = codecs.from_bytes(p.read_bytes(), shapes)[0]
+    with open_payload(p, shapes) as src:
+        for name, t in full.items():
+            flat = t.reshape(-1)
+            n = flat.numel()
+            ranges = [(0, n), (0, 0), (n, n), (0, 1), (n - 1, n)]
+            ranges += [tuple(sorted(torch.randint(0, n + 1, (2,), generator=g).tolist()))
+                       for _ in range(30)]
+            ranges += [(a, min(a + 4096, n)) for a in range(0, n, 4096)]
+            for a, b in ranges:
+                out = torch.full((b - a,), 7.0)
+                src.read_into(name, a, b, out)
+                assert torch.equal(out, flat[a:b]), (name, a, b)
