@@ -107,3 +107,26 @@ def test_a_teacher_of_any_family_distils_into_a_preset_or_any_architecture(stude
         assert (out / name).read_bytes() == (teacher / name).read_bytes()
     assert AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
     assert res.student.tokens > 0 and res.teacher.tokens == res.student.tokens
+
+
+def test_a_swarm_distillation_run_takes_a_teacher_of_any_family(corpus, tmp_path):
+    """`init --teacher` with a Qwen2 teacher: a preset Llama student with the teacher's
+    vocabulary and special tokens; the run frames documents with the teacher's eos and the
+    export ships the teacher's tokenizer files unchanged."""
+    from families import make_family
+    from transformers import AutoModelForCausalLM
+
+    from crowdtrain.publish.export import export_model
+    from crowdtrain.run.folder import SwarmConfig, init_run
+
+    teacher = make_family("qwen2", tmp_path / "tiny-qwen2")
+    run = init_run(tmp_path / "run", [corpus], preset="tiny", teacher=teacher, progress=False,
+                   swarm=SwarmConfig(warm_start=0.05, rounds=2, inner_steps=5))
+    eos = AutoModelForCausalLM.from_pretrained(str(teacher)).config.eos_token_id
+    assert run.config.teacher.name == "tiny-qwen2" and run.index.eot_id == eos
+    cfg = run.model_config()
+    assert cfg.model_type == "llama" and cfg.eos_token_id == eos
+    assert run.specials().chat_template is not None  # the teacher's, kept for the export
+    out = export_model(run, tmp_path / "student", evaluate=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (teacher / name).read_bytes()
