@@ -101,8 +101,9 @@ class SwarmConfig:
         "parameter), int4 (~0.56 bytes: half the upload, same quality in BENCHMARKS.md; needs "
         "workers of crowdtrain API v2), fp16, fp32, or sparse (the largest --sparse-density of "
         "each chunk of 4096 values at --sparse-bits each, the rest carried over to the next "
-        "round: ~0.024 bytes at 1% and 2 bits; needs workers of crowdtrain API v3; measured "
-        "best with --outer-momentum 0 and H of 10-30, see bench/results/sparse.md)"})
+        "round: ~0.024 bytes at 1% and 2 bits; needs workers of crowdtrain API v3; its own "
+        "outer defaults, lr 1 without momentum, and --sparse-ef-decay: measured +9% held-out "
+        "against int8 at H=100 (12 rounds), best at H of 10-30, see bench/results/sparse.md)"})
     # the sparse codec's k (sparse.chunk_k of the density) and bits, fixed for the run
     sparse_density: float = field(default=SPARSE_DENSITY, metadata={
         "metavar": "FRACTION", "help": "with --codec sparse: the share of each chunk's values "
@@ -120,9 +121,8 @@ class SwarmConfig:
         "help": "outer SGD learning rate", "default_help": "0.7; 1 with --codec sparse"})
     outer_momentum: float | None = field(default=None, metadata={
         "help": "outer Nesterov momentum; 0 for plain averaging",
-        "default_help": "0.9; 0 with --codec sparse, whose decayed error feedback "
-                        "(--sparse-ef-decay) plays its part: momentum on top of it was measured "
-                        "+17% held-out at H=100"})
+        "default_help": "0.9; 0 with --codec sparse, whose error feedback plays its part "
+                        "(momentum 0.9 on top of it: +17% held-out at H=100)"})
     nesterov: bool = True
     keep_last: int = 3
     keep_every: int = 10
