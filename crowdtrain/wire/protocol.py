@@ -58,12 +58,14 @@ INT64_MAX = 2**63 - 1  # what SQLite stores; larger numbers are refused at the b
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
-def min_api_version(codec: str, teacher: bool = False, masked: bool = False) -> int:
+def min_api_version(codec: str, teacher: bool = False, masked: bool = False,
+                    sparse_ef_decay: float | None = None) -> int:
     """The oldest worker API that can take part in a run whose contributions are in `codec`,
     that distils a `teacher` and whose shards carry loss masks (`masked`: int4 and
     distillation came with v2: a v1 worker would ignore the teacher; the sparse codec with v3;
-    loss masks with v4: an older worker would train on every token)."""
-    if masked:
+    loss masks and the sparse codec's decayed error feedback (`sparse_ef_decay` < 1) with v4:
+    an older worker would train on every token, or keep plain feedback)."""
+    if masked or (codec == "sparse" and sparse_ef_decay is not None and sparse_ef_decay < 1):
         return 4
     if codec == "sparse":
         return 3

@@ -59,7 +59,11 @@ def test_an_int4_run_takes_only_workers_that_speak_int4(tiny_run, tmp_path):
 def test_a_sparse_run_takes_only_workers_of_api_v3_and_tells_them_k_and_bits(tiny_run,
                                                                              tmp_path):
     run = copy_run(tiny_run, tmp_path / "runs", codec="sparse", sparse_density=0.02,
-                   sparse_bits=4, rounds=2)
+                   sparse_bits=4, rounds=2, sparse_ef_decay=1.0)  # plain error feedback: v3
+    decayed = copy_run(tiny_run, tmp_path / "decayed", codec="sparse", rounds=2)
+    with TestClient(create_app(Coordinator(decayed, evaluate_rounds=False))) as c:
+        r = c.get(protocol.INFO, headers={protocol.API_HEADER: "3"})  # its feedback decays: v4
+        assert r.status_code == 426 and "API v4..v" in r.json()["detail"], r.text
     with TestClient(create_app(Coordinator(run, evaluate_rounds=False))) as c:
         for old in ("1", "2"):  # a v2 worker speaks int4 but not the sparse codec
             r = c.get(protocol.INFO, headers={protocol.API_HEADER: old})
@@ -77,6 +81,9 @@ def test_a_sparse_run_takes_only_workers_of_api_v3_and_tells_them_k_and_bits(tin
     assert protocol.min_api_version("int8") == 1 and protocol.min_api_version("int4") == 2
     # a chat run's loss masks came with v4: an older worker would train on every token
     assert protocol.min_api_version("int8", masked=True) == 4 == protocol.API_VERSION
+    # and the sparse codec's decayed error feedback (a v3 worker would keep plain feedback)
+    assert protocol.min_api_version("sparse", sparse_ef_decay=0.95) == 4
+    assert protocol.min_api_version("sparse", sparse_ef_decay=1.0) == 3
 
 
 def test_auth_and_input_validation(client):
