@@ -392,6 +392,15 @@ class _Block:
     sq: torch.Tensor | None = None  # per contribution: sum of squares (float64)
     gram: torch.Tensor | None = None  # D D^T of this block (float64)
 
+    def add(self, other: _Block) -> None:
+        """Add `other`'s figures to these, in float64 on the CPU."""
+        for field in ("sq", "gram"):
+            part = getattr(other, field)
+            if part is not None:
+                part = part.to("cpu", torch.float64)
+                mine = getattr(self, field)
+                setattr(self, field, part.clone() if mine is None else mine.add_(part))
+
 
 class _Passes:
     """The passes of one `robust_aggregate` call: block reads into per-thread matrices, the
@@ -454,24 +463,22 @@ class _Passes:
     def get(self, name: str, a: int, b: int) -> torch.Tensor:
         return self.out[name][a:b].to(self.device)
 
-    def run(self, fn: Callable[[str, int, int], _Block]) -> list[_Block]:
-        """`fn` over every block, on the thread pool; results in block order."""
+    def run(self, fn: Callable[[str, int, int], _Block]) -> _Block:
+        """`fn` over every block, on the thread pool; what the blocks return summed in block
+        order as they come (float64: deterministic, and no per-block results kept)."""
+        total = _Block()
         if self.threads == 1 or len(self.blocks) == 1:
-            return [fn(*blk) for blk in self.blocks]
+            for blk in self.blocks:
+                total.add(fn(*blk))
+            return total
         # one intra-op thread in every worker too: a new thread does not inherit the
         # caller's setting, and torch's intra-op threads inside concurrent blocks
         # oversubscribe the cores (measured 4x slower for the mean on 2 loaded cores)
         with ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads,
                                 initargs=(1,)) as pool:
-            return list(pool.map(lambda blk: fn(*blk), self.blocks))
-
-
-def _sum64(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of float64 tensors in the given (block) order: deterministic."""
-    total = torch.zeros_like(parts[0], dtype=torch.float64, device="cpu")
-    for p in parts:
-        total += p.to("cpu", torch.float64)
-    return total
+            for part in pool.map(lambda blk: fn(*blk), self.blocks):
+                total.add(part)
+        return total
 
 
 # The work is organised in passes over the model, one block of `block_elems` coordinates at a
@@ -620,6 +627,4 @@ def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[flo
             res.gram = torch.mm(d, d.t()).to(torch.float64)
         return res
 
-    parts = passes.run(block)
-    return _Block(sq=_sum64([p.sq for p in parts]) if norms else None,
-                  gram=_sum64([p.gram for p in parts]) if gram else None)
+    return passes.run(block)
