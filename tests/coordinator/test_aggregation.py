@@ -404,7 +404,7 @@ def test_check_payload_file_agrees_with_from_bytes(tmp_path, case):
 def test_aggregation_blocks_shrink_as_contributions_grow():
     from crowdtrain.coordinator.aggregation import block_for
 
-    assert block_for(1) == 1 << 16 and block_for(0) == 1 << 16
+    assert block_for(1) == 1 << 17 and block_for(0) == 1 << 17
     sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 12  # a sparse chunk
     assert all(s & (s - 1) == 0 for s in sizes)  # powers of two: int8 and sparse aligned
