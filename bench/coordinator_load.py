@@ -1,6 +1,6 @@
 """Coordinator load: N simulated volunteers against one coordinator process (`crowdtrain
-serve`, one torch thread), submitting real int8 payloads for models of 1M, 10M and 100M
-parameters.
+serve`, one torch thread unless --coordinator-threads), submitting real int8 payloads for
+models of 1M, 10M and 100M parameters.
 
 Each simulated volunteer is an asyncio httpx client with its own loopback source address
 (127.0.x.y, as volunteers come from their own addresses): it joins, then for each round asks
@@ -15,15 +15,23 @@ ingested (during the rounds' upload phases), p50/p99 submit latency, every refus
 and reason, the round-close time (last contribution in -> next round open, from the ledger),
 and the coordinator's memory: RSS at rest, peak RSS (VmHWM) and its growth over rest, next to
 N x payload (what holding every upload would cost) and N x block (what block-wise
-aggregation needs: 16 bytes x 2^20 elements per contribution).
+aggregation needs: 16 bytes x `aggregation.block_for(N)` elements per contribution).
 
 Targets: 100 concurrent workers on a 10M model with no refusal but the intended ones; peak
 memory growing with N x block size, not N x model size.
+
+--previous IMPL runs every configuration twice in the same invocation, side by side: first
+with a coordinator whose crowdtrain.coordinator.aggregation module is IMPL ("reference": the
+original implementation, tests/coordinator/reference_aggregation.py, which the 190 s close of
+100 x 10M was measured with; or a commit, whose aggregation.py `git show` gives), loaded into
+the coordinator process before anything imports it, then with the current code; the same
+payloads, the same volunteers, and a line comparing the two round closes.
 
     python bench/coordinator_load.py                  # full: 1M x {10,100}, 10M x {1,10,100},
                                                       #       100M x {1,4}; 1 round each
     python bench/coordinator_load.py --quick          # 0.13M model, 8 workers, 1 round
     python bench/coordinator_load.py --sizes 10M --workers 100 --rounds 3
+    python bench/coordinator_load.py --sizes 10M --workers 100 --previous reference
 """
 
 from __future__ import annotations
@@ -41,8 +49,10 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
+from aggregation_speed import REFERENCE, module_from, previous_source  # noqa: E402
 from benchlib import (  # noqa: E402
     Payloads,
     anon_mb,
@@ -54,23 +64,35 @@ from benchlib import (  # noqa: E402
     peak_rss_mb,
     percentile,
     rss_mb,
-    serve,
 )
 
-from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.cli.processes import LocalSwarm, wait_until_up  # noqa: E402
 from crowdtrain.coordinator.aggregation import block_for  # noqa: E402
 from crowdtrain.run.folder import Run  # noqa: E402
 from crowdtrain.run.ledger import Ledger  # noqa: E402
 from crowdtrain.run.model import build_model, config_from_dict, state_dict_for_save  # noqa: E402
 from crowdtrain.wire import protocol  # noqa: E402
 
-BLOCK_ELEMS = 1 << 20  # robust_aggregate's default block
+BLOCK_ELEMS = 1 << 17  # aggregation.block_for's largest block
 OCTETS = "application/octet-stream"
 FULL = {"1M": [10, 100], "10M": [1, 10, 100], "100M": [1, 4]}
+# `python -c BOOT AGGREGATION_PY crowdtrain-args...`: the crowdtrain command with
+# crowdtrain.coordinator.aggregation replaced by the file AGGREGATION_PY
+BOOT = """import importlib.util, sys
+path = sys.argv.pop(1)
+print("crowdtrain.coordinator.aggregation is", path, file=sys.stderr, flush=True)
+spec = importlib.util.spec_from_file_location("crowdtrain.coordinator.aggregation", path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+from crowdtrain.cli.main import main
+sys.exit(main())
+"""
 
 
 @dataclasses.dataclass
 class Result:
+    impl: str  # the aggregation the coordinator ran: "current", "reference" or a commit
     size: str
     params: int
     workers: int
@@ -188,9 +210,24 @@ async def volunteer(i: int, url: str, rounds: int, spread: float, payloads: Payl
             done += 1
 
 
+def serve_with(swarm: LocalSwarm, aggregation_py: Path | None, threads: int = 1,
+               timeout: float = 900.0) -> None:
+    """Start the coordinator (`threads` torch threads) as benchlib.serve does, with its
+    aggregation module replaced by the file `aggregation_py` when given."""
+    args = ["--log-level", "info", "serve", str(swarm.run_dir), "--port", str(swarm.port),
+            "--threads", str(threads)]
+    if aggregation_py is None:
+        argv = [sys.executable, "-m", "crowdtrain", *args]
+    else:
+        argv = [sys.executable, "-c", BOOT, str(aggregation_py), *args]
+    p = swarm.spawn("coordinator", argv)
+    wait_until_up(swarm.url, p, swarm.logfile("coordinator"), timeout)
+
+
 def one(template: Run, work: Path, size: str, workers: int, rounds: int,
-        spread: float) -> Result:
-    name = f"{size}-n{workers}"
+        spread: float, impl: str = "current", aggregation_py: Path | None = None,
+        threads: int = 1) -> Result:
+    name = f"{size}-n{workers}-{impl}-t{threads}"
     run = make_run(template, work / name, swarm={
         "rounds": rounds, "inner_steps": 10, "round_seconds": 1800.0,
         "min_contributions": workers})
@@ -198,13 +235,15 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
         config_from_dict(run.model_config().to_dict()))).items()}
     payloads = Payloads(shapes)
     biggest = max(math.prod(s) for s in shapes.values())
-    res = Result(size, params_of(run), workers, rounds,
-                 block_elems=min(block_for(workers), biggest))
+    blocks = block_for if aggregation_py is None else module_from(
+        aggregation_py, f"aggregation_{impl}").block_for
+    res = Result(impl, size, params_of(run), workers, rounds,
+                 block_elems=min(blocks(workers), biggest))
     res.payload_mb = len(payloads.make(0, protocol.SubmitStats(
         lease_id=1, round=0, steps=1, tokens=1, mean_loss=1.0, seconds=1.0))) / 1e6
     train = run.config.train.__dict__
     with LocalSwarm(run.dir, work / f"{name}-logs") as swarm:
-        serve(swarm, "--threads", 1)
+        serve_with(swarm, aggregation_py, threads)
         pid = swarm.procs["coordinator"].pid
         time.sleep(1.0)
         res.rest_mb, res.rest_anon_mb = rss_mb(pid), anon_mb(pid)
@@ -249,7 +288,7 @@ def one(template: Run, work: Path, size: str, workers: int, rounds: int,
 def report(r: Result) -> None:
     lat = r.latencies
     growth = r.peak_mb - r.rest_mb
-    print(f"{r.size:>5} {r.params / 1e6:6.1f}M  N={r.workers:<4} "
+    print(f"{r.impl:>9} {r.size:>5} {r.params / 1e6:6.1f}M  N={r.workers:<4} "
           f"{r.accepted / r.seconds:6.2f} contrib/s  "
           f"{r.bytes_accepted / 1e6 / max(r.upload_phase_s, 1e-9):7.1f} MB/s in  "
           f"submit p50 {percentile(lat, 50):6.2f}s p99 {percentile(lat, 99):6.2f}s  "
@@ -268,6 +307,15 @@ def report(r: Result) -> None:
         print(f"      refused x{n}: {why}")
 
 
+def compare(before: Result, now: Result) -> None:
+    """The round close (and the whole run) of the two implementations, side by side."""
+    b, c = max(before.close_s, default=math.nan), max(now.close_s, default=math.nan)
+    print(f"      round close {now.impl} {c:.1f} s vs {before.impl} {b:.1f} s: {b / c:.1f}x "
+          f"faster; whole run {now.seconds:.0f} s vs {before.seconds:.0f} s; peak RSS "
+          f"{now.peak_mb:.0f} vs {before.peak_mb:.0f} MB, heap at the close "
+          f"{now.anon_close_mb:.0f} vs {before.anon_close_mb:.0f} MB  [{load()}]", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -281,7 +329,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 0: every upload at once, the worst case)")
     p.add_argument("--work", type=Path, help="keep runs and logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--coordinator-threads", type=int, default=1,
+                   help="the coordinator's torch threads, `serve --threads` (default 1; the "
+                        "aggregation runs its blocks on that many threads)")
+    p.add_argument("--previous", metavar="IMPL",
+                   help="also run every configuration with this aggregation, side by side: "
+                        "'reference' (the original implementation) or a git commit")
     a = p.parse_args(argv)
+    previous: Path | None = None
+    if a.previous:
+        previous = REFERENCE if a.previous == "reference" else previous_source(a.previous)
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-load-"))
     header("coordinator load: N simulated volunteers, real int8 payloads, one coordinator")
     base = base_run(work / "cache", "tiny")
@@ -294,11 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = FULL
     print(f"# {a.rounds} round(s) per configuration, upload spread {a.spread:g}s; the "
-          f"coordinator aggregates with {base.config.swarm.aggregation!r}", flush=True)
+          f"coordinator ({a.coordinator_threads} torch thread(s)) aggregates with "
+          f"{base.config.swarm.aggregation!r}", flush=True)
     for size, counts in plan.items():
         template = base if size == "tiny" else make_run(base, work / f"template-{size}", size)
         for n in counts:
-            report(one(template, work, size, n, a.rounds, a.spread))
+            before = None
+            t = a.coordinator_threads
+            if previous is not None:
+                before = one(template, work, size, n, a.rounds, a.spread, a.previous, previous,
+                             t)
+                report(before)
+            now = one(template, work, size, n, a.rounds, a.spread, threads=t)
+            report(now)
+            if before is not None:
+                compare(before, now)
     print(f"# {load()} at the end; work in {work}")
     return 0
 
