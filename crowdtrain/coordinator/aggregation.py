@@ -439,8 +439,8 @@ class _Passes:
         when given), decoded into this thread's rows x (b - a) float32 matrix on the device."""
         cpu = self.device.type == "cpu"
         x = self.buffer("x" if cpu else "host", len(rows), b - a, torch.device("cpu"))
-        for r, i in enumerate(rows):
-            self.fill[i](name, a, b, x[r])
+        for i, row in zip(rows, x.unbind(0), strict=True):
+            self.fill[i](name, a, b, row)
         if not cpu:
             x = self.buffer("x", len(rows), b - a).copy_(x)
         if mult is not None:

@@ -127,6 +127,7 @@ class SafetensorsQuantSource(_MappedFile):
             self._check_header(shapes)
             self.map_views()
             self._checked: dict[str, tuple[torch.Tensor, bool]] = {}
+            self._rows: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         except Exception:
             self.close()
             raise
@@ -206,16 +207,33 @@ class SafetensorsQuantSource(_MappedFile):
     def read_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
         """`read(name, a, b)` written into `out` (contiguous float32, b - a values): from a
         block boundary, one int8 x float32 multiply per value with no copy in between."""
-        self._check_range(name, a, b)
+        numel = self._check_range(name, a, b)
         bs = self.block
         whole = (b - a) // bs * bs if a % bs == 0 else 0
         if whole:
-            scale, big = self._scales(name)
-            torch.mul(self._values(name, a, a + whole).view(-1, bs),
-                      scale[a // bs:(a + whole) // bs, None], out=out[:whole].view(-1, bs))
-            self._check_finite(name, out[:whole], big)
+            dst = out.view(-1, bs) if whole == b - a else out[:whole].view(-1, bs)
+            r0, r1 = a // bs, (a + whole) // bs
+            if self.codec == "int8":
+                q, scale, big = self._blocks(name, numel)
+                torch.mul(q[r0:r1], scale[r0:r1], out=dst)
+            else:
+                scale, big = self._scales(name)
+                torch.mul(self._values(name, a, a + whole).view(-1, bs), scale[r0:r1, None],
+                          out=dst)
+            self._check_finite(name, dst, big)
         if whole < b - a:
             out[whole:].copy_(self.read(name, a + whole, b))
+
+    def _blocks(self, name: str, numel: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """int8 `name`'s whole blocks as a blocks x block view of the file, its scales as a
+        column, and `_scales`'s overflow flag (cached: a read then slices only rows)."""
+        got = self._rows.get(name)
+        if got is None:
+            scale, big = self._scales(name)
+            rows = numel // self.block
+            q = self.view(name + ":q", torch.int8)[:rows * self.block].view(rows, self.block)
+            got = self._rows[name] = (q, scale[:rows, None], big)
+        return got
 
 
 class SafetensorsFloatSource(_MappedFile):
