@@ -12,9 +12,10 @@ For each codec and method: seconds for one round, ns per parameter per contribut
 figure over the probe's (the time to read one byte at memory bandwidth: a sum over a 1 GiB
 float32 buffer, best of 5, run before and after the timings), and, against each earlier
 implementation, its seconds, the speedup and the relative difference of the results (L2 over
-the whole model). Every implementation runs once per method, in turn, on the same open files,
-so a change in the machine's load hits them alike; the load average is printed at the start
-and the end. Payloads are `codecs.to_bytes(delta, codec)` of random-normal deltas times 1e-3
+the whole model). Every implementation runs --repeat times per method, in turn, on the same
+payload files (opened afresh each time), and its best time counts, so a change in the
+machine's load hits them alike; the load average is printed with every row. Payloads are
+`codecs.to_bytes(delta, codec)` of random-normal deltas times 1e-3
 (sparse: the codec's defaults, 1% of each 4096-value chunk at 2 bits), written to --work and
 read through `payloads.open_payload` as the coordinator reads them.
 """
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                          "intra-op threads can stall)")
     ap.add_argument("--previous", metavar="COMMIT",
                     help="also time crowdtrain/coordinator/aggregation.py as of COMMIT")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time every implementation this many times, in turn; the best counts")
     ap.add_argument("--work", type=Path, default=None, help="payload folder (default: temp)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     a = ap.parse_args(argv)
@@ -176,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         others.append((a.previous, prev, {"block_elems": prev.block_for(a.workers,
                                                                          threads=a.threads),
                                           "threads": a.threads, "device": a.device}))
+    runs = [("current", aggregation, {"threads": a.threads, "device": a.device}, a.threads)]
+    runs += [(label, mod, kw, intra) for label, mod, kw in others
+             for intra in (a.reference_threads if label == "reference" else [a.threads])]
     print(f"{a.workers} x {real:,} parameters; {a.threads} threads, device {a.device}; "
           f"{os.cpu_count()} cores ({cpu_name()}), torch {torch.__version__}; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -197,27 +203,35 @@ def main(argv: list[str] | None = None) -> int:
                 while f.read(1 << 24):
                     pass
         for method in a.methods.split(","):
-            secs, out = time_method(aggregation, paths, weights, shapes, method,
-                                    threads=a.threads, device=a.device)
+            # every implementation (and thread count) once per repeat, in turn; best of all
+            times: dict[str, list[float]] = {}
+            results: dict[str, dict] = {}
+            loads = []
+            for _ in range(a.repeat):
+                for label, mod, kw, intra in runs:
+                    torch.set_num_threads(intra)  # the reference's only threads: intra-op
+                    t, results[label] = time_method(mod, paths, weights, shapes, method, **kw)
+                    times.setdefault(f"{label}@{intra}", []).append(t)
+                    loads.append(os.getloadavg()[0])
+            torch.set_num_threads(a.threads)
+            best = {label: min(min(v) for k, v in times.items() if k.split("@")[0] == label)
+                    for label in results}
+            secs, out = best["current"], results["current"]
             ns = secs / per * 1e9
             row = {"codec": codec, "method": method, "seconds": secs,
-                   "ns_per_param_contribution": ns, "load": os.getloadavg()[0]}
+                   "ns_per_param_contribution": ns, "load": max(loads), "all_seconds": times}
             line = (f"{codec:>6} {method:>14}: {secs:7.2f} s {ns:6.2f} ns/param/contribution "
                     f"({ns / probes[0]['ns_per_byte']:5.1f}x the probe's ns/byte)")
-            for label, mod, kw in others:
-                old_secs, old = math.inf, None
-                for intra in (a.reference_threads if label == "reference" else [a.threads]):
-                    torch.set_num_threads(intra)  # the reference's only threads: intra-op
-                    t, old = time_method(mod, paths, weights, shapes, method, **kw)
-                    row.setdefault(f"{label}_seconds_by_threads", {})[intra] = t
-                    old_secs = min(old_secs, t)
-                torch.set_num_threads(a.threads)
+            for label in results:
+                if label == "current":
+                    continue
+                old_secs, old = best[label], results[label]
                 row[label] = {"seconds": old_secs, "ns": old_secs / per * 1e9,
                               "speedup": old_secs / secs, "rel_diff": rel(out, old)}
                 line += (f" | {label}: {old_secs:7.2f} s {old_secs / per * 1e9:6.1f} ns, "
                          f"{old_secs / secs:5.1f}x, rel diff {rel(out, old):.1e}")
             rows.append(row)
-            print(line + f"  [load {row['load']:.1f}]", flush=True)
+            print(line + f"  [load <= {row['load']:.1f}]", flush=True)
     probes.append(bandwidth_probe())
     print(f"memory bandwidth probe again: {probes[1]['gb_per_s']:.1f} GB/s, "
           f"{probes[1]['ns_per_byte']:.3f} ns per byte (load {probes[1]['load']:.1f})",
