@@ -305,7 +305,7 @@ def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
     their weights by two small matrix products. That is exact unless a value equal to L or H
     was also dropped (a tie across the cut, seen as more than n - 2k values in [L, H]): where
     L == H the result is L, and the few columns left are redone by a stable sort.
-    `scratch`: optional (n + 1 x L, n x L, n x L) float32 buffers; `out`: where to write.
+    `scratch`: optional (n + 1 x L, n x L) float32 buffers; `out`: where to write.
     """
     n, length = x.shape
     w = weights.to(device=x.device, dtype=torch.float32)
@@ -313,12 +313,11 @@ def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
         return torch.mv(x.t(), w / w.sum(), out=out)
     if scratch is None:
         scratch = (torch.empty((n + 1, length), dtype=x.dtype, device=x.device),
-                   torch.empty_like(x), torch.empty_like(x))
-    work, keep, upper = scratch
+                   torch.empty_like(x))
+    work, keep = scratch[0], scratch[1]
     lo, hi = order_statistics(x, (k, n - k - 1), work)
-    torch.ge(x, lo, out=keep)  # 1.0 where x >= L
-    torch.le(x, hi, out=upper)
-    keep.mul_(upper)
+    torch.clamp(x, lo, hi, out=keep)
+    torch.eq(keep, x, out=keep)  # 1.0 where L <= x <= H (x unchanged by the clamp)
     den_cnt = torch.mm(torch.stack([w, torch.ones_like(w)]), keep)  # kept weight, kept count
     keep.mul_(x)
     v = torch.mv(keep.t(), w, out=out)
@@ -377,14 +376,14 @@ def _centered_clip_coefficients(gram: torch.Tensor, p: list[float], iters: int) 
 def block_for(n: int, budget_bytes: int = 256 << 20, threads: int = 1) -> int:
     """`block_elems` for aggregating `n` deltas on `threads` threads: a power of two, at most
     2**17 values, at most 2**22 / n (the n x block float32 matrix stays within 16 MB, in the
-    last-level cache) and within `budget_bytes` for the working set, n x block x 16 bytes per
-    thread (the block matrix and three scratch matrices), but never under 2**12 (a sparse
+    last-level cache) and within `budget_bytes` for the working set, n x block x 12 bytes per
+    thread (the block matrix and two scratch matrices), but never under 2**12 (a sparse
     payload's chunk): a round's memory stays flat however many volunteers report. Measured
     (8 x 20M, 2 threads: 2**17 vs 2**16 vs 2**15: 2.45, 2.63, 3.57 ns a value; 100 x 10M, one
     thread: 2**15 7.7 s, 2**14 8.8 s, 2**16 8.2 s): smaller blocks pay more per-call overhead
     (~100 operations a block, and the GIL between threads), larger ones fall out of cache."""
     n, threads = max(n, 1), max(threads, 1)
-    fit = min(1 << 17, (1 << 22) // n, budget_bytes // (16 * n * threads))
+    fit = min(1 << 17, (1 << 22) // n, budget_bytes // (12 * n * threads))
     return max(1 << 12, 1 << (max(fit, 1).bit_length() - 1))
 
 
@@ -447,10 +446,9 @@ class _Passes:
             x.mul_(mult[:, None])
         return x
 
-    def scratch(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Three scratch matrices for the block math: n + 1, n and n rows of `length`."""
-        return (self.buffer("work", n + 1, length), self.buffer("keep", n, length),
-                self.buffer("upper", n, length))
+    def scratch(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two scratch matrices for the block math: n + 1 and n rows of `length`."""
+        return self.buffer("work", n + 1, length), self.buffer("keep", n, length)
 
     def target(self, name: str, a: int, b: int) -> torch.Tensor:
         """Where a block's result goes: the output itself, or a device buffer."""
@@ -527,7 +525,7 @@ def robust_aggregate(
     equals `outer.weighted_mean` of the fully decoded deltas up to float32 rounding. The
     result is the same for any block size, thread count and device up to float32 rounding,
     and bit-identical run to run for a given block size and thread count. Peak memory
-    besides the output: about threads x n x block_elems x 16 bytes.
+    besides the output: about threads x n x block_elems x 12 bytes.
     """
     n = len(sources)
     if n == 0:
@@ -617,11 +615,11 @@ def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[flo
 
     def block(name: str, a: int, b: int) -> _Block:
         x = passes.matrix(rows, scale, name, a, b)
-        work, keep, upper = passes.scratch(len(rows), b - a)
+        work, keep = passes.scratch(len(rows), b - a)
         res = _Block(sq=_sumsq(x, keep) if norms else None)
         v = passes.target(name, a, b)
         if k:
-            weighted_trimmed_mean(x, wt, k, (work, keep, upper), out=v)
+            weighted_trimmed_mean(x, wt, k, (work, keep), out=v)
         else:
             torch.mv(x.t(), coef, out=v)
         passes.put(name, a, b, v)

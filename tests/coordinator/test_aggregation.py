@@ -408,6 +408,6 @@ def test_aggregation_blocks_shrink_as_contributions_grow():
     sizes = [block_for(n) for n in (1, 10, 100, 1000, 10**6)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 << 12  # a sparse chunk
     assert all(s & (s - 1) == 0 for s in sizes)  # powers of two: int8 and sparse aligned
-    for n in (200, 1000, 2000):  # the working set n x block x 16 bytes stays within budget
-        assert n * block_for(n) * 16 <= 256 << 20
-        assert n * 2 * block_for(n, threads=2) * 16 <= 256 << 20  # ... on two threads too
+    for n in (200, 1000, 2000):  # the working set n x block x 12 bytes stays within budget
+        assert n * block_for(n) * 12 <= 256 << 20
+        assert n * 2 * block_for(n, threads=2) * 12 <= 256 << 20  # ... on two threads too
