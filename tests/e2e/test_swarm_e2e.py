@@ -229,7 +229,9 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
     """A volunteer SIGKILLed mid-round and restarted gets its lease back, trains only the steps
     that remain, and sends the pseudo-gradient a volunteer that was never killed sends (in its
     second round, so the int8 error-feedback residual it carries comes back too)."""
-    steps = 200
+    # enough steps that a round trains well past the first snapshot (after 2 s) on an idle
+    # machine: 200 steps took 1.9 s in CI, and the round ended before any snapshot was due
+    steps = 500
     sent: dict[str, dict] = {}
     for case in ("undisturbed", "killed"):
         s = Swarm(copy_run(tiny_run, tmp_path / case / "run", inner_steps=steps, rounds=2,
