@@ -78,6 +78,11 @@ from crowdtrain.wire.protocol import (
 log = logging.getLogger(__name__)
 
 MIN_LEASE_SECONDS = 2.0
+# overlapped runs: a round's leases end their training PACE_SLACK x the time the fastest
+# volunteer that asked for a lease in the last RATE_WINDOW x round_seconds needs for the round's
+# H steps after the round's first lease (Coordinator._paced_end)
+PACE_SLACK = 1.15
+RATE_WINDOW = 3.0
 
 
 @dataclass
@@ -136,6 +141,9 @@ class Coordinator:
         self._announce_all()
         # response bytes per route, counted by the HTTP transport (Status.bytes_served)
         self.served: Counter[str] = Counter()
+        # volunteer id -> (tokens per second it last reported, when): the rounds' pace
+        self.rates: dict[int, tuple[float, float]] = {}
+        self.paced_ends: dict[int, float] = {}  # round -> when its leases' training ends
         self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
             else None
         if self.evaluator is not None and self.ledger.round_row(self.round)["val_loss"] is None:
@@ -294,53 +302,104 @@ class Coordinator:
     # ------------------------------------------------------------------ leases
 
     def lease(self, vol: Volunteer, req: LeaseRequest) -> LeaseResponse:
+        """A lease on the open round; or, to a volunteer that has sent the open round's work and
+        can train ahead (`req.ahead`, overlapped runs), a lease on the next round at once:
+        it trains from its own parameters while the open round closes (`Lease.ahead`). No
+        volunteer gets further ahead than that (staleness at most one round)."""
         self.ledger.touch(vol.id, req.device, req.tokens_per_s)
         with self.lock:
             if self.finished:
                 why = self.ended or f"the run finished at round {self.round}"
                 return LeaseResponse(status="done", message=f"{why}; thank you for contributing")
+            if req.tokens_per_s:
+                self.rates[vol.id] = (req.tokens_per_s, time.time())
             rnd = self.round
-            if self.closing == rnd:  # its contributions are being merged: the next opens soon
-                return LeaseResponse(status="wait", retry_after=0.5, message=(
-                    f"round {rnd} is closing; the next opens soon"))
-            row = self.ledger.round_row(rnd)
-            now = time.time()
-            mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
-            if any(r["state"] == "submitted" for r in mine):
+            # sent: accepted, or (overlapped) being uploaded while its worker trains on
+            sent = any(r["volunteer_id"] == vol.id and (r["state"] == "submitted" or (
+                r["state"] == "open" and r["id"] == req.sending and req.ahead))
+                for r in self.ledger.leases_of_round(rnd))
+            if sent or self.closing == rnd:
+                last = bool(self.cfg.rounds) and rnd + 1 >= self.cfg.rounds
+                if sent and req.ahead and self.cfg.overlap and not last:
+                    return self._lease_on(vol, req, rnd + 1, ahead=True)
+                if self.closing == rnd:  # its contributions are being merged: the next opens soon
+                    return LeaseResponse(status="wait", retry_after=0.5, message=(
+                        f"round {rnd} is closing; the next opens soon"))
                 return LeaseResponse(status="wait", retry_after=0.5, message=(
                     f"your contribution to round {rnd} is in; waiting for the round to close"))
-            if mine:  # a restarted worker: its earlier lease is void unless resumed below
-                self.ledger.expire_leases(rnd, vol.id)
-            if self.ledger.refused_for_cause(vol.id, rnd):
-                # no second try in a round it sent a bad payload to: a broken or hostile
-                # worker must not hold the round open until its deadline by re-leasing (a
-                # refusal it did not cause, a voided or replaced lease, does not count)
-                return LeaseResponse(status="wait", retry_after=min(
-                    max(row["deadline"] - now, 0.5), 5.0), message=(
-                    f"your contribution to round {rnd} was refused; you can take part again "
-                    f"from round {rnd + 1}"))
-            remaining = row["deadline"] - now
-            if remaining < MIN_LEASE_SECONDS + 1:
-                return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
-                                     message=f"round {rnd} is closing; the next opens soon")
-            seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
-            held = next((r for r in mine if r["id"] == req.resume), None)
-            if held is not None:  # the same batches and budget, from where its worker stopped
-                self.ledger.revive_lease(held["id"], now)
-                log.info("volunteer %d (%s) resumes lease %d of round %d", vol.id, vol.name,
-                         held["id"], rnd)
-            else:
-                held = self._new_lease(vol, rnd, row["deadline"])
+            return self._lease_on(vol, req, rnd, ahead=False)
+
+    def _lease_on(self, vol: Volunteer, req: LeaseRequest, rnd: int, ahead: bool
+                  ) -> LeaseResponse:
+        """The volunteer's lease on round `rnd` (the open round, or the next one `ahead`):
+        the one it asks to resume, or a fresh one. Called under the lock."""
+        now = time.time()
+        mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
+        if any(r["state"] == "submitted" for r in mine):  # ahead: both rounds' work is in
+            return LeaseResponse(status="wait", retry_after=0.5, message=(
+                f"your contributions to rounds {rnd - 1} and {rnd} are in; waiting for round "
+                f"{rnd - 1} to close"))
+        if mine:  # a restarted worker: its earlier lease is void unless resumed below
+            self.ledger.expire_leases(rnd, vol.id)
+        if self.ledger.refused_for_cause(vol.id, rnd):
+            # no second try in a round it sent a bad payload to: a broken or hostile worker
+            # must not hold the round open until its deadline by re-leasing (a refusal it did
+            # not cause, a voided or replaced lease, does not count)
+            return LeaseResponse(status="wait", retry_after=5.0, message=(
+                f"your contribution to round {rnd} was refused; you can take part again from "
+                f"round {rnd + 1}"))
+        steps0 = int(self.ckpt_meta.get("steps", 0))
+        if ahead:  # its deadline is provisional: the round opens when the open one closes
+            deadline, start_step = now + self.cfg.round_seconds, \
+                steps0 + self.cfg.round_steps(rnd - 1)
+        else:
+            deadline, start_step = self.ledger.round_row(rnd)["deadline"], steps0
+        remaining = deadline - now
+        if remaining < MIN_LEASE_SECONDS + 1:
+            return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
+                                 message=f"round {rnd} is closing; the next opens soon")
+        seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
+        if (end := self._paced_end(rnd, now)) is not None:
+            seconds = max(MIN_LEASE_SECONDS, min(seconds, end - now))
+        held = next((r for r in mine if r["id"] == req.resume), None)
+        if held is not None:  # the same batches and budget, from where its worker stopped
+            self.ledger.revive_lease(held["id"], now)
+            log.info("volunteer %d (%s) resumes lease %d of round %d", vol.id, vol.name,
+                     held["id"], rnd)
+        else:
+            held = self._new_lease(vol, rnd, deadline, start_step)
         return LeaseResponse(status="lease", lease=Lease(
             lease_id=held["id"], round=rnd, shards=json.loads(held["shards"]), seed=held["seed"],
             start_step=held["start_step"], max_steps=held["max_steps"], seconds=seconds,
-            deadline_in=remaining))
+            deadline_in=remaining, ahead=ahead))
 
-    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float):
+    def _paced_end(self, rnd: int, now: float) -> float | None:
+        """When round `rnd`'s leases should end their training, in an overlapped run: the
+        first lease on the round fixes it at PACE_SLACK x the time the fastest volunteer seen
+        lately (tokens per second as lease requests report them) needs for the round's H
+        steps. Every lease's time budget ends there, so a slower volunteer trains fewer steps
+        and sends them when the fastest does instead of holding the round back, and one that
+        got its lease late (it was still sending) catches up. None: no pacing (stop-and-wait,
+        or fewer than two volunteers' speeds known)."""
+        if not self.cfg.overlap:
+            return None
+        if rnd not in self.paced_ends:
+            recent = [rate for rate, at in self.rates.values()
+                      if now - at < RATE_WINDOW * self.cfg.round_seconds]
+            if len(recent) < 2:
+                return None
+            tokens = self.cfg.round_steps(rnd) * self.tcfg.batch_size * self.tcfg.seq_len
+            self.paced_ends[rnd] = now + PACE_SLACK * tokens / max(recent)
+            for old in [r for r in self.paced_ends if r < rnd - 2]:
+                del self.paced_ends[old]
+        return self.paced_ends[rnd]
+
+    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float, start_step: int):
         """Record a fresh lease on round `rnd`: the shard this round has used least (voided
         leases do not count, so a worker that died and came back does not skew the round's
         data), the next in turn among those; a new batch seed; the round's step budget from
-        the schedule position of the current checkpoint."""
+        the schedule position `start_step` (the open round's checkpoint's; one round further
+        for a lease ahead)."""
         shards = self.run.index.train
         n_leases = self.ledger.count_leases()
         used = Counter(name for r in self.ledger.leases_of_round(rnd) if r["state"] != "expired"
@@ -349,7 +408,7 @@ class Coordinator:
         shard = min(shards, key=lambda s: (used[s.name], (shards.index(s) - turn) % len(shards)))
         max_steps = self.cfg.round_steps(rnd)
         lease_id = self.ledger.add_lease(
-            vol.id, rnd, deadline, int(self.ckpt_meta.get("steps", 0)), max_steps,
+            vol.id, rnd, deadline, start_step, max_steps,
             max_steps * self.tcfg.batch_size * self.tcfg.seq_len,
             self.run.config.seed * 1_000_003 + n_leases, [shard.name])
         return self.ledger.lease(lease_id)
@@ -442,33 +501,52 @@ class Coordinator:
             # read again under the lock: while the file was checked, the lease may have been
             # voided (a newer lease, a resume) or taken by a concurrent upload
             lease = self.ledger.lease(lease_id)
-            if lease["state"] == "submitted":
-                raise refuse(409, f"lease {lease_id} already has an accepted contribution",
-                             blameless=True)
-            if lease["round"] == self.round and lease["state"] == "expired":
-                raise refuse(409, f"lease {lease_id} was given up: no heartbeat for "
-                                  f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); "
-                                  "it was not applied", blameless=True)
-            if lease["round"] != self.round or lease["state"] == "expired" \
-                    or self.closing == lease["round"]:
-                raise refuse(409, f"stale: round {lease['round']} closed before this "
-                                  f"contribution arrived (the open round is {self.round}); "
-                                  "it was not applied", blameless=True)
-            stored = self.run.contribution_path(rnd, lease_id)
+            into, late = self._round_for(lease)
+            if into is None:
+                raise refuse(409, late, blameless=True)
+            if late:
+                weight *= self.cfg.stale_weight
+            stored = self.run.contribution_path(into, lease_id)
             stored.parent.mkdir(exist_ok=True)
             try:
                 atomic_move(path, stored)
             except OSError as e:
                 log.error("cannot store a contribution: %s", e)
                 raise Refused.cannot_store(e) from None
-            cid = self.ledger.accept(lease_id, vol.id, rnd, sha, size, stats.steps,
+            note = "; ".join(filter(None, (late, self._throughput_flag(vol, stats))))
+            cid = self.ledger.accept(lease_id, vol.id, into, sha, size, stats.steps,
                                      stats.tokens, float(weight), stats.mean_loss,
                                      stats.seconds, str(stored.relative_to(self.run.dir)),
-                                     note=self._throughput_flag(vol, stats))
+                                     note=note or None)
+        rnd = into
         log.info("round %d: accepted contribution %d from %s (%d tokens, loss %.3f)",
                  rnd, cid, vol.name, weight, stats.mean_loss)
         return SubmitResponse(accepted=True, contribution_id=cid, round=rnd,
                               message=f"accepted for round {rnd}")
+
+    def _round_for(self, lease) -> tuple[int | None, str]:
+        """The round a contribution to `lease` goes into now, with the note of a late one; or
+        (None, why it is refused). Called under the lock. New work goes into the open round
+        (the next one while the open round is closing); a lease ahead (overlapped) into its
+        own round; a lease whose round closed while it was still open, into the next round at
+        `stale_weight` of its weight (the staleness rule: one round late at most)."""
+        lr, state = lease["round"], lease["state"]
+        target = self.round + (1 if self.closing == self.round else 0)
+        if state == "submitted":
+            return None, f"lease {lease['id']} already has an accepted contribution"
+        if state == "open" and lr in (target, self.round + 1):
+            return lr, ""
+        outlived = state == "open" or bool(lease["outlived"])
+        if lr == target - 1 and outlived and self.cfg.stale_weight > 0:
+            return target, (f"late: trained for round {lr}, which closed before it arrived; "
+                            f"applied in round {target} at {self.cfg.stale_weight:g} of its "
+                            "weight")
+        if state == "expired" and not outlived and lr == self.round:
+            return None, (f"lease {lease['id']} was given up: no heartbeat for "
+                          f"{LEASE_SILENCE_SECONDS:.0f}s (or a newer lease replaced it); it "
+                          "was not applied")
+        return None, (f"stale: round {lr} closed before this contribution arrived (the open "
+                      f"round is {self.round}); it was not applied")
 
     def _throughput_flag(self, vol: Volunteer, stats: SubmitStats) -> str | None:
         """A note when the reported throughput is far beyond this volunteer's history."""

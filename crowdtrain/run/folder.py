@@ -130,6 +130,14 @@ class SwarmConfig:
         "choices": ACCESS, "help": "open: anyone may join; invite: joining needs a key from "
                                    "`crowdtrain invite`"})
     aggregation: str = "centered_clip"  # one of AGGREGATION_METHODS
+    overlap: bool = field(default=True, metadata={
+        "help": "overlapped rounds: a volunteer that has sent its work trains the next round at "
+                "once and folds the closing round's update in when it comes (a one-round-"
+                "delayed outer step; BENCHMARKS.md); --no-overlap: stop-and-wait"})
+    stale_weight: float = field(default=0.5, metadata={
+        "metavar": "SHARE", "help": "a contribution that arrives after its round closed is "
+        "applied in the next round at this share of its weight; 0: refused as stale (the "
+        "reason goes in the ledger either way)"})
 
     def __post_init__(self) -> None:
         lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)
@@ -158,6 +166,7 @@ class SwarmConfig:
             "keep_every": self.keep_every >= 1,
             "access": self.access in ACCESS,
             "aggregation": self.aggregation in AGGREGATION_METHODS,
+            "stale_weight": 0 <= self.stale_weight <= 1,
         }
         check_settings("swarm", checks, self)
 

@@ -109,6 +109,9 @@ ADDED_COLUMNS = (
     # its round): it may lease again in the same round
     ("contributions", "blameless", "INTEGER NOT NULL DEFAULT 0"),
     ("rounds", "extensions", "INTEGER NOT NULL DEFAULT 0"),  # deadline extensions so far
+    # a lease still open when its round closed (expired then, not for silence or a newer
+    # lease): its late contribution may still be applied in the next round (stale_weight)
+    ("leases", "outlived", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -295,8 +298,8 @@ class Ledger:
                        "tokens = ?, train_loss = ?, update_sha256 = ?, bytes_in = ? "
                        "WHERE round = ?",
                        (time.time(), agg["n"], int(agg["t"]), loss, update_sha256, agg["b"], rnd))
-            db.execute("UPDATE leases SET state = 'expired' WHERE round = ? AND state = 'open'",
-                       (rnd,))
+            db.execute("UPDATE leases SET state = 'expired', outlived = 1 WHERE round = ? AND "
+                       "state = 'open'", (rnd,))
             if checkpoint_sha256 is not None:
                 before = db.execute("SELECT state, chain_link, update_sha256 FROM rounds "
                                     "WHERE round = ?", (rnd - 1,)).fetchone()
@@ -454,11 +457,13 @@ class Ledger:
             "status = 'refused' AND blameless = 0 LIMIT 1", (volunteer_id, rnd)))
 
     def annotate(self, contribution_id: int, note: str, excluded: bool = False) -> None:
-        """Record why aggregation clipped a contribution, or left it out (no credit then).
+        """Record why aggregation clipped a contribution, or left it out (no credit then),
+        after any note it has (a late one's).
         The weight stays as it was, so a round closed again after a crash screens the same."""
         with self.tx() as db:
-            db.execute("UPDATE contributions SET reason = ?, excluded = ? WHERE id = ?",
-                       (note, int(excluded), contribution_id))
+            db.execute("UPDATE contributions SET reason = CASE WHEN reason IS NULL THEN ?1 "
+                       "WHEN instr(reason, ?1) THEN reason ELSE reason || '; ' || ?1 END, "
+                       "excluded = ?2 WHERE id = ?3", (note, int(excluded), contribution_id))
 
     def accepted(self, rnd: int) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "

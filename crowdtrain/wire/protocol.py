@@ -23,8 +23,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 # v2: int4 contributions, distillation runs, LeaseRequest.resume; v3: sparse contributions
-# (SwarmSchedule.sparse_k and sparse_bits); v4: loss masks of chat data (ShardInfo.mask_sha256)
-API_VERSION = 4
+# (SwarmSchedule.sparse_k and sparse_bits); v4: loss masks of chat data (ShardInfo.mask_sha256);
+# v5: overlapped rounds (LeaseRequest.ahead, Lease.ahead, SwarmSchedule.overlap and
+# stale_weight): a worker of v4 or older keeps stop-and-wait, which the coordinator still serves
+API_VERSION = 5
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -104,6 +106,13 @@ class SwarmSchedule(BaseModel):
                                           "workers' error-feedback decay, e <- decay * e + "
                                           "delta (codecs.accumulate); None: 1, plain error "
                                           "feedback")
+    overlap: bool = Field(False, description="the coordinator hands a volunteer that has sent "
+                          "the open round's work a lease on the next round at once (Lease."
+                          "ahead): it trains on while the round closes, and folds the update in "
+                          "when it comes (a delayed outer step)")
+    stale_weight: float = Field(0.0, ge=0, le=1, description="a contribution that arrives one "
+                                "round late is applied in the next round at this share of its "
+                                "weight (0: refused as stale)")
 
 
 class TeacherInfo(BaseModel):
@@ -174,6 +183,12 @@ class LeaseRequest(BaseModel):
     resume: int | None = Field(None, ge=0, le=INT64_MAX, description=(
         "a lease this worker was training when it stopped (crash, reboot): handed back, with "
         "the same batches and budget, if its round is still open"))
+    ahead: bool = Field(False, description=(
+        "the worker can train a round that is not open yet from its own parameters (it sent "
+        "the open round's work) and fold the open round's update in when it is published"))
+    sending: int | None = Field(None, ge=0, le=INT64_MAX, description=(
+        "the lease whose contribution this worker is uploading now (in the background): with "
+        "`ahead`, it counts as sent"))
 
 
 class Lease(BaseModel):
@@ -185,6 +200,9 @@ class Lease(BaseModel):
     max_steps: int
     seconds: float = Field(description="time budget for training, from now")
     deadline_in: float = Field(description="seconds until the round closes without this lease")
+    ahead: bool = Field(False, description="a lease on the round after the open one: train from "
+                        "the parameters at hand; theta of this round (the open round's update) "
+                        "is published when the open round closes")
 
 
 class LeaseResponse(BaseModel):

@@ -123,15 +123,115 @@ def test_a_half_received_upload_does_not_survive_a_restart(coord, tiny_run):
     assert list(again.run.spool_dir.iterdir()) == []
 
 
-def test_late_contribution_is_refused_as_stale(coord):
+def test_late_contribution_is_applied_in_the_next_round_at_the_stale_weight(coord):
+    """The staleness rule: work whose round closed while its lease was still open goes into
+    the next round at `stale_weight` of its weight, with the reason in the ledger."""
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     la, lb = lease(coord, a), lease(coord, b)
     coord.submit(a, la.lease_id, payload(la, coord.shapes))
     coord.ledger.extend_round(0, time.time() - 1)  # the deadline passes; b never reported
     assert coord.tick() and coord.round == 1
-    with pytest.raises(Refused, match="stale: round 0 closed") as e:
-        coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=3))
-    assert e.value.status == 409
+    r = coord.submit(b, lb.lease_id, payload(lb, coord.shapes, tokens=1000, seed=3))
+    assert r.accepted and r.round == 1
+    row = coord.ledger.accepted(1)[0]
+    assert row["lease_id"] == lb.lease_id and row["weight"] == 0.5 * 1000
+    assert row["reason"].startswith("late: trained for round 0, which closed before it arrived")
+    assert [x["lease_id"] for x in coord.ledger.accepted(0)] == [la.lease_id]
+
+
+def test_work_two_rounds_late_or_with_stale_weight_0_is_refused_as_stale(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=4, round_seconds=60,
+                   stale_weight=0.0)
+    coord = Coordinator(run, evaluate_rounds=False)
+    try:
+        a, b = volunteer(coord, "a"), volunteer(coord, "b")
+        la, lb = lease(coord, a), lease(coord, b)
+        coord.submit(a, la.lease_id, payload(la, coord.shapes))
+        coord.ledger.extend_round(0, time.time() - 1)
+        assert coord.tick() and coord.round == 1
+        with pytest.raises(Refused, match="stale: round 0 closed") as e:
+            coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=3))
+        assert e.value.status == 409
+        refusal = coord.ledger.latest_refusals()[0]
+        assert refusal["reason"].startswith("stale: round 0 closed")
+    finally:
+        coord.close()
+    coord = Coordinator(copy_run(tiny_run, tmp_path / "run2", inner_steps=5, rounds=4,
+                                 round_seconds=60), evaluate_rounds=False)
+    try:
+        a, b = volunteer(coord, "a"), volunteer(coord, "b")
+        la, lb = lease(coord, a), lease(coord, b)
+        for _ in range(2):  # two rounds close without b
+            coord.submit(a, la.lease_id, payload(la, coord.shapes, seed=coord.round + 5))
+            coord.ledger.extend_round(coord.round, time.time() - 1)
+            assert coord.tick()
+            if coord.round < 2:
+                la = lease(coord, a)
+        assert coord.round == 2
+        with pytest.raises(Refused, match="stale: round 0 closed"):
+            coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=3))
+    finally:
+        coord.close()
+
+
+def test_a_volunteer_that_sent_its_work_gets_a_lease_on_the_next_round_at_once(coord):
+    """Overlapped rounds: after sending round r's work (or while uploading it) a worker that
+    asks `ahead` gets round r+1's lease before round r closes; its work goes into round r+1;
+    nobody gets two rounds ahead."""
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    assert not la.ahead
+    # still uploading round 0's work: it counts as sent
+    r = coord.lease(a, LeaseRequest(ahead=True, sending=la.lease_id))
+    assert r.status == "lease" and r.lease.ahead and r.lease.round == 1
+    assert r.lease.start_step == 5 and r.lease.max_steps == 5  # the schedule one round on
+    assert coord.ledger.lease(la.lease_id)["state"] == "open"  # not voided by the new lease
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    a1 = r.lease
+    assert coord.lease(b, LeaseRequest(ahead=True)).lease.round == 0  # b has not sent
+    lb = coord.ledger.leases_of_round(0, "open")[0]  # b's lease again (a restarted worker's)
+    assert not coord.tick() and coord.round == 0  # b's lease is open
+    done = coord.submit(a, a1.lease_id, payload(a1, coord.shapes, seed=7))
+    assert done.round == 1 and [x["lease_id"] for x in coord.ledger.accepted(1)] == [a1.lease_id]
+    w = coord.lease(a, LeaseRequest(ahead=True))  # rounds 0 and 1 sent: wait for 0 to close
+    assert w.status == "wait" and "rounds 0 and 1 are in" in w.message
+    lb_lease = coord.lease(b, LeaseRequest(resume=lb["id"])).lease
+    coord.submit(b, lb_lease.lease_id, payload(lb_lease, coord.shapes, seed=3))
+    assert coord.tick() and coord.round == 1
+    assert len(coord.ledger.accepted(0)) == 2
+    assert coord.tick() and coord.round == 2  # round 1's only lease had already reported
+    assert coord.ledger.round_row(1)["contributions"] == 1
+
+
+def test_stop_and_wait_runs_and_workers_get_no_lease_ahead(tiny_run, tmp_path):
+    coord = Coordinator(copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=3,
+                                 round_seconds=60, overlap=False), evaluate_rounds=False)
+    try:
+        a, b = volunteer(coord, "a"), volunteer(coord, "b")
+        la, _ = lease(coord, a), lease(coord, b)
+        coord.submit(a, la.lease_id, payload(la, coord.shapes))
+        r = coord.lease(a, LeaseRequest(ahead=True))
+        assert r.status == "wait" and "waiting for the round to close" in r.message
+    finally:
+        coord.close()
+
+
+def test_slower_volunteers_get_time_budgets_that_end_with_the_fastest(coord):
+    """Overlapped runs pace a round: every lease's training ends when the fastest volunteer
+    is expected to finish the round's steps, so a slower one trains fewer and never holds the
+    round back."""
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    cfg = coord.run.config.train
+    tokens = 5 * cfg.batch_size * cfg.seq_len
+    first = coord.lease(a, LeaseRequest(tokens_per_s=tokens / 10.0)).lease  # 10 s a round
+    assert first.seconds > 50  # one speed known: the round's deadline is the budget
+    slow = coord.lease(b, LeaseRequest(tokens_per_s=tokens / 40.0)).lease  # 40 s a round
+    assert slow.seconds == pytest.approx(10 * 1.15, abs=0.5)  # ends with the fastest
+    fast = coord.lease(a, LeaseRequest(tokens_per_s=tokens / 10.0)).lease
+    assert fast.seconds <= slow.seconds
+    lone = Coordinator.__new__(Coordinator)  # pacing needs two volunteers' speeds
+    lone.cfg, lone.rates, lone.paced_ends = coord.cfg, {1: (100.0, time.time())}, {}
+    assert lone._paced_end(0, time.time()) is None
 
 
 def test_deadline_without_enough_contributions_extends_the_round(coord):
@@ -550,8 +650,8 @@ def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(ti
 def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
     """While a round's contributions are merged (held here at the start of the aggregation
     until the test releases it), leases, heartbeats, status and the artifacts answer at once;
-    a contribution to the closing round is refused as stale (blameless: it may lease again),
-    and the round then closes with exactly the contributions it had."""
+    a contribution to the closing round goes into the next round at the stale weight, and the
+    round then closes with exactly the contributions it had."""
     import threading
 
     entered, release = threading.Event(), threading.Event()
@@ -581,25 +681,20 @@ def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
             seen["alive"] = c.alive(late, ll.lease_id, Alive(step=1))
             seen["status"] = c.status()
             seen["artifacts"] = c.artifacts()
-            try:
-                c.submit(late, ll.lease_id, payload(ll, c.shapes, seed=3))
-            except Refused as e:
-                seen["late"] = e
+            seen["late"] = c.submit(late, ll.lease_id, payload(ll, c.shapes, seed=3))
             done.set()
 
         threading.Thread(target=requests, daemon=True).start()
         assert done.wait(30), "a request waited for the aggregation"
         assert seen["lease"].status == "wait" and "closing" in seen["lease"].message
         assert seen["status"].round == 0 and seen["artifacts"].round == 0
-        assert seen["late"].status == 409 and "stale" in seen["late"].reason
-        assert c.round == 0
+        assert seen["late"].round == 1 and c.round == 0
         release.set()
         closer.join(60)
         assert c.round == 1 and c.ledger.round_row(0)["contributions"] == 2
-        refused = c.ledger.query("SELECT reason, blameless FROM contributions "
-                                 "WHERE status = 'refused'")
-        assert len(refused) == 1 and refused[0]["blameless"] == 1
-        assert c.lease(late, LeaseRequest()).status == "lease"  # the next round takes it
+        late_row = c.ledger.accepted(1)[0]
+        assert late_row["lease_id"] == ll.lease_id and late_row["reason"].startswith("late")
+        assert c.lease(late, LeaseRequest()).status == "lease"  # new work for round 1
     finally:
         release.set()
         c.close()
