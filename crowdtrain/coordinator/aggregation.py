@@ -333,41 +333,72 @@ def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
     return v
 
 
-def _sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of squares of each row of `x` (or of a 1-D `x`) as float64: float32 partial sums
-    over runs of 4096 values, added in float64 (within ~1e-7 relative of an all-float64 sum,
-    at a tenth of its cost). `scratch`: an optional buffer of x's shape."""
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of each row of `x` (or of a 1-D `x`) as float64: the float32 norms of
+    runs of 4096 values (one fused reduction, nothing written), squared and added in float64
+    (within ~1e-7 relative of an all-float64 sum, at a twentieth of its cost); a last run of
+    fewer values as float32 squares added in float64."""
     rows = x.reshape(-1, x.shape[-1])
-    sq = torch.mul(rows, rows, out=scratch.view(rows.shape) if scratch is not None else None)
-    cut = sq.shape[1] // 4096 * 4096
-    total = sq[:, cut:].sum(1, dtype=torch.float64)
+    cut = rows.shape[1] // 4096 * 4096
+    total = torch.square(rows[:, cut:]).sum(1, dtype=torch.float64)
     if cut:
-        total += sq[:, :cut].reshape(rows.shape[0], -1, 4096).sum(2).to(torch.float64).sum(1)
+        part = torch.linalg.vector_norm(rows[:, :cut].unflatten(1, (-1, 4096)), dim=2)
+        total += part.to(torch.float64).square().sum(1)
     return total if x.dim() > 1 else total[0]
+
+
+def _support(x: torch.Tensor) -> torch.Tensor | None:
+    """The columns of `x` (n x L, on the CPU) where some value is not zero, as int64 indices,
+    when they are at most half of them (sparse payloads: ~1% sent a contribution), else None.
+    Every method gives 0 on a column of zeros (the means and the trimmed mean are 0, so is
+    centered clipping's D = X - v0 there), so the math can run on the other columns alone.
+    Row 0 denser than half: None at once (the union is denser still)."""
+    length = x.shape[1]
+    if length < 1024 or 2 * int(torch.count_nonzero(x[0])) > length:
+        return None
+    # max |x| per column, zero exactly where the column is (torch.aminmax along dim 0 is
+    # ~10x slower than amax and amin apart, and so are boolean ops on the columns)
+    cols = torch.maximum(x.amax(0), x.amin(0).neg_()).nonzero().squeeze(1)
+    return cols if 2 * cols.numel() <= length else None
 
 
 def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def _centered_clip_coefficients(gram: torch.Tensor, p: list[float], iters: int) -> list[float]:
-    """The coefficients a of centered clipping's result v0 + D^T a, from G = D D^T: `iters`
-    times v <- v + sum_j p_j min(1, tau / |x_j - v|) (x_j - v), with tau the median distance
-    |x_j - v| at that iteration (a coefficient vector a tracks v - v0 = D^T a)."""
-    g = gram.to(torch.float64)
+def _centered_clip_coefficients(diag: torch.Tensor, times_g: Callable[[list[float]],
+                                torch.Tensor], p: list[float], iters: int) -> list[float]:
+    """The coefficients a of centered clipping's result v0 + D^T a, from G = D D^T given as
+    its diagonal and a product `times_g(a)` = G a (float64): `iters` times
+    v <- v + sum_j p_j min(1, tau / |x_j - v|) (x_j - v), with tau the median distance
+    |x_j - v| at that iteration (a coefficient vector a tracks v - v0 = D^T a). G a is asked
+    for iters - 1 times (a = 0 at the first iteration)."""
+    d = diag.to(torch.float64)
     n = len(p)
     a = torch.zeros(n, dtype=torch.float64)
-    for _ in range(iters):
-        ga = g @ a
-        sq = torch.diagonal(g) - 2 * ga + a @ ga
+    for it in range(iters):
+        ga = times_g([float(x) for x in a]).to(torch.float64) if it else torch.zeros_like(a)
+        sq = d - 2 * ga + a @ ga
         dist = [math.sqrt(max(float(s), 0.0)) for s in sq]
         tau = _median(dist)
         if tau <= 0:
             break
-        c = torch.tensor([pj * min(1.0, tau / d) if d > 0 else pj
-                          for pj, d in zip(p, dist, strict=True)], dtype=torch.float64)
+        c = torch.tensor([pj * min(1.0, tau / dj) if dj > 0 else pj
+                          for pj, dj in zip(p, dist, strict=True)], dtype=torch.float64)
         a = a * (1 - float(c.sum())) + c
     return [float(x) for x in a]
+
+
+def gram_by_passes(n: int, iters: int) -> bool:
+    """Whether centered clipping over n contributions gets G a by a pass over the blocks for
+    each of its iters - 1 products (decode, D = X - v0, two matrix-vector products: ~0.7 ns
+    a value at n = 100) rather than by the Gram matrix in the first pass (n multiply-adds a
+    value: ~2.2 ns at n = 100, 0.36 at n = 8). Measured crossover (one thread, 2**15 blocks,
+    int8 payloads): see BENCHMARKS.md, "Aggregation speed"."""
+    return n >= PASSES_FROM * max(iters - 1, 1)
+
+
+PASSES_FROM = 24  # contributions per G a product from which passes beat the Gram matrix
 
 
 # ---------------------------------------------------------------------------- the passes
@@ -393,10 +424,12 @@ class _Block:
 
     sq: torch.Tensor | None = None  # per contribution: sum of squares (float64)
     gram: torch.Tensor | None = None  # D D^T of this block (float64)
+    dd: torch.Tensor | None = None  # its diagonal alone (when G a comes from passes)
+    ga: torch.Tensor | None = None  # D (D^T a) of this block (float64)
 
     def add(self, other: _Block) -> None:
         """Add `other`'s figures to these, in float64 on the CPU."""
-        for field in ("sq", "gram"):
+        for field in ("sq", "gram", "dd", "ga"):
             part = getattr(other, field)
             if part is not None:
                 part = part.to("cpu", torch.float64)
@@ -433,18 +466,23 @@ class _Passes:
         return buf[:rows * cols].view(rows, cols)
 
     def matrix(self, rows: Sequence[int], mult: torch.Tensor | None, name: str, a: int,
-               b: int) -> torch.Tensor:
+               b: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block [a, b) of `name` of the contributions `rows` (row j scaled by mult[j]
-        when given), decoded into this thread's rows x (b - a) float32 matrix on the device."""
+        when given), decoded into this thread's rows x (b - a) float32 matrix on the device,
+        and None; or, when `compact` and the block is mostly columns of zeros (`_support`,
+        on the CPU), the matrix of its other columns alone and their indices."""
         cpu = self.device.type == "cpu"
         x = self.buffer("x" if cpu else "host", len(rows), b - a, torch.device("cpu"))
         for i, row in zip(rows, x.unbind(0), strict=True):
             self.fill[i](name, a, b, row)
+        cols = _support(x) if compact and cpu else None
+        if cols is not None:
+            x = torch.index_select(x, 1, cols, out=self.buffer("xs", len(rows), cols.numel()))
         if not cpu:
             x = self.buffer("x", len(rows), b - a).copy_(x)
         if mult is not None:
             x.mul_(mult[:, None])
-        return x
+        return x, cols
 
     def scratch(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two scratch matrices for the block math: n + 1 and n rows of `length`."""
@@ -456,9 +494,15 @@ class _Passes:
             return self.out[name][a:b]
         return self.buffer("v", 1, b - a)[0]
 
-    def put(self, name: str, a: int, b: int, v: torch.Tensor) -> None:
+    def put(self, name: str, a: int, b: int, v: torch.Tensor,
+            cols: torch.Tensor | None = None) -> None:
+        """Write a block's result: `v` for all of [a, b), or for the columns `cols` alone
+        (the others 0)."""
         dst = self.out[name][a:b]
-        if v.data_ptr() != dst.data_ptr():
+        if cols is not None:
+            dst.zero_()
+            dst.index_copy_(0, cols, v.to(dst.device))
+        elif v.data_ptr() != dst.data_ptr():
             dst.copy_(v)
 
     def get(self, name: str, a: int, b: int) -> torch.Tensor:
@@ -572,15 +616,26 @@ def _aggregate(passes: _Passes, cfg: RobustConfig, ws: list[float]
         keep, mult = everyone, [1.0] * n
     if cfg.method == "centered_clip" and len(keep) >= 3:
         total = math.fsum(ws[i] for i in keep)
-        a = _centered_clip_coefficients(blocks.gram, [ws[i] / total for i in keep],
+        scale = _multipliers(mult, passes.device)
+        if blocks.gram is not None:
+            gram = blocks.gram
+            diag = torch.diagonal(gram)
+
+            def times_g(a: list[float]) -> torch.Tensor:
+                return gram @ torch.tensor(a, dtype=torch.float64)
+        else:
+            diag = blocks.dd
+
+            def times_g(a: list[float]) -> torch.Tensor:
+                return _times_gram(passes, keep, scale, a)
+        a = _centered_clip_coefficients(diag, times_g, [ws[i] / total for i in keep],
                                         cfg.cc_iters)
         if any(x != 0.0 for x in a):  # last pass: v0 + D^T a = (1 - sum a) v0 + X^T a
             coef = torch.tensor(a, dtype=torch.float32, device=passes.device)
             beta = 1.0 - math.fsum(a)
-            scale = _multipliers(mult, passes.device)
 
             def finish(name: str, a_: int, b: int) -> _Block:
-                x = passes.matrix(keep, scale, name, a_, b)
+                x, _ = passes.matrix(keep, scale, name, a_, b)  # too cheap to compact
                 v0 = passes.get(name, a_, b)
                 passes.put(name, a_, b, torch.addmv(v0, x.t(), coef, beta=beta))
                 return _Block()
@@ -597,35 +652,55 @@ def _multipliers(mult: Sequence[float], device: torch.device) -> torch.Tensor | 
     return torch.tensor(mult, dtype=torch.float32, device=device)
 
 
+def _times_gram(passes: _Passes, rows: list[int], scale: torch.Tensor | None,
+                a: list[float]) -> torch.Tensor:
+    """One pass: G a = D (D^T a) with D = X - v0 (v0: `passes.out`, the start) over the
+    contributions `rows` (scaled by `scale`), summed over blocks in float64."""
+    coef = torch.tensor(a, dtype=torch.float32, device=passes.device)
+
+    def block(name: str, a_: int, b: int) -> _Block:
+        x, _ = passes.matrix(rows, scale, name, a_, b)
+        d = x.sub_(passes.get(name, a_, b))  # this thread's matrix: free to write
+        return _Block(ga=torch.mv(d, torch.mv(d.t(), coef)).to(torch.float64))
+
+    return passes.run(block).ga
+
+
 def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[float],
              ws: list[float], norms: bool) -> _Block:
     """One pass: writes the method's combination of the contributions `rows` (scaled by
     `mult`) into `passes.out` (the weighted mean, or the trimmed mean that centered clipping
     starts from), and returns what crosses blocks: the sum of squares of every row (when
     `norms`, of the unscaled rows: norms are taken in the first pass, where `mult` is all 1)
-    and, for centered clipping, the Gram matrix of the rows minus that start."""
+    and, for centered clipping, the Gram matrix of the rows minus that start (or, where G a
+    comes from passes, `gram_by_passes`, its diagonal alone)."""
     total = math.fsum(ws[i] for i in rows)
     robust = cfg.method in ("trimmed_mean", "centered_clip")
     k = _trim_count(len(rows), cfg.trim_fraction) if robust else 0
-    gram = cfg.method == "centered_clip" and len(rows) >= 3
+    cc = cfg.method == "centered_clip" and len(rows) >= 3
+    gram = cc and not gram_by_passes(len(rows), cfg.cc_iters)
     wt = torch.tensor([ws[i] for i in rows], dtype=torch.float32, device=passes.device)
     coef = torch.tensor([ws[i] / total for i in rows], dtype=torch.float32,
                         device=passes.device)
     scale = _multipliers(mult, passes.device)
 
     def block(name: str, a: int, b: int) -> _Block:
-        x = passes.matrix(rows, scale, name, a, b)
-        work, keep = passes.scratch(len(rows), b - a)
-        res = _Block(sq=_sumsq(x, keep) if norms else None)
-        v = passes.target(name, a, b)
+        x, cols = passes.matrix(rows, scale, name, a, b, compact=True)
+        length = x.shape[1]
+        work, keep = passes.scratch(len(rows), length)
+        res = _Block(sq=_sumsq(x) if norms else None)
+        v = passes.target(name, a, b) if cols is None else passes.buffer("vs", 1, length)[0]
         if k:
             weighted_trimmed_mean(x, wt, k, (work, keep), out=v)
         else:
             torch.mv(x.t(), coef, out=v)
-        passes.put(name, a, b, v)
-        if gram:
+        passes.put(name, a, b, v, cols)
+        if cc:
             d = torch.sub(x, v, out=keep)
-            res.gram = torch.mm(d, d.t()).to(torch.float64)
+            if gram:
+                res.gram = torch.mm(d, d.t()).to(torch.float64)
+            else:
+                res.dd = _sumsq(d)
         return res
 
     return passes.run(block)

@@ -96,6 +96,54 @@ def test_bit_identical_run_to_run_and_across_thread_counts(payloads, method):
         assert all(torch.equal(runs[0][k], other[k]) for k in SHAPES)
 
 
+@pytest.mark.parametrize("passes_from", [1, 10**6], ids=["passes", "gram"])
+def test_centered_clip_by_passes_or_gram_equals_the_previous(payloads, monkeypatch,
+                                                            passes_from):
+    # G a from a pass over the blocks per product (large n) or from the Gram matrix (small n)
+    import crowdtrain.coordinator.aggregation as agg
+    monkeypatch.setattr(agg, "PASSES_FROM", passes_from)
+    paths, weights = payloads
+    cfg = RobustConfig(method="centered_clip")
+    want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
+    runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=block, threads=t)
+            for t, block in ((2, 4096), (1, 4096), (2, 1000))]
+    for got, screening in runs:
+        assert [m for m, _ in screening] == pytest.approx([m for m, _ in want_screen],
+                                                          rel=1e-6)
+        assert rel(got, want) < 1e-6, rel(got, want)
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_columns_of_zeros_are_left_out_bit_identically(tmp_path, method):
+    # sparse payloads: the math runs on the columns where someone sent a value (`_support`);
+    # the same result run to run and across thread counts, and equal to the original
+    paths = []
+    for i, d in enumerate(deltas(8, False, seed=3)):
+        p = tmp_path / f"c{i}.safetensors"
+        p.write_bytes(codecs.to_bytes(d, "sparse"))
+        paths.append(p)
+    weights = [float(1000 + 37 * i) for i in range(8)]
+    cfg = RobustConfig(method=method)
+    want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
+    runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=t)[0]
+            for t in (2, 2, 1)]
+    for got in runs:
+        assert rel(got, want) < 1e-6
+        assert all(torch.equal(runs[0][k], got[k]) for k in SHAPES)
+
+
+def test_support_finds_the_columns_that_are_not_all_zero():
+    from crowdtrain.coordinator.aggregation import _support
+    x = torch.zeros(5, 4096)
+    x[0, 7], x[3, 7], x[2, 4000], x[4, 0] = 1.0, -2.0, -1e-30, 3.0
+    assert _support(x).tolist() == [0, 7, 4000]
+    assert _support(torch.randn(5, 4096)) is None  # dense: nothing to leave out
+    y = torch.zeros(3, 4096)
+    y[1, ::2] = 1.0  # row 0 is empty but the union is half the columns and more
+    assert _support(y) is None or _support(y).numel() == 2048
+
+
 def test_trimmed_mean_breaks_ties_by_worker_order_as_a_stable_sort():
     # int8 payloads make exact ties common (zeros above all); the dropped worker decides
     # which weight leaves the mean
