@@ -335,7 +335,8 @@ class Coordinator:
         the one it asks to resume, or a fresh one. Called under the lock."""
         now = time.time()
         mine = [r for r in self.ledger.leases_of_round(rnd) if r["volunteer_id"] == vol.id]
-        if any(r["state"] == "submitted" for r in mine):  # ahead: both rounds' work is in
+        if any(r["state"] == "submitted" or (r["state"] == "open" and r["id"] == req.sending)
+               for r in mine):  # ahead: both rounds' work is in (or on its way)
             return LeaseResponse(status="wait", retry_after=0.5, message=(
                 f"your contributions to rounds {rnd - 1} and {rnd} are in; waiting for round "
                 f"{rnd - 1} to close"))
@@ -568,7 +569,7 @@ class Coordinator:
             raise Refused(404, f"unknown lease {lease_id}")
         if lease["volunteer_id"] != vol.id:
             raise Refused(403, f"lease {lease_id} belongs to another volunteer")
-        return AliveResponse(ok=self.ledger.lease_alive(lease_id, time.time()))
+        return AliveResponse(ok=self.ledger.lease_alive(lease_id, time.time()), round=self.round)
 
     # ------------------------------------------------------------------ closing rounds
 

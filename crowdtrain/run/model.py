@@ -185,6 +185,15 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         p.copy_(tensors[name])
 
 
+@torch.no_grad()
+def add_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Add `tensors` (named as by `state_dict_for_save`) to the model's parameters in place."""
+    for name, p in traveling_parameters(model):
+        if name not in tensors:
+            raise CrowdtrainError(f"weights lack tensor {name}")
+        p.add_(tensors[name].to(p.device, p.dtype))
+
+
 def config_from_dict(d: dict):
     """Rebuild a HF config from its `to_dict()` form (as sent in the run info)."""
     d = dict(d)

@@ -280,12 +280,18 @@ class InnerLoop:
         report_every: int = 10,
         stop: Callable[[], bool] | None = None,
         snapshots: Snapshots | None = None,
+        between_steps: Callable[[int], None] | None = None,
+        step_pause: float = 0.0,
     ) -> StepStats:
         """Train up to `n_steps`, stopping early at `deadline` (a time.monotonic() value) or
         when `stop()` turns true (checked between steps).
 
         `snapshots` (one process only) is asked between steps whether a snapshot is due and
         given the statistics so far when it is (see crowdtrain.volunteer.resume).
+        `between_steps(done)` is called before each step with the steps done so far (an
+        overlapped worker folds a delayed outer update in there: crowdtrain.volunteer.overlap).
+        `step_pause` seconds are slept after each step (a volunteer's CPU throttle; how
+        benchmarks make one slower), counted as training time.
 
         `batches(step)` gives the batch of global step `step`; `on_step(step, loss)` is called
         every `report_every` steps with the latest loss (a sync point on GPU, so not every step).
@@ -304,6 +310,8 @@ class InnerLoop:
                 halt = bool(flag.item())
             if halt:
                 break
+            if between_steps is not None:
+                between_steps(done)
             step = start_step + i
             x, y = batches(step)
             if self.ranks > 1:
@@ -319,6 +327,8 @@ class InnerLoop:
             loss_sum += loss
             tokens += y.numel() * self.ranks
             done += 1
+            if step_pause > 0:
+                time.sleep(step_pause)
             if on_step is not None and (done % report_every == 0 or i == n_steps - 1):
                 on_step(step, float(loss))
             if snapshots is not None and snapshots.due():

@@ -198,6 +198,7 @@ class Heartbeat:
                  every: float = protocol.HEARTBEAT_SECONDS) -> None:
         self.path = protocol.ALIVE.format(lease_id=lease_id)
         self.every, self.step, self.closed = every, 0, False
+        self.open_round: int | None = None  # the coordinator's open round, as last heard
         self._headers = {**client.http.headers, **client.auth()}
         self._url = client.url
         self._stop = threading.Event()
@@ -208,9 +209,12 @@ class Heartbeat:
             while True:
                 try:
                     r = http.post(self.path, json={"step": self.step})
-                    if r.status_code == 200 and r.json().get("ok") is False:
-                        self.closed = True
-                        return
+                    if r.status_code == 200:
+                        answer = protocol.AliveResponse.model_validate(r.json())
+                        self.open_round = answer.round
+                        if not answer.ok:
+                            self.closed = True
+                            return
                 except (httpx.HTTPError, ValueError):
                     pass  # a missed beat is harmless; several in a row give the lease up
                 if self._stop.wait(self.every):

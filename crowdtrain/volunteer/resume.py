@@ -33,7 +33,7 @@ from crowdtrain.wire import protocol
 
 log = logging.getLogger(__name__)
 
-PARAM, OPT, RESIDUAL = "param/", "opt/", "residual/"
+PARAM, OPT, RESIDUAL, ANCHOR = "param/", "opt/", "residual/", "anchor/"
 
 
 @dataclass
@@ -47,12 +47,16 @@ class PartialRound:
     optimizer: dict[str, torch.Tensor]
     # the int8 error-feedback residual the worker carried into this round (None: none yet)
     residual: dict[str, torch.Tensor] | None = None
+    # a lease trained ahead (overlapped rounds), snapshotted before theta of its round was
+    # folded in: the worker's own parameters it started from, which the contribution and the
+    # pending fold are measured against (crowdtrain.volunteer.overlap); None: theta_round's
+    anchor: dict[str, torch.Tensor] | None = None
 
     def matches(self, lease: protocol.Lease, theta_round: int | None) -> bool:
         """Whether `lease` (from the coordinator) is this snapshot's lease, resumable from
-        parameters of round `theta_round`."""
+        parameters of round `theta_round` (or, trained ahead, from its own anchor)."""
         return (lease.lease_id == self.lease.lease_id and lease.round == self.lease.round
-                and self.theta_round == lease.round == theta_round
+                and (self.anchor is not None or self.theta_round == lease.round == theta_round)
                 and self.stats.steps <= lease.max_steps)
 
 
@@ -68,6 +72,7 @@ def save_partial(path: Path, part: PartialRound) -> None:
                for k, v in part.params.items()}
     tensors.update({OPT + k: v for k, v in part.optimizer.items()})
     tensors.update({RESIDUAL + k: v.contiguous() for k, v in (part.residual or {}).items()})
+    tensors.update({ANCHOR + k: v.contiguous() for k, v in (part.anchor or {}).items()})
     meta = {"lease": part.lease.model_dump_json(), "theta_round": str(part.theta_round),
             "stats": json.dumps([part.stats.steps, part.stats.tokens, part.stats.mean_loss,
                                  part.stats.seconds])}
@@ -93,10 +98,13 @@ def load_partial(path: Path, model_params: dict[str, torch.Tensor]) -> PartialRo
         residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
         if residual:
             check_tensors_match(residual, model_params, "saved error-feedback residual")
+        anchor = {k[len(ANCHOR):]: v for k, v in tensors.items() if k.startswith(ANCHOR)}
+        if anchor:
+            check_tensors_match(anchor, model_params, "saved anchor of a lease ahead")
         if stats.steps < 1:
             raise ValueError("no steps recorded")
         return PartialRound(lease, int(meta["theta_round"]), stats, params, opt,
-                            residual or None)
+                            residual or None, anchor or None)
     except (CrowdtrainError, KeyError, ValueError, TypeError, OSError) as e:
         log.warning("ignoring the saved round in progress at %s (%s)", path, e)
         path.unlink(missing_ok=True)
@@ -112,11 +120,12 @@ class RoundSnapshots:
     every `min_interval` seconds)."""
 
     def __init__(self, path: Path, lease: protocol.Lease, theta_round: int,
-                 state: Callable[[], tuple[dict, dict, dict | None]],
+                 state: Callable[[], tuple[dict, dict, dict | None, dict | None]],
                  before: StepStats | None = None,
                  min_interval: float = 2.0, max_overhead: float = 0.01):
         self.path, self.lease, self.theta_round = path, lease, theta_round
-        self.state = state  # () -> (parameters, optimizer tensors, residual or None), on CPU
+        # () -> (parameters, optimizer tensors, residual or None, anchor or None), on CPU
+        self.state = state
         self.before = before  # what an earlier life of this worker did of the lease
         self.min_interval, self.max_overhead = min_interval, max_overhead
         self.interval = min_interval
@@ -128,11 +137,11 @@ class RoundSnapshots:
 
     def save(self, stats: StepStats) -> None:
         t0 = time.monotonic()
-        params, opt, residual = self.state()
+        params, opt, residual, anchor = self.state()
         total = stats if self.before is None else merge_stats(self.before, stats)
         try:
             save_partial(self.path, PartialRound(self.lease, self.theta_round, total, params,
-                                                 opt, residual))
+                                                 opt, residual, anchor))
         except OSError as e:  # a full disk must not stop the training itself
             log.warning("cannot save the round in progress (%s); training goes on", e)
         cost = time.monotonic() - t0

@@ -11,6 +11,11 @@ Top to bottom, one round:
    restarts, saved on local disk) until the step or time budget is spent;
 4. send delta = theta_r - theta_local, int8-compressed with error feedback, with the stats.
 
+Overlapped (the default where the run allows it, one process only: crowdtrain.volunteer.overlap)
+the upload runs in the background and the worker asks at once for a lease ahead on round r+1,
+which it trains from its own parameters, folding theta_{r+1} in between two steps when round r
+closes; `--no-overlap` keeps stop-and-wait.
+
 Network failures are retried with exponential backoff; refusals (4xx) come back in words.
 The first Ctrl-C finishes the round early and sends the work done; a second abandons it.
 Outbound HTTP(S) only: works behind any NAT, on any OS.
@@ -22,6 +27,7 @@ import functools
 import logging
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,7 @@ from crowdtrain.run.model import (
 from crowdtrain.run.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
 from crowdtrain.volunteer.client import Client, CoordinatorRefused, Heartbeat
 from crowdtrain.volunteer.files import BackgroundSaves, LocalState, user_home
+from crowdtrain.volunteer.overlap import Anchors, PendingTheta, Uploader
 from crowdtrain.volunteer.progress import RoundProgress
 from crowdtrain.volunteer.ranks import Ranks
 from crowdtrain.volunteer.resume import PartialRound, RoundSnapshots, load_partial, merge_stats
@@ -87,6 +94,12 @@ class WorkerConfig:
     anonymous: bool = field(default=False, metadata={  # in published provenance
         "help": "appear as 'anonymous' in the published model card and provenance (decided "
                 "when this machine first joins the run)"})
+    overlap: bool = field(default=True, metadata={
+        "help": "train the next round while this round's work uploads and the round closes, "
+                "where the run allows it (one process only); --no-overlap: stop and wait"})
+    step_pause: float = field(default=0.0, metadata={
+        "metavar": "SECONDS", "help": "pause after every inner step, to leave this machine "
+                                      "room for other work (a CPU throttle)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the model (inductor; faster steps on most GPUs, a minute of "
                 "compiling first; needs a C++ compiler on CPU)"})
@@ -105,6 +118,8 @@ class WorkerConfig:
             raise CrowdtrainError("--threads must be at least 1")
         if self.nproc < 1:
             raise CrowdtrainError("--nproc must be at least 1")
+        if not 0 <= self.step_pause <= 60:
+            raise CrowdtrainError("--step-pause is 0 to 60 seconds")
 
 
 # ---------------------------------------------------------------------- the worker
@@ -120,6 +135,13 @@ class WorkerSummary:
     bytes_received: int = 0
     last_round: int | None = None
     reason: str = ""
+    train_seconds: float = 0.0  # inside the inner loop (step pauses included)
+    wall_seconds: float = 0.0
+
+    @property
+    def train_share(self) -> float:
+        """The share of its time this worker spent training."""
+        return self.train_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
 class Worker:
@@ -172,6 +194,13 @@ class Worker:
         self.saves = BackgroundSaves()  # parameters and AdamW state, off the critical path
         self.tokens_per_s: float | None = None
         self.summary = WorkerSummary()
+        # overlapped rounds (crowdtrain.volunteer.overlap): one process only
+        self.overlap = cfg.overlap and self.info.schedule.overlap and ranks is None
+        self.uploader = Uploader()
+        self.live = False  # the model holds this worker's own progress (a lease ahead follows)
+        self.anchor: Anchors | None = None  # what the lease in progress is measured against
+        self._bg: Client | None = None  # the background fetches' own connection
+        self._up: Client | None = None  # and the background uploads'
 
     # -- identity
     def _join(self, force: bool = False) -> None:
@@ -236,13 +265,17 @@ class Worker:
         background."""
         self.saves.put("parameters", self.folder.save_params, self.theta, self.theta_round)
 
-    def _train_state(self) -> tuple[dict, dict, dict | None]:
-        """What a snapshot of the round in progress keeps (crowdtrain.volunteer.resume)."""
-        return state_dict_for_save(self.model), self.loop.optimizer_tensors(), self.residual
+    def _train_state(self) -> tuple[dict, dict, dict | None, dict | None]:
+        """What a snapshot of the round in progress keeps (crowdtrain.volunteer.resume): the
+        parameters, AdamW's state, the residual, and a lease ahead's own anchor until the fold
+        (the delayed update still pending)."""
+        anchor = self.anchor.current if self.anchor is not None and self.anchor.local else None
+        return state_dict_for_save(self.model), self.loop.optimizer_tensors(), self.residual, \
+            anchor
 
-    def _resume(self, lease: protocol.Lease) -> StepStats | None:
-        """Pick up `lease` where an earlier life of this worker stopped, if the snapshot is of
-        it; returns what was done then (None: the lease starts afresh, the snapshot goes)."""
+    def _partial_for(self, lease: protocol.Lease) -> PartialRound | None:
+        """The snapshot an earlier life of this worker left of `lease`, if it is resumable now
+        (else it is dropped and the lease starts afresh)."""
         part, self.partial = self.partial, None
         if part is None:
             return None
@@ -256,11 +289,10 @@ class Worker:
                         e)
             self.folder.in_progress.unlink(missing_ok=True)
             return None
-        load_into(self.model, part.params)
         self.residual = part.residual
         log.info("resuming lease %d of round %d after step %d of %d", lease.lease_id,
                  lease.round, part.stats.steps, lease.max_steps)
-        return part.stats
+        return part
 
     def _save_optimizer(self) -> None:
         """The AdamW state as it is now (copied: training goes on changing it in place), in the
@@ -270,42 +302,71 @@ class Worker:
 
     # -- parameters and data
     def _sync(self, target: int) -> None:
-        """Bring self.theta to round `target`: replay the announced updates, or download the
-        open round's checkpoint (each file by sha256, resumable, from the public URL or the
-        coordinator)."""
-        art = protocol.Artifacts.model_validate(self.client.call("GET", protocol.ARTIFACTS).json())
-        behind = None if self.theta_round is None else target - self.theta_round
-        rounds = range(self.theta_round or 0, target)
+        """Bring self.theta to round `target` (see `_theta_at`)."""
+        self.theta, self.theta_round = self._theta_at(self.client, self.theta, self.theta_round,
+                                                      target)
+
+    def _theta_at(self, client: Client, theta: dict | None, theta_round: int | None,
+                  target: int, art: protocol.Artifacts | None = None) -> tuple[dict, int]:
+        """theta of round `target` from `theta` of `theta_round`: replay the announced updates,
+        or download the open round's checkpoint (each file by sha256, resumable, from the
+        public URL or the coordinator); returns (theta, its round)."""
+        if art is None:
+            art = protocol.Artifacts.model_validate(client.call("GET", protocol.ARTIFACTS).json())
+        behind = None if theta_round is None else target - theta_round
+        rounds = range(theta_round or 0, target)
         if behind is not None and 0 <= behind <= MAX_UPDATES_TO_REPLAY and target <= art.round \
                 and all(r in art.updates for r in rounds):
             try:
                 for rnd in rounds:
-                    blob = self._fetch_blob(art.updates[rnd], f"the update of round {rnd}")
+                    blob = self._fetch_blob(client, art.updates[rnd],
+                                            f"the update of round {rnd}")
                     try:
                         upd, _ = codecs.from_bytes(blob, self.shapes)
                     except codecs.CodecError as e:
                         raise CrowdtrainError(f"the coordinator sent a corrupt update for round "
                                               f"{rnd} ({e}); try again later or tell the "
                                               "run's owner") from None
-                    self.theta = apply_update(self.theta, upd)
-                    self.theta_round = rnd + 1
-                return
+                    theta, theta_round = apply_update(theta, upd), rnd + 1
+                return theta, theta_round
             except CoordinatorRefused as e:
                 log.info("cannot replay updates (%s); downloading the model", e.detail)
                 art = protocol.Artifacts.model_validate(
-                    self.client.call("GET", protocol.ARTIFACTS).json())
-        data = self._fetch_blob(art.model_sha256, f"the model of round {art.round}")
+                    client.call("GET", protocol.ARTIFACTS).json())
+        data = self._fetch_blob(client, art.model_sha256, f"the model of round {art.round}")
         tensors = decode_tensors(data, "downloaded model")
         check_tensors_match(tensors, state_dict_for_save(self.model), "downloaded model")
-        self.theta = tensors
-        self.theta_round = art.round
-        log.info("downloaded the model of round %d (%.1f MB)", self.theta_round, len(data) / 1e6)
+        log.info("downloaded the model of round %d (%.1f MB)", art.round, len(data) / 1e6)
+        return tensors, art.round
 
-    def _fetch_blob(self, sha256: str, what: str) -> bytes:
+    def _pending_theta(self, lease: protocol.Lease, beat: Heartbeat) -> PendingTheta:
+        """The latest theta this worker can fold in (of a round among `self.anchor.unfolded`),
+        fetched in the background from the theta at hand once it is published: the lease says
+        which round was open when it was given, its heartbeats which round is open now."""
+        if self._bg is None:
+            self._bg = Client(self.cfg.url, self.cfg.retry_for)
+            self._bg.token, self._bg.public_url = self.client.token, self.client.public_url
+        bg, theta, theta_round, anchors = self._bg, self.theta, self.theta_round, self.anchor
+
+        def fetch(cancel) -> tuple[dict, int] | None:
+            while True:
+                published = max(beat.open_round if beat.open_round is not None else -1,
+                                lease.round - 1 if lease.ahead else lease.round)
+                ready = [r for r in list(anchors.unfolded) if r <= published]
+                if ready:
+                    break
+                if cancel.wait(0.2):
+                    return None
+            got = self._theta_at(bg, theta, theta_round, max(ready))
+            return got if got[1] == max(ready) else None
+
+        return PendingTheta(fetch, lease.round)
+
+    def _fetch_blob(self, client: Client, sha256: str, what: str) -> bytes:
         """A file the coordinator announced, read once and not kept (a model, an update)."""
-        p = self.local.home / "downloads" / sha256
+        p = self.local.home / "downloads" / f"{sha256}.{threading.get_ident()}"
         try:
-            return self.client.fetch(sha256, p, what).read_bytes()
+            return client.fetch(sha256, p, what).read_bytes()
         finally:
             p.unlink(missing_ok=True)
 
@@ -356,17 +417,47 @@ class Worker:
         return codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()}, **opts)
 
     # -- one round
+    def _start(self, lease: protocol.Lease, part: PartialRound | None, beat: Heartbeat,
+               before: Anchors | None) -> PendingTheta | None:
+        """Set the model and `self.anchor` for `lease`; returns the pending fetch of a theta to
+        fold in when it trains ahead (None: it starts from theta of the lease's round).
+        `before`: the anchors of the lease before, whose unfolded ones carry over."""
+        if self.overlap and (lease.ahead or (part is not None and part.anchor is not None)):
+            if part is not None:  # a lease ahead, snapshotted before its fold
+                load_into(self.model, part.params)
+                self.anchor = Anchors(part.anchor, lease.round, local=True)
+            else:
+                if self.theta is None:  # nothing at hand: the open round's parameters
+                    self._sync(lease.round - 1)
+                if not self.live:
+                    load_into(self.model, self.theta)
+                unfolded = before.unfolded if self.live and before is not None else {}
+                self.anchor = Anchors({k: v.clone() for k, v in
+                                       state_dict_for_save(self.model).items()}, lease.round,
+                                      local=True, unfolded=unfolded)
+            log.info("round %d: training ahead from this worker's own parameters; the "
+                     "parameters of round %d are folded in when they are published",
+                     lease.round, lease.round)
+            return self._pending_theta(lease, beat)
+        self._sync(lease.round)
+        if self.theta_round != lease.round:
+            return None
+        load_into(self.model, self.theta if part is None else part.params)
+        self.anchor = Anchors(self.theta, lease.round, local=False)
+        self._save_params()
+        return None
+
     def round(self, lease: protocol.Lease, stop, bar=None) -> None:
         # heartbeats from the start: syncing, loading shards and saving parameters can take
         # longer than the coordinator's silence allowance on a large model or a slow disk
         with Heartbeat(self.client, lease.lease_id) as beat:
-            self._sync(lease.round)
-            if self.theta_round != lease.round:
+            part = self._partial_for(lease)
+            before_anchors, self.anchor = self.anchor, None
+            pending = self._start(lease, part, beat, before_anchors)
+            if self.anchor is None:
                 log.info("round %d closed while syncing; asking for a new lease", lease.round)
                 return
             shards, masks = self._shards(lease.shards)
-            load_into(self.model, self.theta)
-            self._save_params()
             if self.ranks is not None:
                 self._brief_ranks(lease)
 
@@ -379,41 +470,88 @@ class Worker:
                 if bar is not None:
                     bar(lease, step - lease.start_step + 1, loss)
 
-            before = self._resume(lease)
+            before = part.stats if part is not None else None
             done = before.steps if before else 0
+
+            def fold(steps: int) -> None:
+                nonlocal pending
+                got = pending.result() if pending is not None else None
+                if got is None:
+                    return
+                theta, rnd = got
+                self.anchor.fold(self.model, theta, rnd)
+                self.theta, self.theta_round = theta, rnd
+                if snaps is not None:  # snapshots from here on resume from theta of the round
+                    snaps.theta_round = rnd
+                self._save_params()
+                log.info("round %d: folded in the update of round %d after step %d of the "
+                         "lease", lease.round, rnd - 1, done + steps)
+                pending = self._pending_theta(lease, beat) if self.anchor.local else None
+
             snaps = None if self.ranks is not None else RoundSnapshots(
-                self.folder.in_progress, lease, lease.round, self._train_state, before)
+                self.folder.in_progress, lease, self.theta_round, self._train_state, before)
             beat.step = done
             st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,
-                               stop=lambda: bool(stop) or beat.closed, snapshots=snaps)
-        if beat.closed:
+                               stop=lambda: bool(stop) or beat.closed, snapshots=snaps,
+                               between_steps=fold if pending is not None else None,
+                               step_pause=self.cfg.step_pause)
+            fold(st.steps)  # theta came with the last step: fold now, the next lease needs it
+        if pending is not None:
+            pending.cancel()
+        self.summary.train_seconds += st.seconds
+        if beat.closed and not (self.info.schedule.stale_weight > 0 and st.steps):
             log.info("round %d closed while training; dropping this lease's work", lease.round)
+            self.live, self.anchor = False, None
             if snaps is not None:
                 snaps.discard()
             return
-        if snaps is not None and st.steps and snaps.due():  # killed while uploading: resend
-            snaps.save(st)
+        if beat.closed:
+            log.info("round %d closed while training; sending the %d steps done (applied late, "
+                     "at %g of their weight)", lease.round, st.steps,
+                     self.info.schedule.stale_weight)
+        if snaps is not None and st.steps and snaps.due() and not self.overlap:
+            snaps.save(st)  # killed while uploading: resend
         if before is not None:
             st = merge_stats(before, st)
         if st.steps == 0:
             return
         self.tokens_per_s = st.tokens_per_s
-        params = state_dict_for_save(self.model)
-        delta = {k: self.theta[k] - params[k].float() for k in self.theta}
+        delta = self.anchor.delta(state_dict_for_save(self.model))
         stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
                                      tokens=st.tokens, mean_loss=st.mean_loss,
                                      seconds=st.seconds, device=self.device.type)
-        # heartbeats go on while the payload is made and sent: on a home uplink a large
-        # model's upload takes minutes, and a lease silent for LEASE_SILENCE_SECONDS is given up
-        with Heartbeat(self.client, lease.lease_id) as sending:
+        blob = self._payload(delta, stats)
+        self.summary.rounds += 1
+        if self.overlap:  # sent in the background while the next lease trains
+            if snaps is not None:
+                snaps.discard()
+            self.live = True
+            self.uploader.send(lease.lease_id, lambda: self._upload(lease, st, blob, bar))
+        else:
+            self._upload(lease, st, blob, bar)
+            if snaps is not None:
+                snaps.discard()
+        self._save_optimizer()
+        self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
+        self.summary.last_round = lease.round
+
+    def _upload(self, lease: protocol.Lease, st: StepStats, blob: bytes, bar=None) -> None:
+        """Send a lease's contribution; heartbeats go on meanwhile: on a home uplink a large
+        model's upload takes minutes, and a lease silent for LEASE_SILENCE_SECONDS is given
+        up. Overlapped, this runs on the uploader's thread, with its own connection."""
+        client = self.client
+        if self.overlap:
+            if self._up is None:
+                self._up = Client(self.cfg.url, self.cfg.retry_for)
+                self._up.token = self.client.token
+            client = self._up
+        with Heartbeat(client, lease.lease_id) as sending:
             sending.step = st.steps
-            blob = self._payload(delta, stats)
-            self.summary.rounds += 1
             upload_started = time.monotonic()
             try:
-                r = self.client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
-                                     content=blob)
+                r = client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),
+                                content=blob)
                 self.summary.accepted += 1
                 self.summary.tokens += st.tokens
                 verdict = protocol.SubmitResponse.model_validate(r.json()).message
@@ -422,11 +560,6 @@ class Worker:
                 verdict = f"refused: {e.detail}"
                 log.warning("round %d: %s", lease.round, verdict)
             upload_s = time.monotonic() - upload_started  # retries included: what it cost us
-        if snaps is not None:
-            snaps.discard()
-        self._save_optimizer()
-        self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
-        self.summary.last_round = lease.round
         log.info("round %d: %d steps, loss %.3f, %.0f tok/s, sent %.2f MB in %.1fs, %s",
                  lease.round, st.steps, st.mean_loss, st.tokens_per_s, len(blob) / 1e6,
                  upload_s, verdict)
@@ -474,7 +607,8 @@ class Worker:
                 req = protocol.LeaseRequest(
                     have_round=self.theta_round, device=self.device.type,
                     tokens_per_s=self.tokens_per_s,
-                    resume=self.partial.lease.lease_id if self.partial else None)
+                    resume=self.partial.lease.lease_id if self.partial else None,
+                    ahead=self.overlap, sending=self.uploader.in_flight)
                 try:
                     r = self.client.call("POST", protocol.LEASE, json_body=req.model_dump())
                 except CoordinatorRefused as e:
@@ -499,11 +633,17 @@ class Worker:
                     print(f"abandoned round {resp.lease.round}: its work was not sent",
                           file=sys.stderr)
                     raise
+            self.uploader.wait()  # the last contribution is sent before the worker leaves
             if stop and not self.summary.reason:
                 self.summary.reason = "stopped by Ctrl-C after sending the round's work"
-        self.summary.bytes_sent = self.client.bytes_out
-        self.summary.bytes_received = self.client.bytes_in
-        self.client.close()
+        self.summary.wall_seconds = time.monotonic() - started
+        clients = [c for c in (self.client, self._bg, self._up) if c is not None]
+        self.summary.bytes_sent = sum(c.bytes_out for c in clients)
+        self.summary.bytes_received = sum(c.bytes_in for c in clients)
+        for c in clients:
+            c.close()
+        log.info("trained %.1f%% of %.0f s", 100 * self.summary.train_share,
+                 self.summary.wall_seconds)
         return self.summary
 
 

@@ -223,6 +223,8 @@ class Alive(BaseModel):
 class AliveResponse(BaseModel):
     ok: bool = Field(description="false: the lease is no longer open (round closed, or given "
                                  "up); finish or drop the work and ask for a new lease")
+    round: int | None = Field(None, description="the round now open: a worker training a lease "
+                              "ahead learns from it that the update it waits for is published")
 
 
 class SubmitStats(BaseModel):

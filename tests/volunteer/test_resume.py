@@ -90,7 +90,7 @@ def test_stats_of_a_lease_trained_in_two_lives_add_up():
 def test_snapshots_keep_their_cost_a_small_share_of_training(tmp_path):
     def slow_state():
         time.sleep(0.05)  # a large model on a slow disk
-        return params(), {}, None
+        return params(), {}, None, None
 
     snaps = RoundSnapshots(tmp_path / "s.safetensors", LEASE, 3, slow_state,
                            before=StepStats(10, 1000, 4.0, 2.0), min_interval=0.0,
