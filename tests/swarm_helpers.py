@@ -63,9 +63,11 @@ class Swarm(LocalSwarm):
         self.run, self.tmp = run, tmp_path
 
 
-def run_to_end(run: Run, tmp_path: Path, names=("ann", "ben"), serve_args=()):
+def run_to_end(run: Run, tmp_path: Path, names=("ann", "ben"), serve_args=(),
+               join_args: dict[str, tuple] | None = None):
     """Serve `run` (`crowdtrain serve` + `serve_args`) and let one `crowdtrain join` process
-    per name train it to its last round; every volunteer must exit 0 saying so. Returns the
+    per name (+ its `join_args`) train it to its last round; every volunteer must exit 0
+    saying so. Returns the
     stopped swarm (its logs and homes stay) and the coordinator's last status."""
     from crowdtrain.cli.processes import get_status
 
@@ -73,7 +75,7 @@ def run_to_end(run: Run, tmp_path: Path, names=("ann", "ben"), serve_args=()):
     try:
         s.serve("coordinator", *serve_args)
         for name in names:
-            s.join(name)
+            s.join(name, *(join_args or {}).get(name, ()))
         for name in names:
             assert s.wait(name) == 0, s.log(name)
             assert f"the run finished at round {run.config.swarm.rounds}" in s.log(name)

@@ -43,6 +43,22 @@ def test_a_snapshot_round_trips_and_matches_only_its_own_lease(tmp_path):
     assert not back.matches(LEASE, 2)  # parameters of another round
 
 
+def test_a_lease_ahead_keeps_its_anchor_the_pending_fold(tmp_path):
+    """Overlapped rounds: a lease ahead snapshotted before theta of its round was folded in
+    keeps the parameters it started from (its anchor); it resumes whatever theta the worker
+    holds, since the fold needs only the anchor."""
+    p = tmp_path / "in-progress.safetensors"
+    ahead = LEASE.model_copy(update={"ahead": True})
+    save_partial(p, PartialRound(ahead, 2, StepStats(5, 500, 4.0, 1.0), params(), {},
+                                 anchor=params(3)))
+    back = load_partial(p, params(1))
+    assert all(torch.equal(back.anchor[k], v) for k, v in params(3).items())
+    assert back.matches(LEASE, 2) and back.matches(LEASE, None)  # the round need not match
+    assert not back.matches(LEASE.model_copy(update={"lease_id": 8}), 2)
+    save_partial(p, PartialRound(LEASE, 3, StepStats(5, 500, 4.0, 1.0), params(), {}))
+    assert load_partial(p, params(1)).anchor is None
+
+
 def test_a_sparse_residual_round_trips_and_the_resumed_upload_is_the_same(tmp_path):
     """The sparse codec's residual (all that was not sent: most of each delta) is kept as is:
     the worker that resumes sends the same bytes as one that never stopped."""
