@@ -18,10 +18,13 @@ the output itself peak memory is O(threads x workers x block_elems), not O(worke
 On that matrix every method is a few whole-matrix operations, no per-contribution Python
 loop and no sort: matrix-vector products for the means, a selection network of elementwise
 min/max for the trimmed mean (`weighted_trimmed_mean`), a matrix product for centered
-clipping's Gram matrix. Blocks run on a thread pool (and on a GPU when the coordinator has
-one). An honest round costs one pass over the contributions (two for centered clipping,
-whose iterations run on the small Gram matrix instead of passes: see the notes above
-`robust_aggregate`); a round in which someone is clipped or refused costs one more.
+clipping's Gram matrix (or, from `PASSES_FROM` contributions, two matrix-vector products in
+a pass per iteration). A block whose columns are mostly all zero (sparse payloads) does its
+math on the other columns alone. Blocks run on a thread pool (and on a GPU when the
+coordinator has one). An honest round costs one pass over the contributions (two for
+centered clipping, whose iterations run on the small Gram matrix instead of passes, or
+cc_iters + 1 from `PASSES_FROM` contributions: see the notes above `robust_aggregate`); a
+round in which someone is clipped or refused costs one more.
 Contribution files on disk are read as DeltaSources by coordinator.payloads (memory-mapped,
 one slice at a time, bit-identical to `codecs.from_bytes`). Speed, measured against the
 implementation this replaced: BENCHMARKS.md, "Aggregation speed".
@@ -304,7 +307,8 @@ def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
     largest kept values L and H; the kept values are those in [L, H], masked and summed with
     their weights by two small matrix products. That is exact unless a value equal to L or H
     was also dropped (a tie across the cut, seen as more than n - 2k values in [L, H]): where
-    L == H the result is L, and the few columns left are redone by a stable sort.
+    L == H the result is L (up to rounding), and the few columns left are redone by a stable
+    sort.
     `scratch`: optional (n + 1 x L, n x L) float32 buffers; `out`: where to write.
     """
     n, length = x.shape
@@ -324,11 +328,21 @@ def weighted_trimmed_mean(x: torch.Tensor, weights: torch.Tensor, k: int,
     v.div_(den_cnt[0])
     cnt = den_cnt[1]
     if float(cnt.max()) > n - 2 * k:  # ties across the cut somewhere
-        flat = torch.eq(lo, hi)
-        torch.where(flat, lo, v, out=v)
-        cnt.masked_fill_(flat, 0.0)
-        if float(cnt.max()) > n - 2 * k:
-            rest = (cnt > n - 2 * k).nonzero().squeeze(1)
+        # where L == H every value in [L, H] is L, and so is v (up to rounding: a weighted
+        # mean of equal values); the other columns with a tie are redone by a stable sort.
+        # They are few (int8 payloads: ~60 in 2**17), so they are found in two steps: the
+        # groups of 64 columns with one, then the columns of those groups (boolean work and
+        # `nonzero` over a whole block row cost ~1 ns a column)
+        ex = cnt.sub_(n - 2 * k).clamp_(min=0)  # > 0 at a tie across the cut
+        ex.mul_(torch.gt(hi, lo, out=keep[0]))  # ... where L < H (keep: free again)
+        group = 64
+        full = length // group * group
+        cand = ex[:full].view(-1, group).amax(1).nonzero()
+        cand = (cand * group + torch.arange(group, device=x.device)).view(-1)
+        if full < length:
+            cand = torch.cat([cand, torch.arange(full, length, device=x.device)])
+        rest = cand[ex[cand] > 0]
+        if rest.numel():
             v[rest] = _stable_trimmed_mean(x[:, rest], w, k)
     return v
 
@@ -398,7 +412,7 @@ def gram_by_passes(n: int, iters: int) -> bool:
     return n >= PASSES_FROM * max(iters - 1, 1)
 
 
-PASSES_FROM = 24  # contributions per G a product from which passes beat the Gram matrix
+PASSES_FROM = 34  # contributions per G a product from which passes beat the Gram matrix
 
 
 # ---------------------------------------------------------------------------- the passes
@@ -545,7 +559,15 @@ class _Passes:
 # a_t: v_{t+1} = v_t + sum_j c_j (x_j - v_t) gives a_{t+1} = (1 - sum c) a_t + c, and the
 # distances it needs are |x_j - v_t|^2 = G_jj - 2 (G a_t)_j + a_t^T G a_t with G = D D^T.
 # One pass computes v0 and G, the iterations run on n x n numbers, and a last pass writes
-# v0 + D^T a = (1 - sum a) v0 + X^T a.
+# v0 + D^T a = (1 - sum a) v0 + X^T a. G costs n multiply-adds a value, so from
+# `gram_by_passes` contributions (~68 for 3 iterations) the first pass keeps only G's diagonal
+# and each later iteration gets G a_t = D (D^T a_t) from a pass of its own (decode, D, two
+# matrix-vector products: ~0.75 ns a value, against ~2.2 ns for the 100 x 100 Gram matrix).
+#
+# Sparse payloads: a contribution sends ~1% of each chunk, so most columns of a block matrix
+# are all zero, and on such a column every method gives 0 (so does D = X - v0). The first
+# pass (`_support`) keeps the columns where someone sent a value, when they are at most
+# half, and runs the method on those alone; the cheap passes (G a, the last) do not bother.
 
 
 def robust_aggregate(
