@@ -267,14 +267,15 @@ def run_instrumented_worker(url: str, home: Path, name: str, max_rounds: int,
                             threads: int = 1) -> WorkerTimes:
     """Run the real `crowdtrain join` worker (volunteer.worker.Worker) in this process for
     `max_rounds` rounds, timing each of its phases by wrapping its methods (no change to its
-    behaviour)."""
+    behaviour). Stop-and-wait (`--no-overlap`), whose phases follow one another: overlapped
+    rounds are measured by bench/overlap.py."""
     from crowdtrain.volunteer.worker import Worker, WorkerConfig
     from crowdtrain.wire import protocol
 
     t = WorkerTimes()
     t0 = time.perf_counter()
     w = Worker(WorkerConfig(url=url, name=name, threads=threads, max_rounds=max_rounds,
-                            home=home, progress=False))
+                            home=home, progress=False, overlap=False))
 
     def timed(obj: object, attr: str, field: str,
               after: Callable[[object, float], None] | None = None) -> None:

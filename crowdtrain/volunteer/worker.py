@@ -500,6 +500,7 @@ class Worker:
         if pending is not None:
             pending.cancel()
         self.summary.train_seconds += st.seconds
+        log.info("round %d: trained %d steps in %.2fs", lease.round, st.steps, st.seconds)
         if beat.closed and not (self.info.schedule.stale_weight > 0 and st.steps):
             log.info("round %d closed while training; dropping this lease's work", lease.round)
             self.live, self.anchor = False, None
