@@ -13,7 +13,16 @@ A round r, top to bottom:
    quantised to int8 with coordinator-side error feedback, published as `updates/update-r`;
    theta_{r+1} = theta_r + dequant(update_r) exactly as every worker computes it; checkpoint
    r+1 written atomically; round r+1 opened; the new model evaluated in the background
-   (roundeval.py).
+   (roundeval.py). The close runs off the request path (`closing`): no request waits for it.
+
+Overlapped rounds (`SwarmConfig.overlap`, the default; crowdtrain.volunteer.overlap): a
+volunteer that has sent round r's work, or is uploading it, and asks `ahead` gets its lease on
+round r+1 at once, before round r closes (never two rounds ahead); its contribution goes into
+round r+1. Each round's leases are paced (`_paced_end`) to end their training when the fastest
+volunteer finishes the round's steps, so slower ones train fewer steps instead of holding the
+round back. A contribution that arrives after its round closed (its lease was still open then)
+goes into the next round at `stale_weight` of its weight, with the reason in the ledger;
+later than that it is refused as stale, with the reason in the ledger too.
 """
 
 from __future__ import annotations
