@@ -6,6 +6,7 @@ asked for, with a memory-bandwidth probe run on the same machine in the same run
 
     python bench/aggregation_speed.py                          # 8 x 20M, int8 and sparse
     python bench/aggregation_speed.py --previous 335144a       # + that commit's aggregation
+    python bench/aggregation_speed.py --previous 335144a,f87e2d9   # + each of those
     python bench/aggregation_speed.py --workers 20 --params 100M --device cuda --no-reference
 
 For each codec and method: seconds for one round, ns per parameter per contribution, that
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch thread counts to run the original implementation with, the "
                          "fastest counting (default: 1 and --threads: on a loaded machine "
                          "intra-op threads can stall)")
-    ap.add_argument("--previous", metavar="COMMIT",
-                    help="also time crowdtrain/coordinator/aggregation.py as of COMMIT")
+    ap.add_argument("--previous", metavar="COMMIT[,COMMIT]",
+                    help="also time crowdtrain/coordinator/aggregation.py as of each COMMIT")
     ap.add_argument("--repeat", type=int, default=1,
                     help="time every implementation this many times, in turn; the best counts")
     ap.add_argument("--work", type=Path, default=None, help="payload folder (default: temp)")
@@ -174,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_reference:
         ref = module_from(REFERENCE, "reference_aggregation")
         others.append(("reference", ref, {"block_elems": ref.block_for(a.workers)}))
-    if a.previous:
-        prev = module_from(previous_source(a.previous), f"aggregation_{a.previous}")
-        others.append((a.previous, prev, {"block_elems": prev.block_for(a.workers,
-                                                                         threads=a.threads),
-                                          "threads": a.threads, "device": a.device}))
+    for commit in (a.previous or "").split(","):
+        if not commit:
+            continue
+        prev = module_from(previous_source(commit), f"aggregation_{commit}")
+        others.append((commit, prev, {"block_elems": prev.block_for(a.workers,
+                                                                    threads=a.threads),
+                                      "threads": a.threads, "device": a.device}))
     runs = [("current", aggregation, {"threads": a.threads, "device": a.device}, a.threads)]
     runs += [(label, mod, kw, intra) for label, mod, kw in others
              for intra in (a.reference_threads if label == "reference" else [a.threads])]

@@ -20,8 +20,9 @@ aggregation needs: 16 bytes x `aggregation.block_for(N)` elements per contributi
 Targets: 100 concurrent workers on a 10M model with no refusal but the intended ones; peak
 memory growing with N x block size, not N x model size.
 
---previous IMPL runs every configuration twice in the same invocation, side by side: first
-with a coordinator whose crowdtrain.coordinator.aggregation module is IMPL ("reference": the
+--previous IMPL[,IMPL] runs every configuration once more per IMPL in the same invocation,
+side by side: first with a coordinator whose crowdtrain.coordinator.aggregation module is IMPL
+("reference": the
 original implementation, tests/coordinator/reference_aggregation.py, which the 190 s close of
 100 x 10M was measured with; or a commit, whose aggregation.py `git show` gives), loaded into
 the coordinator process before anything imports it, then with the current code; the same
@@ -32,6 +33,7 @@ payloads, the same volunteers, and a line comparing the two round closes.
     python bench/coordinator_load.py --quick          # 0.13M model, 8 workers, 1 round
     python bench/coordinator_load.py --sizes 10M --workers 100 --rounds 3
     python bench/coordinator_load.py --sizes 10M --workers 100 --previous reference
+    python bench/coordinator_load.py --sizes 10M --workers 100 --previous reference,f87e2d9
 """
 
 from __future__ import annotations
@@ -332,13 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator-threads", type=int, default=1,
                    help="the coordinator's torch threads, `serve --threads` (default 1; the "
                         "aggregation runs its blocks on that many threads)")
-    p.add_argument("--previous", metavar="IMPL",
-                   help="also run every configuration with this aggregation, side by side: "
-                        "'reference' (the original implementation) or a git commit")
+    p.add_argument("--previous", metavar="IMPL[,IMPL]",
+                   help="also run every configuration with each of these aggregations, side "
+                        "by side: 'reference' (the original implementation) or a git commit")
     a = p.parse_args(argv)
-    previous: Path | None = None
-    if a.previous:
-        previous = REFERENCE if a.previous == "reference" else previous_source(a.previous)
+    previous = [(impl, REFERENCE if impl == "reference" else previous_source(impl))
+                for impl in (a.previous or "").split(",") if impl]
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-load-"))
     header("coordinator load: N simulated volunteers, real int8 payloads, one coordinator")
     base = base_run(work / "cache", "tiny")
@@ -356,15 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     for size, counts in plan.items():
         template = base if size == "tiny" else make_run(base, work / f"template-{size}", size)
         for n in counts:
-            before = None
             t = a.coordinator_threads
-            if previous is not None:
-                before = one(template, work, size, n, a.rounds, a.spread, a.previous, previous,
-                             t)
-                report(before)
+            befores = []
+            for impl, path in previous:
+                befores.append(one(template, work, size, n, a.rounds, a.spread, impl, path, t))
+                report(befores[-1])
             now = one(template, work, size, n, a.rounds, a.spread, threads=t)
             report(now)
-            if before is not None:
+            for before in befores:
                 compare(before, now)
     print(f"# {load()} at the end; work in {work}")
     return 0
