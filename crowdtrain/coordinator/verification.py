@@ -503,3 +503,42 @@ def expected_replication(n_leases: int, cfg: VerifyConfig = VerifyConfig()) -> f
         total += p
         state = record_result(state, True)  # every contribution gets a verdict (loss check)
     return total / max(1, n_leases)
+
+
+# ------------------------------------------------------------------------------ one round
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What the round check needs of one contribution: its delta (a dict of tensors or the
+    payload's DeltaSource) and the batches of its loss check (`check_steps` + `batches_at`:
+    the lease's shard and seed; a control shard or held-out text, chosen by the coordinator)."""
+
+    delta: Delta
+    lease_batches: Sequence[Batch]
+    control_batches: Sequence[Batch]
+
+
+def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
+                contributions: Sequence[Contribution], previous: Sequence[Delta] = (),
+                cfg: VerifyConfig = VerifyConfig()) -> list[Verdict]:
+    """Every contribution of a round through the loss check (round-relative) and the
+    similarity check (against each other and `previous`: earlier contributions of these
+    volunteers, recent published updates). One verdict each: ok when both checks pass; the
+    reason of the first that failed; the numbers of both ("sim_" prefixed). Replicas are
+    compared separately (`compare_replicas`), when both copies have arrived."""
+    measures = [measure_losses(model, theta, c.delta, c.lease_batches, c.control_batches,
+                               cfg.delta_scale, cfg.eval_rows) for c in contributions]
+    ref = round_reference(measures, cfg)
+    loss = [judge_loss(m, cfg, ref) for m in measures]
+    if len(contributions) + len(previous) > 1:
+        sim = similarity_flags(similarity([c.delta for c in contributions], shapes_of(theta),
+                                          previous, cfg.block_elems), cfg)
+    else:
+        sim = [Verdict(True) for _ in contributions]
+    out = []
+    for lv, sv in zip(loss, sim, strict=True):
+        nums = lv.numbers | {f"sim_{k}": v for k, v in sv.numbers.items()}
+        reason = "; ".join(r for r in (lv.reason, sv.reason) if r)
+        out.append(Verdict(lv.ok and sv.ok, reason, nums))
+    return out

@@ -274,6 +274,25 @@ def test_gram_is_the_same_blockwise_and_dense(swarm):
     torch.testing.assert_close(g1, flat @ flat.T, rtol=1e-10, atol=1e-12)
 
 
+def test_check_round_gives_one_verdict_per_contribution(swarm):
+    """The integrator's one call: honest ones pass, noise and a copy do not."""
+    g = torch.Generator().manual_seed(5)
+    noise = {k: torch.randn(v.shape, generator=g) for k, v in swarm.honest[0].items()}
+    s = _norm(swarm.honest[0]) / _norm(noise)
+    deltas = [*swarm.honest, {k: s * v for k, v in noise.items()},
+              _plus_noise(swarm.honest[2], 0.2, seed=6)]
+    leases = [0, 1, 2, 3, 0, 0]  # the cheats hold leases on shard 0; controls: shard 3
+    # (shard 2 for the lease on 3)
+    contribs = [V.Contribution(d, swarm.lease_batches(i), swarm.control_batches(i, 3 - (i == 3)))
+                for d, i in zip(deltas, leases, strict=True)]
+    verdicts = V.check_round(swarm.model, swarm.theta, contribs, swarm.prev, CFG)
+    # honest 2 is flagged with its copy (a same-round pair): the integrator resolves the pair
+    assert [v.ok for v in verdicts] == [True, True, False, True, False, False], \
+        [v.reason for v in verdicts]
+    assert "no loss drop" in verdicts[4].reason
+    assert "sim_max_cosine" in verdicts[5].numbers and "cosine" in verdicts[5].reason
+
+
 # ---------------------------------------------------------------------------- trust
 
 
