@@ -26,7 +26,9 @@ independent checks use that, each cheap enough to run on every contribution or o
            and  both are > 0,
 
    falling back to the two "> 0" tests alone when the round has fewer than
-   `min_reference` measured contributions. Noise at the honest norm raises the loss (gain < 0);
+   `min_reference` measured contributions. The lease steps measured are drawn from the steps
+   the volunteer reports; a lease cut short by its time budget scales the gain threshold by
+   its fraction of the steps. Noise at the honest norm raises the loss (gain < 0);
    a delta trained on another shard generalises to the lease's batches about as well as to the
    control's (specificity ~ 0, or < 0 when the control is the shard it trained on); a copy of
    another volunteer's delta is trained on that volunteer's lease, so it fails the same way.
@@ -301,9 +303,12 @@ def round_reference(measures: Sequence[LossMeasure],
 
 
 def judge_loss(m: LossMeasure, cfg: VerifyConfig = VerifyConfig(),
-               reference: Reference | None = None) -> Verdict:
-    """The decision rule of the module docstring on one measured contribution."""
-    nums = m.numbers()
+               reference: Reference | None = None, steps_fraction: float = 1.0) -> Verdict:
+    """The decision rule of the module docstring on one measured contribution.
+    `steps_fraction`: the steps it reports over the lease's max_steps (a lease cut short by
+    its time budget): the gain threshold scales by it (leniently: the loss falls fastest in
+    the first steps, so an honest partial lease keeps more than its share of the gain)."""
+    nums = m.numbers() | {"steps_fraction": steps_fraction}
     if not (math.isfinite(m.gain) and math.isfinite(m.specificity)):
         return Verdict(False, "the loss after the contribution is not finite", nums)
     if m.gain <= 0:
@@ -313,9 +318,12 @@ def judge_loss(m: LossMeasure, cfg: VerifyConfig = VerifyConfig(),
                               f"(specificity {m.specificity:+.4f} nats)", nums)
     if reference is not None:
         nums |= {"ref_gain": reference.gain, "ref_specificity": reference.specificity}
-        if reference.gain > 0 and m.gain < cfg.min_gain_ratio * reference.gain:
-            return Verdict(False, f"loss drop {m.gain:.4f} below {cfg.min_gain_ratio:g} x the "
-                                  f"round's median {reference.gain:.4f}", nums)
+        need = cfg.min_gain_ratio * min(1.0, max(0.0, steps_fraction)) * reference.gain
+        if reference.gain > 0 and m.gain < need:
+            return Verdict(False, f"loss drop {m.gain:.4f} below {need:.4f} "
+                                  f"({cfg.min_gain_ratio:g} x the round's median "
+                                  f"{reference.gain:.4f} x {steps_fraction:.2f} of the steps)",
+                           nums)
         if reference.specificity > 0 and \
                 m.specificity < cfg.min_specificity_ratio * reference.specificity:
             return Verdict(False, f"specificity {m.specificity:.4f} below "
@@ -326,14 +334,14 @@ def judge_loss(m: LossMeasure, cfg: VerifyConfig = VerifyConfig(),
 
 def loss_check(model: torch.nn.Module, theta: Mapping[str, torch.Tensor], delta: Delta,
                lease_batches: Sequence[Batch], control_batches: Sequence[Batch],
-               cfg: VerifyConfig = VerifyConfig(), reference: Reference | None = None
-               ) -> Verdict:
+               cfg: VerifyConfig = VerifyConfig(), reference: Reference | None = None,
+               steps_fraction: float = 1.0) -> Verdict:
     """`measure_losses` then `judge_loss`: one contribution's verdict. For the round-relative
     rule, measure every contribution of the round first, then `round_reference` and
     `judge_loss` each (this function with `reference` does the same for one)."""
     m = measure_losses(model, theta, delta, lease_batches, control_batches,
                        cfg.delta_scale, cfg.eval_rows)
-    return judge_loss(m, cfg, reference)
+    return judge_loss(m, cfg, reference, steps_fraction)
 
 
 # ------------------------------------------------------------------------------ Gram matrix
@@ -517,6 +525,7 @@ class Contribution:
     delta: Delta
     lease_batches: Sequence[Batch]
     control_batches: Sequence[Batch]
+    steps_fraction: float = 1.0  # steps reported / the lease's max_steps
 
 
 def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
@@ -529,8 +538,10 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
     compared separately (`compare_replicas`), when both copies have arrived."""
     measures = [measure_losses(model, theta, c.delta, c.lease_batches, c.control_batches,
                                cfg.delta_scale, cfg.eval_rows) for c in contributions]
-    ref = round_reference(measures, cfg)
-    loss = [judge_loss(m, cfg, ref) for m in measures]
+    full = [m for m, c in zip(measures, contributions, strict=True) if c.steps_fraction >= 1]
+    ref = round_reference(full if len(full) >= cfg.min_reference else measures, cfg)
+    loss = [judge_loss(m, cfg, ref, c.steps_fraction)
+            for m, c in zip(measures, contributions, strict=True)]
     if len(contributions) + len(previous) > 1:
         sim = similarity_flags(similarity([c.delta for c in contributions], shapes_of(theta),
                                           previous, cfg.block_elems), cfg)

@@ -194,6 +194,13 @@ def test_half_the_steps_the_loss_check_sees_less_gain_and_replication_catches_it
     half = _train(swarm.cfg, swarm.theta, [swarm.shards[0]], swarm.seeds[0], swarm.start, H // 2)
     m_half, m_full = swarm.measure(half, 0), swarm.measure(swarm.honest[0], 0)
     assert 0 < m_half.gain < 0.75 * m_full.gain
+    # the same delta reported honestly as H/2 steps (a lease cut by its time budget): measured
+    # on the steps it reports, judged against half the gain threshold, it passes
+    steps = V.check_steps(swarm.start, H // 2, K, 99)
+    lb = V.batches_at([swarm.shards[0]], TCFG.batch_size, TCFG.seq_len, swarm.seeds[0], steps)
+    cb = V.batches_at([swarm.shards[1]], TCFG.batch_size, TCFG.seq_len, swarm.seeds[0] + 1, steps)
+    assert V.loss_check(swarm.model, swarm.theta, half, lb, cb, CFG, swarm.reference(),
+                        steps_fraction=0.5).ok
     replica = _train(swarm.cfg, swarm.theta, [swarm.shards[0]], swarm.seeds[0], swarm.start, H)
     same = V.compare_replicas(swarm.honest[0], replica, CFG)
     assert same.ok and same.numbers["cosine"] > 0.9999
