@@ -596,7 +596,8 @@ class Coordinator:
                 log.info("round %d: gave up lease(s) %s, silent for %.0fs", rnd, silent,
                          LEASE_SILENCE_SECONDS)
             open_leases = self.ledger.leases_of_round(rnd, "open")
-            if n >= self.cfg.min_contributions and (now >= row["deadline"] or not open_leases):
+            everyone = not open_leases and not self._still_coming(rnd, now)
+            if n >= self.cfg.min_contributions and (now >= row["deadline"] or everyone):
                 self.close_round()
                 return True
             if now < row["deadline"]:
@@ -614,6 +615,17 @@ class Coordinator:
                         "has)", rnd, n, self.cfg.min_contributions, self.cfg.round_seconds,
                         done, self.cfg.max_extensions)
             return False
+
+    def _still_coming(self, rnd: int, now: float) -> set[int]:
+        """Overlapped runs: the volunteers that contributed to round `rnd` - 1, are still
+        around (a lease request in the last LEASE_SILENCE_SECONDS) and have no lease on round
+        `rnd` yet. A round opened with only the work sent ahead must not close before they
+        lease (with min_contributions 1 it would close at once, with one volunteer's work)."""
+        if not self.cfg.overlap or rnd == 0:
+            return set()
+        before = {r["volunteer_id"] for r in self.ledger.accepted(rnd - 1)}
+        leased = {r["volunteer_id"] for r in self.ledger.leases_of_round(rnd)}
+        return self.ledger.seen_since(before - leased, now - LEASE_SILENCE_SECONDS)
 
     def close_round(self) -> None:
         """Close the open round: aggregate its contributions, publish the update and the next

@@ -260,6 +260,15 @@ class Ledger:
                        "tokens_per_s = COALESCE(?, tokens_per_s) WHERE id = ?",
                        (time.time(), device, tokens_per_s, volunteer_id))
 
+    def seen_since(self, volunteer_ids: Iterable[int], since: float) -> set[int]:
+        """Those of `volunteer_ids` whose last request (a join or lease) came after `since`."""
+        ids = list(volunteer_ids)
+        if not ids:
+            return set()
+        rows = self._rows(f"SELECT id FROM volunteers WHERE last_seen > ? AND id IN "
+                          f"({','.join('?' * len(ids))})", (since, *ids))
+        return {r["id"] for r in rows}
+
     # ----------------------------------------------------------------- rounds
 
     def open_round(self, rnd: int, deadline: float) -> None:

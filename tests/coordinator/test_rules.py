@@ -199,8 +199,27 @@ def test_a_volunteer_that_sent_its_work_gets_a_lease_on_the_next_round_at_once(c
     coord.submit(b, lb_lease.lease_id, payload(lb_lease, coord.shapes, seed=3))
     assert coord.tick() and coord.round == 1
     assert len(coord.ledger.accepted(0)) == 2
-    assert coord.tick() and coord.round == 2  # round 1's only lease had already reported
-    assert coord.ledger.round_row(1)["contributions"] == 1
+    # round 1 opens with a's work in, but b (round 0's other contributor) has not leased yet:
+    # it must not close on a's work alone (min_contributions is 1)
+    assert not coord.tick() and coord.round == 1
+    lb1 = lease(coord, b)
+    assert lb1.round == 1 and not coord.tick()
+    coord.submit(b, lb1.lease_id, payload(lb1, coord.shapes, seed=9))
+    assert coord.tick() and coord.round == 2
+    assert coord.ledger.round_row(1)["contributions"] == 2
+
+
+def test_a_round_opened_with_work_sent_ahead_closes_without_who_went_silent(coord):
+    a, b = volunteer(coord, "a"), volunteer(coord, "b")
+    la, lb = lease(coord, a), lease(coord, b)
+    coord.submit(a, la.lease_id, payload(la, coord.shapes))
+    a1 = coord.lease(a, LeaseRequest(ahead=True)).lease
+    coord.submit(a, a1.lease_id, payload(a1, coord.shapes, seed=7))
+    coord.submit(b, lb.lease_id, payload(lb, coord.shapes, seed=3))
+    assert coord.tick() and coord.round == 1 and not coord.tick()  # b may still lease
+    with coord.ledger.tx() as db:  # b's last request was long ago: it left
+        db.execute("UPDATE volunteers SET last_seen = ? WHERE id = ?", (time.time() - 60, b.id))
+    assert coord.tick() and coord.round == 2
 
 
 def test_stop_and_wait_runs_and_workers_get_no_lease_ahead(tiny_run, tmp_path):
