@@ -31,7 +31,9 @@ worker, 1/K of the tokens), plain DiLoCo (fixed H, outer Nesterov 0.7/0.9, the d
 the issue) and the run's current defaults (`SwarmConfig()`: growing H, outer optimizer) at
 H = 30, 100, 300 on average (the same number of rounds, so the same bytes, for both), with
 held-out loss and bytes per worker, and the issue's targets checked. Each configuration runs
-in its own process, `--jobs` at a time (DDP alone first).
+in its own process, `--jobs` at a time (DDP alone first). `--conv-overlap F,...` adds the int8
+defaults with overlapped rounds (each round's update folded in after F x H of the next
+round's steps; bench/diloco_sim.py), side by side with the stop-and-wait rows.
 
     python bench/communication.py --part quality          # full: tiny, K=4, T=160 (~10 min)
     python bench/communication.py --part convergence      # full: ~40 min with --jobs 2
@@ -283,6 +285,9 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
             # a sparse run's own defaults: its outer optimizer and error-feedback decay
             sw = sparse_new if codec.startswith("sparse") else new
             recipes.append(recipe_of(f"{label} H={h}", sw, t, h, codec=codec))
+        for f in a.conv_overlap:  # overlapped rounds: int8 defaults, the update f of a round late
+            recipes.append(dataclasses.replace(
+                recipe_of(f"defaults, overlapped {f:g} H={h}", new, t, h), overlap_delay=f))
     for pair in a.conv_down:  # the published update's codec: UP:DOWN at --conv-down-h
         up, down = pair.split(":")
         recipes.append(recipe_of(f"defaults, {up} uploads, {down} updates H={a.conv_down_h}",
@@ -338,7 +343,7 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
                             f"{'met' if fewer >= 10_000 else 'MISSED'}); held-out {dq:+.2%} "
                             f"against int8's (target within 1%: "
                             f"{'met' if dq <= 0.01 else 'MISSED'})")
-        if r.name.startswith("defaults"):
+        if r.name.startswith("defaults") and r.overlap_delay is None:
             if r.name == "defaults H=100":
                 verdicts.append(f"H=100: {ratio:.3f} x DDP (target <= 1.03: "
                                 f"{'met' if ratio <= 1.03 else 'MISSED'}), "
@@ -348,6 +353,10 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
                 verdicts.append(f"{r.name} sends {fewer:,.0f}x fewer bytes than DDP: "
                                 f"{ratio:.3f} x DDP (target <= 1.05: "
                                 f"{'met' if ratio <= 1.05 else 'MISSED'})")
+        if r.overlap_delay is not None and ref:
+            dq = res["loss"] / ref["loss"] - 1
+            verdicts.append(f"{r.name}: held-out {dq:+.2%} against stop-and-wait's at the same "
+                            f"H (target within 1%: {'met' if dq <= 0.01 else 'MISSED'})")
     warm = recipe_of("", new, t, a.conv_h[0]).warm
     if warm:
         print(f"warm start (defaults): the owner trained {warm} steps x "
@@ -551,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-int4", type=int, default=100, metavar="H",
                    help="convergence: also the defaults with the int4 codec at this "
                         "H (0: not)")
+    p.add_argument("--conv-overlap", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[], metavar="F,...",
+                   help="convergence: also the int8 defaults with overlapped rounds at each H, "
+                        "a round's update folded in after F x H of the next round's steps "
+                        "(1: at the start of the round after; e.g. 0.5,1.0)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
     p.add_argument("--conv-reuse", action="store_true",
                    help="convergence: reuse DDP's and the lone worker's results of an earlier "
@@ -572,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         a.preset, a.workers, a.steps, a.h = "tiny", 2, 8, [2, 8]
         a.conv_steps, a.conv_h, a.conv_chars, a.conv_int4 = 10, [4], 300_000, 4
         a.conv_eval_tokens = 2048
+        a.conv_overlap = a.conv_overlap or [1.0]
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-comm-"))
     work.mkdir(parents=True, exist_ok=True)
     header("communication: DiLoCo vs DDP (gloo), and a round over a home uplink")

@@ -13,6 +13,12 @@ join; those steps come out of the same token budget and are reported separately)
 the wire's (int8, int4, fp16, fp32, sparse), measured against each other; the sparse codec's
 density and bits go with its name: sparse/0.01/2 (see `codec_options`).
 
+Rounds are stop-and-wait (every worker starts round r from theta_r) or, with `overlap_delay` f,
+overlapped as the volunteers run them (crowdtrain.volunteer.overlap, its `Anchors` here): a
+worker trains round r+1 on from its own parameters while round r closes, and folds theta_{r+1}
+in after round(f x H) of its steps (f = 1: at the start of round r+2); the coordinator's side
+is the same either way.
+
     python bench/diloco_sim.py RUN_DIR --workers 4 --steps 1500 --h 100 \
         --recipe plain:0.7:0.9 --recipe plain:1.0:0.0
 
@@ -36,6 +42,7 @@ from crowdtrain.run.folder import Run  # noqa: E402
 from crowdtrain.run.model import load_into, state_dict_for_save  # noqa: E402
 from crowdtrain.run.schedule import inner_steps_schedule  # noqa: E402
 from crowdtrain.run.train import InnerLoop, TrainConfig, evaluate  # noqa: E402
+from crowdtrain.volunteer.overlap import Anchors  # noqa: E402
 from crowdtrain.wire import codecs, sparse  # noqa: E402
 from crowdtrain.wire.outer import OuterConfig, apply_update, outer_step, weighted_mean  # noqa: E402
 
@@ -55,6 +62,10 @@ class Recipe:
     down: str = "int8"
     warm: int = 0
     ef_decay: float = 1.0  # the workers' error-feedback decay (sparse uploads; 1: plain EF)
+    # None: stop-and-wait (every round starts from theta_r); a fraction f in [0, 1]: overlapped
+    # rounds (crowdtrain.volunteer.overlap), round r's update reaches every worker after
+    # round(f * H) of round r+1's steps (f = 1: after the last, so folded at round r+2's start)
+    overlap_delay: float | None = None
 
     @property
     def steps(self) -> int:
@@ -127,19 +138,46 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
     lease = sent = received = worker_tokens = 0
     step0 = recipe.warm
     outer = OuterConfig(lr=recipe.outer_lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
-    for h in recipe.h:
+    overlap = recipe.overlap_delay
+    if overlap is not None and not 0 <= overlap <= 1:
+        raise ValueError(f"overlap_delay {overlap} is not a fraction in [0, 1]")
+    anchors: list[Anchors | None] = [None] * workers
+    thetas = {0: theta}  # theta of each round still to be folded in (overlapped)
+    for rnd, h in enumerate(recipe.h):
         deltas, weights = [], []
         for w, loop in enumerate(loops):
             shard = [shards[lease % len(shards)]]
             seed = run.config.seed * 1_000_003 + lease
             lease += 1
-            load_into(loop.model, theta)
+            fold = None
+            if overlap is None:
+                load_into(loop.model, theta)
+            elif rnd == 0:  # round 0 starts from theta_0, as stop-and-wait
+                load_into(loop.model, theta)
+                anchors[w] = Anchors(theta, 0, local=False)
+            else:  # ahead: from the worker's own parameters, theta_rnd folded in when it comes
+                before = anchors[w]
+                anchors[w] = Anchors({k: v.clone() for k, v in
+                                      state_dict_for_save(loop.model).items()}, rnd, local=True,
+                                     unfolded=before.unfolded if before else None)
+                arrives = round(overlap * h)  # theta_rnd comes after this many of its steps
+
+                def fold(done: int, w: int = w, rnd: int = rnd, arrives: int = arrives,
+                         thetas: dict = thetas) -> None:
+                    here = rnd if done >= arrives else rnd - 1  # the latest theta published
+                    ready = [r for r in anchors[w].unfolded if r <= here]
+                    if ready:  # the latest, as the worker (it holds every earlier round's work)
+                        anchors[w].fold(loops[w].model, thetas[max(ready)], max(ready))
             st = loop.run(lambda s, sh=shard, sd=seed: get_batch(sh, cfg.batch_size, cfg.seq_len,
-                                                                 sd, s), step0, h)
+                                                                 sd, s), step0, h,
+                          between_steps=fold)
             if w == 0:
                 worker_tokens += st.tokens
             params = state_dict_for_save(loop.model)
-            delta = {k: theta[k] - params[k] for k in theta}
+            if overlap is None:
+                delta = {k: theta[k] - params[k] for k in theta}
+            else:  # the lease's progress, against theta_rnd once folded, else its own start
+                delta = anchors[w].delta(params)
             if recipe.up != "fp32":
                 decay = recipe.ef_decay if recipe.up.startswith("sparse") else 1.0
                 delta = codecs.accumulate(delta, worker_residual[w], decay)
@@ -155,6 +193,10 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
         received += nbytes
         residual = {k: target[k] - applied[k] for k in target}
         theta = apply_update(theta, applied)
+        if overlap is not None:  # keep the thetas some worker may still fold in
+            thetas[rnd + 1] = theta
+            keep = min([min(a.unfolded, default=rnd + 1) for a in anchors if a] + [rnd + 1])
+            thetas = {r: t for r, t in thetas.items() if r >= keep}
     load_into(global_model, theta)
     loss = evaluate(global_model, run.val_windows(), torch.device("cpu"))
     return Result(recipe.name, loss, sent // workers, received, len(recipe.h), owner_tokens,
@@ -188,12 +230,15 @@ def main() -> None:
     ap.add_argument("--h", type=int, default=100, help="mean inner steps per round")
     ap.add_argument("--recipe", action="append", default=[],
                     metavar="NAME:LR:MOMENTUM[:GROWTH[:WARM[:CODEC[:DOWN[:DECAY]]]]]")
+    ap.add_argument("--overlap", type=float, default=None, metavar="F",
+                    help="overlapped rounds, each round's update folded in after F x H of the "
+                         "next round's steps (default: stop-and-wait)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     run = Run(a.run_dir)
     for spec in a.recipe or ["plain:0.7:0.9"]:
-        rec = parse_recipe(spec, a.steps, a.h)
+        rec = dataclasses.replace(parse_recipe(spec, a.steps, a.h), overlap_delay=a.overlap)
         res = simulate(run, a.workers, rec)
         print(f"{spec} K={a.workers} H={list(rec.h)}: held-out {res.loss:.4f}, sent "
               f"{res.sent / 1e6:.2f} MB/worker, received {res.received / 1e6:.2f} MB "
