@@ -35,27 +35,37 @@ independent checks use that, each cheap enough to run on every contribution or o
    Half the steps reported as all still shows most of the gain (the loss falls fastest in a
    lease's first steps): the loss check does not catch it reliably, replication does.
 
-2. Replication (`compare_replicas`, on a sample chosen by `Trust`). The same lease is given to
-   a second volunteer. Workers normally carry AdamW state and an error-feedback residual across
-   rounds, so the two copies would differ by that private state; a replicated lease therefore
-   starts FRESH on both copies: the round's parameters theta_r, new AdamW state (step 0), and a
-   zero residual, the delta sent in fp32 (or the run's codec applied to this delta alone), the
-   worker's own AdamW state and residual set aside for its next ordinary lease. Both copies train
-   all max_steps (no time cut: a copy that reports fewer steps is inconclusive, not a failure).
-   To keep the checked lease indistinguishable from others, the coordinator may mark a few more
-   leases fresh than it replicates. The two deltas then differ only by floating-point
-   nondeterminism (thread counts, BLAS kernels), measured in bench/verification_tolerance.py:
-   cosine and relative difference thresholds sit far outside that, and a half-steps delta (or
-   any other shortcut) sits far outside them the other way.
+2. Replication (`compare_replicas`, on a sample the trust policy draws). The same lease is
+   given to a second volunteer. Workers normally carry AdamW state and an error-feedback
+   residual across rounds, so the two copies would differ by that private state; a replicated
+   lease therefore starts FRESH on both copies: the round's parameters theta_r, new AdamW
+   state (step 0) and a zero residual; the delta is sent in the run's codec applied to this
+   delta alone, and what the codec leaves out is added to the worker's kept residual (error
+   feedback loses nothing); the worker's own AdamW state is set aside for its next ordinary
+   lease. Both copies train all max_steps (no time cut: a copy that reports fewer steps is
+   inconclusive, not a failure). To keep the checked lease indistinguishable from others, the
+   coordinator may mark a few more leases fresh than it replicates. The two deltas then differ
+   only by floating-point nondeterminism: measured (bench/results/verification.md), thread
+   counts change nothing on one CPU, the reduction order (micro-batches) ~1e-6 relative after
+   100 steps, bf16 autocast vs fp32 ~4e-2; the thresholds (cosine >= 0.98, relative
+   difference <= 0.2) sit 5x above that, and a half-steps delta (0.57-0.72) far outside.
 
 3. Similarity (`similarity`, every contribution). Exact replays are already refused by the
    coordinator's sha256 of stored contributions; a perturbed copy of another volunteer's delta
    of the same round, or a perturbed replay of an earlier delta (the volunteer's own, another's,
    or a published update), is found by cosine similarity, computed blockwise from DeltaSources
    (one Gram matrix, never a whole contribution in memory). Honest deltas of one round share a
-   common direction (cosine ~0.8 early in training), so the rule is relative too: flag a
+   common direction (median cosine ~0.75 early in training, ~0.36 later: measured), so the
+   rule is relative too: flag a
    contribution whose distance 1 - max cosine to any other is below `copy_distance_ratio` times
    the round's median pairwise distance (or whose max cosine is above `copy_max_cosine`).
+
+The round medians assume most of a round's contributions are honest; where they are not, the
+absolute tests (gain > 0, specificity > 0, cosine >= copy_max_cosine) still stand. With the
+sparse codec a contribution is the top ~1% of (delta + the worker's decayed residual), not
+this round's work alone: its loss check is weaker (small gains, compared only with the
+round's other sparse contributions); fresh (replicated) leases have no residual and compare
+as any codec's.
 
 Trust (`TrustState`, `replication_probability`, `should_replicate`): BOINC's adaptive
 replication. A new volunteer is replicated with probability `replicate_new`, decaying with its

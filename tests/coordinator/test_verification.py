@@ -159,6 +159,19 @@ def test_honest_contributions_pass_the_loss_check(swarm):
     assert all(torch.equal(sd[k], swarm.theta[k]) for k in sd)
 
 
+def test_the_loss_check_reads_a_payload_file(swarm, tmp_path):
+    """What the coordinator holds: an int8 payload file, read as a DeltaSource."""
+    p = tmp_path / "lease.safetensors"
+    p.write_bytes(codecs.to_bytes(swarm.honest[0], "int8"))
+    with open_payload(p, V.shapes_of(swarm.theta)) as src:
+        m = V.measure_losses(swarm.model, swarm.theta, src, swarm.lease_batches(0),
+                             swarm.control_batches(0))
+    dense = swarm.measure(swarm.honest[0], 0)
+    assert m.lease_before == dense.lease_before
+    assert m.gain == pytest.approx(dense.gain, abs=2e-3)
+    assert m.specificity == pytest.approx(dense.specificity, abs=2e-3)
+
+
 def test_noise_at_the_honest_norm_fails_the_loss_check(swarm):
     honest = swarm.honest[0]
     g = torch.Generator().manual_seed(1)
