@@ -285,9 +285,11 @@ def part_convergence(a: argparse.Namespace, work: Path) -> None:
             # a sparse run's own defaults: its outer optimizer and error-feedback decay
             sw = sparse_new if codec.startswith("sparse") else new
             recipes.append(recipe_of(f"{label} H={h}", sw, t, h, codec=codec))
-        for f in a.conv_overlap:  # overlapped rounds: int8 defaults, the update f of a round late
-            recipes.append(dataclasses.replace(
-                recipe_of(f"defaults, overlapped {f:g} H={h}", new, t, h), overlap_delay=f))
+        for spec in a.conv_overlap:  # overlapped rounds: int8 defaults, updates F of a round late
+            f, _, rule = spec.partition(":")
+            label = f"defaults, overlapped {float(f):g}" + (f" {rule}" if rule else "")
+            recipes.append(dataclasses.replace(recipe_of(f"{label} H={h}", new, t, h),
+                                               overlap_delay=float(f), overlap_rule=rule or "fold"))
     for pair in a.conv_down:  # the published update's codec: UP:DOWN at --conv-down-h
         up, down = pair.split(":")
         recipes.append(recipe_of(f"defaults, {up} uploads, {down} updates H={a.conv_down_h}",
@@ -560,11 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-int4", type=int, default=100, metavar="H",
                    help="convergence: also the defaults with the int4 codec at this "
                         "H (0: not)")
-    p.add_argument("--conv-overlap", type=lambda s: [float(x) for x in s.split(",")],
-                   default=[], metavar="F,...",
+    p.add_argument("--conv-overlap", type=lambda s: s.split(","), default=[],
+                   metavar="F[:eager],...",
                    help="convergence: also the int8 defaults with overlapped rounds at each H, "
                         "a round's update folded in after F x H of the next round's steps "
-                        "(1: at the start of the round after; e.g. 0.5,1.0)")
+                        "(1: at the start of the round after; e.g. 0.5,1.0); :eager, the "
+                        "simulator's eager variant (bench/diloco_sim.py Recipe.overlap_rule)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: configurations at a time")
     p.add_argument("--conv-reuse", action="store_true",
                    help="convergence: reuse DDP's and the lone worker's results of an earlier "
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         a.preset, a.workers, a.steps, a.h = "tiny", 2, 8, [2, 8]
         a.conv_steps, a.conv_h, a.conv_chars, a.conv_int4 = 10, [4], 300_000, 4
         a.conv_eval_tokens = 2048
-        a.conv_overlap = a.conv_overlap or [1.0]
+        a.conv_overlap = a.conv_overlap or ["1.0"]
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-comm-"))
     work.mkdir(parents=True, exist_ok=True)
     header("communication: DiLoCo vs DDP (gloo), and a round over a home uplink")

@@ -66,6 +66,11 @@ class Recipe:
     # rounds (crowdtrain.volunteer.overlap), round r's update reaches every worker after
     # round(f * H) of round r+1's steps (f = 1: after the last, so folded at round r+2's start)
     overlap_delay: float | None = None
+    # how an overlapped worker starts a round: "fold", the workers' rule (from its own
+    # parameters); "eager", a variant measured here only (Kale et al. 2025, eager updates): from
+    # its own estimate of theta_r, the outer step of theta_{r-1} on round r-2's mean with its
+    # own contribution of round r-1 in place of its round r-2 one; folded in the same way
+    overlap_rule: str = "fold"
 
     @property
     def steps(self) -> int:
@@ -141,6 +146,10 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
     overlap = recipe.overlap_delay
     if overlap is not None and not 0 <= overlap <= 1:
         raise ValueError(f"overlap_delay {overlap} is not a fraction in [0, 1]")
+    if recipe.overlap_rule not in ("fold", "eager"):
+        raise ValueError(f"unknown overlap_rule {recipe.overlap_rule!r}: fold or eager")
+    # eager: (theta, momentum before the close, contributions, weights) of the last two rounds
+    closes: dict[int, tuple[dict, dict | None, list, list]] = {}
     anchors: list[Anchors | None] = [None] * workers
     thetas = {0: theta}  # theta of each round still to be folded in (overlapped)
     for rnd, h in enumerate(recipe.h):
@@ -155,11 +164,20 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
             elif rnd == 0:  # round 0 starts from theta_0, as stop-and-wait
                 load_into(loop.model, theta)
                 anchors[w] = Anchors(theta, 0, local=False)
+            elif recipe.overlap_rule == "eager" and rnd >= 2:  # from its estimate of theta_rnd
+                th, mom, _, _ = closes[rnd - 1]
+                _, _, old, old_w = closes[rnd - 2]
+                own = [d for i, d in enumerate(old) if i != w] + [closes[rnd - 1][2][w]]
+                own_w = [x for i, x in enumerate(old_w) if i != w] + [closes[rnd - 1][3][w]]
+                guess = apply_update(th, outer_step(th, weighted_mean(own, own_w), mom, outer)[0])
+                load_into(loop.model, guess)
+                anchors[w] = Anchors(guess, rnd, local=True)  # theta_{rnd-1} is in it
             else:  # ahead: from the worker's own parameters, theta_rnd folded in when it comes
                 before = anchors[w]
                 anchors[w] = Anchors({k: v.clone() for k, v in
                                       state_dict_for_save(loop.model).items()}, rnd, local=True,
                                      unfolded=before.unfolded if before else None)
+            if overlap is not None and rnd >= 1:
                 arrives = round(overlap * h)  # theta_rnd comes after this many of its steps
 
                 def fold(done: int, w: int = w, rnd: int = rnd, arrives: int = arrives,
@@ -187,6 +205,9 @@ def simulate(run: Run, workers: int, recipe: Recipe) -> Result:
             deltas.append(got)
             weights.append(st.tokens)
         step0 += h
+        if recipe.overlap_rule == "eager":
+            closes = {r: c for r, c in closes.items() if r >= rnd - 1}
+            closes[rnd] = (theta, momentum, deltas, weights)
         update, momentum = outer_step(theta, weighted_mean(deltas, weights), momentum, outer)
         target = {k: update[k] + residual[k] for k in update}
         applied, nbytes = transmit(target, recipe.down, shapes)
@@ -233,12 +254,15 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=None, metavar="F",
                     help="overlapped rounds, each round's update folded in after F x H of the "
                          "next round's steps (default: stop-and-wait)")
+    ap.add_argument("--overlap-rule", choices=["fold", "eager"], default="fold",
+                    help="with --overlap: the workers' fold (default) or the eager variant")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     run = Run(a.run_dir)
     for spec in a.recipe or ["plain:0.7:0.9"]:
-        rec = dataclasses.replace(parse_recipe(spec, a.steps, a.h), overlap_delay=a.overlap)
+        rec = dataclasses.replace(parse_recipe(spec, a.steps, a.h), overlap_delay=a.overlap,
+                                  overlap_rule=a.overlap_rule)
         res = simulate(run, a.workers, rec)
         print(f"{spec} K={a.workers} H={list(rec.h)}: held-out {res.loss:.4f}, sent "
               f"{res.sent / 1e6:.2f} MB/worker, received {res.received / 1e6:.2f} MB "
