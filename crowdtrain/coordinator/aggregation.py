@@ -677,13 +677,20 @@ def _multipliers(mult: Sequence[float], device: torch.device) -> torch.Tensor | 
 def _times_gram(passes: _Passes, rows: list[int], scale: torch.Tensor | None,
                 a: list[float]) -> torch.Tensor:
     """One pass: G a = D (D^T a) with D = X - v0 (v0: `passes.out`, the start) over the
-    contributions `rows` (scaled by `scale`), summed over blocks in float64."""
+    contributions `rows` (scaled by `scale`), summed over blocks in float64. D is not formed:
+    u = D^T a = X^T a - (sum a) v0 and D u = X u - (v0 . u) 1, two matrix-vector products on
+    the block matrix as decoded. (Where X is close to v0 both lose digits to cancellation, but
+    only in proportion to |v0| / |D|, and the result v0 + D^T a multiplies that back by |D|:
+    its error stays ~eps |v0|.)"""
     coef = torch.tensor(a, dtype=torch.float32, device=passes.device)
+    total = math.fsum(a)
 
     def block(name: str, a_: int, b: int) -> _Block:
         x, _ = passes.matrix(rows, scale, name, a_, b)
-        d = x.sub_(passes.get(name, a_, b))  # this thread's matrix: free to write
-        return _Block(ga=torch.mv(d, torch.mv(d.t(), coef)).to(torch.float64))
+        v0 = passes.get(name, a_, b)
+        u = torch.mv(x.t(), coef).sub_(v0, alpha=total)
+        g = torch.mv(x, u).sub_(torch.dot(v0, u))
+        return _Block(ga=g.to(torch.float64))
 
     return passes.run(block).ga
 
