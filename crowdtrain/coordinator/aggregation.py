@@ -567,7 +567,8 @@ class _Passes:
 # Sparse payloads: a contribution sends ~1% of each chunk, so most columns of a block matrix
 # are all zero, and on such a column every method gives 0 (so does D = X - v0). The first
 # pass (`_support`) keeps the columns where someone sent a value, when they are at most
-# half, and runs the method on those alone; the cheap passes (G a, the last) do not bother.
+# half, and runs the method on those alone; the means and the cheap passes (G a, the last) do
+# not bother (one matrix-vector product costs less than finding the columns).
 
 
 def robust_aggregate(
@@ -714,7 +715,8 @@ def _combine(passes: _Passes, cfg: RobustConfig, rows: list[int], mult: list[flo
     scale = _multipliers(mult, passes.device)
 
     def block(name: str, a: int, b: int) -> _Block:
-        x, cols = passes.matrix(rows, scale, name, a, b, compact=True)
+        # (the means are one matrix-vector product: cheaper than finding the support)
+        x, cols = passes.matrix(rows, scale, name, a, b, compact=bool(k) or cc)
         length = x.shape[1]
         work, keep = passes.scratch(len(rows), length)
         res = _Block(sq=_sumsq(x) if norms else None)
