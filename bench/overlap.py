@@ -12,7 +12,9 @@ training time, as the issue asks.
 The same run is trained twice, overlapped (the run's default) and stop-and-wait
 (`init --no-overlap`), with the same volunteers, speeds, links, H and rounds. Reported per
 volunteer: its share of wall time spent training, over its steady window (from the end of its
-first lease's training to the end of its last: start-up and the final wait are left out), and
+`--skip`-th lease's training to the end of its last: start-up, the rounds before the
+coordinator has heard every speed, and the final wait are left out; from its first lease's end
+too), and
 its tokens per second against the plain loop at its speed (the same pause, alone on the
 machine); for the swarm: tokens per second against the sum of the plain loops', and the held-out
 loss at equal wall time (the coordinator's evaluation of the latest checkpoint published by
@@ -70,17 +72,21 @@ def stamp(text: str) -> float:
     return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def volunteer_figures(log: str, tokens_per_step: int) -> dict:
+def volunteer_figures(log: str, tokens_per_step: int, skip: int) -> dict:
     """From a worker's log: its leases' training ends and lengths -> the steady share and
-    rate (from the end of the first lease's training to the end of the last)."""
+    rate, from the end of its `skip`-th lease's training to the end of its last (the first
+    rounds are start-up: the model download, and rounds the coordinator cannot pace before
+    it has heard the volunteers' speeds); and the same over all its leases after the first."""
     ends = [(stamp(t), int(n), float(s)) for t, _, n, s in TRAINED.findall(log)]
-    if len(ends) < 2:
-        return {"share": float("nan"), "rate": float("nan"), "leases": len(ends)}
-    window = ends[-1][0] - ends[0][0]
-    train = sum(s for _, _, s in ends[1:])
-    steps = sum(n for _, n, _ in ends[1:])
+    if len(ends) < skip + 2:
+        return {"share": float("nan"), "rate": float("nan"), "share_all": float("nan"),
+                "leases": len(ends)}
+    window = ends[-1][0] - ends[skip - 1][0]
+    train = sum(s for _, _, s in ends[skip:])
+    steps = sum(n for _, n, _ in ends[skip:])
+    share_all = sum(s for _, _, s in ends[1:]) / (ends[-1][0] - ends[0][0])
     return {"share": train / window, "rate": steps * tokens_per_step / window,
-            "leases": len(ends), "steps": sum(n for _, n, _ in ends)}
+            "share_all": share_all, "leases": len(ends), "steps": sum(n for _, n, _ in ends)}
 
 
 def one_mode(mode: str, base: Run, work: Path, a: argparse.Namespace, h: int,
@@ -128,7 +134,7 @@ def one_mode(mode: str, base: Run, work: Path, a: argparse.Namespace, h: int,
     tps = cfg.batch_size * cfg.seq_len
     return {"mode": mode, "wall": time.time() - t0, "span": last, "curve": curve,
             "tokens": tokens, "refused": refused, "late": late,
-            "volunteers": {n: volunteer_figures(logs[n], tps) for n in names}}
+            "volunteers": {n: volunteer_figures(logs[n], tps, a.skip) for n in names}}
 
 
 def loss_at(curve: list[tuple[float, float]], t: float) -> float:
@@ -142,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--speeds", default="1,1,0.5,0.25",
                    type=lambda s: [float(x) for x in s.split(",")])
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--skip", type=int, default=2,
+                   help="leases of each volunteer left out of its steady window")
     p.add_argument("--round-compute", type=float, default=20.0,
                    help="seconds of compute a round takes a speed-1 volunteer (sets H)")
     p.add_argument("--duty", type=float, default=0.5,
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
-        a.preset, a.speeds, a.rounds, a.round_compute = "tiny", [1.0, 0.5], 3, 1.5
+        a.preset, a.speeds, a.rounds, a.round_compute, a.skip = "tiny", [1.0, 0.5], 4, 1.5, 1
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-overlap-"))
     header(f"overlapped rounds vs stop-and-wait, uneven volunteers ({a.preset}, speeds "
            f"{','.join(f'{s:g}' for s in a.speeds)}, {a.up_mbit:g}/{a.down_mbit:g} Mbit/s, "
@@ -176,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [one_mode(m, base, work, a, h, pauses) for m in a.modes.split(",")]
     t_eq = min(r["span"] for r in results)
     plain_sum = sum(plain[s] for s in a.speeds)
-    print("\n| mode | volunteer (speed) | share of wall time training | tokens/s | / plain "
-          "loop at its speed |\n|---|---|---|---|---|")
+    print(f"\n| mode | volunteer (speed) | share of wall time training, leases {a.skip + 1}.. | "
+          "from lease 2 | tokens/s | / plain loop at its speed |\n|---|---|---|---|---|---|")
     for r in results:
         for (name, f), s in zip(r["volunteers"].items(), a.speeds, strict=True):
-            print(f"| {r['mode']} | {name} ({s:g}) | {f['share']:.3f} | {f['rate']:,.0f} | "
-                  f"{f['rate'] / plain[s]:.3f} |")
+            print(f"| {r['mode']} | {name} ({s:g}) | {f['share']:.3f} | {f['share_all']:.3f} | "
+                  f"{f['rate']:,.0f} | {f['rate'] / plain[s]:.3f} |")
     print(f"\n| mode | swarm tokens/s (accepted / span) | / sum of plain loops | held-out at "
           f"{t_eq:.0f} s | final held-out | span | late / refused |\n|---|---|---|---|---|---|---|")
     for r in results:

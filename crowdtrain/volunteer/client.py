@@ -197,6 +197,8 @@ class Heartbeat:
     def __init__(self, client: Client, lease_id: int,
                  every: float = protocol.HEARTBEAT_SECONDS) -> None:
         self.path = protocol.ALIVE.format(lease_id=lease_id)
+        # `every` may change while it runs: a lease trained ahead beats every
+        # protocol.HEARTBEAT_AHEAD_SECONDS until the update it waits for is published
         self.every, self.step, self.closed = every, 0, False
         self.open_round: int | None = None  # the coordinator's open round, as last heard
         self._headers = {**client.http.headers, **client.auth()}

@@ -438,6 +438,7 @@ class Worker:
             log.info("round %d: training ahead from this worker's own parameters; the "
                      "parameters of round %d are folded in when they are published",
                      lease.round, lease.round)
+            beat.every = protocol.HEARTBEAT_AHEAD_SECONDS  # to hear of the close soon
             return self._pending_theta(lease, beat)
         self._sync(lease.round)
         if self.theta_round != lease.round:
@@ -487,6 +488,8 @@ class Worker:
                 log.info("round %d: folded in the update of round %d after step %d of the "
                          "lease", lease.round, rnd - 1, done + steps)
                 pending = self._pending_theta(lease, beat) if self.anchor.local else None
+                if pending is None:
+                    beat.every = protocol.HEARTBEAT_SECONDS
 
             snaps = None if self.ranks is not None else RoundSnapshots(
                 self.folder.in_progress, lease, self.theta_round, self._train_state, before)

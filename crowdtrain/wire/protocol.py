@@ -48,6 +48,7 @@ ARTIFACTS = "/v1/artifacts"
 LEASE = "/v1/lease"
 ALIVE = "/v1/lease/{lease_id}/alive"
 HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_AHEAD_SECONDS = 1.0  # while a lease trained ahead waits for its round to open
 LEASE_SILENCE_SECONDS = 20.0
 SUBMIT = "/v1/submit/{lease_id}"
 STATUS = "/v1/status"
