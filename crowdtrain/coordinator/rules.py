@@ -583,38 +583,45 @@ class Coordinator:
     # ------------------------------------------------------------------ closing rounds
 
     def tick(self) -> bool:
-        """Close the open round if it is due; returns whether a round closed."""
+        """Close the open round if it is due; returns whether a round closed. The decision is
+        taken under the lock, the close itself (`close_round`) runs without it."""
         with self.lock:
             if self.finished or self.closing is not None:
                 return False
             rnd = self.round
-            row = self.ledger.round_row(rnd)
-            n = len(self.ledger.accepted(rnd))
-            now = time.time()
-            silent = self.ledger.expire_silent_leases(rnd, now - LEASE_SILENCE_SECONDS)
-            if silent:  # their workers died or lost the network: close without them
-                log.info("round %d: gave up lease(s) %s, silent for %.0fs", rnd, silent,
-                         LEASE_SILENCE_SECONDS)
-            open_leases = self.ledger.leases_of_round(rnd, "open")
-            everyone = not open_leases and not self._still_coming(rnd, now)
-            if n >= self.cfg.min_contributions and (now >= row["deadline"] or everyone):
-                self.close_round()
-                return True
-            if now < row["deadline"]:
+            if not self._due(rnd):
                 return False
-            if row["extensions"] >= self.cfg.max_extensions:  # no round waits for ever
-                log.warning("round %d: %d of %d contributions needed after %d extension(s) of "
-                            "its deadline; closing with what it has%s", rnd, n,
-                            self.cfg.min_contributions, row["extensions"],
-                            "" if n else " (nothing: the model stays as it is)")
-                self.close_round()
-                return True
-            done = self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
-            log.warning("round %d reached its deadline with %d of %d contributions needed; "
-                        "extended by %.0fs (%d of %d extensions; then it closes with what it "
-                        "has)", rnd, n, self.cfg.min_contributions, self.cfg.round_seconds,
-                        done, self.cfg.max_extensions)
+        self.close_round(rnd)
+        return True
+
+    def _due(self, rnd: int) -> bool:
+        """Whether round `rnd` (open) closes now; extends its deadline when it is short of
+        contributions (at most max_extensions times). Called under the lock."""
+        row = self.ledger.round_row(rnd)
+        n = len(self.ledger.accepted(rnd))
+        now = time.time()
+        silent = self.ledger.expire_silent_leases(rnd, now - LEASE_SILENCE_SECONDS)
+        if silent:  # their workers died or lost the network: close without them
+            log.info("round %d: gave up lease(s) %s, silent for %.0fs", rnd, silent,
+                     LEASE_SILENCE_SECONDS)
+        open_leases = self.ledger.leases_of_round(rnd, "open")
+        everyone = not open_leases and not self._still_coming(rnd, now)
+        if n >= self.cfg.min_contributions and (now >= row["deadline"] or everyone):
+            return True
+        if now < row["deadline"]:
             return False
+        if row["extensions"] >= self.cfg.max_extensions:  # no round waits for ever
+            log.warning("round %d: %d of %d contributions needed after %d extension(s) of "
+                        "its deadline; closing with what it has%s", rnd, n,
+                        self.cfg.min_contributions, row["extensions"],
+                        "" if n else " (nothing: the model stays as it is)")
+            return True
+        done = self.ledger.extend_round(rnd, now + self.cfg.round_seconds)
+        log.warning("round %d reached its deadline with %d of %d contributions needed; "
+                    "extended by %.0fs (%d of %d extensions; then it closes with what it "
+                    "has)", rnd, n, self.cfg.min_contributions, self.cfg.round_seconds,
+                    done, self.cfg.max_extensions)
+        return False
 
     def _still_coming(self, rnd: int, now: float) -> set[int]:
         """Overlapped runs: the volunteers that contributed to round `rnd` - 1, are still
@@ -627,16 +634,17 @@ class Coordinator:
         leased = {r["volunteer_id"] for r in self.ledger.leases_of_round(rnd)}
         return self.ledger.seen_since(before - leased, now - LEASE_SILENCE_SECONDS)
 
-    def close_round(self) -> None:
-        """Close the open round: aggregate its contributions, publish the update and the next
-        checkpoint, open the next round. The aggregation and the files are made without the
-        lock (`closing` names the round meanwhile), so no join, lease, heartbeat, submit or
-        status request waits for them: leases are told to wait a moment, and a contribution
-        to the closing round is refused as stale (blameless), as it would be a moment later.
-        The ledger records the close last, so a crash at any point recovers as before."""
+    def close_round(self, rnd: int | None = None) -> None:
+        """Close the open round (if it is still `rnd`, when given): aggregate its
+        contributions, publish the update and the next checkpoint, open the next round. The
+        aggregation and the files are made without the lock (`closing` names the round
+        meanwhile), so no join, lease, heartbeat, submit or status request waits for them:
+        leases are told to wait a moment (or, to who sent its work, given ahead), and a
+        contribution to the closing round goes into the next one (`_round_for`). The ledger
+        records the close last, so a crash at any point recovers as before."""
         with self.lock:
-            if self.closing is not None:  # another thread is closing it
-                return
+            if self.closing is not None or rnd not in (None, self.round):
+                return  # another thread is closing it, or has closed it
             rnd = self.round
             self.closing = rnd
             rows = self.ledger.accepted(rnd)

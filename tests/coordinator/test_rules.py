@@ -667,10 +667,11 @@ def test_a_round_short_of_contributions_closes_after_its_extensions_unchanged(ti
 
 
 def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
-    """While a round's contributions are merged (held here at the start of the aggregation
-    until the test releases it), leases, heartbeats, status and the artifacts answer at once;
-    a contribution to the closing round goes into the next round at the stale weight, and the
-    round then closes with exactly the contributions it had."""
+    """While a round's contributions are merged (the close started by a tick, as the server's
+    ticker does, held here at the start of the aggregation until the test releases it),
+    leases, heartbeats, status and the artifacts answer at once; a contribution to the
+    closing round goes into the next round at the stale weight, and the round then closes
+    with exactly the contributions it had."""
     import threading
 
     entered, release = threading.Event(), threading.Event()
@@ -688,7 +689,8 @@ def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
         la, lb, ll = lease(c, a), lease(c, b), lease(c, late)
         c.submit(a, la.lease_id, payload(la, c.shapes, seed=1))
         c.submit(b, lb.lease_id, payload(lb, c.shapes, seed=2))
-        closer = threading.Thread(target=c.close_round)
+        c.ledger.extend_round(0, time.time() - 1)  # due: the server's ticker closes it
+        closer = threading.Thread(target=c.tick)
         closer.start()
         assert entered.wait(30)
         # the aggregation is held: every request below would hang if it took the close's lock
