@@ -405,10 +405,11 @@ def _centered_clip_coefficients(diag: torch.Tensor, times_g: Callable[[list[floa
 
 def gram_by_passes(n: int, iters: int) -> bool:
     """Whether centered clipping over n contributions gets G a by a pass over the blocks for
-    each of its iters - 1 products (decode, D = X - v0, two matrix-vector products: ~0.7 ns
-    a value at n = 100) rather than by the Gram matrix in the first pass (n multiply-adds a
-    value: ~2.2 ns at n = 100, 0.36 at n = 8). Measured crossover (one thread, 2**15 blocks,
-    int8 payloads): see BENCHMARKS.md, "Aggregation speed"."""
+    each of its iters - 1 products (decode, two matrix-vector products: ~0.75 ns a value at
+    n = 100) rather than by the Gram matrix in the first pass (n multiply-adds a value: ~2.2
+    ns at n = 100, 0.36 at n = 8). Measured (one thread, int8 payloads, 3 iterations: 7.00
+    against 7.74 ns a value at n = 100, 6.24 against 6.18 at 64, idle; equal at load 7):
+    bench/results/aggregation.md, section 0.2."""
     return n >= PASSES_FROM * max(iters - 1, 1)
 
 
