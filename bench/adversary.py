@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crowdtrain.volunteer.worker import Worker, WorkerConfig  # noqa: E402
+from crowdtrain.volunteer.config import WorkerConfig  # noqa: E402
+from crowdtrain.volunteer.worker import Worker  # noqa: E402
 from crowdtrain.wire import codecs, protocol  # noqa: E402
 
 ATTACKS = ("scaled_x100", "noise", "sign_flip", "alie", "liar", "nan")

@@ -269,7 +269,8 @@ def run_instrumented_worker(url: str, home: Path, name: str, max_rounds: int,
     `max_rounds` rounds, timing each of its phases by wrapping its methods (no change to its
     behaviour). Stop-and-wait (`--no-overlap`), whose phases follow one another: overlapped
     rounds are measured by bench/overlap.py."""
-    from crowdtrain.volunteer.worker import Worker, WorkerConfig
+    from crowdtrain.volunteer.config import WorkerConfig
+    from crowdtrain.volunteer.worker import Worker
     from crowdtrain.wire import protocol
 
     t = WorkerTimes()

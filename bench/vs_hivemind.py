@@ -319,7 +319,8 @@ def crowdtrain_peer(url: str, home: str, name: str, seconds: float, out: str) ->
     `optimizer.step`); it leaves after the round in progress at t0 + seconds."""
     import torch
 
-    from crowdtrain.volunteer.worker import Worker, WorkerConfig
+    from crowdtrain.volunteer.config import WorkerConfig
+    from crowdtrain.volunteer.worker import Worker
 
     torch.set_num_threads(1)
     w = Worker(WorkerConfig(url=url, name=name, threads=1, home=Path(home), progress=False,

@@ -232,8 +232,8 @@ def protocol_path(name: str) -> str:
 
 @command
 def cmd_join(a: argparse.Namespace) -> int:
+    from crowdtrain.volunteer.config import WorkerConfig
     from crowdtrain.volunteer.launch import run_worker
-    from crowdtrain.volunteer.worker import WorkerConfig
 
     s = run_worker(options.build(a, WorkerConfig, url=a.url, progress=not a.quiet))
     if s.reason.startswith("rank "):  # a torchrun rank other than 0: rank 0 reports

@@ -228,7 +228,7 @@ def _add_join(sub) -> None:
     s.add_argument("url", metavar="URL", help="coordinator address, e.g. http://host:8470")
     s.add_argument("-q", "--quiet", **QUIET)
     s.add_settings(s.add_argument_group("the volunteer"),
-                   "crowdtrain.volunteer.worker:WorkerConfig")
+                   "crowdtrain.volunteer.config:WorkerConfig")
 
 
 def _add_status(sub) -> None:

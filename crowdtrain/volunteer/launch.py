@@ -11,7 +11,9 @@ import socket
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.volunteer import ranks as rk
-from crowdtrain.volunteer.worker import Worker, WorkerConfig, WorkerSummary, follow
+from crowdtrain.volunteer.config import WorkerConfig, WorkerSummary
+from crowdtrain.volunteer.follower import follow
+from crowdtrain.volunteer.worker import Worker
 
 
 def run_worker(cfg: WorkerConfig) -> WorkerSummary:

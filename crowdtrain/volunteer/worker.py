@@ -23,13 +23,11 @@ Outbound HTTP(S) only: works behind any NAT, on any OS.
 
 from __future__ import annotations
 
-import functools
 import logging
 import platform
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +46,8 @@ from crowdtrain.run.model import (
 )
 from crowdtrain.run.train import InnerLoop, StepStats, Teacher, TrainConfig, pick_device
 from crowdtrain.volunteer.client import Client, CoordinatorRefused, Heartbeat
-from crowdtrain.volunteer.files import BackgroundSaves, LocalState, user_home
+from crowdtrain.volunteer.config import WorkerConfig, WorkerSummary
+from crowdtrain.volunteer.files import BackgroundSaves, LocalState
 from crowdtrain.volunteer.overlap import Anchors, PendingTheta, Uploader
 from crowdtrain.volunteer.progress import RoundProgress
 from crowdtrain.volunteer.ranks import Ranks
@@ -61,87 +60,7 @@ log = logging.getLogger(__name__)
 MAX_UPDATES_TO_REPLAY = 20
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    """A volunteer's settings; the fields with a "help" are `crowdtrain join` options
-    (crowdtrain.cli.options)."""
-
-    url: str
-    name: str | None = field(default=None, metadata={
-        "help": "display name on the leaderboard", "default_help": "volunteer-HOST"})
-    invite: str | None = field(default=None, metadata={
-        "metavar": "KEY", "help": "invite key, for an invite-only run"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads", "default_help": "all cores"})
-    max_rounds: int | None = field(default=None, metadata={
-        "help": "leave after this many rounds"})
-    max_hours: float | None = field(default=None, metadata={
-        "help": "leave after this many hours"})
-    max_memory: float | None = field(default=None, metadata={
-        "metavar": "FRACTION", "help": "cap on the GPU memory fraction this worker may use"})
-    home: Path = field(default_factory=user_home)
-    error_feedback: bool = field(default=True, metadata={
-        "help": "carry the codec's rounding errors over to the next round"})
-    retry_for: float = 600.0
-    progress: bool = True
-    # processes (ranks) of this one volunteer: see crowdtrain.volunteer.ranks
-    nproc: int = field(default=1, metadata={
-        "metavar": "N", "help": "train as N processes of one volunteer (one per GPU, or CPU "
-        "cores): DDP inside the worker, rank 0 talks to the coordinator; the same as "
-        "`torchrun --nproc-per-node N -m crowdtrain.volunteer.worker URL`"})
-    anonymous: bool = field(default=False, metadata={  # in published provenance
-        "help": "appear as 'anonymous' in the published model card and provenance (decided "
-                "when this machine first joins the run)"})
-    overlap: bool = field(default=True, metadata={
-        "help": "train the next round while this round's work uploads and the round closes, "
-                "where the run allows it (one process only); --no-overlap: stop and wait"})
-    step_pause: float = field(default=0.0, metadata={
-        "metavar": "SECONDS", "help": "pause after every inner step, to leave this machine "
-                                      "room for other work (a CPU throttle)"})
-    compile: bool = field(default=False, metadata={
-        "help": "torch.compile the model (inductor; faster steps on most GPUs, a minute of "
-                "compiling first; needs a C++ compiler on CPU)"})
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise CrowdtrainError(f"coordinator URL must start with http:// or https://, "
-                                  f"got {self.url!r}")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise CrowdtrainError("--max-rounds must be at least 1")
-        if self.max_hours is not None and self.max_hours <= 0:
-            raise CrowdtrainError("--max-hours must be positive")
-        if self.max_memory is not None and not 0 < self.max_memory <= 1:
-            raise CrowdtrainError("--max-memory is a fraction of GPU memory in (0, 1]")
-        if self.threads is not None and self.threads < 1:
-            raise CrowdtrainError("--threads must be at least 1")
-        if self.nproc < 1:
-            raise CrowdtrainError("--nproc must be at least 1")
-        if not 0 <= self.step_pause <= 60:
-            raise CrowdtrainError("--step-pause is 0 to 60 seconds")
-
-
 # ---------------------------------------------------------------------- the worker
-
-
-@dataclass
-class WorkerSummary:
-    rounds: int = 0
-    accepted: int = 0
-    refused: int = 0
-    tokens: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    last_round: int | None = None
-    reason: str = ""
-    train_seconds: float = 0.0  # inside the inner loop (step pauses included)
-    wall_seconds: float = 0.0
-
-    @property
-    def train_share(self) -> float:
-        """The share of its time this worker spent training."""
-        return self.train_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
 class Worker:
@@ -666,47 +585,3 @@ def codec_options(schedule: protocol.SwarmSchedule) -> dict[str, int]:
         raise CrowdtrainError(f"the coordinator's sparse codec settings are not usable ({e}); "
                               "tell the run's owner") from None
     return opts
-
-
-def _batch(shards: list[np.ndarray], masks: list[np.ndarray] | None, tcfg: TrainConfig,
-           seed: int, step: int):
-    return get_batch(shards, tcfg.batch_size, tcfg.seq_len, seed, step, masks)
-
-
-def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
-    """Ranks 1..N-1 of a volunteer: train what rank 0 hands over, until it says exit."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    info = protocol.RunInfo.model_validate(ranks.bcast_json())
-    tcfg = TrainConfig(**info.train)
-    if info.lora is None:
-        model = build_model(config_from_dict(info.model_config_json))
-    else:  # rank 0 names the base weights it cached (and checked)
-        from crowdtrain.run.lora import LoraSettings, build_lora_model, load_base
-
-        base = load_base(ranks.bcast_json()["base"], info.base_sha256 or "")
-        model = build_lora_model(config_from_dict(info.model_config_json),
-                                 LoraSettings(**info.lora), base)
-    shapes = {k: tuple(v.shape) for k, v in state_dict_for_save(model).items()}
-    teacher = None
-    if info.teacher is not None:  # rank 0 names the teacher weights it cached (and checked)
-        t = info.teacher
-        teacher = Teacher(load_frozen(t.config_json, Path(ranks.bcast_json()["teacher"]),
-                                      t.sha256), t.alpha, t.temperature)
-    loop = InnerLoop(model, tcfg, ranks.device, ranks=ranks.world, rank=ranks.rank,
-                     compile_backend="inductor" if cfg.compile else None, teacher=teacher)
-    rounds = 0
-    while True:
-        msg = ranks.bcast_json()
-        if msg["cmd"] == "exit":
-            return WorkerSummary(rounds=rounds, reason=f"rank {ranks.rank} of {ranks.world}")
-        lease = protocol.Lease.model_validate(msg["lease"])
-        load_into(model, ranks.bcast_tensors(None, shapes))
-        if msg["optimizer"]:
-            loop.load_optimizer_tensors(ranks.bcast_tensors(None, msg["optimizer"]))
-        shards = [np.fromfile(p, dtype=info.dtype) for p in msg["shards"]]
-        masks = [np.fromfile(p, dtype=np.uint8) for p in msg["masks"]] \
-            if msg.get("masks") else None
-        loop.run(functools.partial(_batch, shards, masks, tcfg, lease.seed), lease.start_step,
-                 lease.max_steps)
-        rounds += 1

@@ -22,7 +22,7 @@ from crowdtrain.run.data import DataConfig
 from crowdtrain.run.folder import RunConfig, SwarmConfig, TeacherSettings
 from crowdtrain.run.lora import LoraSettings
 from crowdtrain.run.train import TrainConfig
-from crowdtrain.volunteer.worker import WorkerConfig
+from crowdtrain.volunteer.config import WorkerConfig
 
 # the config dataclasses whose settings are options of a subcommand, with their flags' prefix
 SETTINGS: dict[str, dict[type, str]] = {
