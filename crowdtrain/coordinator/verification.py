@@ -58,7 +58,9 @@ independent checks use that, each cheap enough to run on every contribution or o
    common direction (median cosine ~0.75 early in training, ~0.36 later: measured), so the
    rule is relative too: flag a
    contribution whose distance 1 - max cosine to any other is below `copy_distance_ratio` times
-   the round's median pairwise distance (or whose max cosine is above `copy_max_cosine`).
+   the round's median pairwise distance (or whose max cosine is above `copy_max_cosine`). The
+   median is taken over the contributions that passed the loss check: a round's noise is
+   near-orthogonal to everything and would drag it down.
 
 The round medians assume most of a round's contributions are honest; where they are not, the
 absolute tests (gain > 0, specificity > 0, cosine >= copy_max_cosine) still stand. With the
@@ -425,11 +427,20 @@ class Similarity:
 
 
 def similarity(current: Sequence[Delta], shapes: Shapes, previous: Sequence[Delta] = (),
-               block_elems: int = 1 << 20) -> Similarity:
+               block_elems: int = 1 << 20,
+               reference: Sequence[bool] | None = None) -> Similarity:
     """Cosine similarities of this round's contributions with each other and with `previous`
     deltas (the volunteers' earlier contributions, published updates), from one blockwise
-    Gram matrix. Cost: one read of every source, (n + m)^2 multiply-adds per value."""
+    Gram matrix. Cost: one read of every source, (n + m)^2 multiply-adds per value.
+    `reference`: which of `current` the medians are taken over (default all). A round's
+    noise is near-orthogonal to everything, so its pairs would drag the median cosine down
+    and make honest pairs look like copies: `check_round` takes the medians over the
+    contributions that passed the loss check (measured: a round of 3 honest + 1 noise had a
+    median of 0.33 over all pairs while its honest pairs were at ~0.8)."""
     n = len(current)
+    use = list(reference) if reference is not None else [True] * n
+    if len(use) != n:
+        raise ValueError("`reference` needs one flag per current contribution")
     cos = _cosines(gram([*current, *previous], shapes, block_elems))
     best, which = [], []
     for i in range(n):
@@ -438,8 +449,8 @@ def similarity(current: Sequence[Delta], shapes: Shapes, previous: Sequence[Delt
         j = int(row.argmax()) if row.numel() > 1 else i
         best.append(float(row[j]) if row.numel() > 1 else float("nan"))
         which.append(j)
-    pairs = [float(cos[i, j]) for i in range(n) for j in range(i + 1, n)]
-    cross = [float(cos[i, j]) for i in range(n) for j in range(n, cos.size(0))]
+    pairs = [float(cos[i, j]) for i in range(n) for j in range(i + 1, n) if use[i] and use[j]]
+    cross = [float(cos[i, j]) for i in range(n) for j in range(n, cos.size(0)) if use[i]]
     return Similarity(best, which, statistics.median(pairs) if pairs else float("nan"),
                       statistics.median(cross) if cross else float("nan"))
 
@@ -553,8 +564,12 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
     loss = [judge_loss(m, cfg, ref, c.steps_fraction)
             for m, c in zip(measures, contributions, strict=True)]
     if len(contributions) + len(previous) > 1:
+        # the medians over the contributions that passed the loss check (all of them when
+        # fewer than two did): noise must not make honest pairs look alike
+        passed = [v.ok for v in loss]
         sim = similarity_flags(similarity([c.delta for c in contributions], shapes_of(theta),
-                                          previous, cfg.block_elems), cfg)
+                                          previous, cfg.block_elems,
+                                          passed if sum(passed) >= 2 else None), cfg)
     else:
         sim = [Verdict(True) for _ in contributions]
     out = []

@@ -313,6 +313,26 @@ def test_check_round_gives_one_verdict_per_contribution(swarm):
     assert "sim_max_cosine" in verdicts[5].numbers and "cosine" in verdicts[5].reason
 
 
+def test_noise_does_not_make_honest_pairs_look_like_copies():
+    """Measured in a real swarm (tests/e2e/test_freeloader.py): 3 honest contributions at
+    cosine ~0.8 with each other and a noise one at ~0 with all; over all pairs the median is
+    ~0.4 and the honest pairs would be flagged. The medians over the contributions that pass
+    the loss check (`reference`, as check_round takes them) leave them alone."""
+    g = torch.Generator().manual_seed(0)
+    common, dim = torch.randn(4000, generator=g), 4000
+    honest = [{"w": common + 0.5 * torch.randn(dim, generator=g)} for _ in range(3)]
+    noise = {"w": torch.randn(dim, generator=g) * float(common.norm()) / dim ** 0.5}
+    deltas, shapes = [*honest, noise], {"w": (dim,)}
+    everything = V.similarity(deltas, shapes)
+    assert everything.median_round < 0.5 and \
+        not all(v.ok for v in V.similarity_flags(everything)[:3])
+    passed = V.similarity(deltas, shapes, reference=[True, True, True, False])
+    assert passed.median_round > 0.7
+    assert [v.ok for v in V.similarity_flags(passed)] == [True, True, True, True]
+    with pytest.raises(ValueError, match="one flag per"):
+        V.similarity(deltas, shapes, reference=[True])
+
+
 # ---------------------------------------------------------------------------- trust
 
 
