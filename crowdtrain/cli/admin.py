@@ -64,9 +64,13 @@ def run_admin(target: str, action: str, who: str | None = None,
     out = _remote(target, action, who, token) if remote else _local(target, action, who)
     if action != "list":
         return out["message"]
+    # trust: the verification's record, current streak of valid contributions / failures
     lines = [f"{'id':>4}  {'name':<24} {'device':<8} {'tokens':>12} {'accepted':>8} "
-             f"{'refused':>7}  banned"]
+             f"{'refused':>7} {'left out':>8} {'trust':>9}  banned"]
     for v in out:
+        trust = f"{v.get('trust_streak', 0)}/{v.get('trust_failures', 0)}"
         lines.append(f"{v['id']:>4}  {v['name']:<24} {v['device'] or '-':<8} {v['tokens']:>12,} "
-                     f"{v['accepted']:>8} {v['refused']:>7}  {'yes' if v['banned'] else ''}")
+                     f"{v['accepted']:>8} {v['refused']:>7} {v.get('left_out', 0):>8} "
+                     f"{trust:>9}  {'yes' if v['banned'] else ''}")
+    lines.append("trust: streak of valid contributions / failed checks")
     return "\n".join(lines)

@@ -35,7 +35,10 @@ def volunteers(ledger: Ledger) -> list[AdminVolunteer]:
     return [AdminVolunteer(id=v["id"], name=v["name"], banned=bool(v["banned"]),
                            device=v["device"], last_seen=v["last_seen"],
                            tokens=int(v["credit_tokens"]), accepted=v["accepted"],
-                           refused=v["refused"]) for v in ledger.volunteers()]
+                           refused=v["refused"], left_out=v["left_out"],
+                           provisional=v["provisional"], trust_streak=v["trust_streak"],
+                           trust_valid=v["trust_valid"], trust_failures=v["trust_failures"])
+            for v in ledger.volunteers()]
 
 
 def set_banned(ledger: Ledger, who: str, banned: bool) -> AdminAck:

@@ -2,7 +2,7 @@
 to take part: model, schedule, shards, LoRA base, teacher) from the run directory, and the
 public status (`GET /v1/status`: the dashboard, `/metrics` and `crowdtrain status` read it)
 from the ledger: rounds, volunteers (by display name, or "anonymous"), the latest refusals and
-the open round's deadline."""
+contributions left out (with their reasons) and the open round's deadline."""
 
 from __future__ import annotations
 
@@ -78,10 +78,14 @@ def run_status(ledger: Ledger, *, run_name: str, round: int, finished: bool, par
         name="anonymous" if v["anonymous"] else v["name"], device=v["device"],
         last_seen=v["last_seen"], rounds=v["rounds"],
         tokens=int(v["credit_tokens"]), accepted=v["accepted"], refused=v["refused"],
-        tokens_per_s=v["tokens_per_s"]) for v in ledger.volunteers()]
+        tokens_per_s=v["tokens_per_s"], left_out=v["left_out"],
+        provisional=v["provisional"]) for v in ledger.volunteers()]
     first = ledger.round_row(0)
-    refusals = [Refusal(round=r["round"], volunteer=r["name"], reason=r["reason"],
-                        at=r["received_at"]) for r in ledger.latest_refusals(50)]
+    # refused on arrival, or accepted and then left out of the round (robust aggregation,
+    # the verification: the reason says which)
+    refusals = [Refusal(round=r["round"], volunteer="anonymous" if r["anonymous"] else r["name"],
+                        reason=r["reason"] or "left out", at=r["received_at"],
+                        left_out=bool(r["left_out"])) for r in ledger.latest_refusals(50)]
     current = ledger.round_row(round)
     live = current is not None and not finished
     waiting = None

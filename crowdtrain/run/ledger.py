@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS invites (
     created_at REAL NOT NULL,
     uses_left INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trust (
+    volunteer_id INTEGER PRIMARY KEY REFERENCES volunteers(id),
+    streak INTEGER NOT NULL DEFAULT 0,
+    valid INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0
+);
 CREATE VIEW IF NOT EXISTS credits AS
     SELECT volunteer_id, SUM(weight) AS tokens, COUNT(*) AS accepted
     FROM contributions WHERE status = 'accepted' AND excluded = 0 GROUP BY volunteer_id;
@@ -112,6 +118,9 @@ ADDED_COLUMNS = (
     # a lease still open when its round closed (expired then, not for silence or a newer
     # lease): its late contribution may still be applied in the next round (stale_weight)
     ("leases", "outlived", "INTEGER NOT NULL DEFAULT 0"),
+    # the verification's outcome (coordinator/verification.py): 'valid', 'failed' (left out,
+    # no credit), 'provisional' (credited, the check could not decide); NULL: not checked
+    ("contributions", "verified", "TEXT"),
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -224,6 +233,17 @@ class Ledger:
         with self.tx() as db:
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
                        "SET value = excluded.value", (key, value))
+
+    def secret_value(self, key: str) -> str:
+        """A random value kept under `key` (made on first use): the coordinator's own secrets
+        that are never sent anywhere, such as the verification's seed."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return row["value"]
+            value = secrets.token_hex(16)
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return value
 
     def new_secret(self, key: str) -> str:
         """A fresh random secret whose hash is stored under `key`; the secret is returned once."""
@@ -474,6 +494,32 @@ class Ledger:
                        "WHEN instr(reason, ?1) THEN reason ELSE reason || '; ' || ?1 END, "
                        "excluded = ?2 WHERE id = ?3", (note, int(excluded), contribution_id))
 
+    def trust(self, volunteer_id: int) -> tuple[int, int, int]:
+        """(streak, valid, failures): the volunteer's record with the verification."""
+        rows = self._rows("SELECT streak, valid, failures FROM trust WHERE volunteer_id = ?",
+                          (volunteer_id,))
+        return (rows[0]["streak"], rows[0]["valid"], rows[0]["failures"]) if rows else (0, 0, 0)
+
+    def record_verification(self, contribution_id: int, outcome: str, note: str | None,
+                            trust: tuple[int, int, int] | None = None) -> None:
+        """The verification's outcome of a contribution ('valid', 'failed': left out, no
+        credit; 'provisional'), its note after any it has, and its volunteer's new trust
+        (streak, valid, failures) when the outcome counts, in one transaction."""
+        if outcome not in ("valid", "failed", "provisional"):
+            raise ValueError(f"unknown verification outcome {outcome!r}")
+        with self.tx() as db:
+            db.execute("UPDATE contributions SET verified = ?2, excluded = CASE WHEN ?2 = "
+                       "'failed' THEN 1 ELSE excluded END, reason = CASE WHEN ?1 IS NULL "
+                       "THEN reason WHEN reason IS NULL THEN ?1 WHEN instr(reason, ?1) THEN "
+                       "reason ELSE reason || '; ' || ?1 END WHERE id = ?3",
+                       (note, outcome, contribution_id))
+            if trust is not None:
+                vid = db.execute("SELECT volunteer_id FROM contributions WHERE id = ?",
+                                 (contribution_id,)).fetchone()["volunteer_id"]
+                db.execute("INSERT INTO trust (volunteer_id, streak, valid, failures) VALUES "
+                           "(?1, ?2, ?3, ?4) ON CONFLICT(volunteer_id) DO UPDATE SET "
+                           "streak = ?2, valid = ?3, failures = ?4", (vid, *trust))
+
     def accepted(self, rnd: int) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "
                           "ORDER BY id", (rnd,))
@@ -489,11 +535,13 @@ class Ledger:
             "AND c.status = 'refused') AS refused FROM rounds r ORDER BY round")
 
     def latest_refusals(self, limit: int = 50) -> list[sqlite3.Row]:
-        """The latest refused uploads, newest first: round, reason, received_at and the
-        volunteer's name."""
+        """The latest refused uploads and contributions left out of their round (by robust
+        aggregation or the verification: accepted, then excluded), newest first: round,
+        reason, received_at, the volunteer's name, its anonymity and left_out."""
         return self._rows(
-            "SELECT c.round, c.reason, c.received_at, v.name FROM contributions c JOIN "
-            "volunteers v ON v.id = c.volunteer_id WHERE c.status = 'refused' "
+            "SELECT c.round, c.reason, c.received_at, v.name, v.anonymous, "
+            "c.status = 'accepted' AS left_out FROM contributions c JOIN volunteers v "
+            "ON v.id = c.volunteer_id WHERE c.status = 'refused' OR c.excluded = 1 "
             "ORDER BY c.id DESC LIMIT ?", (limit,))
 
     def volunteers(self) -> list[sqlite3.Row]:
@@ -501,8 +549,15 @@ class Ledger:
             "SELECT v.*, COALESCE(c.tokens, 0) AS credit_tokens, COALESCE(c.accepted, 0) AS "
             "accepted, (SELECT COUNT(*) FROM contributions x WHERE x.volunteer_id = v.id AND "
             "x.status = 'refused') AS refused, (SELECT COUNT(DISTINCT round) FROM contributions y "
-            "WHERE y.volunteer_id = v.id AND y.status = 'accepted') AS rounds "
-            "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id ORDER BY v.id")
+            "WHERE y.volunteer_id = v.id AND y.status = 'accepted') AS rounds, "
+            "(SELECT COUNT(*) FROM contributions z WHERE z.volunteer_id = v.id AND "
+            "z.status = 'accepted' AND z.excluded = 1) AS left_out, "
+            "(SELECT COUNT(*) FROM contributions p WHERE p.volunteer_id = v.id AND "
+            "p.verified = 'provisional' AND p.excluded = 0) AS provisional, "
+            "COALESCE(t.streak, 0) AS trust_streak, COALESCE(t.valid, 0) AS trust_valid, "
+            "COALESCE(t.failures, 0) AS trust_failures "
+            "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id "
+            "LEFT JOIN trust t ON t.volunteer_id = v.id ORDER BY v.id")
 
     # ---- reads for publishing
 

@@ -270,6 +270,12 @@ class VolunteerSummary(BaseModel):
     accepted: int
     refused: int
     tokens_per_s: float | None
+    left_out: int = Field(0, description=(
+        "accepted contributions left out of their round (robust aggregation or the "
+        "verification): no credit"))
+    provisional: int = Field(0, description=(
+        "credited contributions the verification could not decide on (too few in the round "
+        "for its reference): credited provisionally"))
 
 
 class Refusal(BaseModel):
@@ -277,6 +283,9 @@ class Refusal(BaseModel):
     volunteer: str
     reason: str
     at: float
+    left_out: bool = Field(False, description=(
+        "accepted, then left out of its round (robust aggregation or the verification); "
+        "False: refused on arrival"))
 
 
 class AdminVolunteer(BaseModel):
@@ -288,6 +297,13 @@ class AdminVolunteer(BaseModel):
     tokens: int
     accepted: int
     refused: int
+    left_out: int = 0
+    provisional: int = 0
+    # the verification's record (coordinator/verification.py TrustState): its current
+    # streak of valid contributions, all valid ones, all failures
+    trust_streak: int = 0
+    trust_valid: int = 0
+    trust_failures: int = 0
 
 
 class AdminAck(BaseModel):
