@@ -28,9 +28,11 @@ def tiny_run(tmp_path_factory, corpus):
     """A run with the tiny preset, created once per session; treat it as read-only."""
     from crowdtrain.run.folder import SwarmConfig, init_run
 
-    # no warm start: the tests reason about a fresh model (test_warmstart.py covers it)
+    # no warm start: the tests reason about a fresh model (test_warmstart.py covers it); no
+    # verification: most tests send random deltas, which it rightly leaves out (the tests of
+    # the verification turn it on: tests/coordinator/test_verify_close.py, e2e/test_freeloader.py)
     return init_run(tmp_path_factory.mktemp("runs") / "tiny", [corpus], preset="tiny",
-                    progress=False, swarm=SwarmConfig(warm_start=0.0))
+                    progress=False, swarm=SwarmConfig(warm_start=0.0, verify=False))
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,11 @@ class SwarmConfig:
         "metavar": "SHARE", "help": "a contribution that arrives after its round closed is "
         "applied in the next round at this share of its weight; 0: refused as stale (the "
         "reason goes in the ledger either way)"})
+    # crowdtrain.coordinator.verification, run by Coordinator._verify in each round's close
+    verify: bool = field(default=True, metadata={
+        "help": "check every contribution before it is credited: a loss check on a sample of "
+                "its lease's batches and a similarity check against the round's others and "
+                "earlier ones; a failing contribution is left out and gets no credit"})
 
     def __post_init__(self) -> None:
         lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)
@@ -167,6 +172,7 @@ class SwarmConfig:
             "access": self.access in ACCESS,
             "aggregation": self.aggregation in AGGREGATION_METHODS,
             "stale_weight": 0 <= self.stale_weight <= 1,
+            "verify": isinstance(self.verify, bool),
         }
         check_settings("swarm", checks, self)
 
