@@ -645,8 +645,10 @@ class Coordinator:
         aggregation and the files are made without the lock (`closing` names the round
         meanwhile), so no join, lease, heartbeat, submit or status request waits for them:
         leases are told to wait a moment (or, to who sent its work, given ahead), and a
-        contribution to the closing round goes into the next one (`_round_for`). The ledger
-        records the close last, so a crash at any point recovers as before."""
+        contribution to the closing round goes into the next one (`_round_for`). With
+        `SwarmConfig.verify` (the default) every contribution is checked first (`_verify`):
+        one that fails is left out of the aggregate and gets no credit. The ledger records
+        the close last, so a crash at any point recovers as before."""
         with self.lock:
             if self.closing is not None or rnd not in (None, self.round):
                 return  # another thread is closing it, or has closed it
