@@ -79,3 +79,4 @@ def test_a_freeloader_is_left_out_and_gets_no_credit(tiny_run, tmp_path):
     assert len(shown) == ROUNDS and all(f.left_out for f in shown)
     vols = {v.name: v for v in status.volunteers}
     assert vols["freeloader"].tokens == 0 and vols["freeloader"].left_out == ROUNDS
+    assert vols["freeloader"].rounds == 0 and all(vols[n].rounds == ROUNDS for n in honest)
