@@ -24,6 +24,16 @@ def coord(tiny_run, tmp_path):
     c.close()
 
 
+@pytest.fixture
+def overlapped(tiny_run, tmp_path):
+    """The `coord` run with overlapped rounds (`init --overlap`)."""
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=5, rounds=3, round_seconds=60,
+                   overlap=True)
+    c = Coordinator(run, evaluate_rounds=False)
+    yield c
+    c.close()
+
+
 def volunteer(coord, name="alice"):
     resp = coord.join(JoinRequest(name=name, device="cpu", api_version=1))
     return coord.authenticate(resp.token)
@@ -174,10 +184,11 @@ def test_work_two_rounds_late_or_with_stale_weight_0_is_refused_as_stale(tiny_ru
         coord.close()
 
 
-def test_a_volunteer_that_sent_its_work_gets_a_lease_on_the_next_round_at_once(coord):
+def test_a_volunteer_that_sent_its_work_gets_a_lease_on_the_next_round_at_once(overlapped):
     """Overlapped rounds: after sending round r's work (or while uploading it) a worker that
     asks `ahead` gets round r+1's lease before round r closes; its work goes into round r+1;
     nobody gets two rounds ahead."""
+    coord = overlapped
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     la, lb = lease(coord, a), lease(coord, b)
     assert not la.ahead
@@ -209,7 +220,8 @@ def test_a_volunteer_that_sent_its_work_gets_a_lease_on_the_next_round_at_once(c
     assert coord.ledger.round_row(1)["contributions"] == 2
 
 
-def test_a_round_opened_with_work_sent_ahead_closes_without_who_went_silent(coord):
+def test_a_round_opened_with_work_sent_ahead_closes_without_who_went_silent(overlapped):
+    coord = overlapped
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     la, lb = lease(coord, a), lease(coord, b)
     coord.submit(a, la.lease_id, payload(la, coord.shapes))
@@ -235,10 +247,11 @@ def test_stop_and_wait_runs_and_workers_get_no_lease_ahead(tiny_run, tmp_path):
         coord.close()
 
 
-def test_slower_volunteers_get_time_budgets_that_end_with_the_fastest(coord):
+def test_slower_volunteers_get_time_budgets_that_end_with_the_fastest(overlapped):
     """Overlapped runs pace a round: every lease's training ends when the fastest volunteer
     is expected to finish the round's steps, so a slower one trains fewer and never holds the
     round back."""
+    coord = overlapped
     a, b = volunteer(coord, "a"), volunteer(coord, "b")
     cfg = coord.run.config.train
     tokens = 5 * cfg.batch_size * cfg.seq_len

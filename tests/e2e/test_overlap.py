@@ -32,7 +32,7 @@ def test_a_worker_trains_the_next_round_while_a_slower_one_holds_the_round_open(
     (and trains steps) before update r is folded in; the run learns and `verify` replays the
     published updates bit for bit."""
     run = copy_run(tiny_run, tmp_path / "run", inner_steps=200, rounds=4, round_seconds=120,
-                   min_contributions=2)
+                   min_contributions=2, overlap=True)
     s, status = run_to_end(run, tmp_path, names=("fast", "slow"),
                            join_args={"slow": ("--step-pause", "0.02")})
     fast = s.log("fast")
