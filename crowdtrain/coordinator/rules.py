@@ -107,6 +107,11 @@ UPDATES_ANNOUNCED = 32  # the latest rounds' updates a worker may replay instead
 # the ledger's meta key of the verification's secret seed (never sent to anyone): which of a
 # lease's steps the loss check measures, and the control batches' shard and seed
 VERIFY_SECRET = "verify_secret"
+# a contribution trained ahead or late that fails the round-relative rule is still credited
+# provisionally above these shares of the round's median gain and specificity (measured:
+# honest ones ahead down to 0.27x and 0.19x; noise passing the absolute tests, 0.04x gain)
+AHEAD_GAIN_RATIO = 0.1
+AHEAD_SPECIFICITY_RATIO = 0.05
 
 
 class Coordinator:
@@ -814,13 +819,15 @@ class Coordinator:
                 # a near-copy within the round: only the later upload of the pair is the copy
                 rest = [p for p in reason.split("; ") if not p.startswith("cosine ")]
                 ok, reason = not rest, "; ".join(rest)
-            if not ok and self._not_from_theta(rnd, r) and \
-                    reason.startswith(("loss drop ", "specificity ")):
+            if not ok and reason.startswith(("loss drop ", "specificity ")) and \
+                    self._not_from_theta(rnd, r) and self._near_the_round(v.numbers):
                 # trained ahead or late, it failed only the round-relative part: measured in a
                 # real overlapped swarm (3 honest workers, every lease ahead), one honest
                 # volunteer's contributions had 0.27x the round's median gain (0.09 vs 0.33)
                 # and 0.19x its median specificity, while the absolute tests held: not
-                # enough to leave honest work out, so it is credited provisionally
+                # enough to leave honest work out, so it is credited provisionally, within
+                # looser bounds (AHEAD_GAIN_RATIO: noise that passed the absolute tests by
+                # chance in the same runs had at most 0.04x the median gain)
                 outcome, note = "provisional", (
                     "provisional: trained ahead or late, not from this round's model; it "
                     f"passed the absolute checks, not the round-relative one ({reason})")
@@ -839,6 +846,15 @@ class Coordinator:
                 log.warning("round %d: contribution %d left out: %s", rnd, r["id"], reason)
         log.info("round %d: verified %d contribution(s) in %.2fs", rnd, len(checked),
                  time.perf_counter() - started)
+
+    @staticmethod
+    def _near_the_round(nums: dict[str, float]) -> bool:
+        """The looser round-relative bounds of a contribution trained ahead or late."""
+        need = AHEAD_GAIN_RATIO * min(1.0, nums.get("steps_fraction", 1.0)) * \
+            nums.get("ref_gain", 0.0)
+        return nums.get("gain", 0.0) >= need and \
+            nums.get("specificity", 0.0) >= AHEAD_SPECIFICITY_RATIO * \
+            nums.get("ref_specificity", 0.0)
 
     def _not_from_theta(self, rnd: int, row) -> bool:
         """Whether contribution `row` of round `rnd` was not trained from theta_rnd: late
