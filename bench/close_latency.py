@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
            f"({a.shape or 'tiny'}, coordinator --threads {a.threads})")
     tiny = base_run(work / "cache", "tiny")
     run = make_run(tiny, work / "run", a.shape, swarm={
-        "rounds": 3, "inner_steps": 5, "round_seconds": 3600.0, "min_contributions": n},
+        "rounds": 3, "inner_steps": 5, "round_seconds": 3600.0, "min_contributions": n,
+        "verify": False},  # random deltas: the aggregation and its timing are measured here
         evaluate_init=False)
     shapes = {k: tuple(v.shape) for k, v in load_checkpoint(run.ckpt_dir, 0).tensors.items()}
     payloads = Payloads(shapes, variants=2)
