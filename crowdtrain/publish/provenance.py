@@ -53,6 +53,9 @@ def _finite(x: float | None) -> float | None:
 
 def refusal_category(reason: str | None, left_out: bool = False) -> str:
     """A reason without its particulars (ids, numbers), so equal causes count together."""
+    if left_out and reason and "verification:" in reason:  # the contribution checks
+        what = re.split(r"[:;(]", reason.split("verification:", 1)[1], maxsplit=1)[0]
+        return f"left out by verification ({re.sub(r'[0-9.]+', 'N', what.strip())})"
     if left_out:
         why = "norm not finite" if reason and "not finite" in reason else "norm outlier"
         return f"left out by robust aggregation ({why})"

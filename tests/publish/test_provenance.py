@@ -179,6 +179,11 @@ def test_anonymous_is_opt_in_at_join():
 def test_refusal_reasons_are_grouped_without_their_particulars():
     assert refusal_category("unknown lease 12") == refusal_category("unknown lease 7")
     assert refusal_category("stale: round 3 closed before ...") == "stale"
+    assert refusal_category("verification: loss check: gain -0.06 below 0.5 x 0.1", True) == \
+        refusal_category("verification: loss check: gain 0.01", True) == \
+        "left out by verification (loss check)"
+    assert refusal_category("norm 5.3 is 12x the median", True) == \
+        "left out by robust aggregation (norm outlier)"
     assert refusal_category("norm 9.1 is 40x the round median 0.2 (limit 10x): refused",
                             left_out=True) == "left out by robust aggregation (norm outlier)"
     assert refusal_category(None) == "unspecified"
