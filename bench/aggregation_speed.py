@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests" / "coordinator"))
 
 import torch  # noqa: E402
 
-from crowdtrain.coordinator import aggregation  # noqa: E402
+from crowdtrain.coordinator import aggregation, kernels  # noqa: E402
 from crowdtrain.coordinator.payloads import open_payload  # noqa: E402
 from crowdtrain.wire import codecs  # noqa: E402
 
@@ -188,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.workers} x {real:,} parameters; {a.threads} threads, device {a.device}; "
           f"{os.cpu_count()} cores ({cpu_name()}), torch {torch.__version__}; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
+    # numba's JIT (or its on-disk cache) on the first call: timed here, apart from the runs
+    t0 = time.perf_counter()
+    compiled = kernels.available()
+    jit_s = time.perf_counter() - t0
+    print(f"compiled first pass (numba): {'yes' if compiled else 'no, torch operations'}, "
+          f"ready in {jit_s:.2f} s (JIT, or its cache)", flush=True)
     probes = [bandwidth_probe()]
     print(f"memory bandwidth probe: {probes[0]['gb_per_s']:.1f} GB/s, "
           f"{probes[0]['ns_per_byte']:.3f} ns per byte (load {probes[0]['load']:.1f})",
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "workers": a.workers, "params": real, "threads": a.threads, "device": a.device,
             "cores": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
-            "probes": probes, "rows": rows}, indent=1))
+            "probes": probes, "compiled_first_pass": compiled, "jit_seconds": jit_s,
+            "rows": rows}, indent=1))
     return 0
 
 

@@ -3,7 +3,9 @@
 payload files; it is bit-identical run to run and across thread counts for a block size, and
 agrees across block sizes. Its parts against their definitions: the selection network against
 a sort, the trimmed mean (ties across the cut included) against the stable-sort reference,
-`read_into` against `read` for every payload codec."""
+`read_into` against `read` for every payload codec. The compiled first pass
+(kernels.first_pass, numba) against the torch operations it replaces and against its
+definition."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import reference_aggregation as ref
 import torch
 
+from crowdtrain.coordinator import kernels
 from crowdtrain.coordinator.aggregation import (
     METHODS,
     RobustConfig,
@@ -209,3 +212,96 @@ def test_read_into_equals_read(tmp_path, codec):
                 out = torch.full((b - a,), 7.0)
                 src.read_into(name, a, b, out)
                 assert torch.equal(out, flat[a:b]), (name, a, b)
+
+
+# ---------------------------------------------------------------- the compiled first pass
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["trimmed_mean", "centered_clip"])
+def test_compiled_first_pass_equals_the_torch_path(payloads, method, monkeypatch):
+    # int8 and sparse payloads, honest and attacked rounds, odd sizes: the compiled loop
+    # (kernels.first_pass) against the torch operations it replaces, both against the original
+    paths, weights = payloads
+    cfg = RobustConfig(method=method)
+    want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
+    fast = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=b, threads=t)
+            for t, b in ((2, 4096), (2, 4096), (1, 777))]
+    monkeypatch.setattr(kernels, "enabled", False)
+    assert not kernels.available()
+    slow, slow_screen = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096,
+                                  threads=2)
+    for got, screening in fast:
+        assert [m for m, _ in screening] == pytest.approx([m for m, _ in slow_screen],
+                                                          rel=1e-6)
+        assert [m for m, _ in screening] == pytest.approx([m for m, _ in want_screen],
+                                                          rel=1e-6)
+        assert rel(got, slow) < 1e-6 and rel(got, want) < 1e-6, (rel(got, slow),
+                                                                  rel(got, want))
+    assert all(torch.equal(fast[0][0][k], fast[1][0][k]) for k in SHAPES)  # run to run
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 100])
+def test_compiled_first_pass_against_its_definition(n):
+    # ties everywhere (across the cut too), -0.0 next to 0.0, mostly-zero columns, random
+    # values, a length that is not a multiple of the tile: v against the stable sort, the
+    # norms and the Gram matrix (or its diagonal) against float64
+    from crowdtrain.coordinator.aggregation import _trim_count
+    g = torch.Generator().manual_seed(n)
+    length = 3 * kernels.tile_for(n) + 37
+    x = torch.randint(-3, 4, (n, length), generator=g).float() * 0.5
+    x[:, :200] = torch.randn(n, 200, generator=g)
+    x[:, -300:] *= torch.rand(n, 300, generator=g) < 0.1
+    x[0, ::7] = -0.0
+    w = (torch.rand(n, generator=g) + 0.1).float()
+    ks = sorted({0, _trim_count(n, 0.25), (n - 1) // 2})
+    for k in ks:
+        net = kernels.network_array(selection_network(n, (k, n - k - 1)) if k else ())
+        for mode in (0, 1, 2):
+            v = torch.full((length,), 7.0)
+            sq, gm = kernels.first_pass(x, w, k, net, v, True, mode)
+            want = ref.weighted_trimmed_mean(x, w.double(), k).float()
+            assert torch.allclose(v, want, rtol=1e-6, atol=1e-6), (n, k, mode)
+            assert torch.allclose(sq, x.double().square().sum(1), rtol=1e-6)
+            d = (x - v).double()
+            if mode == 1:
+                assert torch.allclose(gm, d @ d.t(), rtol=1e-5, atol=1e-5)
+            elif mode == 2:
+                assert torch.allclose(gm, d.square().sum(1), rtol=1e-5, atol=1e-5)
+            else:
+                assert gm is None
+
+
+@needs_kernel
+def test_compiled_trimmed_mean_breaks_ties_exactly_as_a_stable_sort():
+    # where the torch path takes the masked mean of equal values (L == H), the compiled loop
+    # keeps exactly the stable sort's workers: equal, not just close
+    x = torch.tensor([[0.0, -0.0, 1.0, 2.0], [0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 3.0, 2.0],
+                      [5.0, 0.0, -1.0, 2.0]])
+    w = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    v = torch.empty(4)
+    kernels.first_pass(x, w, 1, kernels.network_array(selection_network(4, (1, 2))), v,
+                       False, 0)
+    assert torch.equal(v, ref.weighted_trimmed_mean(x, w.double(), 1).float())
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
+    # numba missing (or unable to compile): first_pass says so and the aggregation is the
+    # torch operations', still equal to the original
+    monkeypatch.setattr(kernels, "_compiled", lambda: None)
+    assert not kernels.available()
+    assert kernels.first_pass(torch.zeros(3, 5), torch.ones(3), 1,
+                              kernels.network_array(()), torch.empty(5), True, 1) is None
+    paths = []
+    for i, d in enumerate(deltas(5, True, seed=11)):
+        p = tmp_path / f"c{i}.safetensors"
+        p.write_bytes(codecs.to_bytes(d, "int8"))
+        paths.append(p)
+    weights = [float(1000 + 37 * i) for i in range(5)]
+    cfg = RobustConfig()
+    want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
+    got, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=2)
+    assert rel(got, want) < 1e-6
