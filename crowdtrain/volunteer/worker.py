@@ -11,7 +11,7 @@ Top to bottom, one round:
    restarts, saved on local disk) until the step or time budget is spent;
 4. send delta = theta_r - theta_local, int8-compressed with error feedback, with the stats.
 
-Overlapped (the default where the run allows it, one process only: crowdtrain.volunteer.overlap)
+Overlapped (where the run enables it, `init --overlap`; one process only: volunteer/overlap.py)
 the upload runs in the background and the worker asks at once for a lease ahead on round r+1,
 which it trains from its own parameters, folding theta_{r+1} in between two steps when round r
 closes; `--no-overlap` keeps stop-and-wait.
