@@ -230,7 +230,7 @@ def test_a_worker_killed_mid_round_resumes_its_lease_and_sends_the_same_work(tin
     that remain, and sends the pseudo-gradient a volunteer that was never killed sends (in its
     second round, so the int8 error-feedback residual it carries comes back too). Stop-and-wait:
     overlapped, where the fold lands depends on when the update arrives (see
-    test_overlap.py for resuming a lease trained ahead)."""
+    tests/volunteer/test_resume.py for a snapshot of a lease trained ahead)."""
     # enough steps that a round trains well past the first snapshot (after 2 s) on an idle
     # machine: 200 steps took 1.9 s in CI, and the round ended before any snapshot was due
     steps = 500
