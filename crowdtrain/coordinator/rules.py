@@ -651,7 +651,7 @@ class Coordinator:
         meanwhile), so no join, lease, heartbeat, submit or status request waits for them:
         leases are told to wait a moment (or, to who sent its work, given ahead), and a
         contribution to the closing round goes into the next one (`_round_for`). With
-        `SwarmConfig.verify` (the default) every contribution is checked first (`_verify`):
+        `SwarmConfig.verify` (`init --verify`) every contribution is checked first (`_verify`):
         one that fails is left out of the aggregate and gets no credit. The ledger records
         the close last, so a crash at any point recovers as before."""
         with self.lock:

@@ -143,10 +143,14 @@ class SwarmConfig:
         "applied in the next round at this share of its weight; 0: refused as stale (the "
         "reason goes in the ledger either way)"})
     # crowdtrain.coordinator.verification, run by Coordinator._verify in each round's close
-    verify: bool = field(default=True, metadata={
+    # opt-in for now: on a fine-tuning run whose shards all read alike (tests/e2e/
+    # test_fine_tune_swarm.py's LoRA run) honest contributions failed the lease-vs-control
+    # loss check and were left out; the rule needs a control that differs from the lease's data
+    verify: bool = field(default=False, metadata={
         "help": "check every contribution before it is credited: a loss check on a sample of "
                 "its lease's batches and a similarity check against the round's others and "
-                "earlier ones; a failing contribution is left out and gets no credit"})
+                "earlier ones; a failing contribution is left out and gets no credit (not yet "
+                "the default: data whose shards all read alike can fail honest work)"})
 
     def __post_init__(self) -> None:
         lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)

@@ -208,7 +208,8 @@ def test_coordinator_killed_mid_run_loses_no_acknowledged_work(swarm):
     assert rounds[6]["state"] == "open" and all(rounds[r]["state"] == "closed" for r in range(6))
     # every OK a worker heard is an accepted contribution of that round...
     for name in workers:
-        ok = re.findall(r"round (\d+): .* accepted for round", s.log(name))
+        # (the round it went into: work sent as its round closed goes into the next one)
+        ok = re.findall(r"round \d+: .* accepted for round (\d+)", s.log(name))
         heard = sorted(int(r) for r in ok)
         got = sorted(x["round"] for x in ledger.query(
             "SELECT c.round FROM contributions c JOIN volunteers v ON v.id = c.volunteer_id "
