@@ -12,11 +12,10 @@ left them, and keeps them as its *anchor* A. When theta_R is published (round R-
 worker adds theta_R - A to its parameters between two inner steps and makes theta_R the anchor
 (`Anchor.fold`): the parameters become theta_R plus the progress made since p0, so the merged
 model replaces the worker's own unmerged work, and the contribution A - p is still exactly
-this lease's progress, measured against theta_R as the coordinator expects. If theta_R has not
-come by the end of the lease, the contribution is A - p all the same (the lease's progress)
-and the fold happens in the next lease, against that round's theta.
+this lease's progress, measured against theta_R as the coordinator expects.
 
-If theta_R has not come by the end of the lease, its anchor is kept (`Anchors.unfolded`) and
+If theta_R has not come by the end of the lease, the contribution is A - p all the same (the
+lease's progress), and its anchor is kept (`Anchors.unfolded`) and
 the next lease folds theta_R in as soon as it can (it is published by then: the next lease is
 ahead on round R+1 only while round R is open), moving its own anchor along so that its
 contribution stays its own progress. So a worker is never more than about a round away from
