@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +79,7 @@ from crowdtrain.run.schedule import inner_steps_schedule  # noqa: E402
 from crowdtrain.run.train import InnerLoop, evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve()
+DDP_TIMEOUT = 120  # seconds a DDP rank waits on the others before it fails
 
 
 def floor(run: Run, steps: int) -> float:
@@ -107,8 +109,12 @@ def _ddp_rank(rank: int, world: int, port: int, run_dir: str, steps: int, out: s
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
+    # gloo binds to the address the hostname resolves to unless told an interface: inside a
+    # network namespace of only `lo` that address may not exist, so name it; a rank that
+    # hears nothing for DDP_TIMEOUT seconds fails instead of waiting for ever
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=timedelta(seconds=DDP_TIMEOUT))
     run = Run(run_dir)
     cfg = schedule(run.config.train, steps)
     model, _ = run.load_model(0)
@@ -146,7 +152,7 @@ def ddp(run: Run, world: int, steps: int, work: Path) -> tuple[dict, str]:
         if isolated:
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
             argv = ["ip", "netns", "exec", ns, *argv]
-        subprocess.run(argv, check=True)
+        subprocess.run(argv, check=True, timeout=DDP_TIMEOUT + 10 * steps)
     finally:
         if isolated:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

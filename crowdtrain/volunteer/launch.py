@@ -8,6 +8,7 @@ import dataclasses
 import os
 import signal
 import socket
+import sys
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.volunteer import ranks as rk
@@ -36,6 +37,10 @@ def launch_ranks(cfg: WorkerConfig) -> WorkerSummary:
     import torch.multiprocessing as mp
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if sys.platform.startswith("linux") and os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
+        # gloo otherwise binds to whatever the hostname resolves to, which on some machines
+        # (a container, a hostname missing from /etc/hosts) is no local address at all
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with socket.socket() as s:  # a free port for the group's rendezvous
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
