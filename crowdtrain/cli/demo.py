@@ -55,6 +55,11 @@ class DemoResult:
     sample: str
 
 
+# seconds the demo waits on a round whose close keeps failing (the coordinator retries every
+# 10 s: a failure that lasts this long is no passing hiccup) before it stops with the reason
+CLOSE_PATIENCE = 25.0
+
+
 def run_demo(cfg: DemoConfig | None = None, say=print) -> DemoResult:
     """Create the run, serve it to `cfg.workers` workers until its rounds are done, export the
     model and sample from it; `say` gets the progress lines."""
@@ -130,8 +135,13 @@ class Swarm:
         left; then the status once the last round's held-out loss is in (at most 2 minutes
         more)."""
         reported = 0
+        failing_since = None
         while True:
             st = get_status(self.url)
+            failing_since = (failing_since or time.monotonic()) if st.close_failing else None
+            if failing_since is not None and time.monotonic() - failing_since > CLOSE_PATIENCE:
+                raise CrowdtrainError(f"the coordinator cannot close round {st.round}: "
+                                      f"{st.close_failing} (its log: {self.logs[0]})")
             for r in st.rounds:
                 if r.state == "closed" and r.round >= reported:
                     reported = r.round + 1

@@ -111,6 +111,9 @@ def _header(st: Status, now: float) -> Text:
                      style="cyan")
         if st.round_waiting:
             t.append(f"  ·  waiting: {st.round_waiting}", style="yellow")
+        if st.close_failing:
+            t.append(f"  ·  closing the round fails (retrying): {st.close_failing}",
+                     style="bold red")
     per_param = st.payload_bytes / st.params if st.params else 0.0
     t.append(f"  ·  {fmt_int(st.params)} params  ·  {per_param:.2f} bytes/param per upload "
              f"({fmt_bytes(st.payload_bytes)})", style="dim")

@@ -1,4 +1,5 @@
-"""One compiled loop over a block matrix for the robust aggregation's first pass (numba).
+"""Compiled loops for the close's hot paths (numba): the robust aggregation's first pass over
+a block matrix, and the int8 payload decode that fills that matrix.
 
 `aggregation._combine` decodes every contribution's block into an n x L float32 matrix and
 then, for the trimmed mean and centered clipping, runs ~10 whole-matrix torch operations on
@@ -11,8 +12,14 @@ columns are the innermost, so LLVM vectorises them (the same network, min/max ov
 columns at once); columns never mix, and every sum runs in one fixed order, so the result is
 bit-identical run to run on a machine.
 
-numba is imported lazily: without it (or where it cannot compile) `first_pass` returns None and
-the caller runs its torch operations instead; `enabled = False` forces that path (tests).
+`dequantize_int8` writes q x scale for whole int8 blocks straight from the payload's memory
+map: torch's mixed-dtype multiply (int8 x float32 into float32) runs ~1.9 ns a value on one
+thread, this loop ~0.15 ns, the same single float32 product so the same bits; every pass of
+the close decodes every contribution again, so this was most of a 100-contribution close.
+
+numba is imported lazily: without it (or where it cannot compile) `first_pass` and
+`dequantize_int8` return None/False and the caller runs its torch operations instead;
+`enabled = False` forces that path (tests).
 The compiled code is cached on disk (`cache=True`: next to this file, or numba's user-wide
 cache directory), so only the first process on a machine pays the JIT (~seconds, once).
 Measured: BENCHMARKS.md, "Aggregation speed".
@@ -171,35 +178,67 @@ def _first_pass_py(x, w, k, ops, tile, v, sq, gram, want_sq, gram_mode):  # prag
                 gram[q, p] = gram[p, q]
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled() -> Callable | None:
-    """`_first_pass_py` compiled (cached on disk), or None where numba is missing or fails."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    try:
-        fn = numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False,
-                        error_model="numpy")(_first_pass_py)
-        _warm(fn)
-        return fn
-    except Exception:  # no cache directory, no LLVM target: the torch path does it
-        return None
+def _dequantize_py(q, scale, out):  # pragma: no cover
+    """out[r, j] = float32(q[r, j]) * scale[r] for an r x block int8 matrix (one block a row)
+    and its r float32 scales; one float32 product per value, as torch's `q * scale`."""
+    for r in range(q.shape[0]):
+        s = scale[r]
+        qr = q[r]
+        orow = out[r]
+        for j in range(q.shape[1]):
+            orow[j] = np.float32(qr[j]) * s
 
 
-def _warm(fn: Callable) -> None:
-    """Compile (or load from the cache) the one signature the aggregation calls."""
+def _warm_first_pass(fn: Callable) -> None:
     x = np.zeros((3, 5), dtype=np.float32)
     fn(x, np.ones(3, dtype=np.float32), 1, np.array([[0, 1, 3]], dtype=np.int64), 16,
        np.empty(5, dtype=np.float32), np.zeros(3), np.zeros((3, 3)), True, 1)
 
 
-def available() -> bool:
-    """Whether `first_pass` runs compiled code (numba importable, compiled, and `enabled`)."""
+def _warm_dequantize(fn: Callable) -> None:
+    fn(np.zeros((2, 4), dtype=np.int8), np.ones(2, dtype=np.float32),
+       np.empty((2, 4), dtype=np.float32))
+
+
+# name: (the Python loop, numba's fastmath for it, a call that compiles the signature used)
+_KERNELS = {"first_pass": (_first_pass_py, True, _warm_first_pass),
+            "dequantize": (_dequantize_py, False, _warm_dequantize)}
+
+
+@functools.cache
+def _compiled(name: str = "first_pass") -> Callable | None:
+    """Kernel `name` compiled (cached on disk), or None where numba is missing or fails."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    py, fast, warm = _KERNELS[name]
+    try:
+        fn = numba.njit(nogil=True, cache=True, fastmath=fast, boundscheck=False,
+                        error_model="numpy")(py)
+        warm(fn)  # compile (or load from the cache) the one signature the callers use
+        return fn
+    except Exception:  # no cache directory, no LLVM target: the torch path does it
+        return None
+
+
+def available(name: str = "first_pass") -> bool:
+    """Whether kernel `name` runs compiled code (numba importable, compiled, and `enabled`)."""
     if not enabled:
         return False
     with _lock:
-        return _compiled() is not None
+        return _compiled(name) is not None
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = q * scale for `q` (r x block int8, rows contiguous, CPU), `scale` (r x 1 or r
+    float32) and `out` (r x block float32, contiguous); bit-identical to `torch.mul(q, scale,
+    out=out)`, without the GIL. False (nothing written) where the compiled loop is not
+    available: the caller multiplies with torch."""
+    if not available("dequantize") or q.stride(-1) != 1 or not out.is_contiguous():
+        return False
+    _compiled("dequantize")(q.numpy(), scale.reshape(-1).numpy(), out.numpy())
+    return True
 
 
 def tile_for(n: int) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from crowdtrain.coordinator import kernels
 from crowdtrain.coordinator.aggregation import param_blocks, read_slice
 from crowdtrain.wire import codecs, sparse
 
@@ -215,7 +216,8 @@ class SafetensorsQuantSource(_MappedFile):
             r0, r1 = a // bs, (a + whole) // bs
             if self.codec == "int8":
                 q, scale, big = self._blocks(name, numel)
-                torch.mul(q[r0:r1], scale[r0:r1], out=dst)
+                if not kernels.dequantize_int8(q[r0:r1], scale[r0:r1], dst):
+                    torch.mul(q[r0:r1], scale[r0:r1], out=dst)
             else:
                 scale, big = self._scales(name)
                 torch.mul(self._values(name, a, a + whole).view(-1, bs), scale[r0:r1, None],

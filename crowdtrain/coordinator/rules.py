@@ -124,6 +124,7 @@ class Coordinator:
         self.tcfg = run.config.train
         self.lock = threading.RLock()
         self.closing: int | None = None  # the round being aggregated (close_round), if any
+        self.close_failure: str | None = None  # why the last close failed, until one succeeds
         self.ledger = Ledger(run.ledger_path)
         run.updates_dir.mkdir(exist_ok=True)
         run.contributions_dir.mkdir(exist_ok=True)
@@ -601,7 +602,12 @@ class Coordinator:
             rnd = self.round
             if not self._due(rnd):
                 return False
-        self.close_round(rnd)
+        try:
+            self.close_round(rnd)
+        except Exception as e:  # the caller retries; status says why meanwhile
+            self.close_failure = f"{type(e).__name__}: {e}"
+            raise
+        self.close_failure = None
         return True
 
     def _due(self, rnd: int) -> bool:
@@ -957,4 +963,5 @@ class Coordinator:
                         min_contributions=self.cfg.min_contributions,
                         max_extensions=self.cfg.max_extensions)
         with self.lock:
-            return st.model_copy(update={"bytes_served": dict(self.served)})
+            return st.model_copy(update={"bytes_served": dict(self.served),
+                                         "close_failing": self.close_failure})

@@ -330,3 +330,6 @@ class Status(BaseModel):
         "why the open round has not closed yet, when it is short of contributions"))
     bytes_served: dict[str, int] = Field(default_factory=dict, description=(
         "response bytes this coordinator process has sent, per route"))
+    close_failing: str | None = Field(None, description=(
+        "why the last attempt to close the open round failed, until one succeeds (the "
+        "coordinator retries every 10 s; its log has the details)"))

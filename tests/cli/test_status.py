@@ -137,3 +137,35 @@ def test_status_command_prints_json_that_round_trips(live, capsys):
     assert main(["status", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_failing_close_is_shown_and_stops_the_demo(monkeypatch, tmp_path):
+    # the coordinator retries a failing close every 10 s: `status` says why, and the demo,
+    # rather than wait for ever, stops with that reason once it has lasted CLOSE_PATIENCE
+    import subprocess
+    import sys
+
+    from crowdtrain.cli import demo
+    from crowdtrain.errors import CrowdtrainError
+
+    failing = sample_status().model_copy(
+        update={"close_failing": "OSError: [Errno 28] No space left on device"})
+    out = text_of(render_status(failing, now=NOW))
+    assert "closing the round fails (retrying): OSError: [Errno 28] No space left" in out
+    assert "closing the round fails" not in text_of(render_status(sample_status(), now=NOW))
+
+    polls = []
+    monkeypatch.setattr(demo, "get_status", lambda url: polls.append(url) or failing)
+    monkeypatch.setattr(demo, "CLOSE_PATIENCE", 1.5)
+    swarm = demo.Swarm(tmp_path, tmp_path / "run", demo.DemoConfig(workers=1, port=9))
+    alive = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(2)]  # a coordinator and a worker that are still running
+    swarm.procs, swarm.logs = alive, [tmp_path / "coordinator.log", tmp_path / "w.log"]
+    try:
+        with pytest.raises(CrowdtrainError, match=r"cannot close round 3: OSError: .*No space"):
+            swarm.follow(lambda line: None)
+    finally:
+        for p in alive:
+            p.kill()
+            p.wait()
+    assert 2 <= len(polls) <= 5  # it waited through a few polls, not on the first one

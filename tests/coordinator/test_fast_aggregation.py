@@ -3,9 +3,9 @@
 payload files; it is bit-identical run to run and across thread counts for a block size, and
 agrees across block sizes. Its parts against their definitions: the selection network against
 a sort, the trimmed mean (ties across the cut included) against the stable-sort reference,
-`read_into` against `read` for every payload codec. The compiled first pass
-(kernels.first_pass, numba) against the torch operations it replaces and against its
-definition."""
+`read_into` against `read` for every payload codec, compiled int8 decode or not. The compiled
+first pass (kernels.first_pass, numba) against the torch operations it replaces and against
+its definition."""
 
 from __future__ import annotations
 
@@ -192,8 +192,12 @@ def test_networks_sort_and_select(n):
     assert len(selection_network(n, ranks)) <= len(sorting_network(n))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("codec", ["int8", "int4", "sparse", "sparse-dense"])
-def test_read_into_equals_read(tmp_path, codec):
+def test_read_into_equals_read(tmp_path, codec, compiled, monkeypatch):
+    # (int8's whole blocks decode in kernels.dequantize_int8 where numba is there: the same
+    # bits as torch's multiply, which `compiled=False` runs)
+    monkeypatch.setattr(kernels, "enabled", compiled)
     shapes = {**SHAPES, "big": (5, 9001)}
     g = torch.Generator().manual_seed(7)
     d = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -291,8 +295,10 @@ def test_compiled_trimmed_mean_breaks_ties_exactly_as_a_stable_sort():
 def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
     # numba missing (or unable to compile): first_pass says so and the aggregation is the
     # torch operations', still equal to the original
-    monkeypatch.setattr(kernels, "_compiled", lambda: None)
+    monkeypatch.setattr(kernels, "_compiled", lambda name="first_pass": None)
     assert not kernels.available()
+    assert not kernels.dequantize_int8(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2),
+                                       torch.empty(2, 4))
     assert kernels.first_pass(torch.zeros(3, 5), torch.ones(3), 1,
                               kernels.network_array(()), torch.empty(5), True, 1) is None
     paths = []

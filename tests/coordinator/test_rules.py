@@ -359,8 +359,10 @@ def test_disk_full_while_checkpointing_keeps_state_and_resumes(coord, monkeypatc
     assert all(torch.equal(theta[k], coord.theta[k]) for k in theta)
     assert coord.ledger.round_row(0)["state"] == "open" and len(coord.ledger.accepted(0)) == 1
     assert not [p for p in coord.run.ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    assert "No space left on device" in coord.status().close_failing  # said while it lasts
     monkeypatch.undo()  # space is back: the same round closes with the same contribution
     assert coord.tick() and coord.round == 1 and list_checkpoints(coord.run.ckpt_dir) == [0, 1]
+    assert coord.status().close_failing is None
 
 
 def test_a_poisoned_contribution_is_left_out_with_its_reason(coord):

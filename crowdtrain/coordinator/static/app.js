@@ -455,6 +455,9 @@
       if (st.round_waiting) {  // short of contributions: say why and what happens next
         rightText = `waiting: ${st.round_waiting}` + (left != null && left > 0 ? ` · next check in ${fmtDur(left)}` : "");
       }
+      if (st.close_failing) {  // the close fails and is retried: say why
+        rightText = `closing the round fails (retrying): ${st.close_failing}`;
+      }
     } else {
       leftText = "Waiting for the first round to open"; rightText = ""; frac = 0;
       setText("round-sub", "not started");
