@@ -12,13 +12,13 @@ columns are the innermost, so LLVM vectorises them (the same network, min/max ov
 columns at once); columns never mix, and every sum runs in one fixed order, so the result is
 bit-identical run to run on a machine.
 
-`dequantize_int8` writes q x scale for whole int8 blocks straight from the payload's memory
+`dequantizer()`'s loop writes q x scale for whole int8 blocks straight from the payload's memory
 map: torch's mixed-dtype multiply (int8 x float32 into float32) runs ~1.9 ns a value on one
 thread, this loop ~0.15 ns, the same single float32 product so the same bits; every pass of
 the close decodes every contribution again, so this was most of a 100-contribution close.
 
 numba is imported lazily: without it (or where it cannot compile) `first_pass` and
-`dequantize_int8` return None/False and the caller runs its torch operations instead;
+`dequantizer()` return None and the caller runs its torch operations instead;
 `enabled = False` forces that path (tests).
 The compiled code is cached on disk (`cache=True`: next to this file, or numba's user-wide
 cache directory), so only the first process on a machine pays the JIT (~seconds, once).
@@ -230,15 +230,14 @@ def available(name: str = "first_pass") -> bool:
         return _compiled(name) is not None
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = q * scale for `q` (r x block int8, rows contiguous, CPU), `scale` (r x 1 or r
-    float32) and `out` (r x block float32, contiguous); bit-identical to `torch.mul(q, scale,
-    out=out)`, without the GIL. False (nothing written) where the compiled loop is not
-    available: the caller multiplies with torch."""
-    if not available("dequantize") or q.stride(-1) != 1 or not out.is_contiguous():
-        return False
-    _compiled("dequantize")(q.numpy(), scale.reshape(-1).numpy(), out.numpy())
-    return True
+def dequantizer() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """The compiled int8 decode, `fn(q, scale, out)`: out = q * scale for `q` (r x block
+    int8), `scale` (r float32, one a row) and `out` (r x block float32), numpy arrays (views,
+    no copy); bit-identical to `torch.mul(q, scale[:, None], out=out)`, without the GIL. None
+    where it is not available: the caller multiplies with torch. (A source looks it up once
+    and calls it per block: every Python step per call counts, 100 contributions x ~300
+    blocks x 4 passes a round.)"""
+    return _compiled("dequantize") if available("dequantize") else None
 
 
 def tile_for(n: int) -> int:

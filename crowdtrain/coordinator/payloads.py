@@ -128,7 +128,8 @@ class SafetensorsQuantSource(_MappedFile):
             self._check_header(shapes)
             self.map_views()
             self._checked: dict[str, tuple[torch.Tensor, bool]] = {}
-            self._rows: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+            self._rows: dict[str, tuple] = {}
+            self._dequantize = kernels.dequantizer() if self.codec == "int8" else None
         except Exception:
             self.close()
             raise
@@ -215,8 +216,10 @@ class SafetensorsQuantSource(_MappedFile):
             dst = out.view(-1, bs) if whole == b - a else out[:whole].view(-1, bs)
             r0, r1 = a // bs, (a + whole) // bs
             if self.codec == "int8":
-                q, scale, big = self._blocks(name, numel)
-                if not kernels.dequantize_int8(q[r0:r1], scale[r0:r1], dst):
+                q, scale, big, qn, sn = self._blocks(name, numel)
+                if self._dequantize is not None:  # compiled (kernels.dequantizer)
+                    self._dequantize(qn[r0:r1], sn[r0:r1], dst.numpy())
+                else:
                     torch.mul(q[r0:r1], scale[r0:r1], out=dst)
             else:
                 scale, big = self._scales(name)
@@ -226,15 +229,17 @@ class SafetensorsQuantSource(_MappedFile):
         if whole < b - a:
             out[whole:].copy_(self.read(name, a + whole, b))
 
-    def _blocks(self, name: str, numel: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _blocks(self, name: str, numel: int) -> tuple:
         """int8 `name`'s whole blocks as a blocks x block view of the file, its scales as a
-        column, and `_scales`'s overflow flag (cached: a read then slices only rows)."""
+        column, `_scales`'s overflow flag, and the same two views as numpy arrays (cached: a
+        read then slices only rows)."""
         got = self._rows.get(name)
         if got is None:
             scale, big = self._scales(name)
             rows = numel // self.block
             q = self.view(name + ":q", torch.int8)[:rows * self.block].view(rows, self.block)
-            got = self._rows[name] = (q, scale[:rows, None], big)
+            got = self._rows[name] = (q, scale[:rows, None], big, q.numpy(),
+                                      scale[:rows].numpy())
         return got
 
 

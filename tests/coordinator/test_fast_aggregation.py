@@ -195,7 +195,7 @@ def test_networks_sort_and_select(n):
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("codec", ["int8", "int4", "sparse", "sparse-dense"])
 def test_read_into_equals_read(tmp_path, codec, compiled, monkeypatch):
-    # (int8's whole blocks decode in kernels.dequantize_int8 where numba is there: the same
+    # (int8's whole blocks decode in kernels.dequantizer()'s loop where numba is there: the same
     # bits as torch's multiply, which `compiled=False` runs)
     monkeypatch.setattr(kernels, "enabled", compiled)
     shapes = {**SHAPES, "big": (5, 9001)}
@@ -297,8 +297,7 @@ def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
     # torch operations', still equal to the original
     monkeypatch.setattr(kernels, "_compiled", lambda name="first_pass": None)
     assert not kernels.available()
-    assert not kernels.dequantize_int8(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2),
-                                       torch.empty(2, 4))
+    assert kernels.dequantizer() is None
     assert kernels.first_pass(torch.zeros(3, 5), torch.ones(3), 1,
                               kernels.network_array(()), torch.empty(5), True, 1) is None
     paths = []
