@@ -142,7 +142,7 @@ class SwarmConfig:
         "metavar": "SHARE", "help": "a contribution that arrives after its round closed is "
         "applied in the next round at this share of its weight; 0: refused as stale (the "
         "reason goes in the ledger either way)"})
-    # crowdtrain.coordinator.verification, run by Coordinator._verify in each round's close
+    # crowdtrain.coordinator.verification, run by coordinator/closecheck.py in each round's close
     # opt-in for now: on a fine-tuning run whose shards all read alike (tests/e2e/
     # test_fine_tune_swarm.py's LoRA run) honest contributions failed the lease-vs-control
     # loss check and were left out; the rule needs a control that differs from the lease's data
