@@ -12,9 +12,11 @@ import sys
 
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.volunteer import ranks as rk
+from crowdtrain.volunteer.client import Client
 from crowdtrain.volunteer.config import WorkerConfig, WorkerSummary
 from crowdtrain.volunteer.follower import follow
 from crowdtrain.volunteer.worker import Worker
+from crowdtrain.wire import protocol
 
 
 def run_worker(cfg: WorkerConfig) -> WorkerSummary:
@@ -36,6 +38,7 @@ def launch_ranks(cfg: WorkerConfig) -> WorkerSummary:
     A failure in any rank stops them all and comes back as one CrowdtrainError line."""
     import torch.multiprocessing as mp
 
+    _check_batch_splits(cfg)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if sys.platform.startswith("linux") and os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
         # gloo otherwise binds to whatever the hostname resolves to, which on some machines
@@ -54,6 +57,21 @@ def launch_ranks(cfg: WorkerConfig) -> WorkerSummary:
     except mp.ProcessExitedException as e:
         raise CrowdtrainError(f"a worker process died: {e}") from None
     return WorkerSummary(**results.get()) if not results.empty() else WorkerSummary()
+
+
+def _check_batch_splits(cfg: WorkerConfig) -> None:
+    """Before any rank starts (each imports torch and joins): the run's batch must split
+    evenly across the processes, as the inner loop requires; the run's settings come from
+    the coordinator's /v1/info."""
+    client = Client(cfg.url, cfg.retry_for)
+    try:
+        info = protocol.RunInfo.model_validate(client.call("GET", protocol.INFO).json())
+    finally:
+        client.close()
+    batch = int(info.train.get("batch_size", 1))
+    if batch % cfg.nproc:
+        raise CrowdtrainError(f"the run's batch size {batch} does not split across "
+                              f"{cfg.nproc} processes: use a divisor of it for --nproc")
 
 
 def _rank_main(rank: int, cfg: WorkerConfig, results) -> None:

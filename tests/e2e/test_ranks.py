@@ -54,3 +54,4 @@ def test_nproc_must_divide_the_batch(tiny_run, tmp_path):
         s.stop()
     assert "does not split across 3 processes" in s.log("v")
     assert "Traceback" not in s.log("v")
+    assert "joined" not in s.log("v")  # said before any process started or joined
