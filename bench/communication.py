@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.workers, a.steps, a.h = "tiny", 2, 8, [2, 8]
-        a.conv_steps, a.conv_h, a.conv_chars, a.conv_int4 = 10, [4], 300_000, 4
+        # (no int4 row: each configuration is a process of its own, ~8 s of start-up here)
+        a.conv_steps, a.conv_h, a.conv_chars, a.conv_int4 = 10, [4], 300_000, None
         a.conv_eval_tokens = 2048
         a.conv_overlap = a.conv_overlap or ["1.0"]
     work = a.work or Path(tempfile.mkdtemp(prefix="crowdtrain-comm-"))

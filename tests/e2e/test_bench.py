@@ -55,3 +55,7 @@ def test_communication_quick(work):
     assert re.search(r"DDP \(gloo, 2 processes.*held-out \d", out), out
     assert re.search(r"int8/int8 +\d", out) and re.search(r"fp32/fp32 +\d", out), out
     assert "compute utilisation" in out, out
+    # the convergence part: DDP, the lone worker, plain DiLoCo, the defaults, overlapped
+    for row in ("| data parallel (DDP, gloo, ceiling) | 1 |", "| one worker alone (floor) |",
+                "| plain H=4 |", "| defaults H=4 |", "| defaults, overlapped 1 H=4 |"):
+        assert row in out, (row, out)
