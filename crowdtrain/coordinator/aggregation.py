@@ -49,8 +49,9 @@ The default is "centered_clip" (also the run config's `swarm.aggregation`). Unli
 3 honest workers, 5 rounds x H=30): held-out 4.477 against 4.458 with clip_mean (+0.4%),
 still below the lone-worker floor (4.547).
 
-Pure functions and small classes; imports only torch, the standard library, kernels.py (numba,
-lazily) and the method names (METHODS, defined with the run's settings in crowdtrain.run.folder).
+Pure functions and small classes; imports only torch, numpy, the standard library, kernels.py
+(numba, lazily) and the method names (METHODS, defined with the run's settings in
+crowdtrain.run.folder).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from crowdtrain.coordinator import kernels
@@ -154,7 +156,9 @@ class DeltaSource(Protocol):
     A source may also offer `read_into(name, a, b, out)`, writing the same values as
     `read(name, a, b)` into `out` (a contiguous float32 tensor of b - a elements) without
     allocating: `robust_aggregate` then decodes every contribution's block straight into one
-    preallocated matrix (the payload sources of coordinator.payloads do)."""
+    preallocated matrix (the payload sources of coordinator.payloads do). An int8 payload
+    source also offers `int8_rows(name)` (its blocks and scales as arrays): when every source
+    does, a block matrix is decoded in one compiled call (`kernels.row_decoder`)."""
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         """Flat float32 elements [a, b) of parameter `name` (flattened row-major)."""
@@ -461,7 +465,11 @@ class _Passes:
     thread pool, the device."""
 
     def __init__(self, sources, names_shapes, block_elems, threads, device):
+        self.sources = list(sources)
         self.fill = [_filler(s) for s in sources]
+        self.decode_rows = kernels.row_decoder()
+        self._int8: dict[str, tuple | None] = {}  # name -> `_int8_table`
+        self._int8_lock = threading.Lock()
         self.blocks = list(param_blocks(names_shapes, block_elems))
         self.threads = max(1, threads)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -492,8 +500,15 @@ class _Passes:
         on the CPU), the matrix of its other columns alone and their indices."""
         cpu = self.device.type == "cpu"
         x = self.buffer("x" if cpu else "host", len(rows), b - a, torch.device("cpu"))
-        for i, row in zip(rows, x.unbind(0), strict=True):
-            self.fill[i](name, a, b, row)
+        table = self._int8_table(name)
+        if table is not None and a % table[2] == 0 and (b - a) % table[2] == 0 \
+                and b <= table[3]:  # every row int8 and whole blocks: one compiled call
+            qbase, sbase, bs, _ = table
+            idx = list(rows)
+            self.decode_rows(qbase[idx] + a, sbase[idx] + 4 * (a // bs), x.numpy(), bs)
+        else:
+            for i, row in zip(rows, x.unbind(0), strict=True):
+                self.fill[i](name, a, b, row)
         cols = _support(x) if compact and cpu else None
         if cols is not None:
             x = torch.index_select(x, 1, cols, out=self.buffer("xs", len(rows), cols.numel()))
@@ -502,6 +517,27 @@ class _Passes:
         if mult is not None:
             x.mul_(mult[:, None])
         return x, cols
+
+    def _int8_table(self, name: str) -> tuple | None:
+        """For `kernels.row_decoder`: (the address of every source's int8 blocks of `name`,
+        of its scales, the block, how many values the whole blocks cover), when every source
+        offers them (`int8_rows`: int8 payloads) with one block size and no scale that could
+        overflow a value (those are checked row by row); else None. Made once per name."""
+        with self._int8_lock:
+            if name in self._int8:
+                return self._int8[name]
+            got = None
+            offers = [getattr(s, "int8_rows", None) for s in self.sources]
+            if self.decode_rows is not None and all(callable(f) for f in offers):
+                parts = [f(name) for f in offers]
+                ok = all(p is not None and not p[3] and p[0].flags.c_contiguous
+                         and p[1].flags.c_contiguous for p in parts)
+                if ok and len({(p[0].shape, p[2]) for p in parts}) == 1:
+                    got = (np.array([p[0].ctypes.data for p in parts], dtype=np.int64),
+                           np.array([p[1].ctypes.data for p in parts], dtype=np.int64),
+                           parts[0][2], parts[0][0].size)
+            self._int8[name] = got
+            return got
 
     def scratch(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two scratch matrices for the block math: n + 1 and n rows of `length`."""

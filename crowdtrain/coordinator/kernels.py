@@ -12,10 +12,12 @@ columns are the innermost, so LLVM vectorises them (the same network, min/max ov
 columns at once); columns never mix, and every sum runs in one fixed order, so the result is
 bit-identical run to run on a machine.
 
-`dequantizer()`'s loop writes q x scale for whole int8 blocks straight from the payload's memory
-map: torch's mixed-dtype multiply (int8 x float32 into float32) runs ~1.9 ns a value on one
-thread, this loop ~0.15 ns, the same single float32 product so the same bits; every pass of
-the close decodes every contribution again, so this was most of a 100-contribution close.
+The int8 decodes (coordinator/rowdecode.py) write q x scale for whole int8 blocks straight
+from the payloads' memory maps, one row (`dequantizer`) or a whole block matrix in one call
+(`row_decoder`, what the aggregation uses): torch's mixed-dtype multiply (int8 x float32 into
+float32) runs ~1.9 ns a value on one thread, these loops ~0.15 ns, the same single float32
+product so the same bits; every pass of the close decodes every contribution again, so this
+was most of a 100-contribution close.
 
 numba is imported lazily: without it (or where it cannot compile) `first_pass` and
 `dequantizer()` return None and the caller runs its torch operations instead;
@@ -178,17 +180,6 @@ def _first_pass_py(x, w, k, ops, tile, v, sq, gram, want_sq, gram_mode):  # prag
                 gram[q, p] = gram[p, q]
 
 
-def _dequantize_py(q, scale, out):  # pragma: no cover
-    """out[r, j] = float32(q[r, j]) * scale[r] for an r x block int8 matrix (one block a row)
-    and its r float32 scales; one float32 product per value, as torch's `q * scale`."""
-    for r in range(q.shape[0]):
-        s = scale[r]
-        qr = q[r]
-        orow = out[r]
-        for j in range(q.shape[1]):
-            orow[j] = np.float32(qr[j]) * s
-
-
 def _warm_first_pass(fn: Callable) -> None:
     x = np.zeros((3, 5), dtype=np.float32)
     fn(x, np.ones(3, dtype=np.float32), 1, np.array([[0, 1, 3]], dtype=np.int64), 16,
@@ -200,23 +191,39 @@ def _warm_dequantize(fn: Callable) -> None:
        np.empty((2, 4), dtype=np.float32))
 
 
-# name: (the Python loop, numba's fastmath for it, a call that compiles the signature used)
-_KERNELS = {"first_pass": (_first_pass_py, True, _warm_first_pass),
-            "dequantize": (_dequantize_py, False, _warm_dequantize)}
+def _warm_decode_rows(fn: Callable) -> None:
+    q, scale = np.zeros((2, 16), dtype=np.int8), np.ones(2, dtype=np.float32)
+    fn(np.array([q.ctypes.data], dtype=np.int64), np.array([scale.ctypes.data], dtype=np.int64),
+       np.empty((1, 32), dtype=np.float32), 16)
+
+
+def _load(name: str) -> Callable:
+    """Kernel `name` compiled: `first_pass` from its Python loop here; the int8 decodes from
+    coordinator/rowdecode.py (numba-only code: raw addresses)."""
+    import numba
+
+    if name == "first_pass":
+        return numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False,
+                          error_model="numpy")(_first_pass_py)
+    from crowdtrain.coordinator import rowdecode
+
+    return {"dequantize": rowdecode.dequantize_rows, "decode_rows": rowdecode.decode_rows}[name]
+
+
+_WARM = {"first_pass": _warm_first_pass, "dequantize": _warm_dequantize,
+         "decode_rows": _warm_decode_rows}
 
 
 @functools.cache
 def _compiled(name: str = "first_pass") -> Callable | None:
     """Kernel `name` compiled (cached on disk), or None where numba is missing or fails."""
     try:
-        import numba
+        import numba  # noqa: F401
     except ImportError:
         return None
-    py, fast, warm = _KERNELS[name]
     try:
-        fn = numba.njit(nogil=True, cache=True, fastmath=fast, boundscheck=False,
-                        error_model="numpy")(py)
-        warm(fn)  # compile (or load from the cache) the one signature the callers use
+        fn = _load(name)
+        _WARM[name](fn)  # compile (or load from the cache) the one signature the callers use
         return fn
     except Exception:  # no cache directory, no LLVM target: the torch path does it
         return None
@@ -238,6 +245,15 @@ def dequantizer() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None
     and calls it per block: every Python step per call counts, 100 contributions x ~300
     blocks x 4 passes a round.)"""
     return _compiled("dequantize") if available("dequantize") else None
+
+
+def row_decoder() -> Callable[[np.ndarray, np.ndarray, np.ndarray, int], None] | None:
+    """The compiled decode of a whole block matrix, `fn(qaddr, saddr, out, block)`: row i of
+    `out` (n x L float32, C-contiguous, L a multiple of `block`) = the L int8 values at
+    address qaddr[i] times, block by block, the float32 scales at saddr[i] (int64 arrays of
+    addresses into arrays the caller keeps alive; coordinator/rowdecode.py). Bit-identical
+    to the per-row decode. None where it is not available: the caller decodes row by row."""
+    return _compiled("decode_rows") if available("decode_rows") else None
 
 
 def tile_for(n: int) -> int:

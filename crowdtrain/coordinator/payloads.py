@@ -20,6 +20,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -228,6 +229,17 @@ class SafetensorsQuantSource(_MappedFile):
             self._check_finite(name, dst, big)
         if whole < b - a:
             out[whole:].copy_(self.read(name, a + whole, b))
+
+    def int8_rows(self, name: str) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+        """For the aggregation's whole-matrix decode (`kernels.row_decoder`): int8 `name`'s
+        whole blocks (blocks x block int8, a view of the file), its scales (float32, one a
+        block), the block, and whether a scale is large enough to overflow a value; None for
+        int4. Valid while the source is open."""
+        if self.codec != "int8":
+            return None
+        self._check_range(name, 0, 0)
+        _, _, big, qn, sn = self._blocks(name, self.numel[name])
+        return qn, sn, self.block, big
 
     def _blocks(self, name: str, numel: int) -> tuple:
         """int8 `name`'s whole blocks as a blocks x block view of the file, its scales as a

@@ -310,3 +310,73 @@ def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     got, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=2)
     assert rel(got, want) < 1e-6
+
+
+# ---------------------------------------------------------------- the whole-matrix int8 decode
+
+def _int8_files(tmp_path, n: int, blocks: list[int | None], big: int | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, d in enumerate(deltas(n, True, seed=3)):
+        if i == big:  # values near float32's limit: its scales could overflow a value
+            d = {k: v / v.abs().max() * 3.39e38 for k, v in d.items()}
+        p = tmp_path / f"w{i}.safetensors"
+        opts = {"block": blocks[i]} if blocks[i] else {}
+        p.write_bytes(codecs.to_bytes(d, "int8", **opts))
+        paths.append(p)
+    return paths
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", METHODS)
+def test_whole_matrix_int8_decode_equals_row_by_row(tmp_path, method, monkeypatch):
+    # kernels.row_decoder decodes every contribution's block in one call from the payloads'
+    # memory maps: the same bits as the per-row decode, for every method and thread count
+    # (blocks of 4096 values: whole int8 blocks, except each parameter's tail, row by row)
+    from crowdtrain.coordinator import aggregation as agg
+    paths = _int8_files(tmp_path, 9, [None] * 9)
+    weights = [float(1000 + 37 * i) for i in range(9)]
+    cfg = RobustConfig(method=method)
+    calls = []
+    real = agg._Passes.matrix
+
+    def counted(self, rows, *a, **kw):
+        calls.append(self._int8_table(a[1] if len(a) > 1 else kw["name"]) is not None)
+        return real(self, rows, *a, **kw)
+
+    monkeypatch.setattr(agg._Passes, "matrix", counted)
+    fast = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=t)
+            for t in (1, 2)]
+    assert any(calls)  # the one-call decode ran
+    monkeypatch.setattr(kernels, "row_decoder", lambda: None)
+    slow, slow_screen = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096,
+                                  threads=1)
+    for got, screening in fast:
+        assert all(torch.equal(got[k], slow[k]) for k in SHAPES), method
+        assert screening == slow_screen
+
+
+@needs_kernel
+def test_whole_matrix_decode_only_where_every_row_can(tmp_path):
+    # one payload of another block size, or one whose scales could overflow a value (checked
+    # row by row for non-finite values): that parameter's blocks are decoded row by row,
+    # and the result still equals the original aggregation's
+    from crowdtrain.coordinator.aggregation import _Passes
+    cases = {"uniform": (_int8_files(tmp_path / "u", 5, [None] * 5), True),
+             "mixed blocks": (_int8_files(tmp_path / "m", 5, [None, 128, None, None, None]),
+                              False),
+             "a large scale": (_int8_files(tmp_path / "b", 5, [None] * 5, big=4), False)}
+    for case, (paths, whole) in cases.items():
+        srcs = [open_payload(p, SHAPES) for p in paths]
+        try:
+            passes = _Passes(srcs, SHAPES, 4096, 1, None)
+            assert (passes._int8_table("emb") is not None) == whole, case
+        finally:
+            for s in srcs:
+                s.close()
+    paths = cases["mixed blocks"][0]
+    weights = [1.0] * 5
+    cfg = RobustConfig(method="centered_clip")
+    want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
+    got, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=2)
+    assert rel(got, want) < 1e-6

@@ -734,3 +734,22 @@ def test_no_request_waits_for_a_round_to_close(tiny_run, tmp_path):
     finally:
         release.set()
         c.close()
+
+
+def test_volunteers_waiting_for_a_close_poll_less_often_in_a_large_round(coord):
+    # every volunteer whose work is in asks again after retry_after: 0.5 s in a small round;
+    # in a large one, the round's leases / WAIT_POLLS_PER_SECOND, so their polling together
+    # stays bounded while the close needs the core
+    from crowdtrain.coordinator.rules import WAIT_POLLS_PER_SECOND
+
+    small = volunteer(coord, "first")
+    la = lease(coord, small)
+    coord.submit(small, la.lease_id, payload(la, coord.shapes))
+    waiting = coord.lease(small, LeaseRequest())
+    assert waiting.status == "wait" and waiting.retry_after == 0.5
+    for i in range(99):  # a round of 100 volunteers
+        lease(coord, volunteer(coord, f"v{i}"))
+    waiting = coord.lease(small, LeaseRequest())
+    assert waiting.status == "wait" and "is in" in waiting.message
+    assert waiting.retry_after == pytest.approx(100 / WAIT_POLLS_PER_SECOND) and \
+        waiting.retry_after > 2
