@@ -149,6 +149,14 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: tor
     return alpha * kl + (1 - alpha) * ce
 
 
+def check_batch_splits(batch_size: int, ranks: int) -> None:
+    """CrowdtrainError unless the run's batch splits evenly across `ranks` processes, as the
+    inner loop requires (each rank takes its contiguous 1/ranks of every batch)."""
+    if batch_size % ranks:
+        raise CrowdtrainError(f"the run's batch size {batch_size} does not split across "
+                              f"{ranks} processes: use a divisor of it (--nproc)")
+
+
 class InnerLoop:
     """AdamW on a model, with schedule, clipping and bf16 autocast on CUDA."""
 
@@ -166,9 +174,7 @@ class InnerLoop:
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
-        if cfg.batch_size % ranks:
-            raise CrowdtrainError(f"the run's batch size {cfg.batch_size} does not split "
-                                  f"across {ranks} processes: use a divisor of it")
+        check_batch_splits(cfg.batch_size, ranks)
         self.ranks, self.rank = ranks, rank
         self.local_batch = cfg.batch_size // ranks
         self.micro_batch = min(micro_batch or self.local_batch, self.local_batch)

@@ -8,9 +8,9 @@ import dataclasses
 import os
 import signal
 import socket
-import sys
 
 from crowdtrain.errors import CrowdtrainError
+from crowdtrain.run.train import check_batch_splits
 from crowdtrain.volunteer import ranks as rk
 from crowdtrain.volunteer.client import Client
 from crowdtrain.volunteer.config import WorkerConfig, WorkerSummary
@@ -40,10 +40,6 @@ def launch_ranks(cfg: WorkerConfig) -> WorkerSummary:
 
     _check_batch_splits(cfg)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if sys.platform.startswith("linux") and os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
-        # gloo otherwise binds to whatever the hostname resolves to, which on some machines
-        # (a container, a hostname missing from /etc/hosts) is no local address at all
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with socket.socket() as s:  # a free port for the group's rendezvous
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
@@ -68,10 +64,7 @@ def _check_batch_splits(cfg: WorkerConfig) -> None:
         info = protocol.RunInfo.model_validate(client.call("GET", protocol.INFO).json())
     finally:
         client.close()
-    batch = int(info.train.get("batch_size", 1))
-    if batch % cfg.nproc:
-        raise CrowdtrainError(f"the run's batch size {batch} does not split across "
-                              f"{cfg.nproc} processes: use a divisor of it for --nproc")
+    check_batch_splits(int(info.train.get("batch_size", 1)), cfg.nproc)
 
 
 def _rank_main(rank: int, cfg: WorkerConfig, results) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,11 @@ def _device_for(rank: int, preference: str) -> tuple[torch.device, str]:
 def init(rank: int, world: int, preference: str = "auto") -> Ranks:
     """Join the group described by MASTER_ADDR / MASTER_PORT in the environment."""
     device, backend = _device_for(rank, preference)
+    if backend == "gloo" and sys.platform.startswith("linux") and \
+            os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):
+        # gloo otherwise binds to whatever the hostname resolves to, which on some machines
+        # (a container, a hostname missing from /etc/hosts) is no local address at all
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, rank=rank, world_size=world)
     return Ranks(rank, world, device)
 
