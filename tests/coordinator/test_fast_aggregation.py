@@ -44,6 +44,20 @@ def deltas(n: int, attacked: bool, seed: int = 0) -> list[dict[str, torch.Tensor
     return out
 
 
+def write_payloads(folder, ds, codec: str = "int8", **opts) -> list:
+    """Each delta of `ds` as a payload file of `codec` in `folder` (options per file: a list
+    value gives file i its i-th item, None for the codec's default)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, d in enumerate(ds):
+        own = {k: v[i] if isinstance(v, list) else v for k, v in opts.items()}
+        p = folder / f"c{i}.safetensors"
+        p.write_bytes(codecs.to_bytes(d, codec, **{k: v for k, v in own.items()
+                                                    if v is not None}))
+        paths.append(p)
+    return paths
+
+
 @pytest.fixture(params=[(8, False, "int8"), (8, True, "int8"), (5, True, "int8"),
                         (20, False, "int8"), (3, False, "int8"), (8, False, "sparse"),
                         (8, True, "sparse"), (8, False, "sparse-dense"),
@@ -51,11 +65,8 @@ def deltas(n: int, attacked: bool, seed: int = 0) -> list[dict[str, torch.Tensor
                 ids=lambda p: f"{p[0]}{'-attacked' if p[1] else ''}-{p[2]}")
 def payloads(request, tmp_path):
     n, attacked, codec = request.param
-    paths = []
-    for i, d in enumerate(deltas(n, attacked, seed=n)):
-        p = tmp_path / f"c{i}.safetensors"
-        p.write_bytes(codecs.to_bytes(d, codec.split("-")[0], **CODECS[codec]))
-        paths.append(p)
+    paths = write_payloads(tmp_path, deltas(n, attacked, seed=n), codec.split("-")[0],
+                           **CODECS[codec])
     weights = [float(1000 + 37 * i) for i in range(n)]
     return paths, weights
 
@@ -121,11 +132,7 @@ def test_centered_clip_by_passes_or_gram_equals_the_previous(payloads, monkeypat
 def test_columns_of_zeros_are_left_out_bit_identically(tmp_path, method):
     # sparse payloads: the math runs on the columns where someone sent a value (`_support`);
     # the same result run to run and across thread counts, and equal to the original
-    paths = []
-    for i, d in enumerate(deltas(8, False, seed=3)):
-        p = tmp_path / f"c{i}.safetensors"
-        p.write_bytes(codecs.to_bytes(d, "sparse"))
-        paths.append(p)
+    paths = write_payloads(tmp_path, deltas(8, False, seed=3), "sparse")
     weights = [float(1000 + 37 * i) for i in range(8)]
     cfg = RobustConfig(method=method)
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
@@ -300,11 +307,7 @@ def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
     assert kernels.dequantizer() is None
     assert kernels.first_pass(torch.zeros(3, 5), torch.ones(3), 1,
                               kernels.network_array(()), torch.empty(5), True, 1) is None
-    paths = []
-    for i, d in enumerate(deltas(5, True, seed=11)):
-        p = tmp_path / f"c{i}.safetensors"
-        p.write_bytes(codecs.to_bytes(d, "int8"))
-        paths.append(p)
+    paths = write_payloads(tmp_path, deltas(5, True, seed=11))
     weights = [float(1000 + 37 * i) for i in range(5)]
     cfg = RobustConfig()
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
@@ -314,17 +317,11 @@ def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- the whole-matrix int8 decode
 
-def _int8_files(tmp_path, n: int, blocks: list[int | None], big: int | None = None):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, d in enumerate(deltas(n, True, seed=3)):
-        if i == big:  # values near float32's limit: its scales could overflow a value
-            d = {k: v / v.abs().max() * 3.39e38 for k, v in d.items()}
-        p = tmp_path / f"w{i}.safetensors"
-        opts = {"block": blocks[i]} if blocks[i] else {}
-        p.write_bytes(codecs.to_bytes(d, "int8", **opts))
-        paths.append(p)
-    return paths
+def _int8_files(folder, n: int, blocks: list[int | None], big: int | None = None):
+    ds = deltas(n, True, seed=3)
+    if big is not None:  # values near float32's limit: its scales could overflow a value
+        ds[big] = {k: v / v.abs().max() * 3.39e38 for k, v in ds[big].items()}
+    return write_payloads(folder, ds, block=blocks)
 
 
 @needs_kernel
