@@ -36,7 +36,8 @@ def payload(lease: Lease, shapes: dict, tokens: int = 1000, seed: int = 0,
             **stats) -> bytes:
     """A contribution for `lease` in `codec` (`codec_options`: to_bytes's block, k, bits)."""
     st = SubmitStats(lease_id=stats.pop("lease_id", lease.lease_id),
-                     round=stats.pop("round", lease.round), steps=5, tokens=tokens,
+                     round=stats.pop("round", lease.round), steps=stats.pop("steps", 5),
+                     tokens=tokens,
                      mean_loss=stats.pop("mean_loss", 5.0), seconds=stats.pop("seconds", 1.0))
     return codecs.to_bytes(delta or make_delta(shapes, seed=seed), codec,
                            meta={"stats": st.model_dump_json()}, **(codec_options or {}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,7 +32,29 @@ VERIFY_SECRET = "verify_secret"
 # provisionally above these shares of the round's median gain and specificity (measured:
 # honest ones ahead down to 0.27x and 0.19x; noise passing the absolute tests, 0.04x gain)
 AHEAD_GAIN_RATIO = 0.1
+# the note of a contribution that passed the absolute checks but not the round-relative ones,
+# in a run that can copy leases: credited provisionally, its volunteer's next lease copied
+SUSPECT = "provisional: below the round's reference, its next lease is copied to check"
 AHEAD_SPECIFICITY_RATIO = 0.05
+
+
+def _relative(part: str) -> bool:
+    """Whether one part of a check's reason is a round-relative failure (below the round's
+    median gain or specificity, or closer to another delta than the median pair is), not an
+    absolute one (no loss drop, no specificity, a cosine above copy_max_cosine)."""
+    return part.startswith(("loss drop ", "specificity ")) or (
+        part.startswith("cosine ") and "against a median" in part)
+
+
+@dataclass(frozen=True)
+class ReplicaPair:
+    """One side of a replicated lease in a close: the index of the other side, whether the
+    two agreed, whether this side lost a disagreement, and the note for the ledger."""
+
+    other: int
+    agreed: bool = False
+    lost: bool = False
+    note: str = ""
 
 
 class RoundChecker:
@@ -42,6 +65,33 @@ class RoundChecker:
         self.run, self.ledger, self.shapes = run, ledger, shapes
         self._vmodel: torch.nn.Module | None = None
         self._vshards: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def wants_copy(self, volunteer_id: int, key: int) -> bool:
+        """Whether a new fresh lease of this volunteer gets a copy: always when its last
+        checked contribution is suspect (below the round's reference only), else BOINC's
+        adaptive replication (`verification.should_replicate` on its trust, drawn with the
+        secret seed and `key`, unique per lease)."""
+        last = self.ledger.last_verification(volunteer_id)
+        if last is not None and (last["reason"] or "").startswith(SUSPECT):
+            return True
+        state = V.TrustState(*self.ledger.trust(volunteer_id))
+        return V.should_replicate(state, self._secret(), key)
+
+    def aggregation_weights(self, rows) -> list[float]:
+        """Each contribution's weight in the round's mean: its tokens, halved for both sides
+        of a replicated lease aggregated together (a copy checks the work, it is not new
+        data: the pair weighs as one lease, or its shard would count twice). Credit is not
+        touched: both volunteers did the work."""
+        leases = {r["lease_id"]: self.ledger.lease(r["lease_id"]) for r in rows
+                  if r["lease_id"] is not None}
+        paired = {lease["replica_of"] for lease in leases.values()
+                  if lease is not None and lease["replica_of"] in leases}
+        paired |= {i for i, lease in leases.items()
+                   if lease is not None and lease["replica_of"] in paired}
+        return [float(r["weight"]) * (0.5 if r["lease_id"] in paired else 1.0) for r in rows]
+
+    def _secret(self) -> int:
+        return int(self.ledger.secret_value(VERIFY_SECRET), 16) & (2**62 - 1)
 
     def check(self, rnd: int, rows, theta: dict[str, torch.Tensor]) -> None:
         """Check every accepted contribution of round `rnd` before it is aggregated (the
@@ -75,9 +125,9 @@ class RoundChecker:
             return
         cfg = V.VerifyConfig()
         started = time.perf_counter()
-        sources, checked, contribs, previous = [], [], [], []
+        sources, checked, contribs, previous, leases = [], [], [], [], []
         try:
-            secret = int(self.ledger.secret_value(VERIFY_SECRET), 16) & (2**62 - 1)
+            secret = self._secret()
             for r in rows:
                 lease = self.ledger.lease(r["lease_id"]) if r["lease_id"] is not None else None
                 if lease is None:
@@ -89,9 +139,15 @@ class RoundChecker:
                 lb, cb, frac = self._check_batches(lease, r["steps"], secret, cfg)
                 contribs.append(V.Contribution(src, lb, cb, frac))
                 checked.append(r)
+                leases.append(lease)
             if not checked:
                 return
+            here = {int(lease["id"]) for lease in leases}  # a copy whose original is here too
+            contribs = [replace(c, copy=lease["replica_of"] in here)
+                        for c, lease in zip(contribs, leases, strict=True)]
             for r in self.ledger.accepted(rnd - 1) if rnd > 0 else []:
+                if r["excluded"]:  # left out (noise is near-orthogonal to everything: it
+                    continue  # would drag the earlier deltas' median cosine down)
                 p = self.run.dir / r["path"] if r["path"] else None
                 if p is not None and p.is_file():
                     sources.append(open_payload(p, self.shapes))
@@ -103,6 +159,7 @@ class RoundChecker:
                 previous.append({k: -v for k, v in update.items()})
             verdicts = V.check_round(self._model(), theta, contribs, previous,
                                      cfg)
+            pairs = self._replica_pairs(checked, leases, contribs, verdicts, cfg)
         except Exception as e:  # the check itself broke: nothing honest is lost for it
             log.exception("round %d: the verification could not run", rnd)
             for r in rows:
@@ -115,15 +172,24 @@ class RoundChecker:
                 if hasattr(src, "close"):
                     src.close()
         ids = [r["id"] for r in checked]
-        for r, v in zip(checked, verdicts, strict=True):
+        for i, (r, v) in enumerate(zip(checked, verdicts, strict=True)):
             ok, reason = v.ok, v.reason
             near = int(v.numbers.get("sim_nearest", -1))
+            pair = pairs.get(i)
+            if not ok and pair is not None and near == pair.other:
+                # its copy of the same lease is its nearest: that is the point of a copy
+                rest = [p for p in reason.split("; ") if not p.startswith("cosine ")]
+                ok, reason = not rest, "; ".join(rest)
+            if pair is not None and pair.lost:
+                ok, reason = False, pair.note
             if not ok and 0 <= near < len(checked) and ids[near] > r["id"]:
                 # a near-copy within the round: only the later upload of the pair is the copy
                 rest = [p for p in reason.split("; ") if not p.startswith("cosine ")]
                 ok, reason = not rest, "; ".join(rest)
-            if not ok and reason.startswith(("loss drop ", "specificity ")) and \
-                    self._not_from_theta(rnd, r) and self._near_the_round(v.numbers):
+            relative = not ok and all(_relative(p) for p in reason.split("; "))
+            if relative and pair is not None and pair.agreed:
+                ok, reason = True, ""  # a copy of its lease confirmed the work itself
+            if relative and self._not_from_theta(rnd, r) and self._near_the_round(v.numbers):
                 # trained ahead or late, it failed only the round-relative part: measured in a
                 # real overlapped swarm (3 honest workers, every lease ahead), one honest
                 # volunteer's contributions had 0.27x the round's median gain (0.09 vs 0.33)
@@ -135,6 +201,14 @@ class RoundChecker:
                     "provisional: trained ahead or late, not from this round's model; it "
                     f"passed the absolute checks, not the round-relative one ({reason})")
                 ok = True
+            elif relative and self.run.config.swarm.fresh_leases and self._useful(v.numbers):
+                # only below the round's medians, which vary with the lease's shard and the
+                # stage of training (measured: honest ones down to 0.04x the median
+                # specificity, 0.45x the median gain, from a random model): suspect, not
+                # failed; credited for now and the volunteer's next lease is copied
+                # (`wants_copy`), which settles it. Almost no gain at all still fails.
+                outcome, note = "provisional", f"{SUSPECT}: {reason}"
+                ok = True
             elif not ok:
                 outcome, note = "failed", f"verification: {reason}"
             elif "ref_gain" not in v.numbers:
@@ -143,12 +217,28 @@ class RoundChecker:
                     f"{cfg.min_reference} for its reference; credited on the absolute checks")
             else:
                 outcome, note = "valid", None
+            if pair is not None and pair.note and outcome != "failed":
+                note = pair.note if note is None else f"{note}; {pair.note}"
             if r["verified"] is None:
-                self._record_verdict(r, outcome, note)
+                self._record_verdict(r, outcome, note,
+                                     replicated=pair is not None and pair.agreed)
+                if pair is not None and pair.lost:
+                    n = self.ledger.revoke_credit(r["volunteer_id"], (
+                        f"credit revoked: caught by a replica in round {rnd}"))
+                    log.warning("round %d: volunteer %d caught by a replica; credit of %d "
+                                "contribution(s) revoked", rnd, r["volunteer_id"], n)
             if not ok:
                 log.warning("round %d: contribution %d left out: %s", rnd, r["id"], reason)
         log.info("round %d: verified %d contribution(s) in %.2fs", rnd, len(checked),
                  time.perf_counter() - started)
+
+    @staticmethod
+    def _useful(nums: dict[str, float]) -> bool:
+        """Whether a contribution's gain is at least AHEAD_GAIN_RATIO of the round's median
+        (for its share of the steps): noise that passes the absolute tests by chance does not
+        reach it (measured at most 0.04x)."""
+        return nums.get("gain", 0.0) >= AHEAD_GAIN_RATIO * min(
+            1.0, nums.get("steps_fraction", 1.0)) * nums.get("ref_gain", 0.0)
 
     @staticmethod
     def _near_the_round(nums: dict[str, float]) -> bool:
@@ -169,13 +259,52 @@ class RoundChecker:
         opened = self.ledger.round_row(lease["round"])
         return opened is not None and lease["issued_at"] < opened["opened_at"]
 
-    def _record_verdict(self, row, outcome: str, note: str | None) -> None:
-        """The outcome in the ledger, with the volunteer's trust moved by a decided one."""
+    def _replica_pairs(self, checked, leases, contribs, verdicts, cfg: V.VerifyConfig
+                       ) -> dict[int, ReplicaPair]:
+        """The copies among the checked contributions (a lease and its copy, `replica_of`,
+        both in this close), compared (`verification.compare_replicas`): by index in
+        `checked`, each side's outcome. Both must report all the lease's steps, else the pair
+        is inconclusive (noted, nobody loses). When they disagree, the one whose loss drop on
+        the lease's batches (the same secret batches for both) is the lower has lost: an
+        honest copy beats one that trained half the steps, or on other data."""
+        where = {int(lease["id"]): i for i, lease in enumerate(leases)}
+        pairs: dict[int, ReplicaPair] = {}
+        for b, lease in enumerate(leases):
+            a = where.get(lease["replica_of"]) if lease["replica_of"] is not None else None
+            if a is None:
+                continue
+            ra, rb = checked[a], checked[b]
+            full = all(int(r["steps"] or 0) >= int(lease["max_steps"]) for r in (ra, rb))
+            if not full:
+                note = (f"replicated: lease {leases[a]['id']} and its copy {lease['id']} not "
+                        "both trained in full; inconclusive")
+                pairs[a], pairs[b] = ReplicaPair(b, note=note), ReplicaPair(a, note=note)
+                continue
+            v = V.compare_replicas(contribs[a].delta, contribs[b].delta, cfg, self.shapes)
+            if v.ok:
+                note = (f"replicated: agrees with the copy of its lease (cosine "
+                        f"{v.numbers.get('cosine', 1.0):.4f})")
+                pairs[a] = ReplicaPair(b, agreed=True, note=note)
+                pairs[b] = ReplicaPair(a, agreed=True, note=note)
+                continue
+            gain = [float(verdicts[i].numbers.get("gain", float("-inf"))) for i in (a, b)]
+            lose, win = (a, b) if gain[0] < gain[1] else (b, a)
+            note = (f"the copy of its lease by another volunteer disagrees "
+                    f"({v.reason}) and its loss drop on the lease's batches is the lower "
+                    f"({gain[0 if lose == a else 1]:.4g} vs {gain[0 if win == a else 1]:.4g})")
+            pairs[lose] = ReplicaPair(win, lost=True, note=note)
+            pairs[win] = ReplicaPair(lose, note="replicated: its copy disagreed and lost")
+        return pairs
+
+    def _record_verdict(self, row, outcome: str, note: str | None,
+                        replicated: bool = False) -> None:
+        """The outcome in the ledger, with the volunteer's trust moved by a decided one
+        (`replicated`: a copy of its lease agreed)."""
         trust = None
         if outcome in ("valid", "failed"):
             state = V.record_result(V.TrustState(*self.ledger.trust(row["volunteer_id"])),
-                                    outcome == "valid")
-            trust = (state.streak, state.valid, state.failures)
+                                    outcome == "valid", replicated)
+            trust = (state.streak, state.valid, state.failures, state.replicas)
         self.ledger.record_verification(row["id"], outcome, note, trust)
 
     def _model(self) -> torch.nn.Module:
@@ -207,11 +336,13 @@ class RoundChecker:
         max_steps = int(lease["max_steps"])
         done = max(1, min(int(steps or max_steps), max_steps))
         k = V.loss_batches_for(max_steps, cfg)
-        mine = V.check_steps(int(lease["start_step"]), done, k, secret + int(lease["id"]))
+        # a copy is measured on its original's batches: the two are compared
+        key = int(lease["replica_of"] if lease["replica_of"] is not None else lease["id"])
+        mine = V.check_steps(int(lease["start_step"]), done, k, secret + key)
         names = json.loads(lease["shards"])
         leased = [self._tokens(index.entry(n), "train") for n in names]
         others = [e for e in index.train if e.name not in names]
-        rng = np.random.default_rng([secret, int(lease["id"])])
+        rng = np.random.default_rng([secret, key])
         if others:
             control = [self._tokens(others[int(rng.integers(len(others)))], "train")]
         else:

@@ -388,11 +388,12 @@ class Coordinator:
             log.info("volunteer %d (%s) resumes lease %d of round %d", vol.id, vol.name,
                      held["id"], rnd)
         else:
-            held = self._new_lease(vol, rnd, deadline, start_step)
+            held = self._new_lease(vol, rnd, deadline, start_step,
+                                   fresh=self.cfg.fresh_leases and not ahead)
         return LeaseResponse(status="lease", lease=Lease(
             lease_id=held["id"], round=rnd, shards=json.loads(held["shards"]), seed=held["seed"],
             start_step=held["start_step"], max_steps=held["max_steps"], seconds=seconds,
-            deadline_in=remaining, ahead=ahead))
+            deadline_in=remaining, ahead=ahead, fresh=bool(held["fresh"])))
 
     def _paced_end(self, rnd: int, now: float) -> float | None:
         """When round `rnd`'s leases should end their training, in an overlapped run: the
@@ -415,23 +416,36 @@ class Coordinator:
                 del self.paced_ends[old]
         return self.paced_ends[rnd]
 
-    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float, start_step: int):
-        """Record a fresh lease on round `rnd`: the shard this round has used least (voided
+    def _new_lease(self, vol: Volunteer, rnd: int, deadline: float, start_step: int,
+                   fresh: bool = False):
+        """Record a new lease on round `rnd`: the shard this round has used least (voided
         leases do not count, so a worker that died and came back does not skew the round's
         data), the next in turn among those; a new batch seed; the round's step budget from
         the schedule position `start_step` (the open round's checkpoint's; one round further
-        for a lease ahead)."""
+        for a lease ahead). A `fresh` lease (a run that verifies by replication) is the copy
+        of another volunteer's lease of the round whose copy is wanted, if there is one (same
+        shard, seed and steps: `replica_of`); otherwise a new one whose copy is wanted with
+        the volunteer's replication probability (`RoundChecker.wants_copy`)."""
         shards = self.run.index.train
         n_leases = self.ledger.count_leases()
+        max_steps = self.cfg.round_steps(rnd)
+        tokens = max_steps * self.tcfg.batch_size * self.tcfg.seq_len
+        if fresh and (orig := self.ledger.wanted_copy(rnd, vol.id)) is not None:
+            lease_id = self.ledger.add_lease(
+                vol.id, rnd, deadline, orig["start_step"], orig["max_steps"],
+                orig["max_tokens"], orig["seed"], json.loads(orig["shards"]), fresh=True,
+                replica_of=orig["id"])
+            log.info("round %d: lease %d of volunteer %d (%s) is a copy of lease %d",
+                     rnd, lease_id, vol.id, vol.name, orig["id"])
+            return self.ledger.lease(lease_id)
         used = Counter(name for r in self.ledger.leases_of_round(rnd) if r["state"] != "expired"
                        for name in json.loads(r["shards"]))
         turn = n_leases % len(shards)
         shard = min(shards, key=lambda s: (used[s.name], (shards.index(s) - turn) % len(shards)))
-        max_steps = self.cfg.round_steps(rnd)
         lease_id = self.ledger.add_lease(
-            vol.id, rnd, deadline, start_step, max_steps,
-            max_steps * self.tcfg.batch_size * self.tcfg.seq_len,
-            self.run.config.seed * 1_000_003 + n_leases, [shard.name])
+            vol.id, rnd, deadline, start_step, max_steps, tokens,
+            self.run.config.seed * 1_000_003 + n_leases, [shard.name], fresh=fresh,
+            replicate=fresh and self.checker.wants_copy(vol.id, n_leases))
         return self.ledger.lease(lease_id)
 
     # ------------------------------------------------------------------ contributions
@@ -731,7 +745,7 @@ class Coordinator:
             for r in rows:  # memory-mapped, read block by block: the blocks shrink as workers
                 # grow, so the working memory stays ~ a fixed budget (aggregation.block_for)
                 sources.append(open_payload(self.run.dir / r["path"], self.shapes))
-            mean, screening = robust_aggregate(sources, [r["weight"] for r in rows],
+            mean, screening = robust_aggregate(sources, self.checker.aggregation_weights(rows),
                                                self.shapes, RobustConfig(self.cfg.aggregation),
                                                block_elems=block_for(len(rows)))
         finally:

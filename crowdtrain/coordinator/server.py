@@ -395,7 +395,8 @@ def create_app(coord: Coordinator, tick_seconds: float = 0.2) -> FastAPI:
                   description="Volunteer DiLoCo training over HTTP. Tensors travel as "
                   "safetensors bodies; see crowdtrain/protocol.py.")
     oldest = protocol.min_api_version(coord.cfg.codec, coord.run.config.teacher is not None,
-                                      coord.run.index.masked, coord.cfg.sparse_ef_decay)
+                                      coord.run.index.masked, coord.cfg.sparse_ef_decay,
+                                      coord.cfg.fresh_leases)
     add_error_handlers(app)
     add_request_checks(app, oldest, coord.upload_limit)
     app.add_middleware(CountServed, coord=coord)

@@ -37,14 +37,19 @@ independent checks use that, each cheap enough to run on every contribution or o
 
 2. Replication (`compare_replicas`, on a sample the trust policy draws). The same lease is
    given to a second volunteer. Workers normally carry AdamW state and an error-feedback
-   residual across rounds, so the two copies would differ by that private state; a replicated
-   lease therefore starts FRESH on both copies: the round's parameters theta_r, new AdamW
-   state (step 0) and a zero residual; the delta is sent in the run's codec applied to this
-   delta alone, and what the codec leaves out is added to the worker's kept residual (error
-   feedback loses nothing); the worker's own AdamW state is set aside for its next ordinary
-   lease. Both copies train all max_steps (no time cut: a copy that reports fewer steps is
-   inconclusive, not a failure). To keep the checked lease indistinguishable from others, the
-   coordinator may mark a few more leases fresh than it replicates. The two deltas then differ
+   residual across rounds, so the two copies would differ by that private state. In a run
+   that verifies (`init --verify`, dense codecs) EVERY lease on the open round is therefore
+   FRESH (`Lease.fresh`): the worker starts it from the round's parameters theta_r with new
+   AdamW state (step 0) and sends this lease's delta alone in the run's codec, with no error
+   feedback; so a replicated lease looks like any other to the volunteer (it cannot train
+   honestly only when watched), and its copy is another volunteer's lease on the same shard,
+   seed and steps (`leases.replica_of`), measured on the same secret batches. Both copies
+   must train all max_steps (a copy that reports fewer is inconclusive, not a failure). When
+   the two disagree, the one whose loss drop on the lease's batches is the lower fails:
+   a volunteer that trained half the steps loses to an honest copy. Leases trained ahead
+   (overlapped runs) start from the worker's own parameters and sparse runs need the
+   residual, so neither is fresh nor replicated: the loss check and the similarity check are
+   theirs. The two deltas of honest copies differ
    only by floating-point nondeterminism: measured (bench/results/verification.md), thread
    counts change nothing on one CPU, the reduction order (micro-batches) ~1e-6 relative after
    100 steps, bf16 autocast vs fp32 ~4e-2; the thresholds (cosine >= 0.98, relative
@@ -70,15 +75,18 @@ round's other sparse contributions); fresh (replicated) leases have no residual 
 as any codec's.
 
 Trust (`TrustState`, `replication_probability`, `should_replicate`): BOINC's adaptive
-replication. A new volunteer is replicated with probability `replicate_new`, decaying with its
-streak of valid results to `replicate_min`; a failure resets the streak and multiplies the
-probability. Decisions are deterministic given (seed, lease id).
+replication. A volunteer is replicated with probability `replicate_new` until a replica has
+confirmed its work once, then `replicate_trusted`, decaying with its streak of valid results
+to `replicate_min`; a failure resets the streak and multiplies the probability. Decisions are
+deterministic given (seed, lease id). A volunteer caught by a replica loses the credit of all
+its contributions so far (their credit was provisional on this; the model keeps them).
 
 Cost (`loss_check_cost`, `loss_batches_for`): the loss check is 2 forward passes on k lease
 batches and k control batches, against 3 forward-equivalents (forward + backward) for each of
 the lease's H training steps: cost = 4k / (3H). With the default budget of 5% for the loss
-check and the replication rate's long-run mean below 5% (`expected_replication`), the total
-stays within 10% of the swarm's training compute.
+check and the replication rate's long-run mean below 5% (`expected_replication`: 3.1% over a
+volunteer's first 100 leases, 16% over its first 8: probation costs most in short runs), the
+total stays within 10% of the swarm's training compute once volunteers stay for a while.
 """
 
 from __future__ import annotations
@@ -114,14 +122,15 @@ class VerifyConfig:
     min_batches: int = 4              # never fewer, whatever the budget says
     eval_rows: int = 16               # rows per forward pass
     delta_scale: float = 1.0          # the check applies theta_r - delta_scale * delta
-    min_gain_ratio: float = 0.5       # gain >= this x the round's median gain
-    min_specificity_ratio: float = 0.25  # specificity >= this x the round's median
+    min_gain_ratio: float = 0.25      # gain >= this x the round's median gain
+    min_specificity_ratio: float = 0.1  # specificity >= this x the round's median
     min_reference: int = 3            # measured contributions for a round reference
     loss_budget: float = 0.05         # the loss check's share of the swarm's training compute
     # replication
     replica_min_cosine: float = 0.98
     replica_max_rel_diff: float = 0.2
-    replicate_new: float = 0.3        # probability for a volunteer with no valid result yet
+    replicate_new: float = 0.5        # probability while no replica has confirmed its work
+    replicate_trusted: float = 0.1    # after the first confirmation, decaying with the streak
     replicate_min: float = 0.02       # the floor, for long-trusted volunteers
     streak_scale: float = 3.0         # p = replicate_new / (1 + streak / streak_scale)
     failure_boost: float = 1.0        # p x (1 + failure_boost x failures)
@@ -145,7 +154,8 @@ class VerifyConfig:
             "replica_min_cosine": -1 <= self.replica_min_cosine <= 1,
             "replica_max_rel_diff": self.replica_max_rel_diff > 0,
             "replicate_new": 0 <= self.replicate_new <= 1,
-            "replicate_min": 0 <= self.replicate_min <= self.replicate_new,
+            "replicate_trusted": 0 <= self.replicate_trusted <= self.replicate_new,
+            "replicate_min": 0 <= self.replicate_min <= self.replicate_trusted,
             "streak_scale": self.streak_scale > 0,
             "failure_boost": self.failure_boost >= 0,
             "copy_max_cosine": -1 < self.copy_max_cosine <= 1,
@@ -488,25 +498,34 @@ def similarity_flags(s: Similarity, cfg: VerifyConfig = VerifyConfig()) -> list[
 @dataclass(frozen=True)
 class TrustState:
     """A volunteer's record with the checks: its current streak of valid results, all valid
-    results, all failures. Store the three numbers in the ledger per volunteer."""
+    results, all failures, and how many of its replicated leases a replica confirmed. Stored
+    in the ledger per volunteer."""
 
     streak: int = 0
     valid: int = 0
     failures: int = 0
+    replicas: int = 0
 
 
-def record_result(state: TrustState, ok: bool) -> TrustState:
-    """The state after one checked result: a valid one extends the streak, a failure resets it
-    (and counts). Inconclusive results (a replica that did fewer steps) are not recorded."""
+def record_result(state: TrustState, ok: bool, replicated: bool = False) -> TrustState:
+    """The state after one checked result: a valid one extends the streak (and, `replicated`:
+    a replica of its lease agreed, counts as a confirmation), a failure resets it (and
+    counts). Inconclusive results (a replica that did fewer steps) are not recorded."""
     if ok:
-        return replace(state, streak=state.streak + 1, valid=state.valid + 1)
+        return replace(state, streak=state.streak + 1, valid=state.valid + 1,
+                       replicas=state.replicas + int(replicated))
     return replace(state, streak=0, failures=state.failures + 1)
 
 
 def replication_probability(state: TrustState, cfg: VerifyConfig = VerifyConfig()) -> float:
-    """replicate_new / (1 + streak / streak_scale), at least replicate_min, times
-    (1 + failure_boost x failures), at most 1."""
-    p = max(cfg.replicate_min, cfg.replicate_new / (1 + state.streak / cfg.streak_scale))
+    """BOINC's adaptive replication: `replicate_new` until a replica has confirmed the
+    volunteer's work once (the loss check alone does not catch a volunteer training half the
+    steps, so its valid results do not lower this), then replicate_trusted / (1 + streak /
+    streak_scale), at least replicate_min; times (1 + failure_boost x failures), at most 1."""
+    if state.replicas == 0:
+        p = cfg.replicate_new
+    else:
+        p = max(cfg.replicate_min, cfg.replicate_trusted / (1 + state.streak / cfg.streak_scale))
     return min(1.0, p * (1 + cfg.failure_boost * state.failures))
 
 
@@ -524,13 +543,17 @@ def should_replicate(state: TrustState, seed: int, lease_id: int,
 
 def expected_replication(n_leases: int, cfg: VerifyConfig = VerifyConfig()) -> float:
     """Mean replication probability over an honest volunteer's first `n_leases` leases, each
-    found valid (the streak grows with every contribution's verdict, replicated or not): the
-    replication's share of its compute."""
+    found valid (the streak grows with every contribution's verdict, replicated or not) and
+    its first replicated lease confirmed (counted as replicated at its expected position,
+    1 / replicate_new): the replication's share of its compute. A replicated pair's copy is
+    another volunteer's lease, so a pair confirms two volunteers; this counts each copy once
+    per volunteer, an upper bound."""
     state, total = TrustState(), 0.0
-    for _ in range(n_leases):
+    first = max(1, round(1 / cfg.replicate_new)) if cfg.replicate_new > 0 else n_leases + 1
+    for i in range(n_leases):
         p = replication_probability(state, cfg)
         total += p
-        state = record_result(state, True)  # every contribution gets a verdict (loss check)
+        state = record_result(state, True, replicated=i + 1 == first)
     return total / max(1, n_leases)
 
 
@@ -547,6 +570,7 @@ class Contribution:
     lease_batches: Sequence[Batch]
     control_batches: Sequence[Batch]
     steps_fraction: float = 1.0  # steps reported / the lease's max_steps
+    copy: bool = False  # a copy of another one's lease in the round: counted once in the medians
 
 
 def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
@@ -559,8 +583,12 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
     compared separately (`compare_replicas`), when both copies have arrived."""
     measures = [measure_losses(model, theta, c.delta, c.lease_batches, c.control_batches,
                                cfg.delta_scale, cfg.eval_rows) for c in contributions]
-    full = [m for m, c in zip(measures, contributions, strict=True) if c.steps_fraction >= 1]
-    ref = round_reference(full if len(full) >= cfg.min_reference else measures, cfg)
+    pairs = list(zip(measures, contributions, strict=True))
+    own = [(m, c) for m, c in pairs if not c.copy]
+    if len(own) < cfg.min_reference:  # too few leases of their own: the copies count too
+        own = pairs
+    full = [m for m, c in own if c.steps_fraction >= 1]
+    ref = round_reference(full if len(full) >= cfg.min_reference else [m for m, _ in own], cfg)
     loss = [judge_loss(m, cfg, ref, c.steps_fraction)
             for m, c in zip(measures, contributions, strict=True)]
     if len(contributions) + len(previous) > 1:

@@ -148,9 +148,11 @@ class SwarmConfig:
     # loss check and were left out; the rule needs a control that differs from the lease's data
     verify: bool = field(default=False, metadata={
         "help": "check every contribution before it is credited: a loss check on a sample of "
-                "its lease's batches and a similarity check against the round's others and "
-                "earlier ones; a failing contribution is left out and gets no credit (not yet "
-                "the default: data whose shards all read alike can fail honest work)"})
+                "its lease's batches, a similarity check against the round's others and "
+                "earlier ones, and (dense codecs) a sample of leases given to two volunteers "
+                "and compared; a failing contribution is left out and gets no credit, a "
+                "volunteer caught by a replica loses its credit so far (not yet the default: "
+                "data whose shards all read alike can fail honest work)"})
 
     def __post_init__(self) -> None:
         lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)
@@ -204,6 +206,13 @@ class SwarmConfig:
     def total_steps(self) -> int:
         """The inner learning-rate schedule's length for a run with these settings."""
         return self.warm_start_steps() + self.rounds * self.inner_steps
+
+    @property
+    def fresh_leases(self) -> bool:
+        """Whether the leases on the open round are fresh (`Lease.fresh`: from theta_r, new
+        AdamW state, no error feedback), so any of them can be replicated and the copies
+        compared: runs that verify, with a dense codec (the sparse codec needs its residual)."""
+        return self.verify and self.codec != "sparse"
 
     def round_steps(self, rnd: int) -> int:
         """H of round `rnd`: `inner_steps`, or its place in a growing schedule of the same

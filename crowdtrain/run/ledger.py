@@ -99,9 +99,15 @@ CREATE TABLE IF NOT EXISTS trust (
     valid INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0
 );
-CREATE VIEW IF NOT EXISTS credits AS
+"""
+# credit: aggregated (accepted, not left out) and not revoked; made anew on every open, so a
+# ledger of an older crowdtrain gets this definition too
+CREDITS_VIEW = """
+DROP VIEW IF EXISTS credits;
+CREATE VIEW credits AS
     SELECT volunteer_id, SUM(weight) AS tokens, COUNT(*) AS accepted
-    FROM contributions WHERE status = 'accepted' AND excluded = 0 GROUP BY volunteer_id;
+    FROM contributions WHERE status = 'accepted' AND excluded = 0 AND revoked = 0
+    GROUP BY volunteer_id;
 """
 
 
@@ -121,6 +127,14 @@ ADDED_COLUMNS = (
     # the verification's outcome (coordinator/verification.py): 'valid', 'failed' (left out,
     # no credit), 'provisional' (credited, the check could not decide); NULL: not checked
     ("contributions", "verified", "TEXT"),
+    # replication (issue 21): a fresh lease (from theta_r, new AdamW state, no error feedback),
+    # one whose copy is wanted (`replicate`), a copy (`replica_of` the original lease's id);
+    # credit revoked when its volunteer was caught by a replica; confirmations by a replica
+    ("leases", "fresh", "INTEGER NOT NULL DEFAULT 0"),
+    ("leases", "replicate", "INTEGER NOT NULL DEFAULT 0"),
+    ("leases", "replica_of", "INTEGER"),
+    ("contributions", "revoked", "INTEGER NOT NULL DEFAULT 0"),
+    ("trust", "replicas", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -164,6 +178,7 @@ class Ledger:
                 have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            self.db.executescript(CREDITS_VIEW)
 
     def close(self) -> None:
         with self._lock:
@@ -384,15 +399,28 @@ class Ledger:
     # ----------------------------------------------------------------- leases
 
     def add_lease(self, volunteer_id: int, rnd: int, deadline: float, start_step: int,
-                  max_steps: int, max_tokens: int, seed: int, shards: list[str]) -> int:
+                  max_steps: int, max_tokens: int, seed: int, shards: list[str],
+                  fresh: bool = False, replicate: bool = False,
+                  replica_of: int | None = None) -> int:
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO leases (volunteer_id, round, issued_at, deadline, start_step, "
-                "max_steps, max_tokens, seed, shards, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+                "max_steps, max_tokens, seed, shards, state, fresh, replicate, replica_of) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
                 (volunteer_id, rnd, time.time(), deadline, start_step, max_steps, max_tokens,
-                 seed, json.dumps(shards)))
+                 seed, json.dumps(shards), int(fresh), int(replicate), replica_of))
         return int(cur.lastrowid)
+
+    def wanted_copy(self, rnd: int, volunteer_id: int) -> sqlite3.Row | None:
+        """The first lease of round `rnd` whose copy is wanted and that has none (a copy
+        voided with its worker can be made again) held by another volunteer than
+        `volunteer_id`; None if there is no such lease."""
+        rows = self._rows(
+            "SELECT * FROM leases l WHERE round = ?1 AND replicate = 1 AND state != 'expired' "
+            "AND volunteer_id != ?2 AND NOT EXISTS (SELECT 1 FROM leases c WHERE "
+            "c.replica_of = l.id AND c.state != 'expired') ORDER BY id LIMIT 1",
+            (rnd, volunteer_id))
+        return rows[0] if rows else None
 
     def expire_leases(self, rnd: int, volunteer_id: int | None = None) -> None:
         """Void the open leases of a round (all, or one volunteer's)."""
@@ -494,17 +522,34 @@ class Ledger:
                        "WHEN instr(reason, ?1) THEN reason ELSE reason || '; ' || ?1 END, "
                        "excluded = ?2 WHERE id = ?3", (note, int(excluded), contribution_id))
 
-    def trust(self, volunteer_id: int) -> tuple[int, int, int]:
-        """(streak, valid, failures): the volunteer's record with the verification."""
-        rows = self._rows("SELECT streak, valid, failures FROM trust WHERE volunteer_id = ?",
-                          (volunteer_id,))
-        return (rows[0]["streak"], rows[0]["valid"], rows[0]["failures"]) if rows else (0, 0, 0)
+    def trust(self, volunteer_id: int) -> tuple[int, int, int, int]:
+        """(streak, valid, failures, replicas): the volunteer's record with the verification
+        (`verification.TrustState`)."""
+        rows = self._rows("SELECT streak, valid, failures, replicas FROM trust WHERE "
+                          "volunteer_id = ?", (volunteer_id,))
+        return tuple(rows[0]) if rows else (0, 0, 0, 0)
+
+    def last_verification(self, volunteer_id: int) -> sqlite3.Row | None:
+        """verified and reason of the volunteer's latest checked contribution (None: none)."""
+        rows = self._rows("SELECT verified, reason FROM contributions WHERE volunteer_id = ? "
+                          "AND verified IS NOT NULL ORDER BY id DESC LIMIT 1", (volunteer_id,))
+        return rows[0] if rows else None
+
+    def revoke_credit(self, volunteer_id: int, note: str) -> int:
+        """Revoke the credit of every contribution of a volunteer caught cheating by a replica
+        (they stay in the model and the provenance chain; `note` joins their reason); returns
+        how many lost their credit."""
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE contributions SET revoked = 1, reason = CASE WHEN reason IS NULL THEN "
+                "?2 ELSE reason || '; ' || ?2 END WHERE volunteer_id = ?1 AND status = "
+                "'accepted' AND revoked = 0", (volunteer_id, note)).rowcount
 
     def record_verification(self, contribution_id: int, outcome: str, note: str | None,
-                            trust: tuple[int, int, int] | None = None) -> None:
+                            trust: tuple[int, int, int, int] | None = None) -> None:
         """The verification's outcome of a contribution ('valid', 'failed': left out, no
         credit; 'provisional'), its note after any it has, and its volunteer's new trust
-        (streak, valid, failures) when the outcome counts, in one transaction."""
+        (streak, valid, failures, replicas) when the outcome counts, in one transaction."""
         if outcome not in ("valid", "failed", "provisional"):
             raise ValueError(f"unknown verification outcome {outcome!r}")
         with self.tx() as db:
@@ -516,9 +561,10 @@ class Ledger:
             if trust is not None:
                 vid = db.execute("SELECT volunteer_id FROM contributions WHERE id = ?",
                                  (contribution_id,)).fetchone()["volunteer_id"]
-                db.execute("INSERT INTO trust (volunteer_id, streak, valid, failures) VALUES "
-                           "(?1, ?2, ?3, ?4) ON CONFLICT(volunteer_id) DO UPDATE SET "
-                           "streak = ?2, valid = ?3, failures = ?4", (vid, *trust))
+                db.execute("INSERT INTO trust (volunteer_id, streak, valid, failures, replicas) "
+                           "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(volunteer_id) DO UPDATE SET "
+                           "streak = ?2, valid = ?3, failures = ?4, replicas = ?5",
+                           (vid, *trust))
 
     def accepted(self, rnd: int) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM contributions WHERE round = ? AND status = 'accepted' "
@@ -549,14 +595,17 @@ class Ledger:
             "SELECT v.*, COALESCE(c.tokens, 0) AS credit_tokens, COALESCE(c.accepted, 0) AS "
             "accepted, (SELECT COUNT(*) FROM contributions x WHERE x.volunteer_id = v.id AND "
             "x.status = 'refused') AS refused, (SELECT COUNT(DISTINCT round) FROM contributions y "
-            "WHERE y.volunteer_id = v.id AND y.status = 'accepted' AND y.excluded = 0) AS "
-            "rounds, "
+            "WHERE y.volunteer_id = v.id AND y.status = 'accepted' AND y.excluded = 0 AND "
+            "y.revoked = 0) AS rounds, "
+            "(SELECT COUNT(*) FROM contributions w WHERE w.volunteer_id = v.id AND "
+            "w.revoked = 1) AS revoked, "
             "(SELECT COUNT(*) FROM contributions z WHERE z.volunteer_id = v.id AND "
             "z.status = 'accepted' AND z.excluded = 1) AS left_out, "
             "(SELECT COUNT(*) FROM contributions p WHERE p.volunteer_id = v.id AND "
             "p.verified = 'provisional' AND p.excluded = 0) AS provisional, "
             "COALESCE(t.streak, 0) AS trust_streak, COALESCE(t.valid, 0) AS trust_valid, "
-            "COALESCE(t.failures, 0) AS trust_failures "
+            "COALESCE(t.failures, 0) AS trust_failures, COALESCE(t.replicas, 0) AS "
+            "trust_replicas "
             "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id "
             "LEFT JOIN trust t ON t.volunteer_id = v.id ORDER BY v.id")
 
@@ -569,10 +618,11 @@ class Ledger:
         out by robust aggregation) and seconds (trained in the accepted ones)."""
         return self.query(
             "SELECT v.id, v.name, v.anonymous, "
-            "SUM(CASE WHEN c.status = 'accepted' AND c.excluded = 0 THEN c.weight ELSE 0 END) "
-            "AS tokens, COUNT(DISTINCT CASE WHEN c.status = 'accepted' AND c.excluded = 0 "
-            "THEN c.round END) AS rounds, SUM(c.status = 'accepted' AND c.excluded = 0) AS "
-            "accepted, SUM(c.status = 'refused' OR c.excluded = 1) AS refused, "
+            "SUM(CASE WHEN c.status = 'accepted' AND c.excluded = 0 AND c.revoked = 0 THEN "
+            "c.weight ELSE 0 END) AS tokens, COUNT(DISTINCT CASE WHEN c.status = 'accepted' "
+            "AND c.excluded = 0 AND c.revoked = 0 THEN c.round END) AS rounds, "
+            "SUM(c.status = 'accepted' AND c.excluded = 0) AS accepted, "
+            "SUM(c.status = 'refused' OR c.excluded = 1) AS refused, "
             "SUM(CASE WHEN c.status = 'accepted' THEN COALESCE(c.seconds, 0) ELSE 0 END) AS "
             "seconds FROM volunteers v JOIN contributions c ON c.volunteer_id = v.id "
             "WHERE c.round < ? GROUP BY v.id ORDER BY tokens DESC, v.id", (before_round,))

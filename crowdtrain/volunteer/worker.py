@@ -320,12 +320,14 @@ class Worker:
         verify_sha256(data, sha256, what)
         return data
 
-    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
+    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats,
+                 feedback: bool = True) -> bytes:
         """The contribution in the run's codec (and, sparse, its block, k and bits); with error
         feedback the residual keeps what it did not carry (sparse: all that was not sent,
-        decayed by the run's sparse_ef_decay before the next delta is added)."""
+        decayed by the run's sparse_ef_decay before the next delta is added). A fresh lease
+        (`feedback` False) sends its own delta alone, so a copy elsewhere matches it."""
         codec, opts = self.info.schedule.codec, self.codec_options
-        if self.cfg.error_feedback and codec != "fp32":
+        if feedback and self.cfg.error_feedback and codec != "fp32":
             decay = self.info.schedule.sparse_ef_decay if codec == "sparse" else None
             delta = codecs.accumulate(delta, self.residual, 1.0 if decay is None else decay)
             blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()},
@@ -378,6 +380,8 @@ class Worker:
                 log.info("round %d closed while syncing; asking for a new lease", lease.round)
                 return
             shards, masks = self._shards(lease.shards)
+            if lease.fresh and part is None:  # from theta_r with new AdamW state: a copy of
+                self.loop.optimizer.state.clear()  # this lease elsewhere must come out alike
             if self.ranks is not None:
                 self._brief_ranks(lease)
 
@@ -444,7 +448,7 @@ class Worker:
         stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
                                      tokens=st.tokens, mean_loss=st.mean_loss,
                                      seconds=st.seconds, device=self.device.type)
-        blob = self._payload(delta, stats)
+        blob = self._payload(delta, stats, feedback=not lease.fresh)
         self.summary.rounds += 1
         if self.overlap:  # sent in the background while the next lease trains
             if snaps is not None:

@@ -25,8 +25,9 @@ from pydantic import BaseModel, Field
 # v2: int4 contributions, distillation runs, LeaseRequest.resume; v3: sparse contributions
 # (SwarmSchedule.sparse_k and sparse_bits); v4: loss masks of chat data (ShardInfo.mask_sha256);
 # v5: overlapped rounds (LeaseRequest.ahead, Lease.ahead, SwarmSchedule.overlap and
-# stale_weight): a worker of v4 or older keeps stop-and-wait, which the coordinator still serves
-API_VERSION = 5
+# stale_weight): a worker of v4 or older keeps stop-and-wait, which the coordinator still serves;
+# v6: fresh leases (Lease.fresh) of runs that verify their contributions by replication
+API_VERSION = 6
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -62,12 +63,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._\-]{0,47}$"
 
 
 def min_api_version(codec: str, teacher: bool = False, masked: bool = False,
-                    sparse_ef_decay: float | None = None) -> int:
+                    sparse_ef_decay: float | None = None, fresh: bool = False) -> int:
     """The oldest worker API that can take part in a run whose contributions are in `codec`,
     that distils a `teacher` and whose shards carry loss masks (`masked`: int4 and
     distillation came with v2: a v1 worker would ignore the teacher; the sparse codec with v3;
     loss masks and the sparse codec's decayed error feedback (`sparse_ef_decay` < 1) with v4:
-    an older worker would train on every token, or keep plain feedback)."""
+    an older worker would train on every token, or keep plain feedback); `fresh` leases (a
+    run that replicates leases to verify them) with v6: an older worker would carry its
+    AdamW state into them and its copy would not match."""
+    if fresh:
+        return 6
     if masked or (codec == "sparse" and sparse_ef_decay is not None and sparse_ef_decay < 1):
         return 4
     if codec == "sparse":
@@ -204,6 +209,10 @@ class Lease(BaseModel):
     ahead: bool = Field(False, description="a lease on the round after the open one: train from "
                         "the parameters at hand; theta of this round (the open round's update) "
                         "is published when the open round closes")
+    fresh: bool = Field(False, description="start from this round's parameters with new AdamW "
+                        "state and send this lease's delta alone, without error feedback: any "
+                        "lease of a run that verifies may be given to a second volunteer too, "
+                        "and the two deltas compared")
 
 
 class LeaseResponse(BaseModel):

@@ -340,19 +340,28 @@ def test_trust_policy_is_adaptive_and_deterministic():
     cfg = V.VerifyConfig()
     new = V.TrustState()
     assert V.replication_probability(new, cfg) == cfg.replicate_new
-    state, ps = new, []
+    # valid loss checks alone do not lower it: half the steps pass them
+    state = new
+    for _ in range(20):
+        state = V.record_result(state, True)
+    assert state.streak == 20 and V.replication_probability(state, cfg) == cfg.replicate_new
+    # once a replica confirmed the volunteer's work: replicate_trusted, decaying with the streak
+    state, ps = V.record_result(new, True, replicated=True), []
+    assert state.replicas == 1
     for _ in range(200):
         ps.append(V.replication_probability(state, cfg))
         state = V.record_result(state, True)
-    assert ps == sorted(ps, reverse=True) and ps[-1] == cfg.replicate_min
+    assert ps[0] < cfg.replicate_trusted and ps == sorted(ps, reverse=True)
+    assert ps[-1] == cfg.replicate_min
     failed = V.record_result(state, False)
-    assert failed.streak == 0 and failed.failures == 1 and failed.valid == 200
-    assert V.replication_probability(failed, cfg) == pytest.approx(2 * cfg.replicate_new)
+    assert failed.streak == 0 and failed.failures == 1 and failed.valid == 201
+    assert failed.replicas == 1
+    assert V.replication_probability(failed, cfg) == pytest.approx(2 * cfg.replicate_trusted)
     assert V.replication_probability(V.TrustState(failures=5), cfg) == 1.0
     draws = [V.should_replicate(new, 42, lease, cfg) for lease in range(2000)]
     assert draws == [V.should_replicate(new, 42, lease, cfg) for lease in range(2000)]
     assert draws != [V.should_replicate(new, 43, lease, cfg) for lease in range(2000)]
     assert sum(draws) / len(draws) == pytest.approx(cfg.replicate_new, abs=0.04)
-    trusted = V.TrustState(streak=500, valid=500)
+    trusted = V.TrustState(streak=500, valid=500, replicas=3)
     rate = sum(V.should_replicate(trusted, 42, lease, cfg) for lease in range(2000)) / 2000
     assert rate == pytest.approx(cfg.replicate_min, abs=0.015)
