@@ -48,6 +48,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -266,7 +267,7 @@ def report(outcomes: list[Outcome], step_seconds: float, norm: float, a: argpars
         f"`bench/freeloaders.py`, {datetime.date.today().isoformat()}, "
         f"{(time.monotonic() - started) / 60:.1f} min in all. Machine: {machine()}; load "
         f"average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end.", "",
-        "    " + " ".join(["python", *sys.argv]), "",
+        "    " + shlex.join(["python", *sys.argv]), "",
         f"Runs: tiny preset (bundled corpus, {len(base.index.train)} train shards), "
         f"{sw.rounds} rounds x H = {sw.inner_steps}, batch {tc.batch_size} x {tc.seq_len}, "
         f"warm start {sw.warm_start:g}, stop-and-wait, int8, verify on, {HONEST} honest "
