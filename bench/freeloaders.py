@@ -185,7 +185,8 @@ def tally(run: Run, kind: str, log: str, cheats: set[str]) -> Outcome:
     for r in rows:
         steps_max = max(steps_max, int(r["lease_steps"] or 0))
         credited = r["status"] == "accepted" and not r["excluded"] and not r["was_revoked"]
-        if r["is_replica"]:
+        if r["is_replica"] and r["who"] not in cheats:  # real compute spent on a copy (a
+            # freeloader's copy costs nobody anything: it trains little or nothing)
             o.replica_steps += int(r["steps"] or 0)
             o.replica_seconds += float(r["seconds"] or 0.0)
         if r["who"] in cheats:

@@ -32,6 +32,8 @@ VERIFY_SECRET = "verify_secret"
 # provisionally above these shares of the round's median gain and specificity (measured:
 # honest ones ahead down to 0.27x and 0.19x; noise passing the absolute tests, 0.04x gain)
 AHEAD_GAIN_RATIO = 0.1
+# the reason of a contribution that lost to the copy of its lease
+CAUGHT = "the copy of its lease by another volunteer disagrees"
 # the note of a contribution that passed the absolute checks but not the round-relative ones,
 # in a run that can copy leases: credited provisionally, its volunteer's next lease copied
 SUSPECT = "provisional: below the round's reference, its next lease is copied to check"
@@ -74,6 +76,9 @@ class RoundChecker:
         last = self.ledger.last_verification(volunteer_id)
         if last is not None and (last["reason"] or "").startswith(SUSPECT):
             return True
+        if last is not None and last["verified"] == "failed" and \
+                CAUGHT not in (last["reason"] or ""):
+            return False  # it fails the checks as it is: a copy would waste another's work
         state = V.TrustState(*self.ledger.trust(volunteer_id))
         return V.should_replicate(state, self._secret(), key)
 
@@ -289,8 +294,7 @@ class RoundChecker:
                 continue
             gain = [float(verdicts[i].numbers.get("gain", float("-inf"))) for i in (a, b)]
             lose, win = (a, b) if gain[0] < gain[1] else (b, a)
-            note = (f"the copy of its lease by another volunteer disagrees "
-                    f"({v.reason}) and its loss drop on the lease's batches is the lower "
+            note = (f"{CAUGHT} ({v.reason}) and its loss drop on the lease's batches is the lower "
                     f"({gain[0 if lose == a else 1]:.4g} vs {gain[0 if win == a else 1]:.4g})")
             pairs[lose] = ReplicaPair(win, lost=True, note=note)
             pairs[win] = ReplicaPair(lose, note="replicated: its copy disagreed and lost")

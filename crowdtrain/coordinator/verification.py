@@ -125,15 +125,15 @@ class VerifyConfig:
     min_gain_ratio: float = 0.25      # gain >= this x the round's median gain
     min_specificity_ratio: float = 0.1  # specificity >= this x the round's median
     min_reference: int = 3            # measured contributions for a round reference
-    loss_budget: float = 0.05         # the loss check's share of the swarm's training compute
+    loss_budget: float = 0.03         # the loss check's share of the swarm's training compute
     # replication
     replica_min_cosine: float = 0.98
     replica_max_rel_diff: float = 0.2
-    replicate_new: float = 0.5        # probability while no replica has confirmed its work
-    replicate_trusted: float = 0.1    # after the first confirmation, decaying with the streak
+    replicate_new: float = 0.25       # probability while no replica has confirmed its work
+    replicate_trusted: float = 0.05   # after the first confirmation, decaying with the streak
     replicate_min: float = 0.02       # the floor, for long-trusted volunteers
     streak_scale: float = 3.0         # p = replicate_new / (1 + streak / streak_scale)
-    failure_boost: float = 1.0        # p x (1 + failure_boost x failures)
+    failure_boost: float = 0.0        # p x (1 + failure_boost x failures)
     # similarity
     copy_max_cosine: float = 0.99     # flag above this whatever the round looks like
     copy_distance_ratio: float = 0.35  # flag when 1 - cos < this x the median 1 - cos

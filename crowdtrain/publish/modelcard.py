@@ -143,6 +143,8 @@ def _text(record: Provenance) -> str:
         out.append(_training_section(record))
     if run.trained_by == "swarm":
         out.append(_contributors_section(record))
+    if record.verification:
+        out.append(_verification_section(record))
     if record.chain:
         out.append(_provenance_section(record))
     out.append(_usage_section(record))
@@ -279,6 +281,16 @@ def _contributors_section(record: Provenance) -> str:
                           ["reason", "count"]) + "\n")
     else:
         text += "\nNo contribution was refused.\n"
+    return text
+
+
+def _verification_section(record: Provenance) -> str:
+    v = record.verification
+    text = f"## Verification\n\n{v.rule}\n"
+    if v.enabled:
+        rows = [[k, str(n)] for k, n in sorted(v.outcomes.items())]
+        rows += [["credit revoked", str(v.revoked)], ["leases copied", str(v.copies)]]
+        text += "\n" + _table(rows, ["contributions", "count"]) + "\n"
     return text
 
 

@@ -255,6 +255,42 @@ class Refusals(Part):
     by_reason: dict[str, int] = Field(default_factory=dict)  # most frequent first
 
 
+class Verification(Part):
+    """What the run checked of its contributions before crediting them (`init --verify`,
+    coordinator/verification.py) and how it came out, in the rounds of the export."""
+
+    enabled: bool
+    replicated: bool  # leases copied to a second volunteer and compared (dense codecs)
+    rule: str  # what was verified and how, and the provisional-credit rule, in words
+    outcomes: dict[str, int] = Field(default_factory=dict)  # valid, provisional, failed, ...
+    revoked: int = 0  # contributions whose credit was revoked (their volunteer was caught)
+    copies: int = 0  # leases given to a second volunteer
+
+
+def verification_rule(enabled: bool, replicated: bool) -> str:
+    """The verification's rule in words, for the record and the model card."""
+    if not enabled:
+        return ("Contributions were not verified: robust aggregation bounded their effect on "
+                "the model, and every accepted one was credited.")
+    text = ("Every contribution was checked in its round's close, before it was credited: "
+            "the round's model with the contribution applied must lower the loss on a secret "
+            "sample of its lease's own batches, and more than on control batches it was not "
+            "leased; it must not be a near-copy of another contribution of the round, of an "
+            "earlier one or of a published update. A contribution failing an absolute test "
+            "was left out and got no credit. One below the round's medians only, or that "
+            "could not be checked (a round too small for a reference, work trained ahead or "
+            "late, the check broke), was credited provisionally: nothing honest was lost for "
+            "a check.")
+    if replicated:
+        text += (" Every lease started from the round's model with new optimizer state, and "
+                 "a sample (BOINC-style: new volunteers often, trusted ones rarely, always "
+                 "after a provisional result below the round's medians) was given to a second "
+                 "volunteer: when the two deltas disagreed, the one with the lower loss drop "
+                 "on the lease's batches was left out and its volunteer lost the credit of "
+                 "all its contributions so far (they stay in the model).")
+    return text
+
+
 class LossPoint(Part):
     round: int
     tokens_trained: int
@@ -358,6 +394,7 @@ class Provenance(Part):
     chain: Chain | None = None
     contributors: list[Contributor] = Field(default_factory=list)
     refused: Refusals = Field(default_factory=Refusals)
+    verification: Verification | None = None
     loss_curve: list[LossPoint] = Field(default_factory=list)
     compute: Compute | None = None
     evaluation: Evaluation | None = None
@@ -415,6 +452,7 @@ class SwarmRecord:
     chain: Chain
     contributors: list[Contributor]
     refused: Refusals
+    verification: dict[str, int]  # Ledger.verification_totals
     volunteer_seconds: float
     contributions: int  # accepted
     bytes_in: int  # uploaded by the volunteers
@@ -475,7 +513,8 @@ def swarm_record(ledger: Ledger, upto: int, base_tokens: int = 0) -> SwarmRecord
     return SwarmRecord(
         rounds=rounds, chain=_chain(ledger.chain_genesis(), rounds, upto),
         contributors=_contributors(ledger, upto), refused=_refusals(ledger, upto),
-        volunteer_seconds=seconds, contributions=contributions,
+        verification=ledger.verification_totals(upto), volunteer_seconds=seconds,
+        contributions=contributions,
         bytes_in=sum(r.bytes_in for r in rounds), bytes_out=sum(r.bytes_out for r in rounds))
 
 
@@ -493,6 +532,14 @@ def _swarm(run: Run, metas: dict[int, dict], upto: int) -> SwarmRecord | None:
     finally:
         ledger.close()
     return swarm if swarm.rounds else None
+
+
+def _verification(cfg, swarm: SwarmRecord) -> Verification:
+    totals = dict(swarm.verification)
+    revoked, copies = totals.pop("revoked", 0), totals.pop("copies", 0)
+    return Verification(enabled=cfg.verify, replicated=cfg.fresh_leases,
+                        rule=verification_rule(cfg.verify, cfg.fresh_leases),
+                        outcomes=totals, revoked=revoked, copies=copies)
 
 
 def _loss_curve(metas: dict[int, dict], meta: dict, swarm: SwarmRecord | None,
@@ -582,6 +629,7 @@ def build_provenance(run: Run, meta: dict, params: int, *, exported: Literal["hf
         chain=swarm.chain if swarm else None,
         contributors=swarm.contributors if swarm else [],
         refused=swarm.refused if swarm else Refusals(total=0, by_reason={}),
+        **({"verification": _verification(cfg.swarm, swarm)} if swarm else {}),
         loss_curve=_loss_curve(metas, meta, swarm, measure_val_loss),
         compute=Compute(
             tokens_trained=tokens,

@@ -627,6 +627,21 @@ class Ledger:
             "seconds FROM volunteers v JOIN contributions c ON c.volunteer_id = v.id "
             "WHERE c.round < ? GROUP BY v.id ORDER BY tokens DESC, v.id", (before_round,))
 
+    def verification_totals(self, before_round: int) -> dict[str, int]:
+        """The verification's outcomes of the contributions accepted in the rounds before
+        `before_round` ('valid', 'provisional', 'failed', 'unchecked': by outcome), 'revoked'
+        (credit revoked) and 'copies' (leases given to a second volunteer to compare)."""
+        out = {r["k"]: int(r["n"]) for r in self.query(
+            "SELECT COALESCE(verified, 'unchecked') k, COUNT(*) n FROM contributions WHERE "
+            "round < ? AND status = 'accepted' GROUP BY k", (before_round,))}
+        out["revoked"] = int(self.query(
+            "SELECT COUNT(*) n FROM contributions WHERE round < ? AND revoked = 1",
+            (before_round,))[0]["n"])
+        out["copies"] = int(self.query(
+            "SELECT COUNT(*) n FROM leases WHERE round < ? AND replica_of IS NOT NULL",
+            (before_round,))[0]["n"])
+        return out
+
     def refused_or_left_out(self, before_round: int) -> list[sqlite3.Row]:
         """status, reason and excluded of each contribution in the rounds before
         `before_round` that was refused, or accepted and then left out by robust

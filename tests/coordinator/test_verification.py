@@ -356,8 +356,12 @@ def test_trust_policy_is_adaptive_and_deterministic():
     failed = V.record_result(state, False)
     assert failed.streak == 0 and failed.failures == 1 and failed.valid == 201
     assert failed.replicas == 1
-    assert V.replication_probability(failed, cfg) == pytest.approx(2 * cfg.replicate_trusted)
-    assert V.replication_probability(V.TrustState(failures=5), cfg) == 1.0
+    # by default a failure only resets the streak (a volunteer failing the loss check is left
+    # out anyway); with failure_boost, each failure multiplies the probability
+    assert V.replication_probability(failed, cfg) == pytest.approx(cfg.replicate_trusted)
+    boost = dataclasses.replace(cfg, failure_boost=1.0)
+    assert V.replication_probability(failed, boost) == pytest.approx(2 * cfg.replicate_trusted)
+    assert V.replication_probability(V.TrustState(failures=5), boost) == 1.0
     draws = [V.should_replicate(new, 42, lease, cfg) for lease in range(2000)]
     assert draws == [V.should_replicate(new, 42, lease, cfg) for lease in range(2000)]
     assert draws != [V.should_replicate(new, 43, lease, cfg) for lease in range(2000)]

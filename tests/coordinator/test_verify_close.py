@@ -17,9 +17,12 @@ from crowdtrain.cli.admin import run_admin
 from crowdtrain.coordinator.closecheck import SUSPECT
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import CrowdtrainError
+from crowdtrain.publish.modelcard import model_card
+from crowdtrain.publish.provenance import build_provenance
+from crowdtrain.run.checkpoint import load_checkpoint
 from crowdtrain.run.data import get_batch, load_split
 from crowdtrain.run.folder import SwarmConfig
-from crowdtrain.run.model import load_into, state_dict_for_save
+from crowdtrain.run.model import count_params, load_into, state_dict_for_save
 from crowdtrain.run.train import InnerLoop
 from crowdtrain.wire.protocol import JoinRequest, LeaseRequest
 
@@ -170,6 +173,16 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     assert first["revoked"] == 1 and "credit revoked: caught by a replica" in first["reason"]
     assert first["sha256"] in coord.ledger.aggregated_sha256s(0)
     assert {v["name"]: v["revoked"] for v in coord.ledger.volunteers()}["dan"] == 2
+    # the provenance record and the model card say what was verified, how, and what came out
+    meta = load_checkpoint(coord.run.ckpt_dir, 2).meta
+    record = build_provenance(coord.run, meta, count_params(coord.run.build_model()),
+                              exported="hf", files={})
+    v = record.verification
+    assert v.enabled and v.replicated and (v.revoked, v.copies) == (2, 2)
+    assert v.outcomes["failed"] == 1 and sum(v.outcomes.values()) == 8
+    card = str(model_card(record))
+    assert "## Verification" in card and "credited provisionally" in card
+    assert "| credit revoked | 2 |" in card
 
 
 def test_below_the_round_only_is_suspect_and_its_next_lease_is_copied(coord):
