@@ -34,6 +34,9 @@ VERIFY_SECRET = "verify_secret"
 AHEAD_GAIN_RATIO = 0.1
 # the reason of a contribution that lost to the copy of its lease
 CAUGHT = "the copy of its lease by another volunteer disagrees"
+# the credit of a volunteer caught by a replica stays withheld until a copy agrees with it
+WITHHELD = ("credit withheld: a replica caught this volunteer; a copy of a later lease that "
+            "agrees restores its credit from then on")
 # the note of a contribution that passed the absolute checks but not the round-relative ones,
 # in a run that can copy leases: credited provisionally, its volunteer's next lease copied
 SUSPECT = "provisional: below the round's reference, its next lease is copied to check"
@@ -79,7 +82,9 @@ class RoundChecker:
         if last is not None and last["verified"] == "failed" and \
                 CAUGHT not in (last["reason"] or ""):
             return False  # it fails the checks as it is: a copy would waste another's work
-        state = V.TrustState(*self.ledger.trust(volunteer_id))
+        # caught: as often as a newcomer, until a copy agrees (its credit is withheld meanwhile)
+        state = V.TrustState() if self.ledger.caught(volunteer_id) else \
+            V.TrustState(*self.ledger.trust(volunteer_id))
         return V.should_replicate(state, self._secret(), key)
 
     def aggregation_weights(self, rows) -> list[float]:
@@ -225,13 +230,19 @@ class RoundChecker:
             if pair is not None and pair.note and outcome != "failed":
                 note = pair.note if note is None else f"{note}; {pair.note}"
             if r["verified"] is None:
+                vid = r["volunteer_id"]
                 self._record_verdict(r, outcome, note,
                                      replicated=pair is not None and pair.agreed)
                 if pair is not None and pair.lost:
-                    n = self.ledger.revoke_credit(r["volunteer_id"], (
+                    self.ledger.set_caught(vid, True)
+                    n = self.ledger.revoke_credit(vid, (
                         f"credit revoked: caught by a replica in round {rnd}"))
                     log.warning("round %d: volunteer %d caught by a replica; credit of %d "
-                                "contribution(s) revoked", rnd, r["volunteer_id"], n)
+                                "contribution(s) revoked", rnd, vid, n)
+                elif pair is not None and pair.agreed and outcome != "failed":
+                    self.ledger.set_caught(vid, False)  # its credit counts again from here
+                elif self.ledger.caught(vid):
+                    self.ledger.revoke_credit(vid, WITHHELD)
             if not ok:
                 log.warning("round %d: contribution %d left out: %s", rnd, r["id"], reason)
         log.info("round %d: verified %d contribution(s) in %.2fs", rnd, len(checked),

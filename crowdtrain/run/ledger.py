@@ -135,6 +135,8 @@ ADDED_COLUMNS = (
     ("leases", "replica_of", "INTEGER"),
     ("contributions", "revoked", "INTEGER NOT NULL DEFAULT 0"),
     ("trust", "replicas", "INTEGER NOT NULL DEFAULT 0"),
+    # caught by a replica and not confirmed by one since: its credit is withheld
+    ("trust", "caught", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -528,6 +530,16 @@ class Ledger:
         rows = self._rows("SELECT streak, valid, failures, replicas FROM trust WHERE "
                           "volunteer_id = ?", (volunteer_id,))
         return tuple(rows[0]) if rows else (0, 0, 0, 0)
+
+    def caught(self, volunteer_id: int) -> bool:
+        """Whether a replica caught this volunteer and none has confirmed its work since."""
+        rows = self._rows("SELECT caught FROM trust WHERE volunteer_id = ?", (volunteer_id,))
+        return bool(rows and rows[0]["caught"])
+
+    def set_caught(self, volunteer_id: int, caught: bool) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO trust (volunteer_id, caught) VALUES (?1, ?2) ON CONFLICT"
+                       "(volunteer_id) DO UPDATE SET caught = ?2", (volunteer_id, int(caught)))
 
     def last_verification(self, volunteer_id: int) -> sqlite3.Row | None:
         """verified and reason of the volunteer's latest checked contribution (None: none)."""

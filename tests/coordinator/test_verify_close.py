@@ -14,7 +14,7 @@ import torch
 from swarm_helpers import copy_run, payload
 
 from crowdtrain.cli.admin import run_admin
-from crowdtrain.coordinator.closecheck import SUSPECT
+from crowdtrain.coordinator.closecheck import SUSPECT, WITHHELD
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import CrowdtrainError
 from crowdtrain.publish.modelcard import model_card
@@ -173,16 +173,26 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     assert first["revoked"] == 1 and "credit revoked: caught by a replica" in first["reason"]
     assert first["sha256"] in coord.ledger.aggregated_sha256s(0)
     assert {v["name"]: v["revoked"] for v in coord.ledger.volunteers()}["dan"] == 2
+    # round 2, no copies: dan's credit stays withheld until a copy agrees with it
+    coord.checker.wants_copy = lambda volunteer_id, key: False
+    leases = [coord.lease(v, LeaseRequest()).lease for v in vols]
+    for v, ls in zip(vols, leases, strict=True):
+        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
+                                             delta=honest(coord, ls)))
+    dan = close(coord)[vols[3].id]
+    assert dan["excluded"] == 0 and dan["revoked"] == 1, dict(dan)  # in the model, no credit
+    assert dan["reason"].startswith(WITHHELD) or WITHHELD in dan["reason"]
+    assert credits(coord)["dan"] == 0 and coord.ledger.caught(vols[3].id)
     # the provenance record and the model card say what was verified, how, and what came out
-    meta = load_checkpoint(coord.run.ckpt_dir, 2).meta
+    meta = load_checkpoint(coord.run.ckpt_dir, 3).meta
     record = build_provenance(coord.run, meta, count_params(coord.run.build_model()),
                               exported="hf", files={})
     v = record.verification
-    assert v.enabled and v.replicated and (v.revoked, v.copies) == (2, 2)
-    assert v.outcomes["failed"] == 1 and sum(v.outcomes.values()) == 8
+    assert v.enabled and v.replicated and (v.revoked, v.copies) == (3, 2)
+    assert v.outcomes["failed"] == 1 and sum(v.outcomes.values()) == 12
     card = str(model_card(record))
     assert "## Verification" in card and "credited provisionally" in card
-    assert "| credit revoked | 2 |" in card
+    assert "| credit revoked | 3 |" in card
 
 
 def test_below_the_round_only_is_suspect_and_its_next_lease_is_copied(coord):
