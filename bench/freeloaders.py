@@ -18,14 +18,16 @@ stop-and-wait, int8 contributions, every round waiting for all its volunteers
   `contributions.revoked` column is used when the ledger has one);
 - honest contributions flagged: verified 'failed', left out by the verification, or revoked;
 - verification's cost: the loss and similarity checks' seconds (the coordinator logs "round
-  N: verified K contribution(s) in S s") plus replicated leases' training (`leases.replica_of`
-  when the ledger has it), over the honest volunteers' training (non-replica leases: the
-  freeloaders' reported work is not real, so this is the strict reading). "measured": seconds,
-  the training at the seconds of one lease trained alone before the run (the workers' wall
-  time in the ledger is inflated by 6 processes sharing the cores; the checks run while the
-  workers wait); "count": forward-pass equivalents, 4k per checked contribution (2 passes on k
-  lease + k control batches, verification.loss_batches_for) + 3 per replica step, over 3 per
-  honest training step;
+  N: verified K contribution(s) in S s") plus the training of the copies that duplicated work
+  already in the model (`leases.replica_of`: an honest volunteer's copy whose original was
+  aggregated too, the pair at half weight each; a copy of a left-out lease is that data's only
+  use in the round, and a freeloader's copy costs nobody anything), over the honest
+  volunteers' training (the freeloaders' reported work is not real, so this is the strict
+  reading). "measured": seconds, the training at the seconds of one lease trained alone before
+  the run (the workers' wall time in the ledger is inflated by 6 processes sharing the cores;
+  the checks run while the workers wait); "count": forward-pass equivalents, 4k per checked
+  contribution (2 passes on k lease + k control batches, verification.loss_batches_for) + 3
+  per duplicated step, over 3 per honest training step;
 - held-out loss of the final checkpoint (evaluated here), and its ratio to the honest-only run.
 
 Then the issue's four targets over the five cheating runs, each met or missed: >= 95% of
@@ -167,7 +169,12 @@ def tally(run: Run, kind: str, log: str, cheats: set[str]) -> Outcome:
     db.row_factory = sqlite3.Row
     try:
         revoked = "c.revoked" if "revoked" in columns(db, "contributions") else "0"
-        replica = "l.replica_of IS NOT NULL" if "replica_of" in columns(db, "leases") else "0"
+        # a copy wastes work only when its original went into the model too (the pair is then
+        # aggregated at half weight each: one lease's data for two leases' training); a copy of
+        # a lease whose original was left out is the round's only use of that data
+        replica = ("l.replica_of IS NOT NULL AND EXISTS (SELECT 1 FROM contributions o WHERE "
+                   "o.lease_id = l.replica_of AND o.status = 'accepted' AND o.excluded = 0)"
+                   if "replica_of" in columns(db, "leases") else "0")
         verified = "c.verified" if "verified" in columns(db, "contributions") else "NULL"
         rows = db.execute(
             f"SELECT c.*, v.name AS who, {revoked} AS was_revoked, {replica} AS is_replica, "
@@ -185,8 +192,9 @@ def tally(run: Run, kind: str, log: str, cheats: set[str]) -> Outcome:
     for r in rows:
         steps_max = max(steps_max, int(r["lease_steps"] or 0))
         credited = r["status"] == "accepted" and not r["excluded"] and not r["was_revoked"]
-        if r["is_replica"] and r["who"] not in cheats:  # real compute spent on a copy (a
-            # freeloader's copy costs nobody anything: it trains little or nothing)
+        if r["is_replica"] and r["who"] not in cheats and not r["excluded"]:  # real compute
+            # spent on a copy of work already in the model (a freeloader's copy costs nobody
+            # anything: it trains little or nothing)
             o.replica_steps += int(r["steps"] or 0)
             o.replica_seconds += float(r["seconds"] or 0.0)
         if r["who"] in cheats:

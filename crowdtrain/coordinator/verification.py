@@ -79,7 +79,17 @@ replication. A volunteer is replicated with probability `replicate_new` until a 
 confirmed its work once, then `replicate_trusted`, decaying with its streak of valid results
 to `replicate_min`; a failure resets the streak and multiplies the probability. Decisions are
 deterministic given (seed, lease id). A volunteer caught by a replica loses the credit of all
-its contributions so far (their credit was provisional on this; the model keeps them).
+its contributions so far (their credit was provisional on this; the model keeps them), and
+its credit stays withheld until a copy of a later lease agrees with it.
+
+How the coordinator uses the verdicts (coordinator/closecheck.py): an absolute failure (no
+loss drop, no specificity, a cosine above `copy_max_cosine`) leaves the contribution out; a
+failure of the round-relative rules only is suspect in a run that copies leases (credited
+provisionally, the volunteer's next lease copied), because the round's medians vary with the
+lease's shard and the stage of training (measured from a random model: honest contributions
+down to 0.04x the median specificity and 0.45x the median gain; two honest deltas of one
+shard late in training up to cosine 0.85 against a round median of 0.3); without copies
+(sparse, overlapped) it fails as before.
 
 Cost (`loss_check_cost`, `loss_batches_for`): the loss check is 2 forward passes on k lease
 batches and k control batches, against 3 forward-equivalents (forward + backward) for each of
