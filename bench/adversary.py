@@ -96,7 +96,8 @@ class Adversary(Worker):
             files = sorted(d.glob("lease-*.safetensors")) if d.is_dir() else []
         return [codecs.from_bytes(f.read_bytes(), self.shapes)[0] for f in files]
 
-    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats) -> bytes:
+    def _payload(self, delta: dict[str, torch.Tensor], stats: protocol.SubmitStats,
+                 feedback: bool = True) -> bytes:  # no error feedback of its own either way
         peers = self._peers(stats.round) if self.attack == "alie" else []
         bad = tamper(self.attack, delta, peers, seed=stats.lease_id, z=self.z)
         if self.attack == "liar":
