@@ -298,10 +298,13 @@ class RoundChecker:
                 continue
             v = V.compare_replicas(contribs[a].delta, contribs[b].delta, cfg, self.shapes)
             if v.ok:
+                # an agreement confirms a side only if the other side's volunteer is not
+                # caught itself: two cheaters doing the same half work agree with each other
+                caught = [self.ledger.caught(r["volunteer_id"]) for r in (ra, rb)]
                 note = (f"replicated: agrees with the copy of its lease (cosine "
                         f"{v.numbers.get('cosine', 1.0):.4f})")
-                pairs[a] = ReplicaPair(b, agreed=True, note=note)
-                pairs[b] = ReplicaPair(a, agreed=True, note=note)
+                pairs[a] = ReplicaPair(b, agreed=not caught[1], note=note)
+                pairs[b] = ReplicaPair(a, agreed=not caught[0], note=note)
                 continue
             gain = [float(verdicts[i].numbers.get("gain", float("-inf"))) for i in (a, b)]
             lose, win = (a, b) if gain[0] < gain[1] else (b, a)

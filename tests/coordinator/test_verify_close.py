@@ -183,13 +183,23 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     assert dan["excluded"] == 0 and dan["revoked"] == 1, dict(dan)  # in the model, no credit
     assert dan["reason"].startswith(WITHHELD) or WITHHELD in dan["reason"]
     assert credits(coord)["dan"] == 0 and coord.ledger.caught(vols[3].id)
+    # round 3: dan holds the copy of cat's lease and trains it honestly: credited again
+    coord.checker.wants_copy = lambda volunteer_id, key: True
+    leases = [coord.lease(v, LeaseRequest()).lease for v in vols]
+    for v, ls in zip(vols, leases, strict=True):
+        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
+                                             delta=honest(coord, ls)))
+    dan = close(coord)[vols[3].id]
+    assert dan["revoked"] == 0 and dan["reason"].startswith("replicated: agrees"), dict(dan)
+    assert credits(coord)["dan"] == 1000 and not coord.ledger.caught(vols[3].id)
+    coord.checker.wants_copy = lambda volunteer_id, key: False
     # the provenance record and the model card say what was verified, how, and what came out
-    meta = load_checkpoint(coord.run.ckpt_dir, 3).meta
+    meta = load_checkpoint(coord.run.ckpt_dir, 4).meta
     record = build_provenance(coord.run, meta, count_params(coord.run.build_model()),
                               exported="hf", files={})
     v = record.verification
-    assert v.enabled and v.replicated and (v.revoked, v.copies) == (3, 2)
-    assert v.outcomes["failed"] == 1 and sum(v.outcomes.values()) == 12
+    assert v.enabled and v.replicated and (v.revoked, v.copies) == (3, 4)
+    assert v.outcomes["failed"] == 1 and sum(v.outcomes.values()) == 16
     card = str(model_card(record))
     assert "## Verification" in card and "credited provisionally" in card
     assert "| credit revoked | 3 |" in card
