@@ -211,6 +211,11 @@ class InnerLoop:
                 out[f"{name}:{key}"] = t.detach().to("cpu").contiguous()
         return out
 
+    def reset_optimizer(self) -> None:
+        """New AdamW state (step 0): a fresh lease starts from it, so that two volunteers
+        given the same lease train the same steps alike."""
+        self.optimizer.state.clear()
+
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what `optimizer_tensors` saved; a mismatch is a CrowdtrainError."""
         params = dict(self.model.named_parameters())

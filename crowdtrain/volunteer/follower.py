@@ -61,7 +61,7 @@ def follow(cfg: WorkerConfig, ranks: Ranks) -> WorkerSummary:
         if msg["optimizer"]:
             loop.load_optimizer_tensors(ranks.bcast_tensors(None, msg["optimizer"]))
         elif lease.fresh:  # new AdamW state, as rank 0's (worker.round)
-            loop.optimizer.state.clear()
+            loop.reset_optimizer()
         shards = [np.fromfile(p, dtype=info.dtype) for p in msg["shards"]]
         masks = [np.fromfile(p, dtype=np.uint8) for p in msg["masks"]] \
             if msg.get("masks") else None

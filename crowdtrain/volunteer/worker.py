@@ -381,7 +381,7 @@ class Worker:
                 return
             shards, masks = self._shards(lease.shards)
             if lease.fresh and part is None:  # from theta_r with new AdamW state: a copy of
-                self.loop.optimizer.state.clear()  # this lease elsewhere must come out alike
+                self.loop.reset_optimizer()  # this lease elsewhere must come out alike
             if self.ranks is not None:
                 self._brief_ranks(lease)
 
