@@ -58,6 +58,16 @@ def honest(c, lease, steps=None):
     return {k: c.theta[k] - v for k, v in state_dict_for_save(model).items()}
 
 
+def honest_round(c, vols):
+    """Every volunteer of `vols` leases on the open round and sends its honest delta (all the
+    lease's steps reported); returns the leases."""
+    leases = [c.lease(v, LeaseRequest()).lease for v in vols]
+    for v, ls in zip(vols, leases, strict=True):
+        c.submit(v, ls.lease_id, payload(ls, c.shapes, tokens=1000, steps=H,
+                                         delta=honest(c, ls)))
+    return leases
+
+
 def norm(d) -> float:
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
 
@@ -136,11 +146,8 @@ def test_a_perturbed_copy_of_another_delta_is_flagged(coord):
 def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     vols = [join(coord, n) for n in ("ann", "ben", "cat", "dan")]
     # round 0: no copies, every one honest and credited
-    leases = [coord.lease(v, LeaseRequest()).lease for v in vols]
+    leases = honest_round(coord, vols)
     assert all(ls.fresh for ls in leases)  # a run that verifies: every lease from theta_r
-    for v, ls in zip(vols, leases, strict=True):
-        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
-                                             delta=honest(coord, ls)))
     close(coord)
     assert credits(coord) == {"ann": 1000, "ben": 1000, "cat": 1000, "dan": 1000}
     # round 1: every new lease wants a copy: ben's lease is ann's, dan's is cat's
@@ -175,20 +182,14 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     assert {v["name"]: v["revoked"] for v in coord.ledger.volunteers()}["dan"] == 2
     # round 2, no copies: dan's credit stays withheld until a copy agrees with it
     coord.checker.wants_copy = lambda volunteer_id, key: False
-    leases = [coord.lease(v, LeaseRequest()).lease for v in vols]
-    for v, ls in zip(vols, leases, strict=True):
-        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
-                                             delta=honest(coord, ls)))
+    honest_round(coord, vols)
     dan = close(coord)[vols[3].id]
     assert dan["excluded"] == 0 and dan["revoked"] == 1, dict(dan)  # in the model, no credit
     assert dan["reason"].startswith(WITHHELD) or WITHHELD in dan["reason"]
     assert credits(coord)["dan"] == 0 and coord.ledger.caught(vols[3].id)
     # round 3: dan holds the copy of cat's lease and trains it honestly: credited again
     coord.checker.wants_copy = lambda volunteer_id, key: True
-    leases = [coord.lease(v, LeaseRequest()).lease for v in vols]
-    for v, ls in zip(vols, leases, strict=True):
-        coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
-                                             delta=honest(coord, ls)))
+    honest_round(coord, vols)
     dan = close(coord)[vols[3].id]
     assert dan["revoked"] == 0 and dan["reason"].startswith("replicated: agrees"), dict(dan)
     assert credits(coord)["dan"] == 1000 and not coord.ledger.caught(vols[3].id)
