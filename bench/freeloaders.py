@@ -25,9 +25,12 @@ stop-and-wait, int8 contributions, every round waiting for all its volunteers
   volunteers' training (the freeloaders' reported work is not real, so this is the strict
   reading). "measured": seconds, the training at the seconds of one lease trained alone before
   the run (the workers' wall time in the ledger is inflated by 6 processes sharing the cores;
-  the checks run while the workers wait); "count": forward-pass equivalents, 4k per checked
-  contribution (2 passes on k lease + k control batches, verification.loss_batches_for) + 3
-  per duplicated step, over 3 per honest training step;
+  the checks run while the workers wait); "count": forward-pass equivalents, 4k per loss
+  check run in full (2 passes on k lease + k control batches, verification.loss_batches_for),
+  2k for one that stopped at the lease's batches (no loss drop), none for a sure copy (its
+  loss check is not run), + 3 per duplicated step, over 3 per honest training step;
+- honest contributions credited as suspect (below the round's reference: their volunteer's
+  next lease is copied), and the honest copies counted in the cost;
 - held-out loss of the final checkpoint (evaluated here), and its ratio to the honest-only run.
 
 Then the issue's four targets over the five cheating runs, each met or missed: >= 95% of
@@ -70,6 +73,7 @@ import torch  # noqa: E402
 from benchlib import machine  # noqa: E402
 
 from crowdtrain.cli.processes import LocalSwarm  # noqa: E402
+from crowdtrain.coordinator.closecheck import SUSPECT  # noqa: E402
 from crowdtrain.coordinator.verification import VerifyConfig, loss_batches_for  # noqa: E402
 from crowdtrain.run.data import default_corpus, get_batch, load_split  # noqa: E402
 from crowdtrain.run.folder import Run, SwarmConfig, init_run  # noqa: E402
@@ -100,6 +104,11 @@ class Outcome:
     honest_steps: int = 0     # non-replica honest training steps
     honest_seconds: float = 0.0  # their wall seconds as reported (contended)
     check_batches: int = 0    # k lease (= control) batches per checked contribution
+    checks_full: int = 0      # loss checks run in full (4k passes)
+    checks_lease: int = 0     # stopped at the lease batches: no loss drop (2k passes)
+    checks_none: int = 0      # not run: a sure copy (0 passes)
+    honest_suspect: int = 0   # honest contributions credited provisionally as suspect
+    copies: int = 0           # honest copies of aggregated work (their steps: replica_steps)
     credited_how: dict[str, int] = dataclasses.field(default_factory=dict)
     flagged_why: list[str] = dataclasses.field(default_factory=list)
     cheat_verdicts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -111,7 +120,8 @@ class Outcome:
 
     def cost_count(self) -> float:
         train = 3 * self.honest_steps
-        return (4 * self.check_batches * self.checked + 3 * self.replica_steps) / train \
+        passes = self.check_batches * (4 * self.checks_full + 2 * self.checks_lease)
+        return (passes + 3 * self.replica_steps) / train \
             if train else float("nan")
 
     def cost_ledger(self) -> float:
@@ -192,10 +202,20 @@ def tally(run: Run, kind: str, log: str, cheats: set[str]) -> Outcome:
     for r in rows:
         steps_max = max(steps_max, int(r["lease_steps"] or 0))
         credited = r["status"] == "accepted" and not r["excluded"] and not r["was_revoked"]
+        why = r["reason"] or ""
+        if r["outcome"] is not None and r["lease_id"] is not None and \
+                not why.startswith("provisional: the verification could not run"):
+            if "loss not measured" in why:
+                o.checks_none += 1
+            elif "no loss drop" in why:
+                o.checks_lease += 1
+            else:
+                o.checks_full += 1
         if r["is_replica"] and r["who"] not in cheats and not r["excluded"]:  # real compute
             # spent on a copy of work already in the model (a freeloader's copy costs nobody
             # anything: it trains little or nothing)
             o.replica_steps += int(r["steps"] or 0)
+            o.copies += 1
             o.replica_seconds += float(r["seconds"] or 0.0)
         if r["who"] in cheats:
             if kind == "replay" and r["lease_id"] == first_lease.get(r["who"]):
@@ -213,6 +233,7 @@ def tally(run: Run, kind: str, log: str, cheats: set[str]) -> Outcome:
         if by_check or r["was_revoked"]:
             o.honest_flagged += 1
             o.flagged_why.append(f"{r['who']} round {r['round']}: {(r['reason'] or '')[:160]}")
+        o.honest_suspect += why.startswith(SUSPECT)
         if r["status"] == "accepted" and not r["is_replica"]:
             o.honest_steps += int(r["steps"] or 0)
             o.honest_seconds += float(r["seconds"] or 0.0)
@@ -287,9 +308,9 @@ def report(outcomes: list[Outcome], step_seconds: float, norm: float, a: argpars
         f"(nominal cost 4k/3H = {4 * loss_batches_for(sw.inner_steps) / (3 * sw.inner_steps):.1%}"
         " per contribution).", "",
         "| run | freeloading contributions | credited | without credit | their verdicts | "
-        "honest | flagged | checks (s) | cost measured | cost count | cost, ledger s | "
-        "held-out | vs honest | min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "honest | flagged | suspect | checks (s) | full / lease only / none | copies | "
+        "cost measured | cost count | cost, ledger s | held-out | vs honest | min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         ratio = o.loss / ref.loss if ref else float("nan")
@@ -299,7 +320,9 @@ def report(outcomes: list[Outcome], step_seconds: float, norm: float, a: argpars
             if o.kind != "honest" else "- | - | - | -"
         lines.append(
             f"| {o.kind} | {cheat} | {o.honest_total} | {o.honest_flagged} | "
-            f"{o.verify_seconds:.1f} | {o.cost_measured(step_seconds):.1%} | "
+            f"{o.honest_suspect} | {o.verify_seconds:.1f} | "
+            f"{o.checks_full} / {o.checks_lease} / {o.checks_none} | {o.copies} | "
+            f"{o.cost_measured(step_seconds):.1%} | "
             f"{o.cost_count():.1%} | {o.cost_ledger():.1%} | {o.loss:.4f} | {ratio:.3f} | "
             f"{o.minutes:.1f} |")
     lines.append("")

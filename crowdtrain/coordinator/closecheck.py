@@ -152,9 +152,13 @@ class RoundChecker:
                 leases.append(lease)
             if not checked:
                 return
-            here = {int(lease["id"]) for lease in leases}  # a copy whose original is here too
-            contribs = [replace(c, copy=lease["replica_of"] in here)
-                        for c, lease in zip(contribs, leases, strict=True)]
+            # a copy whose original is here too: both sides know the other (`twin`)
+            where = {int(lease["id"]): i for i, lease in enumerate(leases)}
+            twins = {where[lease["replica_of"]]: i for i, lease in enumerate(leases)
+                     if lease["replica_of"] in where}
+            twins |= {b: a for a, b in twins.items()}
+            contribs = [replace(c, copy=lease["replica_of"] in where, twin=twins.get(i))
+                        for i, (c, lease) in enumerate(zip(contribs, leases, strict=True))]
             for r in self.ledger.accepted(rnd - 1) if rnd > 0 else []:
                 if r["excluded"]:  # left out (noise is near-orthogonal to everything: it
                     continue  # would drag the earlier deltas' median cosine down)

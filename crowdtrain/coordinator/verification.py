@@ -295,21 +295,28 @@ class LossMeasure:
 
 def measure_losses(model: torch.nn.Module, theta: Mapping[str, torch.Tensor], delta: Delta,
                    lease_batches: Sequence[Batch], control_batches: Sequence[Batch],
-                   scale: float = 1.0, rows: int = 16) -> LossMeasure:
+                   scale: float = 1.0, rows: int = 16, early_exit: bool = False) -> LossMeasure:
     """Losses of theta (the round's parameters, as `state_dict_for_save` names them) and of
     theta - scale * delta on the lease's batches and on the control batches. `model` is any
-    module of the run's architecture: its parameters are overwritten, and left at theta."""
+    module of the run's architecture: its parameters are overwritten, and left at theta.
+    `early_exit`: when the loss does not drop on the lease's batches the contribution fails
+    whatever the control says (`judge_loss`), so the control batches are not measured (their
+    losses are nan): half the check's forward passes saved on noise and stale deltas."""
     if not lease_batches or not control_batches:
         raise ValueError("the loss check needs lease batches and control batches")
     load_into(model, theta)
     lb0 = batch_losses(model, lease_batches, rows)
-    cb0 = batch_losses(model, control_batches, rows)
     _load_moved(model, theta, delta, scale)
     lb1 = batch_losses(model, lease_batches, rows)
-    cb1 = batch_losses(model, control_batches, rows)
-    load_into(model, theta)
     gains = np.asarray(lb0) - np.asarray(lb1)
     se = float(gains.std(ddof=1) / math.sqrt(len(gains))) if len(gains) > 1 else float("nan")
+    if early_exit and not float(np.mean(lb0)) - float(np.mean(lb1)) > 0:
+        load_into(model, theta)
+        return LossMeasure(float(np.mean(lb0)), float(np.mean(lb1)), math.nan, math.nan, se,
+                           len(lease_batches))
+    cb1 = batch_losses(model, control_batches, rows)
+    load_into(model, theta)
+    cb0 = batch_losses(model, control_batches, rows)
     return LossMeasure(float(np.mean(lb0)), float(np.mean(lb1)), float(np.mean(cb0)),
                        float(np.mean(cb1)), se, len(lease_batches))
 
@@ -341,10 +348,12 @@ def judge_loss(m: LossMeasure, cfg: VerifyConfig = VerifyConfig(),
     its time budget): the gain threshold scales by it (leniently: the loss falls fastest in
     the first steps, so an honest partial lease keeps more than its share of the gain)."""
     nums = m.numbers() | {"steps_fraction": steps_fraction}
-    if not (math.isfinite(m.gain) and math.isfinite(m.specificity)):
+    if not math.isfinite(m.gain):
         return Verdict(False, "the loss after the contribution is not finite", nums)
     if m.gain <= 0:
         return Verdict(False, f"no loss drop on the lease's batches ({m.gain:+.4f} nats)", nums)
+    if not math.isfinite(m.specificity):
+        return Verdict(False, "the loss after the contribution is not finite", nums)
     if m.specificity <= 0:
         return Verdict(False, f"the loss drops no more on the lease's batches than on others "
                               f"(specificity {m.specificity:+.4f} nats)", nums)
@@ -446,22 +455,35 @@ class Similarity:
     median_previous: float   # median cosine of this round's with the previous ones (nan: none)
 
 
+def cosine_matrix(deltas: Sequence[Delta], shapes: Shapes,
+                  block_elems: int = 1 << 20) -> torch.Tensor:
+    """The (n, n) matrix of pairwise cosines of n deltas, from one blockwise Gram matrix."""
+    return _cosines(gram(deltas, shapes, block_elems))
+
+
 def similarity(current: Sequence[Delta], shapes: Shapes, previous: Sequence[Delta] = (),
                block_elems: int = 1 << 20,
                reference: Sequence[bool] | None = None) -> Similarity:
     """Cosine similarities of this round's contributions with each other and with `previous`
     deltas (the volunteers' earlier contributions, published updates), from one blockwise
-    Gram matrix. Cost: one read of every source, (n + m)^2 multiply-adds per value.
-    `reference`: which of `current` the medians are taken over (default all). A round's
-    noise is near-orthogonal to everything, so its pairs would drag the median cosine down
-    and make honest pairs look like copies: `check_round` takes the medians over the
-    contributions that passed the loss check (measured: a round of 3 honest + 1 noise had a
-    median of 0.33 over all pairs while its honest pairs were at ~0.8)."""
-    n = len(current)
+    Gram matrix (`similarity_of` on `cosine_matrix`). Cost: one read of every source,
+    (n + m)^2 multiply-adds per value."""
+    return similarity_of(cosine_matrix([*current, *previous], shapes, block_elems),
+                         len(current), reference)
+
+
+def similarity_of(cos: torch.Tensor, n: int,
+                  reference: Sequence[bool] | None = None) -> Similarity:
+    """The similarity summary of a cosine matrix whose first `n` rows are this round's
+    contributions and the rest earlier deltas. `reference`: which of the round's the medians
+    are taken over (default all). A round's noise is near-orthogonal to everything, so its
+    pairs would drag the median cosine down and make honest pairs look like copies:
+    `check_round` takes the medians over the contributions that passed the loss check
+    (measured: a round of 3 honest + 1 noise had a median of 0.33 over all pairs while its
+    honest pairs were at ~0.8)."""
     use = list(reference) if reference is not None else [True] * n
     if len(use) != n:
         raise ValueError("`reference` needs one flag per current contribution")
-    cos = _cosines(gram([*current, *previous], shapes, block_elems))
     best, which = [], []
     for i in range(n):
         row = cos[i].clone()
@@ -500,6 +522,18 @@ def similarity_flags(s: Similarity, cfg: VerifyConfig = VerifyConfig()) -> list[
         else:
             out.append(Verdict(True, "", nums))
     return out
+
+
+def sure_copies(s: Similarity, twins: Sequence[int | None],
+                cfg: VerifyConfig = VerifyConfig()) -> list[bool]:
+    """Which of a round's contributions fail the similarity check whatever their losses: the
+    nearest delta, above `copy_max_cosine`, is an earlier one (a previous round's, a
+    published update) or an earlier upload of this round (index order is upload order) that
+    is not its replica twin (`twins[i]`: the index of the other copy of its lease). Their
+    loss check need not run (`check_round`)."""
+    n = len(s.max_cosine)
+    return [math.isfinite(c) and c >= cfg.copy_max_cosine and (j >= n or (j < i and j != t))
+            for i, (c, j, t) in enumerate(zip(s.max_cosine, s.nearest, twins, strict=True))]
 
 
 # ------------------------------------------------------------------------------ trust
@@ -581,33 +615,44 @@ class Contribution:
     control_batches: Sequence[Batch]
     steps_fraction: float = 1.0  # steps reported / the lease's max_steps
     copy: bool = False  # a copy of another one's lease in the round: counted once in the medians
+    twin: int | None = None  # the index of the other copy of its lease in the round, if any
 
 
 def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
                 contributions: Sequence[Contribution], previous: Sequence[Delta] = (),
                 cfg: VerifyConfig = VerifyConfig()) -> list[Verdict]:
-    """Every contribution of a round through the loss check (round-relative) and the
-    similarity check (against each other and `previous`: earlier contributions of these
-    volunteers, recent published updates). One verdict each: ok when both checks pass; the
-    reason of the first that failed; the numbers of both ("sim_" prefixed). Replicas are
-    compared separately (`compare_replicas`), when both copies have arrived."""
-    measures = [measure_losses(model, theta, c.delta, c.lease_batches, c.control_batches,
-                               cfg.delta_scale, cfg.eval_rows) for c in contributions]
-    pairs = list(zip(measures, contributions, strict=True))
+    """Every contribution of a round through the similarity check (against each other and
+    `previous`: earlier contributions of these volunteers, recent published updates) and the
+    loss check (round-relative). One verdict each: ok when both checks pass; the reasons of
+    those that failed; the numbers of both ("sim_" prefixed). Cheapest first: the Gram
+    matrix costs no forward pass, and a sure copy (`sure_copies`) fails whatever its losses,
+    so its loss check is not run; the loss check stops at the lease's batches when the loss
+    does not drop there (`measure_losses(early_exit=True)`). Replicas are compared
+    separately (`compare_replicas`), when both copies have arrived."""
+    n = len(contributions)
+    cos = cosine_matrix([*(c.delta for c in contributions), *previous], shapes_of(theta),
+                        cfg.block_elems) if n + len(previous) > 1 else None
+    sure = sure_copies(similarity_of(cos, n), [c.twin for c in contributions], cfg) \
+        if cos is not None else [False] * n
+    measures = [None if skip else measure_losses(model, theta, c.delta, c.lease_batches,
+                                                 c.control_batches, cfg.delta_scale,
+                                                 cfg.eval_rows, early_exit=True)
+                for c, skip in zip(contributions, sure, strict=True)]
+    pairs = [(m, c) for m, c in zip(measures, contributions, strict=True) if m is not None]
     own = [(m, c) for m, c in pairs if not c.copy]
     if len(own) < cfg.min_reference:  # too few leases of their own: the copies count too
         own = pairs
     full = [m for m, c in own if c.steps_fraction >= 1]
     ref = round_reference(full if len(full) >= cfg.min_reference else [m for m, _ in own], cfg)
-    loss = [judge_loss(m, cfg, ref, c.steps_fraction)
+    loss = [Verdict(False, "loss not measured: a copy", {"loss_skipped": 1.0}) if m is None
+            else judge_loss(m, cfg, ref, c.steps_fraction)
             for m, c in zip(measures, contributions, strict=True)]
-    if len(contributions) + len(previous) > 1:
+    if cos is not None:
         # the medians over the contributions that passed the loss check (all of them when
         # fewer than two did): noise must not make honest pairs look alike
         passed = [v.ok for v in loss]
-        sim = similarity_flags(similarity([c.delta for c in contributions], shapes_of(theta),
-                                          previous, cfg.block_elems,
-                                          passed if sum(passed) >= 2 else None), cfg)
+        sim = similarity_flags(similarity_of(cos, n, passed if sum(passed) >= 2 else None),
+                               cfg)
     else:
         sim = [Verdict(True) for _ in contributions]
     out = []

@@ -313,6 +313,76 @@ def test_check_round_gives_one_verdict_per_contribution(swarm):
     assert "sim_max_cosine" in verdicts[5].numbers and "cosine" in verdicts[5].reason
 
 
+def _forward_passes(model):
+    """A counter of `model`'s forward passes (a hook on the real module)."""
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_the_loss_check_stops_at_the_lease_batches_when_the_loss_does_not_drop(swarm):
+    """Noise raises the loss on its lease's batches: it fails whatever the control says, so
+    `early_exit` measures no control batch (half the passes); an honest delta is measured in
+    full, to the same numbers as without it."""
+    g = torch.Generator().manual_seed(9)
+    noise = {k: torch.randn(v.shape, generator=g) for k, v in swarm.honest[0].items()}
+    s = _norm(swarm.honest[0]) / _norm(noise)
+    noise = {k: s * v for k, v in noise.items()}
+    calls, handle = _forward_passes(swarm.model)
+    try:
+        m = V.measure_losses(swarm.model, swarm.theta, noise, swarm.lease_batches(0),
+                             swarm.control_batches(0), rows=CFG.eval_rows, early_exit=True)
+        quick = len(calls)
+        full = V.measure_losses(swarm.model, swarm.theta, noise, swarm.lease_batches(0),
+                                swarm.control_batches(0), rows=CFG.eval_rows)
+        assert len(calls) - quick == 2 * quick == 4 * K  # one pass per batch of 8 rows
+        calls.clear()
+        honest = V.measure_losses(swarm.model, swarm.theta, swarm.honest[0],
+                                  swarm.lease_batches(0), swarm.control_batches(0),
+                                  rows=CFG.eval_rows, early_exit=True)
+        assert len(calls) == 4 * K
+    finally:
+        handle.remove()
+    assert m.gain == pytest.approx(full.gain) and m.gain < 0
+    assert np.isnan(m.control_before) and np.isnan(m.specificity)
+    v = V.judge_loss(m, CFG, swarm.reference())
+    assert not v.ok and "no loss drop" in v.reason
+    assert honest == swarm.measure(swarm.honest[0], 0)
+    # the model is left at theta either way
+    after = state_dict_for_save(swarm.model)
+    assert all(torch.equal(after[k], swarm.theta[k]) for k in swarm.theta)
+
+
+def test_check_round_does_not_measure_the_losses_of_a_sure_copy(swarm):
+    """A near-exact copy of an earlier upload of the round and a near-exact replay of an
+    earlier delta fail the similarity check absolutely (cosine >= copy_max_cosine), whatever
+    their losses: their loss check is not run. The earlier side of the pair is measured,
+    and so is a copy of a replicated lease (its twin is its nearest by design)."""
+    copy = _plus_noise(swarm.honest[1], 0.02, seed=7)
+    replay = _plus_noise(swarm.prev[0], 0.02, seed=8)
+    deltas = [*swarm.honest, copy, replay]
+    leases = [0, 1, 2, 3, 2, 0]
+    contribs = [V.Contribution(d, swarm.lease_batches(i), swarm.control_batches(i, 3 - (i == 3)))
+                for d, i in zip(deltas, leases, strict=True)]
+    calls, handle = _forward_passes(swarm.model)
+    try:
+        verdicts = V.check_round(swarm.model, swarm.theta, contribs, swarm.prev, CFG)
+        passes = len(calls)
+    finally:
+        handle.remove()
+    assert passes == 4 * 4 * K  # the four honest ones only
+    for v in verdicts[4:]:
+        assert not v.ok and "loss not measured: a copy" in v.reason and "gain" not in v.numbers
+        assert v.numbers["sim_max_cosine"] >= CFG.copy_max_cosine
+    assert "gain" in verdicts[1].numbers and "cosine" in verdicts[1].reason  # the pair's first
+    assert [v.ok for v in verdicts[:4]] == [True, False, True, True]
+    # the same copy as the twin of lease 1 (a replicated lease): measured like any other
+    twins = [dataclasses.replace(c, twin=t) for c, t in
+             zip(contribs[:5], [None, 4, None, None, 1], strict=True)]
+    verdicts = V.check_round(swarm.model, swarm.theta, twins, swarm.prev, CFG)
+    assert "gain" in verdicts[4].numbers and "loss not measured" not in verdicts[4].reason
+
+
 def test_noise_does_not_make_honest_pairs_look_like_copies():
     """Measured in a real swarm (tests/e2e/test_freeloader.py): 3 honest contributions at
     cosine ~0.8 with each other and a noise one at ~0 with all; over all pairs the median is
