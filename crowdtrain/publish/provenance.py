@@ -284,7 +284,8 @@ def verification_rule(enabled: bool, replicated: bool) -> str:
     if replicated:
         text += (" Every lease started from the round's model with new optimizer state, and "
                  "a sample (BOINC-style: new volunteers often, trusted ones rarely, always "
-                 "after a provisional result below the round's medians) was given to a second "
+                 "after a provisional result below the round's medians, always while no copy "
+                 "had confirmed the volunteer's work) was given to a second "
                  "volunteer: when the two deltas disagreed, the one with the lower loss drop "
                  "on the lease's batches was left out and its volunteer lost the credit of "
                  "all its contributions so far (they stay in the model).")
