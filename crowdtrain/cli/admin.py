@@ -66,11 +66,16 @@ def run_admin(target: str, action: str, who: str | None = None,
         return out["message"]
     # trust: the verification's record, current streak of valid contributions / failures
     lines = [f"{'id':>4}  {'name':<24} {'device':<8} {'tokens':>12} {'accepted':>8} "
-             f"{'refused':>7} {'left out':>8} {'trust':>9}  banned"]
+             f"{'refused':>7} {'left out':>8} {'trust':>9} {'copies ok':>9} {'revoked':>7}  "
+             "caught  banned"]
     for v in out:
         trust = f"{v.get('trust_streak', 0)}/{v.get('trust_failures', 0)}"
         lines.append(f"{v['id']:>4}  {v['name']:<24} {v['device'] or '-':<8} {v['tokens']:>12,} "
                      f"{v['accepted']:>8} {v['refused']:>7} {v.get('left_out', 0):>8} "
-                     f"{trust:>9}  {'yes' if v['banned'] else ''}")
-    lines.append("trust: streak of valid contributions / failed checks")
+                     f"{trust:>9} {v.get('trust_replicas', 0):>9} {v.get('revoked', 0):>7}  "
+                     f"{'yes' if v.get('caught') else '':<6}  {'yes' if v['banned'] else ''}")
+    lines.append("trust: streak of valid contributions / failed checks; copies ok: copies of its "
+                 "leases by another volunteer that agreed; revoked: contributions whose credit a "
+                 "catch took back or withholds; caught: a copy disagreed and none has agreed "
+                 "since")
     return "\n".join(lines)

@@ -37,7 +37,9 @@ def volunteers(ledger: Ledger) -> list[AdminVolunteer]:
                            tokens=int(v["credit_tokens"]), accepted=v["accepted"],
                            refused=v["refused"], left_out=v["left_out"],
                            provisional=v["provisional"], trust_streak=v["trust_streak"],
-                           trust_valid=v["trust_valid"], trust_failures=v["trust_failures"])
+                           trust_valid=v["trust_valid"], trust_failures=v["trust_failures"],
+                           trust_replicas=v["trust_replicas"], revoked=v["revoked"],
+                           caught=bool(v["trust_caught"]))
             for v in ledger.volunteers()]
 
 

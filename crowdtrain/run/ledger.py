@@ -617,7 +617,7 @@ class Ledger:
             "p.verified = 'provisional' AND p.excluded = 0) AS provisional, "
             "COALESCE(t.streak, 0) AS trust_streak, COALESCE(t.valid, 0) AS trust_valid, "
             "COALESCE(t.failures, 0) AS trust_failures, COALESCE(t.replicas, 0) AS "
-            "trust_replicas "
+            "trust_replicas, COALESCE(t.caught, 0) AS trust_caught "
             "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id "
             "LEFT JOIN trust t ON t.volunteer_id = v.id ORDER BY v.id")
 

@@ -309,10 +309,15 @@ class AdminVolunteer(BaseModel):
     left_out: int = 0
     provisional: int = 0
     # the verification's record (coordinator/verification.py TrustState): its current
-    # streak of valid contributions, all valid ones, all failures
+    # streak of valid contributions, all valid ones, all failures, the copies of its leases
+    # that confirmed its work; the contributions whose credit a catch revoked (or withholds),
+    # and whether a copy caught it and none has confirmed its work since
     trust_streak: int = 0
     trust_valid: int = 0
     trust_failures: int = 0
+    trust_replicas: int = 0
+    revoked: int = 0
+    caught: bool = False
 
 
 class AdminAck(BaseModel):

@@ -187,6 +187,13 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     assert dan["excluded"] == 0 and dan["revoked"] == 1, dict(dan)  # in the model, no credit
     assert dan["reason"].startswith(WITHHELD) or WITHHELD in dan["reason"]
     assert credits(coord)["dan"] == 0 and coord.ledger.caught(vols[3].id)
+    # the owner sees it: `admin list` (and its HTTP twin) with revocations and the catch
+    listed = {v.name: v for v in coord.admin_volunteers()}
+    assert (listed["dan"].revoked, listed["dan"].caught) == (3, True)
+    assert listed["ann"].trust_replicas >= 1 and not listed["ann"].caught
+    row = next(line for line in run_admin(str(coord.run.dir), "list").splitlines()
+               if " dan " in line)
+    assert row.split()[-1] == "yes" and " 3 " in row  # caught, 3 revoked
     # round 3: dan holds the copy of cat's lease and trains it honestly: credited again
     coord.checker.wants_copy = lambda volunteer_id, key: True
     honest_round(coord, vols)
