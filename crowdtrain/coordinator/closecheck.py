@@ -43,14 +43,6 @@ SUSPECT = "provisional: below the round's reference, its next lease is copied to
 AHEAD_SPECIFICITY_RATIO = 0.05
 
 
-def _relative(part: str) -> bool:
-    """Whether one part of a check's reason is a round-relative failure (below the round's
-    median gain or specificity, or closer to another delta than the median pair is), not an
-    absolute one (no loss drop, no specificity, a cosine above copy_max_cosine)."""
-    return part.startswith(("loss drop ", "specificity ")) or (
-        part.startswith("cosine ") and "against a median" in part)
-
-
 @dataclass(frozen=True)
 class ReplicaPair:
     """One side of a replicated lease in a close: the index of the other side, whether the
@@ -193,22 +185,19 @@ class RoundChecker:
                     src.close()
         ids = [r["id"] for r in checked]
         for i, (r, v) in enumerate(zip(checked, verdicts, strict=True)):
-            ok, reason = v.ok, v.reason
             near = int(v.numbers.get("sim_nearest", -1))
             pair = pairs.get(i)
-            if not ok and pair is not None and near == pair.other:
-                # its copy of the same lease is its nearest: that is the point of a copy
-                rest = [p for p in reason.split("; ") if not p.startswith("cosine ")]
-                ok, reason = not rest, "; ".join(rest)
+            if not v.ok and pair is not None and near == pair.other:
+                v = v.without_near_copy()  # its twin is its nearest: the point of a copy
             if pair is not None and pair.lost:
-                ok, reason = False, pair.note
-            if not ok and 0 <= near < len(checked) and ids[near] > r["id"]:
+                v = V.Verdict(False, (V.Finding(pair.note),), v.numbers)
+            if not v.ok and 0 <= near < len(checked) and ids[near] > r["id"]:
                 # a near-copy within the round: only the later upload of the pair is the copy
-                rest = [p for p in reason.split("; ") if not p.startswith("cosine ")]
-                ok, reason = not rest, "; ".join(rest)
-            relative = not ok and all(_relative(p) for p in reason.split("; "))
+                v = v.without_near_copy()
+            relative = v.relative
             if relative and pair is not None and pair.agreed:
-                ok, reason = True, ""  # a copy of its lease confirmed the work itself
+                v = V.Verdict(True, (), v.numbers)  # a copy of its lease confirmed the work
+            ok, reason = v.ok, v.reason
             if relative and self._not_from_theta(rnd, r) and self._near_the_round(v.numbers):
                 # trained ahead or late, it failed only the round-relative part: measured in a
                 # real overlapped swarm (3 honest workers, every lease ahead), one honest

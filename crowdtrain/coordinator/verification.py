@@ -181,12 +181,47 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One failed test of a verdict: its words; whether it is round-relative (below the
+    round's medians, or closer to another delta than the round's median pair) rather than
+    absolute (no loss drop, no specificity, a cosine above copy_max_cosine); whether it is the
+    similarity check's (a near-copy, which the close may resolve: the copy of a replicated
+    lease is near its twin by design, and of a same-round pair only the later upload is the
+    copy)."""
+
+    text: str
+    relative: bool = False
+    near_copy: bool = False
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """One check's result: `ok`, a reason in words (empty when ok), the numbers measured."""
+    """One check's result: `ok`, what failed (none when ok), the numbers measured."""
 
     ok: bool
-    reason: str = ""
+    findings: tuple[Finding, ...] = ()
     numbers: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """The findings in words (empty when ok)."""
+        return "; ".join(f.text for f in self.findings)
+
+    @property
+    def relative(self) -> bool:
+        """Failed the round-relative tests only."""
+        return not self.ok and bool(self.findings) and all(f.relative for f in self.findings)
+
+    def without_near_copy(self) -> Verdict:
+        """The verdict with the similarity check's near-copy findings dropped (ok if nothing
+        else failed)."""
+        rest = tuple(f for f in self.findings if not f.near_copy)
+        return replace(self, ok=not rest, findings=rest)
+
+
+def _failed(text: str, numbers: dict[str, float], relative: bool = False,
+            near_copy: bool = False) -> Verdict:
+    return Verdict(False, (Finding(text, relative, near_copy),), numbers)
 
 
 # ------------------------------------------------------------------------------ cost
@@ -354,28 +389,29 @@ def judge_loss(m: LossMeasure, cfg: VerifyConfig = VerifyConfig(),
     the first steps, so an honest partial lease keeps more than its share of the gain)."""
     nums = m.numbers() | {"steps_fraction": steps_fraction}
     if not math.isfinite(m.gain):
-        return Verdict(False, "the loss after the contribution is not finite", nums)
+        return _failed("the loss after the contribution is not finite", nums)
     if m.gain <= 0:
-        return Verdict(False, f"no loss drop on the lease's batches ({m.gain:+.4f} nats)", nums)
+        return _failed(f"no loss drop on the lease's batches ({m.gain:+.4f} nats)", nums)
     if not math.isfinite(m.specificity):
-        return Verdict(False, "the loss after the contribution is not finite", nums)
+        return _failed("the loss after the contribution is not finite", nums)
     if m.specificity <= 0:
-        return Verdict(False, f"the loss drops no more on the lease's batches than on others "
-                              f"(specificity {m.specificity:+.4f} nats)", nums)
+        return _failed(f"the loss drops no more on the lease's batches than on others "
+                       f"(specificity {m.specificity:+.4f} nats)", nums)
     if reference is not None:
         nums |= {"ref_gain": reference.gain, "ref_specificity": reference.specificity}
         need = cfg.min_gain_ratio * min(1.0, max(0.0, steps_fraction)) * reference.gain
         if reference.gain > 0 and m.gain < need:
-            return Verdict(False, f"loss drop {m.gain:.4f} below {need:.4f} "
-                                  f"({cfg.min_gain_ratio:g} x the round's median "
-                                  f"{reference.gain:.4f} x {steps_fraction:.2f} of the steps)",
-                           nums)
+            return _failed(f"loss drop {m.gain:.4f} below {need:.4f} "
+                           f"({cfg.min_gain_ratio:g} x the round's median "
+                           f"{reference.gain:.4f} x {steps_fraction:.2f} of the steps)",
+                           nums, relative=True)
         if reference.specificity > 0 and \
                 m.specificity < cfg.min_specificity_ratio * reference.specificity:
-            return Verdict(False, f"specificity {m.specificity:.4f} below "
-                                  f"{cfg.min_specificity_ratio:g} x the round's median "
-                                  f"{reference.specificity:.4f}: not trained on its lease", nums)
-    return Verdict(True, "", nums)
+            return _failed(f"specificity {m.specificity:.4f} below "
+                           f"{cfg.min_specificity_ratio:g} x the round's median "
+                           f"{reference.specificity:.4f}: not trained on its lease", nums,
+                           relative=True)
+    return Verdict(True, (), nums)
 
 
 def loss_check(model: torch.nn.Module, theta: Mapping[str, torch.Tensor], delta: Delta,
@@ -437,12 +473,12 @@ def compare_replicas(a: Delta, b: Delta, cfg: VerifyConfig = VerifyConfig(),
     nums = {"cosine": cos, "rel_diff": rel, "norm_a": na, "norm_b": nb,
             "norm_ratio": min(na, nb) / max(na, nb) if max(na, nb) > 0 else 1.0}
     if cos < cfg.replica_min_cosine:
-        return Verdict(False, f"replicas disagree: cosine {cos:.4f} < "
-                              f"{cfg.replica_min_cosine:g}", nums)
+        return _failed(f"replicas disagree: cosine {cos:.4f} < {cfg.replica_min_cosine:g}",
+                       nums)
     if rel > cfg.replica_max_rel_diff:
-        return Verdict(False, f"replicas disagree: relative difference {rel:.4f} > "
-                              f"{cfg.replica_max_rel_diff:g}", nums)
-    return Verdict(True, "", nums)
+        return _failed(f"replicas disagree: relative difference {rel:.4f} > "
+                       f"{cfg.replica_max_rel_diff:g}", nums)
+    return Verdict(True, (), nums)
 
 
 # ------------------------------------------------------------------------------ similarity
@@ -515,17 +551,17 @@ def similarity_flags(s: Similarity, cfg: VerifyConfig = VerifyConfig()) -> list[
         median = s.median_round if same else s.median_previous
         nums = {"max_cosine": c, "nearest": float(j), "median_cosine": median}
         if not math.isfinite(c):
-            out.append(Verdict(True, "", nums))
+            out.append(Verdict(True, (), nums))
             continue
         what = "another contribution of this round" if same else "an earlier delta"
         if c >= cfg.copy_max_cosine:
-            out.append(Verdict(False, f"cosine {c:.4f} with {what} (#{j})", nums))
+            out.append(_failed(f"cosine {c:.4f} with {what} (#{j})", nums, near_copy=True))
         elif math.isfinite(median) and median < 1 and \
                 1 - c < cfg.copy_distance_ratio * (1 - median):
-            out.append(Verdict(False, f"cosine {c:.4f} with {what} (#{j}), against a median "
-                                      f"of {median:.4f}", nums))
+            out.append(_failed(f"cosine {c:.4f} with {what} (#{j}), against a median of "
+                               f"{median:.4f}", nums, relative=True, near_copy=True))
         else:
-            out.append(Verdict(True, "", nums))
+            out.append(Verdict(True, (), nums))
     return out
 
 
@@ -649,7 +685,7 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
         own = pairs
     full = [m for m, c in own if c.steps_fraction >= 1]
     ref = round_reference(full if len(full) >= cfg.min_reference else [m for m, _ in own], cfg)
-    loss = [Verdict(False, "loss not measured: a copy", {"loss_skipped": 1.0}) if m is None
+    loss = [_failed("loss not measured: a copy", {"loss_skipped": 1.0}) if m is None
             else judge_loss(m, cfg, ref, c.steps_fraction)
             for m, c in zip(measures, contributions, strict=True)]
     if cos is not None:
@@ -663,6 +699,5 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
     out = []
     for lv, sv in zip(loss, sim, strict=True):
         nums = lv.numbers | {f"sim_{k}": v for k, v in sv.numbers.items()}
-        reason = "; ".join(r for r in (lv.reason, sv.reason) if r)
-        out.append(Verdict(lv.ok and sv.ok, reason, nums))
+        out.append(Verdict(lv.ok and sv.ok, lv.findings + sv.findings, nums))
     return out

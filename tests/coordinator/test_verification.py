@@ -383,6 +383,27 @@ def test_check_round_does_not_measure_the_losses_of_a_sure_copy(swarm):
     assert "gain" in verdicts[4].numbers and "loss not measured" not in verdicts[4].reason
 
 
+def test_findings_tell_relative_from_absolute_failures_and_near_copies():
+    """The close reads a verdict's findings, not its words: below the round's medians only is
+    relative (suspect in a run that copies), no loss drop is absolute; a near-copy finding can
+    be dropped when the close resolves the pair."""
+    ref = V.Reference(gain=0.1, specificity=0.05, n=4)
+    little = V.LossMeasure(3.0, 2.99, 3.0, 3.0, 0.001, 4)  # gain 0.01 < 0.25 x 0.1
+    worse = V.LossMeasure(3.0, 3.1, 3.0, 3.0, 0.001, 4)
+    assert V.judge_loss(little, CFG, ref).relative
+    assert not V.judge_loss(worse, CFG, ref).relative and not V.judge_loss(worse, CFG, ref).ok
+    sim = V.Similarity([0.995, 0.8, 0.2], [1, 0, 0], median_round=0.3,
+                       median_previous=float("nan"))
+    sure, close, fine = V.similarity_flags(sim, CFG)
+    assert not sure.ok and not sure.relative and sure.findings[0].near_copy
+    assert not close.ok and close.relative and close.findings[0].near_copy
+    assert fine.ok and fine.reason == "" and not fine.relative
+    both = V.Verdict(False, V.judge_loss(little, CFG, ref).findings + close.findings)
+    assert both.relative and "; " in both.reason
+    assert both.without_near_copy().reason.startswith("loss drop ")
+    assert close.without_near_copy().ok
+
+
 def test_noise_does_not_make_honest_pairs_look_like_copies():
     """Measured in a real swarm (tests/e2e/test_freeloader.py): 3 honest contributions at
     cosine ~0.8 with each other and a noise one at ~0 with all; over all pairs the median is
