@@ -47,13 +47,17 @@ class Volunteer:
     caught: bool = False
     failed: bool = False        # its last contribution failed an absolute test
     suspect: bool = False
+    confirmers: list[int] = dataclasses.field(default_factory=list)
 
 
-def wants_copy(v: Volunteer, rng: np.random.Generator, cfg: V.VerifyConfig) -> bool:
-    """closecheck.RoundChecker.wants_copy on the simulated state."""
+def wants_copy(v: Volunteer, vols: list[Volunteer], rng: np.random.Generator,
+               cfg: V.VerifyConfig) -> bool:
+    """closecheck.RoundChecker.wants_copy on the simulated state (confirmations count while
+    their confirmer is not caught: Ledger.confirmations)."""
     if v.failed:
         return False
-    state = V.TrustState() if v.caught else v.state
+    confirmed = sum(not vols[c].caught for c in v.confirmers)
+    state = V.TrustState() if v.caught else dataclasses.replace(v.state, replicas=confirmed)
     if v.suspect:
         if state.replicas == 0:
             return True
@@ -80,7 +84,7 @@ def one_run(rounds: int, honest: int, half: int, other: int, suspect: float, h: 
             if j is not None:
                 wanted.remove(j)
                 copier_of[j] = i
-            elif wants_copy(vols[i], rng, cfg):
+            elif wants_copy(vols[i], vols, rng, cfg):
                 wanted.append(i)
         copiers = set(copier_of.values())
         for i, v in enumerate(vols):
@@ -94,8 +98,14 @@ def one_run(rounds: int, honest: int, half: int, other: int, suspect: float, h: 
         for a, b in copier_of.items():
             va, vb = vols[a], vols[b]
             if (va.honest and vb.honest) or (va.half and vb.half):  # they agree
-                for v, w in ((va, vb), (vb, va)):
-                    v.state = V.record_result(v.state, True, replicated=not w.caught)
+                vouched = [sum(not vols[c].caught for c in x.confirmers) > 0 for x in (va, vb)]
+                for (v, w, idx), ok in zip(((va, vb, b), (vb, va, a)),
+                                           (vouched[1], vouched[0]), strict=True):
+                    agreed = not w.caught and (not v.caught or ok)
+                    v.state = V.record_result(v.state, True, replicated=agreed)
+                    if agreed:
+                        v.confirmers.append(idx)
+                        v.caught = False
                     v.suspect = False
                 continue
             for v in (va, vb):

@@ -77,8 +77,10 @@ class RoundChecker:
                 CAUGHT not in (last["reason"] or ""):
             return False  # it fails the checks as it is: a copy would waste another's work
         # caught: as often as a newcomer, until a copy agrees (its credit is withheld meanwhile)
+        # confirmed: by a copy whose volunteer has not been caught since (`Ledger.confirmations`)
         state = V.TrustState() if self.ledger.caught(volunteer_id) else \
-            V.TrustState(*self.ledger.trust(volunteer_id))
+            replace(V.TrustState(*self.ledger.trust(volunteer_id)),
+                    replicas=self.ledger.confirmations(volunteer_id))
         if last is not None and (last["reason"] or "").startswith(SUSPECT):
             if state.replicas == 0:
                 return True
@@ -230,8 +232,10 @@ class RoundChecker:
                 note = pair.note if note is None else f"{note}; {pair.note}"
             if r["verified"] is None:
                 vid = r["volunteer_id"]
-                self._record_verdict(r, outcome, note,
-                                     replicated=pair is not None and pair.agreed)
+                agreed = pair is not None and pair.agreed
+                self._record_verdict(r, outcome, note, replicated=agreed,
+                                     confirmed_by=checked[pair.other]["volunteer_id"]
+                                     if agreed else None)
                 if pair is not None and pair.lost:
                     self.ledger.set_caught(vid, True)
                     n = self.ledger.revoke_credit(vid, (
@@ -298,12 +302,18 @@ class RoundChecker:
             v = V.compare_replicas(contribs[a].delta, contribs[b].delta, cfg, self.shapes)
             if v.ok:
                 # an agreement confirms a side only if the other side's volunteer is not
-                # caught itself: two cheaters doing the same half work agree with each other
+                # caught itself (two cheaters doing the same half work agree with each other;
+                # what one confirmed counts no more once it is caught: `confirmations`), and
+                # gives a caught side its credit back only if a third volunteer's copy has
+                # confirmed the other side's work
                 caught = [self.ledger.caught(r["volunteer_id"]) for r in (ra, rb)]
+                vouched = [self.ledger.confirmations(r["volunteer_id"]) > 0 for r in (ra, rb)]
                 note = (f"replicated: agrees with the copy of its lease (cosine "
                         f"{v.numbers.get('cosine', 1.0):.4f})")
-                pairs[a] = ReplicaPair(b, agreed=not caught[1], note=note)
-                pairs[b] = ReplicaPair(a, agreed=not caught[0], note=note)
+                pairs[a] = ReplicaPair(b, agreed=not caught[1] and (not caught[0] or vouched[1]),
+                                       note=note)
+                pairs[b] = ReplicaPair(a, agreed=not caught[0] and (not caught[1] or vouched[0]),
+                                       note=note)
                 continue
             gain = [float(verdicts[i].numbers.get("gain", float("-inf"))) for i in (a, b)]
             lose, win = (a, b) if gain[0] < gain[1] else (b, a)
@@ -314,15 +324,16 @@ class RoundChecker:
         return pairs
 
     def _record_verdict(self, row, outcome: str, note: str | None,
-                        replicated: bool = False) -> None:
+                        replicated: bool = False, confirmed_by: int | None = None) -> None:
         """The outcome in the ledger, with the volunteer's trust moved by a decided one
-        (`replicated`: a copy of its lease agreed)."""
+        (`replicated`: a copy of its lease, by volunteer `confirmed_by`, agreed)."""
         trust = None
         if outcome in ("valid", "failed"):
             state = V.record_result(V.TrustState(*self.ledger.trust(row["volunteer_id"])),
                                     outcome == "valid", replicated)
             trust = (state.streak, state.valid, state.failures, state.replicas)
-        self.ledger.record_verification(row["id"], outcome, note, trust)
+        self.ledger.record_verification(row["id"], outcome, note, trust,
+                                        confirmed_by if outcome != "failed" else None)
 
     def _model(self) -> torch.nn.Module:
         """A model of the run's architecture for the loss checks, made once; its parameters

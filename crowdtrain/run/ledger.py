@@ -137,6 +137,9 @@ ADDED_COLUMNS = (
     ("trust", "replicas", "INTEGER NOT NULL DEFAULT 0"),
     # caught by a replica and not confirmed by one since: its credit is withheld
     ("trust", "caught", "INTEGER NOT NULL DEFAULT 0"),
+    # the volunteer whose copy of this contribution's lease agreed with it: a confirmation,
+    # which counts only while that volunteer is not caught itself (`confirmations`)
+    ("contributions", "confirmed_by", "INTEGER"),
 )
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
@@ -536,6 +539,15 @@ class Ledger:
         rows = self._rows("SELECT caught FROM trust WHERE volunteer_id = ?", (volunteer_id,))
         return bool(rows and rows[0]["caught"])
 
+    def confirmations(self, volunteer_id: int) -> int:
+        """How many of the volunteer's contributions a copy by another volunteer confirmed,
+        counting only the confirmers not caught since (two cheaters doing the same half work
+        agree with each other: once one is caught, what it confirmed counts no more)."""
+        return int(self._rows(
+            "SELECT COUNT(*) FROM contributions c LEFT JOIN trust t ON t.volunteer_id = "
+            "c.confirmed_by WHERE c.volunteer_id = ? AND c.confirmed_by IS NOT NULL AND "
+            "COALESCE(t.caught, 0) = 0", (volunteer_id,))[0][0])
+
     def set_caught(self, volunteer_id: int, caught: bool) -> None:
         with self.tx() as db:
             db.execute("INSERT INTO trust (volunteer_id, caught) VALUES (?1, ?2) ON CONFLICT"
@@ -558,18 +570,21 @@ class Ledger:
                 "'accepted' AND revoked = 0", (volunteer_id, note)).rowcount
 
     def record_verification(self, contribution_id: int, outcome: str, note: str | None,
-                            trust: tuple[int, int, int, int] | None = None) -> None:
+                            trust: tuple[int, int, int, int] | None = None,
+                            confirmed_by: int | None = None) -> None:
         """The verification's outcome of a contribution ('valid', 'failed': left out, no
-        credit; 'provisional'), its note after any it has, and its volunteer's new trust
-        (streak, valid, failures, replicas) when the outcome counts, in one transaction."""
+        credit; 'provisional'), its note after any it has, the volunteer whose copy of its
+        lease agreed with it (`confirmed_by`), and its volunteer's new trust (streak, valid,
+        failures, replicas) when the outcome counts, in one transaction."""
         if outcome not in ("valid", "failed", "provisional"):
             raise ValueError(f"unknown verification outcome {outcome!r}")
         with self.tx() as db:
             db.execute("UPDATE contributions SET verified = ?2, excluded = CASE WHEN ?2 = "
                        "'failed' THEN 1 ELSE excluded END, reason = CASE WHEN ?1 IS NULL "
                        "THEN reason WHEN reason IS NULL THEN ?1 WHEN instr(reason, ?1) THEN "
-                       "reason ELSE reason || '; ' || ?1 END WHERE id = ?3",
-                       (note, outcome, contribution_id))
+                       "reason ELSE reason || '; ' || ?1 END, confirmed_by = COALESCE(?4, "
+                       "confirmed_by) WHERE id = ?3",
+                       (note, outcome, contribution_id, confirmed_by))
             if trust is not None:
                 vid = db.execute("SELECT volunteer_id FROM contributions WHERE id = ?",
                                  (contribution_id,)).fetchone()["volunteer_id"]

@@ -194,9 +194,10 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     row = next(line for line in run_admin(str(coord.run.dir), "list").splitlines()
                if " dan " in line)
     assert row.split()[-1] == "yes" and " 3 " in row  # caught, 3 revoked
-    # round 3: dan holds the copy of cat's lease and trains it honestly: credited again
+    # round 3: dan holds the copy of ann's lease (ann's work confirmed by ben's copy in round
+    # 1) and trains it honestly: credited again
     coord.checker.wants_copy = lambda volunteer_id, key: True
-    honest_round(coord, vols)
+    honest_round(coord, [vols[0], vols[3], vols[1], vols[2]])
     dan = close(coord)[vols[3].id]
     assert dan["revoked"] == 0 and dan["reason"].startswith("replicated: agrees"), dict(dan)
     assert credits(coord)["dan"] == 1000 and not coord.ledger.caught(vols[3].id)
@@ -211,6 +212,47 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     card = str(model_card(record))
     assert "## Verification" in card and "credited provisionally" in card
     assert "| credit revoked | 3 |" in card
+
+
+def test_two_cheaters_agreeing_confirm_nothing_once_one_is_caught(coord):
+    """Two volunteers who do the same half work send the same delta, so a copy by one of the
+    other's lease agrees. Once one of them is caught, what it confirmed counts no more (the
+    other is drawn at a newcomer's rate again), and a caught volunteer gets its credit back
+    only by agreeing with a volunteer whose work a third one has confirmed."""
+    ann, ben, cat, dan = (join(coord, n) for n in ("ann", "ben", "cat", "dan"))
+
+    def round_(order, half, copies_of=None):
+        coord.checker.wants_copy = (lambda vid, key: True) if copies_of is None else \
+            (lambda vid, key: vid in copies_of)
+        leases = {v.id: coord.lease(v, LeaseRequest()).lease for v in order}
+        for v in order:
+            ls = leases[v.id]
+            d = honest(coord, ls, steps=H // 2 if v in half else H)
+            coord.submit(v, ls.lease_id, payload(ls, coord.shapes, tokens=1000, steps=H,
+                                                 delta=d))
+        return close(coord)
+
+    # round 0: dan holds the copy of cat's lease, both train half of it: they agree
+    rows = round_([cat, dan, ann, ben], half=(cat, dan))
+    assert rows[dan.id]["reason"].startswith("replicated: agrees"), dict(rows[dan.id])
+    assert coord.ledger.confirmations(cat.id) == 1 == coord.ledger.confirmations(dan.id)
+    # round 1: dan holds the copy of ann's lease and is caught; cat's confirmation was dan's
+    rows = round_([ann, dan, ben, cat], half=(cat, dan), copies_of={ann.id})
+    assert coord.ledger.caught(dan.id) and rows[dan.id]["verified"] == "failed"
+    assert coord.ledger.confirmations(cat.id) == 0 and coord.ledger.trust(cat.id)[3] == 1
+    assert coord.ledger.confirmations(ann.id) == 1  # ben's copy, round 0
+    del coord.checker.wants_copy  # the real rule: cat is a newcomer again, ann is trusted
+    drawn = {v.name: sum(coord.checker.wants_copy(v.id, key) for key in range(400)) / 400
+             for v in (ann, cat)}
+    assert 0.15 < drawn["cat"] < 0.35 and drawn["ann"] < 0.1, drawn
+    # round 2: dan, caught, agrees with cat's half work: cat vouches for nobody, dan stays
+    # caught and its credit withheld
+    rows = round_([cat, dan, ann, ben], half=(cat, dan), copies_of={cat.id})
+    assert rows[dan.id]["reason"].startswith("replicated: agrees") or \
+        "replicated: agrees" in rows[dan.id]["reason"], dict(rows[dan.id])
+    assert coord.ledger.caught(dan.id) and rows[dan.id]["revoked"] == 1
+    assert coord.ledger.confirmations(cat.id) == 0
+    assert credits(coord)["dan"] == 0
 
 
 def test_below_the_round_only_is_suspect_and_its_next_lease_is_copied(coord):
@@ -234,7 +276,8 @@ def test_below_the_round_only_is_suspect_and_its_next_lease_is_copied(coord):
     assert coord.ledger.lease(theirs.lease_id)["replica_of"] == mine.lease_id
     # a volunteer a copy has confirmed before is copied after a suspect result as often as a
     # newcomer, not always (honest ones dip below the round's medians now and then)
-    coord.ledger.record_verification(lazy["id"], "provisional", None, (5, 5, 0, 1))
+    coord.ledger.record_verification(lazy["id"], "provisional", None, (5, 5, 0, 1),
+                                     confirmed_by=vols[0].id)
     drawn = [coord.checker.wants_copy(vols[3].id, key) for key in range(400)]
     assert 0.15 < sum(drawn) / len(drawn) < 0.35  # replicate_new = 0.25
 
