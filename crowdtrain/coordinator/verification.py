@@ -80,7 +80,10 @@ confirmed its work once, then `replicate_trusted`, decaying with its streak of v
 to `replicate_min`; a failure resets the streak and multiplies the probability. Decisions are
 deterministic given (seed, lease id). A volunteer caught by a replica loses the credit of all
 its contributions so far (their credit was provisional on this; the model keeps them), and
-its credit stays withheld until a copy of a later lease agrees with it.
+its credit stays withheld until a copy of a later lease agrees with it. Two volunteers doing
+the same cheat send the same delta and agree, so a confirmation counts only while the one who
+confirmed is not caught (the ledger's `confirmations`), and a caught volunteer's credit comes
+back only through a copy by a volunteer that a third one has confirmed (closecheck).
 
 How the coordinator uses the verdicts (coordinator/closecheck.py): an absolute failure (no
 loss drop, no specificity, a cosine above `copy_max_cosine`) leaves the contribution out; a
