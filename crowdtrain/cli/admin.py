@@ -4,6 +4,8 @@ request) or remotely through the coordinator's admin endpoints with the admin to
 
 from __future__ import annotations
 
+from textwrap import shorten
+
 import httpx
 
 from crowdtrain.errors import CrowdtrainError
@@ -74,6 +76,10 @@ def run_admin(target: str, action: str, who: str | None = None,
                      f"{v['accepted']:>8} {v['refused']:>7} {v.get('left_out', 0):>8} "
                      f"{trust:>9} {v.get('trust_replicas', 0):>9} {v.get('revoked', 0):>7}  "
                      f"{'yes' if v.get('caught') else '':<6}  {'yes' if v['banned'] else ''}")
+    flagged = [v for v in out if v.get("last_flag")]
+    if flagged:
+        lines.append("latest refused, left out or uncredited contribution:")
+        lines += [f"  {v['name']}: {shorten(v['last_flag'], 160)}" for v in flagged]
     lines.append("trust: streak of valid contributions / failed checks; copies ok: copies of its "
                  "leases by another volunteer that agreed; revoked: contributions whose credit a "
                  "catch took back or withholds; caught: a copy disagreed and none has agreed "

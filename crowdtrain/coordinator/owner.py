@@ -39,7 +39,7 @@ def volunteers(ledger: Ledger) -> list[AdminVolunteer]:
                            provisional=v["provisional"], trust_streak=v["trust_streak"],
                            trust_valid=v["trust_valid"], trust_failures=v["trust_failures"],
                            trust_replicas=v["trust_replicas"], revoked=v["revoked"],
-                           caught=bool(v["trust_caught"]))
+                           caught=bool(v["trust_caught"]), last_flag=v["last_flag"])
             for v in ledger.volunteers()]
 
 

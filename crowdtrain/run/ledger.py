@@ -632,7 +632,10 @@ class Ledger:
             "p.verified = 'provisional' AND p.excluded = 0) AS provisional, "
             "COALESCE(t.streak, 0) AS trust_streak, COALESCE(t.valid, 0) AS trust_valid, "
             "COALESCE(t.failures, 0) AS trust_failures, COALESCE(t.replicas, 0) AS "
-            "trust_replicas, COALESCE(t.caught, 0) AS trust_caught "
+            "trust_replicas, COALESCE(t.caught, 0) AS trust_caught, "
+            "(SELECT 'round ' || f.round || ': ' || COALESCE(f.reason, f.status) FROM "
+            "contributions f WHERE f.volunteer_id = v.id AND (f.status = 'refused' OR "
+            "f.excluded = 1 OR f.revoked = 1) ORDER BY f.id DESC LIMIT 1) AS last_flag "
             "FROM volunteers v LEFT JOIN credits c ON c.volunteer_id = v.id "
             "LEFT JOIN trust t ON t.volunteer_id = v.id ORDER BY v.id")
 

@@ -318,6 +318,8 @@ class AdminVolunteer(BaseModel):
     trust_replicas: int = 0
     revoked: int = 0
     caught: bool = False
+    # why its latest contribution refused, left out or without credit was so ("round N: ...")
+    last_flag: str | None = None
 
 
 class AdminAck(BaseModel):

@@ -194,6 +194,8 @@ def test_a_copied_lease_catches_half_the_steps_and_revokes_the_credit(coord):
     row = next(line for line in run_admin(str(coord.run.dir), "list").splitlines()
                if " dan " in line)
     assert row.split()[-1] == "yes" and " 3 " in row  # caught, 3 revoked
+    assert listed["dan"].last_flag.startswith("round 2: ") and WITHHELD[:40] in \
+        listed["dan"].last_flag and listed["ann"].last_flag is None
     # round 3: dan holds the copy of ann's lease (ann's work confirmed by ben's copy in round
     # 1) and trains it honestly: credited again
     coord.checker.wants_copy = lambda volunteer_id, key: True
