@@ -9,10 +9,12 @@ new lease whose copy is wanted with `replication_probability(trust)` (after a su
 always while unconfirmed, else at the newcomer's rate). In the close, two honest copies agree
 and confirm both volunteers; a freeloader of the `half` kind (passes the loss check, fails
 against an honest copy) is caught by an honest copy and then drawn at the newcomer's rate, two
-half freeloaders agree with each other (but an agreement with a caught one confirms nobody);
+half freeloaders agree with each other (but an agreement with a caught one confirms nobody, a
+confirmation counts only while its confirmer is not caught, and a caught one is restored only
+by a partner a third volunteer confirmed);
 freeloaders of the other kinds fail the loss check every round and are never copied. Honest
 contributions are suspect (below the round's medians only) with probability `--suspect`
-(measured: 1 to 5 of 64 in 16 rounds).
+(measured: 0 to 6 of 64 in 16 rounds, 0 to 3 of 128 in 32).
 
 Cost, as bench/freeloaders.py counts it: the training of honest copies whose original was
 honest too (the pair is aggregated at half weight: one lease's data for two leases' work),
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other", type=int, default=0,
                    help="freeloaders of the kinds the loss check fails (never copied)")
     p.add_argument("--suspect", type=float, default=0.04,
-                   help="share of honest contributions suspect (measured: 1-5 of 64)")
+                   help="share of honest contributions suspect (measured: 0-6 of 64)")
     p.add_argument("--h", type=int, default=200, help="inner steps H")
     p.add_argument("--freeloader-check", type=float, default=1.0,
                    help="a freeloader's loss check, as a share of a full one")

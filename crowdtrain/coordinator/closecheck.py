@@ -69,7 +69,7 @@ class RoundChecker:
         and `key`, unique per lease). When its last checked contribution is suspect (below the
         round's reference only): always while no copy has confirmed its work yet, else as
         often as a newcomer's until a result is back above the reference (honest volunteers
-        dip below the round's medians now and then: measured, 1 to 5 of 64 honest
+        dip below the round's medians now and then: measured, 0 to 6 of 64 honest
         contributions in 16 rounds of bench/freeloaders.py, each forced copy then costing a
         whole lease)."""
         last = self.ledger.last_verification(volunteer_id)
