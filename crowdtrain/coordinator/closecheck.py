@@ -225,7 +225,8 @@ class RoundChecker:
             elif "ref_gain" not in v.numbers:
                 outcome, note = "provisional", (
                     f"provisional: {len(checked)} contribution(s) in the round, fewer than "
-                    f"{cfg.min_reference} for its reference; credited on the absolute checks")
+                    f"{cfg.min_reference} of them measured in full for its reference; credited "
+                    "on the absolute checks")
             else:
                 outcome, note = "valid", None
             if pair is not None and pair.note and outcome != "failed":

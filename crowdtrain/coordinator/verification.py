@@ -682,7 +682,10 @@ def check_round(model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
                                                  c.control_batches, cfg.delta_scale,
                                                  cfg.eval_rows, early_exit=True)
                 for c, skip in zip(contributions, sure, strict=True)]
-    pairs = [(m, c) for m, c in zip(measures, contributions, strict=True) if m is not None]
+    # the reference is taken over the contributions measured in full (not a sure copy, not
+    # stopped at the lease's batches), their own leases first
+    pairs = [(m, c) for m, c in zip(measures, contributions, strict=True)
+             if m is not None and math.isfinite(m.gain) and math.isfinite(m.specificity)]
     own = [(m, c) for m, c in pairs if not c.copy]
     if len(own) < cfg.min_reference:  # too few leases of their own: the copies count too
         own = pairs

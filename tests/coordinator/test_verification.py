@@ -383,6 +383,28 @@ def test_check_round_does_not_measure_the_losses_of_a_sure_copy(swarm):
     assert "gain" in verdicts[4].numbers and "loss not measured" not in verdicts[4].reason
 
 
+def test_a_small_round_keeps_its_reference_when_noise_stops_early(swarm):
+    """Measured in the real-process test (tests/e2e/test_freeloader.py): 2 honest leases, the
+    copy of one of them and a noise contribution. The noise's loss check stops at its lease's
+    batches (no control measured), so the reference is taken over the three honest ones,
+    the copy included for want of three leases of their own."""
+    g = torch.Generator().manual_seed(11)
+    noise = {k: torch.randn(v.shape, generator=g) for k, v in swarm.honest[0].items()}
+    s = _norm(swarm.honest[0]) / _norm(noise)
+    contribs = [
+        V.Contribution(swarm.honest[0], swarm.lease_batches(0), swarm.control_batches(0, 3)),
+        V.Contribution(swarm.honest[1], swarm.lease_batches(1), swarm.control_batches(1, 3),
+                       twin=2),
+        V.Contribution(swarm.honest[1], swarm.lease_batches(1), swarm.control_batches(1, 3),
+                       copy=True, twin=1),
+        V.Contribution({k: s * v for k, v in noise.items()}, swarm.lease_batches(2),
+                       swarm.control_batches(2, 3)),
+    ]
+    verdicts = V.check_round(swarm.model, swarm.theta, contribs, swarm.prev, CFG)
+    assert all("ref_gain" in v.numbers for v in verdicts[:3]), [v.numbers for v in verdicts]
+    assert [v.ok for v in verdicts[:1]] == [True] and "no loss drop" in verdicts[3].reason
+
+
 def test_findings_tell_relative_from_absolute_failures_and_near_copies():
     """The close reads a verdict's findings, not its words: below the round's medians only is
     relative (suspect in a run that copies), no loss drop is absolute; a near-copy finding can
