@@ -144,6 +144,12 @@ ADDED_COLUMNS = (
 
 CHAIN_VERSION = "crowdtrain-chain-v1"
 
+# a volunteer's confirmations that still count: its contributions a copy by another volunteer
+# agreed with, that volunteer not caught since (parameter: the volunteer's id, or v.id)
+CONFIRMATIONS = ("(SELECT COUNT(*) FROM contributions cf LEFT JOIN trust ct ON ct.volunteer_id "
+                 "= cf.confirmed_by WHERE cf.volunteer_id = {who} AND cf.confirmed_by IS NOT "
+                 "NULL AND COALESCE(ct.caught, 0) = 0)")
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -543,10 +549,8 @@ class Ledger:
         """How many of the volunteer's contributions a copy by another volunteer confirmed,
         counting only the confirmers not caught since (two cheaters doing the same half work
         agree with each other: once one is caught, what it confirmed counts no more)."""
-        return int(self._rows(
-            "SELECT COUNT(*) FROM contributions c LEFT JOIN trust t ON t.volunteer_id = "
-            "c.confirmed_by WHERE c.volunteer_id = ? AND c.confirmed_by IS NOT NULL AND "
-            "COALESCE(t.caught, 0) = 0", (volunteer_id,))[0][0])
+        return int(self._rows("SELECT " + CONFIRMATIONS.format(who="?"),
+                              (volunteer_id,))[0][0])
 
     def set_caught(self, volunteer_id: int, caught: bool) -> None:
         with self.tx() as db:
@@ -631,8 +635,9 @@ class Ledger:
             "(SELECT COUNT(*) FROM contributions p WHERE p.volunteer_id = v.id AND "
             "p.verified = 'provisional' AND p.excluded = 0) AS provisional, "
             "COALESCE(t.streak, 0) AS trust_streak, COALESCE(t.valid, 0) AS trust_valid, "
-            "COALESCE(t.failures, 0) AS trust_failures, COALESCE(t.replicas, 0) AS "
-            "trust_replicas, COALESCE(t.caught, 0) AS trust_caught, "
+            "COALESCE(t.failures, 0) AS trust_failures, "
+            f"{CONFIRMATIONS.format(who='v.id')} AS trust_replicas, "
+            "COALESCE(t.caught, 0) AS trust_caught, "
             "(SELECT 'round ' || f.round || ': ' || COALESCE(f.reason, f.status) FROM "
             "contributions f WHERE f.volunteer_id = v.id AND (f.status = 'refused' OR "
             "f.excluded = 1 OR f.revoked = 1) ORDER BY f.id DESC LIMIT 1) AS last_flag "

@@ -310,8 +310,9 @@ class AdminVolunteer(BaseModel):
     provisional: int = 0
     # the verification's record (coordinator/verification.py TrustState): its current
     # streak of valid contributions, all valid ones, all failures, the copies of its leases
-    # that confirmed its work; the contributions whose credit a catch revoked (or withholds),
-    # and whether a copy caught it and none has confirmed its work since
+    # that confirmed its work (by volunteers not caught since: what the replication draws
+    # on); the contributions whose credit a catch revoked (or withholds), and whether a copy
+    # caught it and none has confirmed its work since
     trust_streak: int = 0
     trust_valid: int = 0
     trust_failures: int = 0
