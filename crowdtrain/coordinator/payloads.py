@@ -305,7 +305,10 @@ class SafetensorsSparseSource(_MappedFile):
     touches only the entries and scales of the chunks covering [a, b) and decodes them with
     `sparse.decode` (the decoding `codecs.from_bytes` uses), checking offsets (in range, no
     repeats) and scales on the way. The header (block, k, bits, names, dtypes, lengths) is
-    checked against `shapes` on opening."""
+    checked against `shapes` on opening. `sparse` (true) puts its rounds under the agreement
+    screen (aggregation.RobustConfig.agreement_factor)."""
+
+    sparse = True
 
     def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]]) -> None:
         super().__init__(path)

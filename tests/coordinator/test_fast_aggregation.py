@@ -5,7 +5,8 @@ agrees across block sizes. Its parts against their definitions: the selection ne
 a sort, the trimmed mean (ties across the cut included) against the stable-sort reference,
 `read_into` against `read` for every payload codec, compiled int8 decode or not. The compiled
 first pass (kernels.first_pass, numba) against the torch operations it replaces and against
-its definition."""
+its definition. The reference predates the agreement screen of sparse rounds, so every
+configuration here turns it off (agreement_factor=0; the screen: test_agreement.py)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def rel(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("method", METHODS)
 def test_equals_the_previous_aggregation_within_1e6(payloads, method):
     paths, weights = payloads
-    cfg = RobustConfig(method=method)
+    cfg = RobustConfig(method=method, agreement_factor=0.0)
     want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     for threads, block in ((1, 1000), (2, 777), (2, 4096), (1, 1 << 16)):
         got, screening = aggregate(robust_aggregate, paths, weights, cfg, block_elems=block,
@@ -103,7 +104,7 @@ def test_equals_the_previous_aggregation_within_1e6(payloads, method):
 @pytest.mark.parametrize("method", ["trimmed_mean", "centered_clip"])
 def test_bit_identical_run_to_run_and_across_thread_counts(payloads, method):
     paths, weights = payloads
-    cfg = RobustConfig(method=method)
+    cfg = RobustConfig(method=method, agreement_factor=0.0)
     runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=512, threads=t)[0]
             for t in (2, 2, 1, 3)]
     for other in runs[1:]:
@@ -117,7 +118,7 @@ def test_centered_clip_by_passes_or_gram_equals_the_previous(payloads, monkeypat
     import crowdtrain.coordinator.aggregation as agg
     monkeypatch.setattr(agg, "PASSES_FROM", passes_from)
     paths, weights = payloads
-    cfg = RobustConfig(method="centered_clip")
+    cfg = RobustConfig(method="centered_clip", agreement_factor=0.0)
     want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=block, threads=t)
             for t, block in ((2, 4096), (1, 4096), (2, 1000))]
@@ -134,7 +135,7 @@ def test_columns_of_zeros_are_left_out_bit_identically(tmp_path, method):
     # the same result run to run and across thread counts, and equal to the original
     paths = write_payloads(tmp_path, deltas(8, False, seed=3), "sparse")
     weights = [float(1000 + 37 * i) for i in range(8)]
-    cfg = RobustConfig(method=method)
+    cfg = RobustConfig(method=method, agreement_factor=0.0)
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     runs = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=t)[0]
             for t in (2, 2, 1)]
@@ -236,7 +237,7 @@ def test_compiled_first_pass_equals_the_torch_path(payloads, method, monkeypatch
     # int8 and sparse payloads, honest and attacked rounds, odd sizes: the compiled loop
     # (kernels.first_pass) against the torch operations it replaces, both against the original
     paths, weights = payloads
-    cfg = RobustConfig(method=method)
+    cfg = RobustConfig(method=method, agreement_factor=0.0)
     want, want_screen = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     fast = [aggregate(robust_aggregate, paths, weights, cfg, block_elems=b, threads=t)
             for t, b in ((2, 4096), (2, 4096), (1, 777))]
@@ -309,7 +310,7 @@ def test_without_numba_the_torch_path_runs(monkeypatch, tmp_path):
                               kernels.network_array(()), torch.empty(5), True, 1) is None
     paths = write_payloads(tmp_path, deltas(5, True, seed=11))
     weights = [float(1000 + 37 * i) for i in range(5)]
-    cfg = RobustConfig()
+    cfg = RobustConfig(agreement_factor=0.0)
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     got, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=2)
     assert rel(got, want) < 1e-6
@@ -333,7 +334,7 @@ def test_whole_matrix_int8_decode_equals_row_by_row(tmp_path, method, monkeypatc
     from crowdtrain.coordinator import aggregation as agg
     paths = _int8_files(tmp_path, 9, [None] * 9)
     weights = [float(1000 + 37 * i) for i in range(9)]
-    cfg = RobustConfig(method=method)
+    cfg = RobustConfig(method=method, agreement_factor=0.0)
     calls = []
     real = agg._Passes.matrix
 
@@ -373,7 +374,7 @@ def test_whole_matrix_decode_only_where_every_row_can(tmp_path):
                 s.close()
     paths = cases["mixed blocks"][0]
     weights = [1.0] * 5
-    cfg = RobustConfig(method="centered_clip")
+    cfg = RobustConfig(method="centered_clip", agreement_factor=0.0)
     want, _ = aggregate(ref.robust_aggregate, paths, weights, cfg, block_elems=1000)
     got, _ = aggregate(robust_aggregate, paths, weights, cfg, block_elems=4096, threads=2)
     assert rel(got, want) < 1e-6
