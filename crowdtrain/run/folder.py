@@ -116,13 +116,17 @@ class SwarmConfig:
         "decayed accumulator); 1: keep all of it"})
     # None: the codec's default (`__post_init__`): DiLoCo's lr 0.7 and Nesterov momentum 0.9,
     # but lr 1 and no momentum for the sparse codec, whose decayed error feedback is the
-    # momentum (SparseLoCo; measured in bench/results/sparse.md)
+    # momentum (SparseLoCo; measured in bench/results/sparse.md), and momentum 0.8 for
+    # overlapped rounds, whose contributions start a round late (within 1% of stop-and-wait
+    # at H=30 and H=100 with the update a quarter round late; 0.9: +1.46% at H=100;
+    # bench/results/overlap-convergence.md)
     outer_lr: float | None = field(default=None, metadata={
         "help": "outer SGD learning rate", "default_help": "0.7; 1 with --codec sparse"})
     outer_momentum: float | None = field(default=None, metadata={
         "help": "outer Nesterov momentum; 0 for plain averaging",
-        "default_help": "0.9; 0 with --codec sparse, whose error feedback plays its part "
-                        "(momentum 0.9 on top of it: +17% held-out at H=100)"})
+        "default_help": "0.9; 0.8 with --overlap; 0 with --codec sparse, whose error "
+                        "feedback plays its part (momentum 0.9 on top of it: +17% held-out at "
+                        "H=100)"})
     nesterov: bool = True
     keep_last: int = 3
     keep_every: int = 10
@@ -130,14 +134,18 @@ class SwarmConfig:
         "choices": ACCESS, "help": "open: anyone may join; invite: joining needs a key from "
                                    "`crowdtrain invite`"})
     aggregation: str = "centered_clip"  # one of AGGREGATION_METHODS
-    # not the default: measured +2% held-out loss against stop-and-wait at H=30 and H=100 when
-    # the update comes half a round late (the bar is 1%), though better held-out at
-    # equal wall time and shares of time training of 0.98+ (BENCHMARKS.md, overlapped rounds)
+    # not the default: with outer momentum 0.8 within 1% of stop-and-wait's held-out loss at
+    # H=30 and H=100 when the update comes a quarter round late, +1.2% and more when later
+    # (+2% half a round late with 0.9): it depends on the link and the close, which the run
+    # does not control; better held-out at equal wall time and shares of time training of
+    # 0.98+ (BENCHMARKS.md, overlapped rounds)
     overlap: bool = field(default=False, metadata={
         "help": "overlapped rounds: a volunteer that has sent its work trains the next round at "
                 "once and folds the closing round's update in when it comes (a one-round-"
-                "delayed outer step): no volunteer waits for a round to close, at about 2% "
-                "held-out loss per round (BENCHMARKS.md); default: stop-and-wait"})
+                "delayed outer step): no volunteer waits for a round to close; held-out loss "
+                "per round within 1% of stop-and-wait when the update comes within a quarter "
+                "of a round, 1-2% when half a round late (BENCHMARKS.md); default: "
+                "stop-and-wait"})
     stale_weight: float = field(default=0.5, metadata={
         "metavar": "SHARE", "help": "a contribution that arrives after its round closed is "
         "applied in the next round at this share of its weight; 0: refused as stale (the "
@@ -155,7 +163,8 @@ class SwarmConfig:
                 "data whose shards all read alike can fail honest work)"})
 
     def __post_init__(self) -> None:
-        lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (0.7, 0.9)
+        lr, momentum = (1.0, 0.0) if self.codec == "sparse" else (
+            (0.7, 0.8) if self.overlap else (0.7, 0.9))
         if self.outer_lr is None:
             object.__setattr__(self, "outer_lr", lr)
         if self.outer_momentum is None:
