@@ -170,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     header(f"overlapped rounds vs stop-and-wait, uneven volunteers ({a.preset}, speeds "
            f"{','.join(f'{s:g}' for s in a.speeds)}, {a.up_mbit:g}/{a.down_mbit:g} Mbit/s, "
            f"{a.rtt_ms:g} ms, {a.codec})")
-    base = base_run(work / "cache", a.preset, corpus_chars=300_000 if a.quick else None)
-    if a.preset == "base":
-        base = make_run(base, work / "base-run", "base")
+    if a.preset == "base":  # base's shape on tiny's data and tokenizer, as the uplink
+        # benchmark (bench/communication.py --part uplink) does: the base preset's own data
+        # preparation and evaluation would take longer than the rounds
+        base = make_run(base_run(work / "cache", "tiny"), work / "base-run", "base")
+    else:
+        base = base_run(work / "cache", a.preset, corpus_chars=300_000 if a.quick else None)
     t_step, _ = plain_rate(base, 6 if a.quick else 12, 0.0)
     pauses = [t_step / (a.duty * s) - t_step for s in a.speeds]
     h = max(2, round(a.round_compute / (t_step / a.duty)))

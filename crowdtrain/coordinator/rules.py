@@ -603,7 +603,18 @@ class Coordinator:
             raise Refused(404, f"unknown lease {lease_id}")
         if lease["volunteer_id"] != vol.id:
             raise Refused(403, f"lease {lease_id} belongs to another volunteer")
-        return AliveResponse(ok=self.ledger.lease_alive(lease_id, time.time()), round=self.round)
+        ok = self.ledger.lease_alive(lease_id, time.time())
+        return AliveResponse(ok=ok, round=self.round, finish=ok and self._finish_unpaced(lease))
+
+    def _finish_unpaced(self, lease) -> bool:
+        """Whether an open lease should end its training now: its round is overlapped but was
+        not paced (`_paced_end`: no volunteer's speed was known when its leases were given, as
+        in round 0), and a contribution to it is already in. Its fastest volunteer has sent its
+        work, so the slower ones send theirs too, as a paced round would have had them do,
+        instead of holding the round, and every volunteer waiting on it, for their whole H."""
+        rnd = lease["round"]
+        return bool(self.cfg.overlap and rnd not in self.paced_ends
+                    and self.ledger.accepted(rnd))
 
     # ------------------------------------------------------------------ closing rounds
 

@@ -192,14 +192,16 @@ class Heartbeat:
     """While a lease trains: tells the coordinator every `protocol.HEARTBEAT_SECONDS` that the
     work is alive (so a dead worker's lease is given up in seconds, not at the deadline), from
     a thread with its own connection. `closed` turns true when the coordinator answers that the
-    lease is no longer open (its round closed): the training can stop early."""
+    lease is no longer open (its round closed): the training can stop early. `finish` turns
+    true when it asks the lease to end now and send the steps done (an overlapped round it
+    could not pace)."""
 
     def __init__(self, client: Client, lease_id: int,
                  every: float = protocol.HEARTBEAT_SECONDS) -> None:
         self.path = protocol.ALIVE.format(lease_id=lease_id)
         # `every` may change while it runs: a lease trained ahead beats every
         # protocol.HEARTBEAT_AHEAD_SECONDS until the update it waits for is published
-        self.every, self.step, self.closed = every, 0, False
+        self.every, self.step, self.closed, self.finish = every, 0, False, False
         self.open_round: int | None = None  # the coordinator's open round, as last heard
         self._headers = {**client.http.headers, **client.auth()}
         self._url = client.url
@@ -214,6 +216,7 @@ class Heartbeat:
                     if r.status_code == 200:
                         answer = protocol.AliveResponse.model_validate(r.json())
                         self.open_round = answer.round
+                        self.finish = self.finish or answer.finish
                         if not answer.ok:
                             self.closed = True
                             return

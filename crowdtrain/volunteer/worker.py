@@ -419,7 +419,8 @@ class Worker:
             beat.step = done
             st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,
-                               stop=lambda: bool(stop) or beat.closed, snapshots=snaps,
+                               stop=lambda: bool(stop) or beat.closed or beat.finish,
+                               snapshots=snaps,
                                between_steps=fold if pending is not None else None,
                                step_pause=self.cfg.step_pause)
             fold(st.steps)  # theta came with the last step: fold now, the next lease needs it
@@ -433,6 +434,9 @@ class Worker:
             if snaps is not None:
                 snaps.discard()
             return
+        if beat.finish and not beat.closed:
+            log.info("round %d: its first contribution is in and it was not paced; sending the "
+                     "%d steps done", lease.round, st.steps)
         if beat.closed:
             log.info("round %d closed while training; sending the %d steps done (applied late, "
                      "at %g of their weight)", lease.round, st.steps,

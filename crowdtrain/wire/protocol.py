@@ -26,8 +26,10 @@ from pydantic import BaseModel, Field
 # (SwarmSchedule.sparse_k and sparse_bits); v4: loss masks of chat data (ShardInfo.mask_sha256);
 # v5: overlapped rounds (LeaseRequest.ahead, Lease.ahead, SwarmSchedule.overlap and
 # stale_weight): a worker of v4 or older keeps stop-and-wait, which the coordinator still serves;
-# v6: fresh leases (Lease.fresh) of runs that verify their contributions by replication
-API_VERSION = 6
+# v6: fresh leases (Lease.fresh) of runs that verify their contributions by replication;
+# v7: AliveResponse.finish (an overlapped round that could not be paced ends its leases when
+# its first contribution is in; a v6 worker ignores it and trains its whole lease, as before)
+API_VERSION = 7
 MIN_API_VERSION = 1
 API_HEADER = "X-Crowdtrain-Api"
 ROUND_HEADER = "X-Crowdtrain-Round"
@@ -235,6 +237,9 @@ class AliveResponse(BaseModel):
                                  "up); finish or drop the work and ask for a new lease")
     round: int | None = Field(None, description="the round now open: a worker training a lease "
                               "ahead learns from it that the update it waits for is published")
+    finish: bool = Field(False, description="true: stop training this lease and send the steps "
+                         "done (an overlapped round the coordinator could not pace, its first "
+                         "round, whose fastest volunteer has already sent its work)")
 
 
 class SubmitStats(BaseModel):

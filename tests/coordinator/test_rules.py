@@ -266,6 +266,45 @@ def test_slower_volunteers_get_time_budgets_that_end_with_the_fastest(overlapped
     assert lone._paced_end(0, time.time()) is None
 
 
+def test_an_unpaced_overlapped_round_ends_its_leases_once_its_first_work_is_in(overlapped,
+                                                                             tiny_run,
+                                                                             tmp_path):
+    """Round 0 of an overlapped run cannot be paced (no volunteer's speed is known yet): once
+    its first contribution is in, the heartbeat asks every other lease of it to send the steps
+    done (`finish`), instead of the slowest holding everyone for its whole H. Paced rounds and
+    stop-and-wait runs never ask."""
+    a, b = volunteer(overlapped, "a"), volunteer(overlapped, "b")
+    la, lb = lease(overlapped, a), lease(overlapped, b)
+    assert 0 not in overlapped.paced_ends
+    assert not overlapped.alive(b, lb.lease_id, Alive(step=1)).finish
+    overlapped.submit(a, la.lease_id, payload(la, overlapped.shapes))
+    got = overlapped.alive(b, lb.lease_id, Alive(step=2))
+    assert got.ok and got.finish
+    # a paced round (both speeds known when its second lease was given): no finish
+    cfg = overlapped.run.config.train
+    tokens = 5 * cfg.batch_size * cfg.seq_len
+    c, d = volunteer(overlapped, "c"), volunteer(overlapped, "d")
+    overlapped.submit(b, lb.lease_id, payload(lb, overlapped.shapes, seed=2))
+    assert overlapped.tick() and overlapped.round == 1
+    lc = overlapped.lease(c, LeaseRequest(tokens_per_s=tokens / 10.0)).lease
+    ld = overlapped.lease(d, LeaseRequest(tokens_per_s=tokens / 40.0)).lease
+    assert lc.round == ld.round == 1 and 1 in overlapped.paced_ends
+    overlapped.submit(c, lc.lease_id, payload(lc, overlapped.shapes, seed=4))
+    got = overlapped.alive(d, ld.lease_id, Alive(step=1))
+    assert got.ok and not got.finish
+    # stop-and-wait: the round waits for every lease, as before
+    coord = Coordinator(copy_run(tiny_run, tmp_path / "saw", inner_steps=5, rounds=3,
+                                 round_seconds=60), evaluate_rounds=False)
+    try:
+        e, f = volunteer(coord, "e"), volunteer(coord, "f")
+        le, lf = lease(coord, e), lease(coord, f)
+        coord.submit(e, le.lease_id, payload(le, coord.shapes))
+        got = coord.alive(f, lf.lease_id, Alive(step=1))
+        assert got.ok and not got.finish
+    finally:
+        coord.close()
+
+
 def test_deadline_without_enough_contributions_extends_the_round(coord):
     a = volunteer(coord)
     lease(coord, a)

@@ -52,3 +52,19 @@ def test_a_worker_trains_the_next_round_while_a_slower_one_holds_the_round_open(
     assert val_loss(run, 4) < 0.95 * val_loss(run, 0)
     report = verify_model(export_model(run, tmp_path / "export"), run.dir)
     assert report.ok, report
+
+
+def test_a_slow_volunteer_sends_its_first_round_once_the_fast_one_has(tiny_run, tmp_path):
+    """Round 0 of an overlapped run cannot be paced (no speed is known): when the fast
+    volunteer's work is in, the slow one's heartbeat tells it to send the steps it has done
+    (AliveResponse.finish) instead of training its whole lease while everyone waits."""
+    run = copy_run(tiny_run, tmp_path / "run", inner_steps=60, rounds=1, round_seconds=120,
+                   min_contributions=2, overlap=True)
+    s, status = run_to_end(run, tmp_path, names=("fast", "slow"),
+                           join_args={"slow": ("--step-pause", "0.5")})
+    assert status.finished
+    assert "its first contribution is in and it was not paced" in s.log("slow"), s.log("slow")
+    rows = {r["volunteer_id"]: r for r in Ledger(run.ledger_path).contributions()}
+    steps = sorted(r["steps"] for r in rows.values())
+    assert len(steps) == 2 and all(r["status"] == "accepted" for r in rows.values())
+    assert steps[0] < 60 == steps[1], steps  # 60 steps at 0.5 s would take 30 s
