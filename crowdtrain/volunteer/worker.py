@@ -419,8 +419,10 @@ class Worker:
             beat.step = done
             st = self.loop.run(batches, lease.start_step + done, lease.max_steps - done,
                                deadline=time.monotonic() + lease.seconds, on_step=on_step,
-                               stop=lambda: bool(stop) or beat.closed or beat.finish,
-                               snapshots=snaps,
+                               # `finish` after one step at least: a lease given after the
+                               # round's first contribution still sends some work
+                               stop=lambda: bool(stop) or beat.closed
+                               or (beat.finish and beat.step > done), snapshots=snaps,
                                between_steps=fold if pending is not None else None,
                                step_pause=self.cfg.step_pause)
             fold(st.steps)  # theta came with the last step: fold now, the next lease needs it
