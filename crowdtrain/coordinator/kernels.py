@@ -287,7 +287,7 @@ def first_pass(x: torch.Tensor, w: torch.Tensor, k: int, network: np.ndarray,
 
 
 def network_array(ops: tuple[tuple[int, int, bool, bool], ...]) -> np.ndarray:
-    """A selection network's comparators (aggregation.selection_network) as an int64 m x 3
+    """A selection network's comparators (trimmed.selection_network) as an int64 m x 3
     array (i, j, 1 * keep_min + 2 * keep_max) for `first_pass`."""
     if not ops:
         return np.zeros((0, 3), dtype=np.int64)

@@ -15,16 +15,15 @@ import reference_aggregation as ref
 import torch
 
 from crowdtrain.coordinator import kernels
-from crowdtrain.coordinator.aggregation import (
-    METHODS,
-    RobustConfig,
+from crowdtrain.coordinator.aggregation import METHODS, RobustConfig, robust_aggregate
+from crowdtrain.coordinator.payloads import open_payload
+from crowdtrain.coordinator.trimmed import (
     order_statistics,
-    robust_aggregate,
     selection_network,
     sorting_network,
+    trim_count,
     weighted_trimmed_mean,
 )
-from crowdtrain.coordinator.payloads import open_payload
 from crowdtrain.wire import codecs
 
 SHAPES = {"emb": (97, 64), "w": (3001,), "one": (1,), "mlp": (129, 33)}
@@ -261,7 +260,6 @@ def test_compiled_first_pass_against_its_definition(n):
     # ties everywhere (across the cut too), -0.0 next to 0.0, mostly-zero columns, random
     # values, a length that is not a multiple of the tile: v against the stable sort, the
     # norms and the Gram matrix (or its diagonal) against float64
-    from crowdtrain.coordinator.aggregation import _trim_count
     g = torch.Generator().manual_seed(n)
     length = 3 * kernels.tile_for(n) + 37
     x = torch.randint(-3, 4, (n, length), generator=g).float() * 0.5
@@ -269,7 +267,7 @@ def test_compiled_first_pass_against_its_definition(n):
     x[:, -300:] *= torch.rand(n, 300, generator=g) < 0.1
     x[0, ::7] = -0.0
     w = (torch.rand(n, generator=g) + 0.1).float()
-    ks = sorted({0, _trim_count(n, 0.25), (n - 1) // 2})
+    ks = sorted({0, trim_count(n, 0.25), (n - 1) // 2})
     for k in ks:
         net = kernels.network_array(selection_network(n, (k, n - k - 1)) if k else ())
         for mode in (0, 1, 2):
