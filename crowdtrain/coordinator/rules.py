@@ -18,7 +18,7 @@ A round r, top to bottom:
 Overlapped rounds (`init --overlap`; crowdtrain.volunteer.overlap): a volunteer that has sent
 round r's work, or is uploading it, and asks `ahead` gets its lease on round r+1 at once,
 before round r closes (never two rounds ahead); its contribution goes into round r+1. Each
-round's leases are paced (`_paced_end`) to end their training when the fastest volunteer
+round's leases are paced (pacing.py) to end their training when the fastest volunteer
 finishes the round's steps, so slower ones train fewer steps instead of holding the round back.
 A contribution that arrives after its round closed (its lease was still open then) goes into
 the next round at `stale_weight` of its weight, with the reason in the ledger; later than that
@@ -47,6 +47,7 @@ from safetensors.torch import save as st_save
 from crowdtrain.coordinator import owner
 from crowdtrain.coordinator.aggregation import RobustConfig, block_for, robust_aggregate
 from crowdtrain.coordinator.closecheck import RoundChecker
+from crowdtrain.coordinator.pacing import Pacer
 from crowdtrain.coordinator.payloads import check_payload_file, open_payload
 from crowdtrain.coordinator.public import PublicFolder
 from crowdtrain.coordinator.reports import run_info, run_status, teacher_info
@@ -88,11 +89,6 @@ from crowdtrain.wire.protocol import (
 log = logging.getLogger(__name__)
 
 MIN_LEASE_SECONDS = 2.0
-# overlapped runs: a round's leases end their training PACE_SLACK x the time the fastest
-# volunteer that asked for a lease in the last RATE_WINDOW x round_seconds needs for the round's
-# H steps after the round's first lease (Coordinator._paced_end)
-PACE_SLACK = 1.15
-RATE_WINDOW = 3.0
 # volunteers waiting for their round to close ask again every max(0.5 s, leases of the round /
 # this): 100 volunteers every 2.5 s. At 0.5 s, 100 volunteers' 200 requests a second held the
 # GIL for ~1.5 s of a 4.8 s close of 100 x 10M (bench/coordinator_load.py)
@@ -157,9 +153,7 @@ class Coordinator:
         self._announce_all()
         # response bytes per route, counted by the HTTP transport (Status.bytes_served)
         self.served: Counter[str] = Counter()
-        # volunteer id -> (tokens per second it last reported, when): the rounds' pace
-        self.rates: dict[int, tuple[float, float]] = {}
-        self.paced_ends: dict[int, float] = {}  # round -> when its leases' training ends
+        self.pacer = Pacer(self.cfg.overlap, self.cfg.round_seconds)  # overlapped rounds' pace
         self.evaluator = RoundEvaluator(run, self.ledger, self.model) if evaluate_rounds \
             else None
         if self.evaluator is not None and self.ledger.round_row(self.round)["val_loss"] is None:
@@ -327,8 +321,7 @@ class Coordinator:
             if self.finished:
                 why = self.ended or f"the run finished at round {self.round}"
                 return LeaseResponse(status="done", message=f"{why}; thank you for contributing")
-            if req.tokens_per_s:
-                self.rates[vol.id] = (req.tokens_per_s, time.time())
+            self.pacer.heard(vol.id, req.tokens_per_s, time.time())
             rnd = self.round
             leases = self.ledger.leases_of_round(rnd)
             # sent: accepted, or (overlapped) being uploaded while its worker trains on
@@ -380,7 +373,8 @@ class Coordinator:
             return LeaseResponse(status="wait", retry_after=min(max(remaining, 0.2), 2.0),
                                  message=f"round {rnd} is closing; the next opens soon")
         seconds = remaining - max(1.0, min(10.0, 0.1 * self.cfg.round_seconds))
-        if (end := self._paced_end(rnd, now)) is not None:
+        round_tokens = self.cfg.round_steps(rnd) * self.tcfg.batch_size * self.tcfg.seq_len
+        if (end := self.pacer.end(rnd, round_tokens, now)) is not None:
             seconds = max(MIN_LEASE_SECONDS, min(seconds, end - now))
         held = next((r for r in mine if r["id"] == req.resume), None)
         if held is not None:  # the same batches and budget, from where its worker stopped
@@ -394,27 +388,6 @@ class Coordinator:
             lease_id=held["id"], round=rnd, shards=json.loads(held["shards"]), seed=held["seed"],
             start_step=held["start_step"], max_steps=held["max_steps"], seconds=seconds,
             deadline_in=remaining, ahead=ahead, fresh=bool(held["fresh"])))
-
-    def _paced_end(self, rnd: int, now: float) -> float | None:
-        """When round `rnd`'s leases should end their training, in an overlapped run: the
-        first lease on the round fixes it at PACE_SLACK x the time the fastest volunteer seen
-        lately (tokens per second as lease requests report them) needs for the round's H
-        steps. Every lease's time budget ends there, so a slower volunteer trains fewer steps
-        and sends them when the fastest does instead of holding the round back, and one that
-        got its lease late (it was still sending) catches up. None: no pacing (stop-and-wait,
-        or fewer than two volunteers' speeds known)."""
-        if not self.cfg.overlap:
-            return None
-        if rnd not in self.paced_ends:
-            recent = [rate for rate, at in self.rates.values()
-                      if now - at < RATE_WINDOW * self.cfg.round_seconds]
-            if len(recent) < 2:
-                return None
-            tokens = self.cfg.round_steps(rnd) * self.tcfg.batch_size * self.tcfg.seq_len
-            self.paced_ends[rnd] = now + PACE_SLACK * tokens / max(recent)
-            for old in [r for r in self.paced_ends if r < rnd - 2]:
-                del self.paced_ends[old]
-        return self.paced_ends[rnd]
 
     def _new_lease(self, vol: Volunteer, rnd: int, deadline: float, start_step: int,
                    fresh: bool = False):
@@ -608,12 +581,12 @@ class Coordinator:
 
     def _finish_unpaced(self, lease) -> bool:
         """Whether an open lease should end its training now: its round is overlapped but was
-        not paced (`_paced_end`: no volunteer's speed was known when its leases were given, as
-        in round 0), and a contribution to it is already in. Its fastest volunteer has sent its
+        not paced (`Pacer.end`: no two volunteers' speeds were known when its leases were given,
+        as in round 0), and a contribution to it is already in. Its fastest volunteer has sent its
         work, so the slower ones send theirs too, as a paced round would have had them do,
         instead of holding the round, and every volunteer waiting on it, for their whole H."""
         rnd = lease["round"]
-        return bool(self.cfg.overlap and rnd not in self.paced_ends
+        return bool(self.cfg.overlap and not self.pacer.paced(rnd)
                     and self.ledger.accepted(rnd))
 
     # ------------------------------------------------------------------ closing rounds

@@ -8,6 +8,7 @@ import pytest
 import torch
 from swarm_helpers import copy_run, make_delta, payload, poisoned_payload
 
+from crowdtrain.coordinator.pacing import Pacer
 from crowdtrain.coordinator.rules import Coordinator
 from crowdtrain.errors import Refused
 from crowdtrain.run.checkpoint import list_checkpoints, load_checkpoint
@@ -261,9 +262,9 @@ def test_slower_volunteers_get_time_budgets_that_end_with_the_fastest(overlapped
     assert slow.seconds == pytest.approx(10 * 1.15, abs=0.5)  # ends with the fastest
     fast = coord.lease(a, LeaseRequest(tokens_per_s=tokens / 10.0)).lease
     assert fast.seconds <= slow.seconds
-    lone = Coordinator.__new__(Coordinator)  # pacing needs two volunteers' speeds
-    lone.cfg, lone.rates, lone.paced_ends = coord.cfg, {1: (100.0, time.time())}, {}
-    assert lone._paced_end(0, time.time()) is None
+    lone = Pacer(overlap=True, round_seconds=60.0)  # pacing needs two volunteers' speeds
+    lone.heard(1, 100.0, time.time())
+    assert lone.end(0, tokens, time.time()) is None
 
 
 def test_an_unpaced_overlapped_round_ends_its_leases_once_its_first_work_is_in(overlapped,
@@ -275,7 +276,7 @@ def test_an_unpaced_overlapped_round_ends_its_leases_once_its_first_work_is_in(o
     stop-and-wait runs never ask."""
     a, b = volunteer(overlapped, "a"), volunteer(overlapped, "b")
     la, lb = lease(overlapped, a), lease(overlapped, b)
-    assert 0 not in overlapped.paced_ends
+    assert not overlapped.pacer.paced(0)
     assert not overlapped.alive(b, lb.lease_id, Alive(step=1)).finish
     overlapped.submit(a, la.lease_id, payload(la, overlapped.shapes))
     got = overlapped.alive(b, lb.lease_id, Alive(step=2))
@@ -288,7 +289,7 @@ def test_an_unpaced_overlapped_round_ends_its_leases_once_its_first_work_is_in(o
     assert overlapped.tick() and overlapped.round == 1
     lc = overlapped.lease(c, LeaseRequest(tokens_per_s=tokens / 10.0)).lease
     ld = overlapped.lease(d, LeaseRequest(tokens_per_s=tokens / 40.0)).lease
-    assert lc.round == ld.round == 1 and 1 in overlapped.paced_ends
+    assert lc.round == ld.round == 1 and overlapped.pacer.paced(1)
     overlapped.submit(c, lc.lease_id, payload(lc, overlapped.shapes, seed=4))
     got = overlapped.alive(d, ld.lease_id, Alive(step=1))
     assert got.ok and not got.finish
