@@ -28,6 +28,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,8 @@ class Worker:
             self.folder.in_progress, state_dict_for_save(self.model))
         self._ranks_have_optimizer = False
         self.residual: dict[str, torch.Tensor] | None = None
+        self._encoded = threading.Event()  # clear while a contribution is being encoded
+        self._encoded.set()
         self.shard_data: dict[str, np.ndarray] = {}
         self.mask_data: dict[str, np.ndarray] = {}
         self.saves = BackgroundSaves()  # parameters and AdamW state, off the critical path
@@ -189,6 +192,7 @@ class Worker:
         parameters, AdamW's state, the residual, and a lease ahead's own anchor until the fold
         (the delayed update still pending)."""
         anchor = self.anchor.current if self.anchor is not None and self.anchor.local else None
+        self._encoded.wait()  # the contribution before in the making: its residual comes next
         return state_dict_for_save(self.model), self.loop.optimizer_tensors(), self.residual, \
             anchor
 
@@ -454,25 +458,35 @@ class Worker:
         stats = protocol.SubmitStats(lease_id=lease.lease_id, round=lease.round, steps=st.steps,
                                      tokens=st.tokens, mean_loss=st.mean_loss,
                                      seconds=st.seconds, device=self.device.type)
-        blob = self._payload(delta, stats, feedback=not lease.fresh)
         self.summary.rounds += 1
-        if self.overlap:  # sent in the background while the next lease trains
+
+        def encode() -> bytes:  # the codec and the error feedback: seconds on a large model
+            try:
+                return self._payload(delta, stats, feedback=not lease.fresh)
+            finally:
+                self._encoded.set()
+
+        self.uploader.wait()  # the contribution before is made (the residual is its own)
+        self._encoded.clear()
+        if self.overlap:  # made and sent in the background while the next lease trains
             if snaps is not None:
                 snaps.discard()
             self.live = True
-            self.uploader.send(lease.lease_id, lambda: self._upload(lease, st, blob, bar))
+            self.uploader.send(lease.lease_id, lambda: self._upload(lease, st, encode, bar))
         else:
-            self._upload(lease, st, blob, bar)
+            self._upload(lease, st, encode, bar)
             if snaps is not None:
                 snaps.discard()
         self._save_optimizer()
         self.folder.remember_micro_batch(str(self.device), self.loop.micro_batch)
         self.summary.last_round = lease.round
 
-    def _upload(self, lease: protocol.Lease, st: StepStats, blob: bytes, bar=None) -> None:
-        """Send a lease's contribution; heartbeats go on meanwhile: on a home uplink a large
-        model's upload takes minutes, and a lease silent for LEASE_SILENCE_SECONDS is given
-        up. Overlapped, this runs on the uploader's thread, with its own connection."""
+    def _upload(self, lease: protocol.Lease, st: StepStats, encode: Callable[[], bytes],
+                bar=None) -> None:
+        """Make (`encode`) and send a lease's contribution; heartbeats go on meanwhile: on a
+        home uplink a large model's upload takes minutes, and a lease silent for
+        LEASE_SILENCE_SECONDS is given up. Overlapped, this runs on the uploader's thread, with
+        its own connection, so the encoding too hides behind the next lease's steps."""
         client = self.client
         if self.overlap:
             if self._up is None:
@@ -481,6 +495,7 @@ class Worker:
             client = self._up
         with Heartbeat(client, lease.lease_id) as sending:
             sending.step = st.steps
+            blob = encode()
             upload_started = time.monotonic()
             try:
                 r = client.call("POST", protocol.SUBMIT.format(lease_id=lease.lease_id),

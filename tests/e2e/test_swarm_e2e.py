@@ -103,16 +103,24 @@ def test_an_int4_run_with_real_workers_uploads_half_a_byte_per_parameter(swarm):
     assert val_loss(s.run, 2) < val_loss(s.run, 0)
 
 
-def test_a_sparse_run_with_real_workers_uploads_a_small_share_of_int8s_bytes(swarm, tmp_path):
-    s = swarm(inner_steps=10, rounds=2, round_seconds=60, min_contributions=2, codec="sparse")
+@pytest.mark.parametrize("overlap", [False, True], ids=["stop-and-wait", "overlapped"])
+def test_a_sparse_run_with_real_workers_uploads_a_small_share_of_int8s_bytes(swarm, tmp_path,
+                                                                             overlap):
+    """Overlapped, each contribution is encoded (the codec and the error-feedback residual)
+    on the uploader's thread while the next lease trains: the run must verify all the same."""
+    s = swarm(inner_steps=10, rounds=2, round_seconds=60, min_contributions=2, codec="sparse",
+              overlap=overlap)
     s.serve()
     for name in ("a", "b"):
         s.join(name)
+    steps = r"\d+" if overlap else "10"  # overlapped rounds are paced: a slower lease trains less
     for name in ("a", "b"):
         assert s.wait(name) == 0, s.log(name)
         assert "2 rounds, 2 accepted, 0 refused" in s.log(name)
-        assert re.search(r"round 1: 10 steps, .* sent 0\.0\d MB in \d+\.\ds, accepted",
+        assert re.search(rf"round 1: {steps} steps, .* sent 0\.0\d MB in \d+\.\ds, accepted",
                          s.log(name)), s.log(name)  # what the upload took, each round
+    if overlap:  # the first to send round 0 asks ahead while its upload is still going
+        assert "round 1: training ahead" in s.log("a") + s.log("b"), s.log("a") + s.log("b")
     st = get_status(s.url)
     assert st.finished and [r.contributions for r in st.rounds if r.state == "closed"] == [2, 2]
     # bytes per parameter per contribution as received, against what the same parameters
