@@ -329,15 +329,20 @@ class Worker:
         """The contribution in the run's codec (and, sparse, its block, k and bits); with error
         feedback the residual keeps what it did not carry (sparse: all that was not sent,
         decayed by the run's sparse_ef_decay before the next delta is added). A fresh lease
-        (`feedback` False) sends its own delta alone, so a copy elsewhere matches it."""
+        (`feedback` False) sends its own delta alone, so a copy elsewhere matches it. `delta`
+        is consumed: with feedback its tensors become the residual."""
         codec, opts = self.info.schedule.codec, self.codec_options
         if feedback and self.cfg.error_feedback and codec != "fp32":
             decay = self.info.schedule.sparse_ef_decay if codec == "sparse" else None
-            delta = codecs.accumulate(delta, self.residual, 1.0 if decay is None else decay)
-            blob = codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()},
-                                   **opts)
+            # in place (`delta` is this call's own): overlapped, this runs beside the next
+            # lease's training, so no model-sized copy more than needed
+            e = codecs.accumulate(delta, self.residual, 1.0 if decay is None else decay,
+                                  inplace=True)
+            blob = codecs.to_bytes(e, codec, meta={"stats": stats.model_dump_json()}, **opts)
             sent, _ = codecs.from_bytes(blob, self.shapes)
-            self.residual = {k: delta[k] - sent[k] for k in delta}
+            for k in list(sent):
+                e[k].sub_(sent.pop(k))
+            self.residual = e
             return blob
         return codecs.to_bytes(delta, codec, meta={"stats": stats.model_dump_json()}, **opts)
 

@@ -511,17 +511,22 @@ def payload_bytes(numel: int, codec: str, block: int | None = None, k: int | Non
 
 
 def accumulate(delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
-               decay: float = 1.0) -> dict[str, torch.Tensor]:
+               decay: float = 1.0, inplace: bool = False) -> dict[str, torch.Tensor]:
     """What a worker compresses under error feedback: `delta + decay * residual`, where
     `residual` is what the last compression did not carry (None: nothing yet). With the codec
     c = decode(encode(e)) of this accumulator e, the next residual is e - c, so
     residual' + c = delta + decay * residual exactly (up to float32 rounding). decay 1 is plain
     error feedback (nothing lost); decay < 1 is SparseLoCo's decayed accumulator (arXiv
     2508.15706: e <- beta * e + delta, send Q(TopK(e)), e <- e - sent), which forgets unsent
-    mass geometrically and stands in for the outer momentum."""
+    mass geometrically and stands in for the outer momentum. `inplace`: the sum is made in
+    `delta`'s own tensors (the same values; no second copy of a model-sized delta)."""
     if not 0 <= decay <= 1:
         raise CodecError(f"error-feedback decay must be in [0, 1], got {decay!r}")
     if residual is None:
+        return dict(delta)
+    if inplace:
+        for k in delta:
+            delta[k].add_(residual[k] if decay == 1 else residual[k] * decay)
         return dict(delta)
     if decay == 1:
         return {k: delta[k] + residual[k] for k in delta}

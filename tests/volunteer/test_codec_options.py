@@ -73,6 +73,11 @@ def _worker(sched: SwarmSchedule, shapes: dict) -> Worker:
     return w
 
 
+def own(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy to hand `_payload`, which sums in place (its delta's tensors become the residual)."""
+    return {k: v.clone() for k, v in d.items()}
+
+
 @pytest.mark.parametrize("decay", [None, 1.0, 0.9])
 def test_the_worker_decays_its_residual_as_the_run_says(decay):
     shapes = {"w": (3000,), "b": (7, 5)}
@@ -84,7 +89,7 @@ def test_the_worker_decays_its_residual_as_the_run_says(decay):
     kept = None
     for _ in range(3):
         d = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
-        sent = codecs.from_bytes(w._payload(d, stats), shapes)[0]
+        sent = codecs.from_bytes(w._payload(own(d), stats), shapes)[0]
         for k in d:  # what is kept + what is sent = delta + decay * what was kept before
             want = d[k] if kept is None else d[k] + beta * kept[k]
             assert torch.allclose(w.residual[k] + sent[k], want, rtol=0, atol=1e-9), k
@@ -93,9 +98,9 @@ def test_the_worker_decays_its_residual_as_the_run_says(decay):
     # the decay is the sparse codec's: an int8 run's residual is its rounding error, undecayed
     w = _worker(schedule("int8", 256, sparse_ef_decay=0.5), shapes)
     d = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
-    w._payload(d, stats)
+    w._payload(own(d), stats)
     r = w.residual
-    sent = codecs.from_bytes(w._payload(d, stats), shapes)[0]
+    sent = codecs.from_bytes(w._payload(own(d), stats), shapes)[0]
     for k in d:
         assert torch.allclose(w.residual[k] + sent[k], d[k] + r[k], rtol=0, atol=1e-9), k
 

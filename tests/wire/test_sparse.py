@@ -232,3 +232,15 @@ def test_wire_is_stable_safetensors():
     wire = st_load(blob)
     assert wire["w:idx"].dtype == torch.int16 and wire["w:q"].dtype == torch.int8
     assert wire["w:scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.95])
+def test_the_in_place_accumulator_is_the_same_sum_in_the_deltas_own_tensors(decay):
+    """The worker sums in place (`inplace=True`: no second model-sized copy while the next
+    lease trains); the values are the out-of-place rule's, bit for bit."""
+    residual, d = delta(20), delta(21)
+    want = codecs.accumulate(d, residual, decay)
+    ids = {n: id(t) for n, t in d.items()}
+    got = codecs.accumulate(d, residual, decay, inplace=True)
+    assert {n: id(t) for n, t in got.items()} == ids  # d's own tensors
+    assert all(torch.equal(got[n], want[n]) for n in want)
