@@ -232,8 +232,6 @@ def _filler(src: DeltaSource) -> Callable[[str, int, int, torch.Tensor], None]:
 # (the trimmed mean by selection networks: trimmed.py)
 
 
-
-
 def _sumsq(x: torch.Tensor) -> torch.Tensor:
     """Sum of squares of each row of `x` (or of a 1-D `x`) as float64: the float32 norms of
     runs of 4096 values (one fused reduction, nothing written), squared and added in float64
